@@ -1,0 +1,316 @@
+"""Configuration: frozen, validated values parsed from a plain mapping.
+
+`parse_config` is pure (no environment, no files), so every rule is testable
+without touching ``os.environ``; the token file is read by the caller
+(``tap.py``) and its content validated here by `parse_token`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+import attrs
+
+#: The signals of the contract, in the order their routes are listed.
+SIGNALS = ("prometheus", "loki", "tempo", "otlp")
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+LOG_FORMATS = ("json", "text")
+
+
+class ConfigError(Exception):
+    """Bad configuration: one human-readable line per problem, never a secret."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@attrs.frozen(repr=False)
+class Secret:
+    """A value that must never be printed: ``repr`` and ``str`` hide it."""
+
+    _value: str = attrs.field(alias="value")
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+@attrs.frozen
+class SignalConfig:
+    """One Grafana Cloud signal: where it lives and who we are there."""
+
+    name: str
+    url: str
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+    org_id: str
+    tenant_id: str
+
+
+@attrs.frozen
+class Config:
+    """Everything the proxy needs, validated. The token is a `Secret`."""
+
+    signals: Mapping[str, SignalConfig]
+    token: Secret | None = None
+    token_file: str | None = None
+    port: int = 8085
+    upstream_connect_timeout: float = 5.0
+    upstream_timeout: float = 30.0
+    max_request_body_bytes: int = 52428800
+    shutdown_delay: float = 5.0
+    shutdown_grace: float = 25.0
+    upstream_ca_file: str | None = None
+    allow_insecure_upstream: bool = False
+    log_level: str = "info"
+    log_format: str = "json"
+    client_header_timeout: float = 15.0
+    client_idle_timeout: float = 75.0
+    max_connections: int = 10000
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _has_control(value: str) -> bool:
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+
+
+def parse_token(raw: str, name: str) -> tuple[Secret | None, str | None]:
+    """Validate a token (from the environment or a file): trailing newline allowed."""
+    value = raw.strip()
+    if not value:
+        return None, f"{name}: is empty"
+    if _has_control(value) or any(c.isspace() for c in value):
+        return None, f"{name}: contains whitespace or control characters"
+    return Secret(value), None
+
+
+class _Reader:
+    """Collects one problem line per bad variable while reading values."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def get(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def number(
+        self, name: str, default: float, *, minimum: float = 0.0, allow_zero: bool = False
+    ) -> float:
+        raw = self.get(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self.problems.append(f"{name}: must be a number of seconds, got {raw!r}")
+            return default
+        if not math.isfinite(value) or value < minimum or (value == 0 and not allow_zero):
+            limit = ">= 0" if allow_zero else "> 0"
+            self.problems.append(f"{name}: must be a finite number {limit}, got {raw!r}")
+            return default
+        return value
+
+    def integer(self, name: str, default: int, *, low: int, high: int | None = None) -> int:
+        raw = self.get(name)
+        if raw is None:
+            return default
+        if not raw.isdigit():
+            self.problems.append(f"{name}: must be a whole number, got {raw!r}")
+            return default
+        value = int(raw)
+        if value < low or (high is not None and value > high):
+            bounds = f"{low} to {high}" if high is not None else f"at least {low}"
+            self.problems.append(f"{name}: must be {bounds}, got {raw!r}")
+            return default
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self.env.get(name)
+        if raw is None:
+            return default
+        low = raw.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        self.problems.append(f"{name}: must be true or false, got {raw!r}")
+        return default
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        raw = self.get(name)
+        if raw is None:
+            return default
+        low = raw.lower()
+        if low == "warning":
+            low = "warn"
+        if low not in choices:
+            self.problems.append(f"{name}: must be one of {', '.join(choices)}, got {raw!r}")
+            return default
+        return low
+
+
+def _parse_signal(
+    reader: _Reader, signal: str, allow_insecure: bool
+) -> SignalConfig | None:
+    prefix = f"GRAFANA_CLOUD_{signal.upper()}"
+    url = reader.get(f"{prefix}_URL")
+    org_id = reader.get(f"{prefix}_ORG_ID")
+    tenant_id = reader.get(f"{prefix}_TENANT_ID")
+    if url is None and org_id is None:
+        if tenant_id is not None:
+            reader.problems.append(f"{prefix}_TENANT_ID: set, but {prefix}_URL is not")
+        return None
+    if url is None:
+        reader.problems.append(f"{prefix}_URL: required because {prefix}_ORG_ID is set")
+        return None
+    ok = True
+    if org_id is None:
+        reader.problems.append(f"{prefix}_ORG_ID: required because {prefix}_URL is set")
+        ok = False
+    elif ":" in org_id or _has_control(org_id) or any(c.isspace() for c in org_id):
+        reader.problems.append(
+            f"{prefix}_ORG_ID: must not contain ':', spaces or control characters"
+        )
+        ok = False
+    if tenant_id is not None and _has_control(tenant_id):
+        reader.problems.append(f"{prefix}_TENANT_ID: must not contain control characters")
+        ok = False
+    problem = _url_problem(url, allow_insecure)
+    if problem:
+        reader.problems.append(f"{prefix}_URL: {problem}")
+        return None
+    if not ok or org_id is None:
+        return None
+    parts = urlsplit(url)
+    assert parts.hostname is not None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return SignalConfig(
+        name=signal,
+        url=url,
+        scheme=parts.scheme,
+        host=parts.hostname,
+        port=port,
+        base_path=parts.path.rstrip("/"),
+        org_id=org_id,
+        tenant_id=tenant_id if tenant_id is not None else org_id,
+    )
+
+
+def _url_problem(url: str, allow_insecure: bool) -> str | None:
+    """Say what is wrong with an upstream URL, without echoing userinfo."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "is not a valid URL (bad port?)"
+    if parts.scheme not in ("http", "https"):
+        return "must start with https:// (or http:// for a loopback host)"
+    if not parts.hostname:
+        return "has no host"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry credentials; set GRAFANA_CLOUD_ACCESS_TOKEN instead"
+    if parts.query or parts.fragment:
+        return "must not have a query string or fragment"
+    if port == 0:
+        return "port must be 1 to 65535"
+    if _has_control(url) or " " in url:
+        return "contains spaces or control characters"
+    if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
+        return (
+            "must be https:// unless the host is loopback or "
+            "ALLOW_INSECURE_UPSTREAM=true (the token would travel in clear)"
+        )
+    return None
+
+
+def parse_config(env: Mapping[str, str], *, token_required: bool = True) -> Config:
+    """Parse and validate the environment; raise `ConfigError` listing every problem.
+
+    The token file is only named here; the caller reads it. With
+    ``token_required=False`` (the sandbox) a missing token is not an error.
+    """
+    r = _Reader(env)
+    allow_insecure = r.boolean("ALLOW_INSECURE_UPSTREAM", False)
+    signals = {}
+    for name in SIGNALS:
+        signal = _parse_signal(r, name, allow_insecure)
+        if signal is not None:
+            signals[name] = signal
+    if not signals and not any(
+        r.get(f"GRAFANA_CLOUD_{s.upper()}_{k}") for s in SIGNALS for k in ("URL", "ORG_ID")
+    ):
+        r.problems.append(
+            "GRAFANA_CLOUD_<SIGNAL>_URL: at least one signal must be configured "
+            "(PROMETHEUS, LOKI, TEMPO or OTLP, each with its _ORG_ID)"
+        )
+
+    token: Secret | None = None
+    token_file = r.get("GRAFANA_CLOUD_ACCESS_TOKEN_FILE")
+    raw_token = env.get("GRAFANA_CLOUD_ACCESS_TOKEN")
+    if raw_token is not None and raw_token.strip() and token_file is not None:
+        r.problems.append(
+            "GRAFANA_CLOUD_ACCESS_TOKEN_FILE: set only one of it and GRAFANA_CLOUD_ACCESS_TOKEN"
+        )
+    elif token_file is None:
+        if raw_token is None or not raw_token.strip():
+            if token_required:
+                r.problems.append(
+                    "GRAFANA_CLOUD_ACCESS_TOKEN: required (or GRAFANA_CLOUD_ACCESS_TOKEN_FILE)"
+                )
+        else:
+            token, problem = parse_token(raw_token, "GRAFANA_CLOUD_ACCESS_TOKEN")
+            if problem:
+                r.problems.append(problem)
+
+    if r.get("CLIENT_AUTH_FILE") is not None:
+        r.problems.append(
+            "CLIENT_AUTH_FILE: client authentication is not available in this version; "
+            "unset it (refusing to start open while you expect it closed)"
+        )
+
+    config = Config(
+        signals=signals,
+        token=token,
+        token_file=token_file,
+        port=r.integer("PORT", 8085, low=1, high=65535),
+        upstream_connect_timeout=r.number("UPSTREAM_CONNECT_TIMEOUT_SECONDS", 5.0),
+        upstream_timeout=r.number("UPSTREAM_TIMEOUT_SECONDS", 30.0),
+        max_request_body_bytes=r.integer("MAX_REQUEST_BODY_BYTES", 52428800, low=0),
+        shutdown_delay=r.number("SHUTDOWN_DELAY_SECONDS", 5.0, allow_zero=True),
+        shutdown_grace=r.number("SHUTDOWN_GRACE_SECONDS", 25.0, allow_zero=True),
+        upstream_ca_file=r.get("UPSTREAM_CA_FILE"),
+        allow_insecure_upstream=allow_insecure,
+        log_level=r.choice("LOG_LEVEL", "info", LOG_LEVELS),
+        log_format=r.choice("LOG_FORMAT", "json", LOG_FORMATS),
+        client_header_timeout=r.number("CLIENT_HEADER_TIMEOUT_SECONDS", 15.0),
+        client_idle_timeout=r.number("CLIENT_IDLE_TIMEOUT_SECONDS", 75.0),
+        max_connections=r.integer("MAX_CONNECTIONS", 10000, low=1),
+    )
+    if r.problems:
+        raise ConfigError(r.problems)
+    return config

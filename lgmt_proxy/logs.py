@@ -1,0 +1,162 @@
+"""Log output: one JSON object per line (or readable text) on a stream.
+
+Lines are collected and written once per reactor turn: a write per request
+cost about 4% of a small request's CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+)
+from zope.interface import implementer
+
+ACCESS_NAMESPACE = "lgmt_proxy.access"
+
+_LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+    "critical": LogLevel.critical,
+}
+
+#: Event keys that are Twisted's bookkeeping, not fields worth printing.
+_PRIVATE = frozenset(
+    {
+        "log_logger",
+        "log_source",
+        "log_format",
+        "log_level",
+        "log_namespace",
+        "log_time",
+        "log_failure",
+        "log_io",
+        "log_system",
+        "log_trace",
+        "log_text",
+        "log_flattened",
+        "log_legacy",
+        "format",
+        "message",
+        "isError",
+        "system",
+        "time",
+        "why",
+        "failure",
+    }
+)
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (int(t * 1000) % 1000)
+
+
+def _safe(value: Any) -> Any:
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return repr(value)
+
+
+def event_as_json(event: dict[str, Any]) -> str:
+    level = event.get("log_level")
+    out: dict[str, Any] = {
+        "time": _iso(event.get("log_time") or time.time()),
+        "level": level.name if isinstance(level, type(LogLevel.info)) else "info",
+    }
+    namespace = event.get("log_namespace", "")
+    if namespace == ACCESS_NAMESPACE:
+        out["msg"] = "request"
+        out.update(event["access"])
+    else:
+        out["logger"] = namespace
+        out["msg"] = formatEvent(event)
+        for key, value in event.items():
+            if key not in _PRIVATE and not key.startswith("log_"):
+                out.setdefault(key, _safe(value))
+        failure = event.get("log_failure")
+        if failure is not None:
+            out["error"] = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+    return json.dumps(out, separators=(",", ":"))
+
+
+def event_as_text(event: dict[str, Any]) -> str:
+    level = event.get("log_level")
+    name = level.name if isinstance(level, type(LogLevel.info)) else "info"
+    stamp = _iso(event.get("log_time") or time.time())
+    if event.get("log_namespace") == ACCESS_NAMESPACE:
+        a = event["access"]
+        text = (
+            f'{a["client"]} "{a["method"]} {a["path"]}" {a["status"]} '
+            f'{a["bytes_out"]} {a["duration"]:.4f}s upstream={a["upstream"]} id={a["request_id"]}'
+        )
+        if a.get("error"):
+            text += f' error={a["error"]}'
+    else:
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += f" ({failure.type.__name__}: {failure.getErrorMessage()})"
+    return f"{stamp} {name:5} {text}"
+
+
+@implementer(ILogObserver)
+class StreamObserver:
+    """Formats events and writes them to ``stream``, batched per reactor turn
+    when a scheduler (``callLater(0, f)``) is given, else at once."""
+
+    def __init__(
+        self,
+        stream: IO[str],
+        formatter: Callable[[dict[str, Any]], str],
+        schedule: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
+        self._stream = stream
+        self._format = formatter
+        self._schedule = schedule
+        self._pending: list[str] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        try:
+            line = self._format(event)
+        except Exception as e:  # a bad event must never stop logging
+            line = json.dumps({"level": "error", "msg": f"unformattable log event: {type(e).__name__}"})
+        self._pending.append(line + "\n")
+        if self._schedule is None:
+            self.flush()
+        elif len(self._pending) == 1:
+            self._schedule(self.flush)
+
+    def flush(self) -> None:
+        if self._pending:
+            data, self._pending = "".join(self._pending), []
+            try:
+                self._stream.write(data)
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def make_observer(
+    stream: IO[str],
+    *,
+    log_format: str,
+    log_level: str,
+    schedule: Callable[[Callable[[], None]], object] | None = None,
+) -> tuple[ILogObserver, StreamObserver]:
+    """The filtering observer to install, and the stream observer (to flush)."""
+    formatter = event_as_json if log_format == "json" else event_as_text
+    sink = StreamObserver(stream, formatter, schedule)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[log_level])
+    return FilteringLogObserver(sink, [predicate]), sink

@@ -1,0 +1,104 @@
+"""The proxy's Prometheus metrics, on a registry that is passed in.
+
+Names and buckets of the first two series match the service we replace, so
+dashboards and alerts keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+#: Methods that keep their own label value; anything else is "other".
+METHODS = {m: m.decode() for m in (b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH")}
+
+
+def method_label(method: bytes | None) -> str:
+    return METHODS.get(method or b"", "other")
+
+
+class ProxyMetrics:
+    """All series the proxy exports. Label children are cached per value set:
+    ``labels()`` per request costs more than the increment."""
+
+    def __init__(self, registry: CollectorRegistry, *, process_collectors: bool = True) -> None:
+        self.registry = registry
+        if process_collectors:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+        self.requests = Counter(
+            "proxy_requests",
+            "Requests handled, by upstream, method and status.",
+            ["upstream", "method", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "proxy_request_duration_seconds",
+            "Whole-request duration, body streaming included.",
+            ["upstream", "method"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "proxy_upstream_errors",
+            "Requests that failed, by upstream and reason.",
+            ["upstream", "reason"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "proxy_requests_in_flight",
+            "Proxied requests in progress.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.request_bytes = Counter(
+            "proxy_request_body_bytes",
+            "Request body bytes received from clients.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.response_bytes = Counter(
+            "proxy_response_body_bytes",
+            "Response body bytes sent to clients.",
+            ["upstream"],
+            registry=registry,
+        )
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def started(self, upstream: str) -> None:
+        self._child(self.in_flight, upstream).inc()
+
+    def ended(self, upstream: str) -> None:
+        self._child(self.in_flight, upstream).dec()
+
+    def request(
+        self,
+        upstream: str,
+        method: str,
+        status: str,
+        duration: float,
+        body_in: int,
+        body_out: int,
+        error: str | None,
+    ) -> None:
+        c = self._child
+        c(self.requests, upstream, method, status).inc()
+        c(self.duration, upstream, method).observe(duration)
+        if body_in:
+            c(self.request_bytes, upstream).inc(body_in)
+        if body_out:
+            c(self.response_bytes, upstream).inc(body_out)
+        if error is not None:
+            c(self.upstream_errors, upstream, error).inc()

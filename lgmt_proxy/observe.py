@@ -1,0 +1,75 @@
+"""What happens at the end of every request: metrics and one access-log line."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .logs import ACCESS_NAMESPACE
+from .metrics import ProxyMetrics, method_label
+
+if TYPE_CHECKING:
+    from .server import ProxyRequest
+
+_MAX_ID = 128
+
+
+def request_id(value: bytes | None) -> str:
+    """The client's ``X-Request-Id`` if it is short and printable, else a new one."""
+    if value and len(value) <= _MAX_ID and value.isascii():
+        text = value.decode("ascii")
+        if text.isprintable():
+            return text
+    return os.urandom(8).hex()
+
+
+class Observer:
+    """Counts and logs each request exactly once, when it ends."""
+
+    def __init__(self, metrics: ProxyMetrics, clock: IReactorTime) -> None:
+        self.metrics = metrics
+        self._clock = clock
+        self._log = Logger(namespace=ACCESS_NAMESPACE)
+
+    def started(self, request: ProxyRequest) -> None:
+        request.in_flight = True
+        self.metrics.started(request.upstream_name)
+
+    def refused(self, status: int) -> None:
+        """A request refused before it could be parsed (hostile input, overload)."""
+        self.metrics.request("none", "other", str(status), 0.0, 0, 0, None)
+
+    def finished(self, request: ProxyRequest, *, complete: bool) -> None:
+        upstream = request.upstream_name
+        if getattr(request, "in_flight", False):
+            request.in_flight = False
+            self.metrics.ended(upstream)
+        status = request.code if (complete or request.startedWriting) else 499
+        duration = self._clock.seconds() - request.started
+        method = request.method
+        error = request.error_reason
+        self.metrics.request(
+            upstream, method_label(method), str(status), duration,
+            request.body_in, request.sentLength, error,
+        )
+        headers = request.requestHeaders
+        ua = headers.getRawHeaders(b"user-agent")
+        rid = headers.getRawHeaders(b"x-request-id")
+        access = {
+            "method": (method or b"").decode("latin-1"),
+            "path": (request.path or b"").decode("latin-1"),
+            "upstream": upstream,
+            "status": status,
+            "duration": round(duration, 6),
+            "bytes_in": request.body_in,
+            "bytes_out": request.sentLength,
+            "client": request.channel_client,
+            "user_agent": ua[0].decode("latin-1") if ua else "",
+            "request_id": request_id(rid[0] if rid else None),
+        }
+        if error is not None:
+            access["error"] = error
+        self._log.info("request", access=access)

@@ -1,0 +1,84 @@
+"""Operations endpoints: /health, /ready and /metrics.
+
+A separate resource from the proxy: it can be mounted beside the routes on the
+main port and also served alone on an admin listener.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.web.resource import IResource, Resource
+
+from .resources import NotFound, _json
+
+_OK = b'{"status":"ok"}\n'
+_DRAINING = b'{"status":"draining"}\n'
+
+
+@attrs.define
+class Readiness:
+    """Flipped to draining on SIGTERM so the Service stops sending new work."""
+
+    draining: bool = False
+
+
+class _Leaf(Resource):
+    isLeaf = True
+    upstream_name = "none"
+
+
+class Health(_Leaf):
+    def render_GET(self, request: Any) -> bytes:
+        return _json(request, 200, _OK)
+
+    render_HEAD = render_GET
+
+
+class Ready(_Leaf):
+    def __init__(self, readiness: Readiness) -> None:
+        super().__init__()
+        self._readiness = readiness
+
+    def render_GET(self, request: Any) -> bytes:
+        if self._readiness.draining:
+            return _json(request, 503, _DRAINING)
+        return _json(request, 200, _OK)
+
+    render_HEAD = render_GET
+
+
+class Metrics(_Leaf):
+    """The project's own registry in Prometheus text format, rendered in the
+    reactor thread (no exporter thread)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Any) -> bytes:
+        body = generate_latest(self._registry)
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"Content-Type", [CONTENT_TYPE_LATEST.encode()])
+        request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+        return body
+
+
+def ops_resources(readiness: Readiness, registry: CollectorRegistry) -> dict[bytes, IResource]:
+    return {
+        b"health": Health(),
+        b"ready": Ready(readiness),
+        b"metrics": Metrics(registry),
+    }
+
+
+def admin_root(readiness: Readiness, registry: CollectorRegistry) -> Resource:
+    """The operations resources alone, for ``--admin-listen``."""
+    root = Resource()
+    for name, child in ops_resources(readiness, registry).items():
+        root.putChild(name, child)
+    root.putChild(b"", NotFound())
+    return root

@@ -1,0 +1,97 @@
+"""The route table and the pure rules that turn a raw request target into an
+upstream path, or a refusal.
+
+Everything works on the raw bytes the client sent: twisted.web's ``postpath``
+is percent-decoded, which would turn ``%2e%2e`` into ``..`` and ``%2F`` into a
+separator inside a segment.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+
+@attrs.frozen
+class Route:
+    """A path prefix (whole segments) and where it goes on its signal's URL."""
+
+    prefix: bytes
+    upstream_prefix: bytes
+    signal: str
+
+    @property
+    def segments(self) -> list[bytes]:
+        return self.prefix[1:].split(b"/")
+
+
+#: The contract's table, in match order.
+DEFAULT_ROUTES = (
+    Route(b"/api/prom", b"/api/prom", "prometheus"),
+    Route(b"/prometheus", b"/api/prom", "prometheus"),
+    Route(b"/loki", b"/loki", "loki"),
+    Route(b"/tempo", b"/tempo", "tempo"),
+    Route(b"/otlp", b"/otlp", "otlp"),
+)
+
+
+class Refusal(Exception):
+    """A request target the proxy will not forward: status and a short reason."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# A dot segment, literal or percent-encoded (%2e / %2E), and any encoded slash
+# or backslash. Checked on the path only; the query is forwarded as sent.
+_DOT_SEGMENT = re.compile(rb"(?:^|/)(?:\.|%2[eE]){1,2}(?:/|$)")
+_ENCODED_SLASH = re.compile(rb"%(?:2[fF]|5[cC])")
+_BAD_BYTES = re.compile(rb"[\x00-\x20\x7f#\\]")
+
+MAX_TARGET = 8192
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes | None]:
+    """Check a raw origin-form target; return ``(path, query)`` or raise `Refusal`.
+
+    ``query`` is None when the target has no ``?`` and the bytes after it
+    otherwise (possibly empty), so the upstream sees exactly what was sent.
+    """
+    if len(target) > MAX_TARGET:
+        raise Refusal(414, "request target too long")
+    if not target.startswith(b"/"):
+        # absolute-form (GET http://host/...), authority-form (CONNECT) and "*":
+        # a reverse proxy never forwards to a host the client names.
+        raise Refusal(400, "only origin-form request targets are accepted")
+    path, sep, query = target.partition(b"?")
+    if _BAD_BYTES.search(path) or (sep and _BAD_BYTES.search(query)):
+        raise Refusal(400, "request target contains forbidden characters")
+    if _DOT_SEGMENT.search(path):
+        raise Refusal(400, "dot segments are not allowed in the path")
+    if _ENCODED_SLASH.search(path):
+        raise Refusal(400, "encoded slashes are not allowed in the path")
+    return path, (query if sep else None)
+
+
+def upstream_target(
+    route: Route, base_path: bytes, path: bytes, query: bytes | None
+) -> bytes:
+    """The origin-form target sent upstream: the route's prefix swapped, the
+    rest of the path and the query byte for byte."""
+    rest = path[len(route.prefix) :]
+    target = base_path + route.upstream_prefix + rest
+    if query is not None:
+        target += b"?" + query
+    return target
+
+
+def match(routes: tuple[Route, ...], path: bytes) -> Route | None:
+    """The route whose prefix matches whole segments of ``path``, if any."""
+    for route in routes:
+        p = route.prefix
+        if path.startswith(p) and (len(path) == len(p) or path[len(p)] == 0x2F):
+            return route
+    return None

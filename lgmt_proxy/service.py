@@ -1,0 +1,196 @@
+"""The service twistd runs: listeners, the token watcher, startup lines and
+the graceful drain, built from a validated `Config` and an injected reactor."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import IO, Any
+
+from prometheus_client import CollectorRegistry
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+from twisted.internet.task import deferLater
+
+from .config import Config, Secret
+from .drain import drain_connections
+from .logs import StreamObserver, make_observer
+from .metrics import ProxyMetrics
+from .observe import Observer
+from .ops import Readiness, ops_resources
+from .resources import Branch, build_root
+from .server import ProxySite
+from .tokens import TokenSource
+from .upstream import Upstream, build_upstream
+
+_log = Logger(namespace="lgmt_proxy")
+
+#: How often the token file is checked for a rotation.
+TOKEN_POLL_SECONDS = 1.0
+
+
+def build_site(
+    config: Config,
+    reactor: Any,
+    *,
+    token: TokenSource,
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    trust: IOpenSSLTrustRoot | None = None,
+    metrics: ProxyMetrics | None = None,
+) -> tuple[ProxySite, dict[str, Upstream]]:
+    """The proxy's `Site` and its upstreams: everything but the listeners."""
+    metrics = metrics or ProxyMetrics(registry)
+    upstreams = {
+        name: build_upstream(reactor, signal, config, token, trust)
+        for name, signal in config.signals.items()
+    }
+    root = build_root(upstreams, ops_resources(readiness, registry))
+    site = ProxySite(
+        root,
+        clock=reactor,
+        observer=Observer(metrics, reactor),
+        upstream_timeout=config.upstream_timeout,
+        max_body=config.max_request_body_bytes,
+        client_header_timeout=config.client_header_timeout,
+        client_idle_timeout=config.client_idle_timeout,
+        max_connections=config.max_connections,
+    )
+    return site, upstreams
+
+
+def admin_site(site: ProxySite, readiness: Readiness, registry: CollectorRegistry) -> ProxySite:
+    """A site with only /health, /ready and /metrics, sharing the main site's settings."""
+    root = Branch()
+    for name, resource in ops_resources(readiness, registry).items():
+        root.putChild(name, resource)
+    return ProxySite(
+        root,
+        clock=site.clock,
+        observer=site.observer,
+        upstream_timeout=site.upstream_timeout,
+        max_body=site.max_body,
+        client_header_timeout=site.client_header_timeout,
+        client_idle_timeout=site.timeOut or 75.0,
+        max_connections=site.max_connections,
+    )
+
+
+class ProxyService(MultiService):
+    """lgmt-proxy as a twistd service."""
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        token: Secret,
+        listen: str | None = None,
+        admin_listen: str | None = None,
+        trust: IOpenSSLTrustRoot | None = None,
+        stdout: IO[str] = sys.stdout,
+        sandbox: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.sandbox = sandbox
+        self.registry = CollectorRegistry()
+        self.readiness = Readiness()
+        self.log_observer, self._sink = make_observer(
+            stdout,
+            log_format=config.log_format,
+            log_level=config.log_level,
+            schedule=lambda f: reactor.callLater(0, f),
+        )
+        self.token = TokenSource(token, config.token_file, registry=self.registry)
+        self.site, self.upstreams = build_site(
+            config,
+            reactor,
+            token=self.token,
+            registry=self.registry,
+            readiness=self.readiness,
+            trust=trust,
+        )
+        self.listen = listen or f"tcp:{config.port}"
+        self._main = StreamServerEndpointService(serverFromString(reactor, self.listen), self.site)
+        self._main._raiseSynchronously = True
+        self._main.setServiceParent(self)
+        self._admin: StreamServerEndpointService | None = None
+        if admin_listen:
+            self._admin = StreamServerEndpointService(
+                serverFromString(reactor, admin_listen),
+                admin_site(self.site, self.readiness, self.registry),
+            )
+            self._admin.setServiceParent(self)
+        if config.token_file:
+            TimerService(TOKEN_POLL_SECONDS, self.token.poll).setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> Any:
+        # twistd builds the Application after makeService; the log observer
+        # set on it as a component replaces twistd's default text log.
+        if isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.callWhenRunning(self._install_sigterm)
+        self._announce()
+
+    def _announce(self) -> None:
+        if self.sandbox:
+            _log.warn(
+                "SANDBOX MODE: every signal goes to a built-in loopback echo upstream; "
+                "nothing reaches Grafana Cloud"
+            )
+        _log.info("listening on {listen}", listen=self.listen)
+        for name, up in self.upstreams.items():
+            s = up.signal
+            _log.info(
+                "signal {signal} on: {url} (org id {org_id}, tenant {tenant_id})",
+                signal=name,
+                url=s.url,
+                org_id=s.org_id,
+                tenant_id=s.tenant_id,
+            )
+        off = [n for n in ("prometheus", "loki", "tempo", "otlp") if n not in self.upstreams]
+        if off:
+            _log.info("signals off (their routes answer 404): {off}", off=", ".join(off))
+
+    def _install_sigterm(self) -> None:
+        # twistd re-raises SIGTERM after stopping (exit status -15); stopping
+        # the reactor ourselves makes a drained shutdown exit 0.
+        reactor = self.reactor
+        stopping = []
+
+        def on_term(signum: int, frame: object) -> None:
+            if not stopping:
+                stopping.append(signum)
+                reactor.callFromThread(reactor.stop)
+
+        signal.signal(signal.SIGTERM, on_term)
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self.readiness.draining = True
+        delay = self.config.shutdown_delay
+        _log.info("draining: /ready answers 503; closing the listener in {delay}s", delay=delay)
+        if delay:
+            await deferLater(self.reactor, delay, lambda: None)
+        await self._main.stopService()
+        aborted = await drain_connections(self.site, self.reactor, self.config.shutdown_grace)
+        if aborted:
+            _log.warn("drain: {n} connections still busy after the grace period were cut", n=aborted)
+        for up in self.upstreams.values():
+            await up.pool.closeCachedConnections()
+        await super().stopService()
+        _log.info("stopped")
+        self._sink.flush()

@@ -1,0 +1,91 @@
+"""``twistd lgmt-proxy``: options and `makeService`.
+
+The only module that reads the environment, reads files at start-up or
+imports the global reactor; everything below it has them passed in.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from .config import Config, ConfigError, Secret, parse_config
+
+
+class Options(usage.Options):
+    synopsis = "[--listen ENDPOINT] [--admin-listen ENDPOINT] [--sandbox]"
+    longdesc = (
+        "Credential-injecting reverse proxy to a Grafana Cloud (LGTM) stack. "
+        "Configured by environment variables; see docs/configuration.md."
+    )
+    optFlags = [
+        ["sandbox", None, "Point every signal at a built-in loopback echo upstream (no account needed)."],
+    ]
+    optParameters = [
+        ["listen", None, None, "Twisted server endpoint to listen on (overrides PORT), e.g. tcp:8085."],
+        ["admin-listen", None, None, "Also serve /health, /ready and /metrics alone on this endpoint."],
+    ]
+
+
+def load(env: Mapping[str, str], *, token_required: bool = True) -> tuple[Config, Secret]:
+    """Parse the environment and read the token (file); `ConfigError` lists every problem."""
+    from .tokens import read_token_file
+
+    config = parse_config(env, token_required=token_required)
+    token = config.token
+    if config.token_file is not None:
+        token, problem = read_token_file(config.token_file)
+        if problem:
+            raise ConfigError([problem])
+    assert token is not None
+    return config, token
+
+
+def _fail(problems: list[str]) -> SystemExit:
+    for line in problems:
+        print(f"lgmt-proxy: configuration error: {line}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from .service import ProxyService
+    from .upstream import trust_root
+
+    env: dict[str, str] = dict(os.environ)
+    sandbox_port = None
+    if options["sandbox"]:
+        from .sandbox import sandbox_env, sandbox_site
+
+        sandbox_port = reactor.listenTCP(0, sandbox_site(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        env = {k: v for k, v in env.items() if not k.startswith("GRAFANA_CLOUD_")}
+        env.update(sandbox_env(sandbox_port.getHost().port))
+    try:
+        config, token = load(env)
+    except ConfigError as e:
+        raise _fail(e.problems) from None
+    trust = None
+    if config.upstream_ca_file:
+        try:
+            with open(config.upstream_ca_file, "rb") as f:
+                trust = trust_root(f.read())
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "strerror", None) or "no PEM certificate found"
+            raise _fail([f"UPSTREAM_CA_FILE: cannot use {config.upstream_ca_file}: {reason}"]) from None
+    try:
+        return ProxyService(
+            config,
+            reactor,
+            token=token,
+            listen=options["listen"],
+            admin_listen=options["admin-listen"],
+            trust=trust,
+            sandbox=sandbox_port is not None,
+        )
+    except ValueError as e:  # a bad endpoint string
+        raise _fail([f"--listen/--admin-listen: {e}"]) from None

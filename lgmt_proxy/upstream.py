@@ -1,0 +1,186 @@
+"""One upstream per signal: its Agent, connection pool, TLS policy and the
+credentials it injects.
+
+The bare `twisted.web.client.Agent` is used rather than `treq.HTTPClient`:
+treq's client keeps a cookie jar shared by every caller, follows redirects and
+always wraps `ContentDecoderAgent` (adds ``Accept-Encoding: gzip`` and
+decompresses), each of which breaks a transparent proxy; see
+docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+
+import attrs
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from zope.interface import implementer
+
+from .config import Config, Secret, SignalConfig
+
+#: Idle upstream connections kept per upstream host. The pool does not cap
+#: concurrency, only reuse: Twisted's default of 2 reconnects under any load.
+MAX_PERSISTENT_PER_HOST = 128
+#: Idle upstream connections are closed after this many seconds (below the
+#: 350 s idle limit of common cloud load balancers).
+POOL_IDLE_SECONDS = 90.0
+
+
+@implementer(IOpenSSLTrustRoot)
+class SystemPlusBundle:
+    """Trust the platform's roots plus every certificate of a PEM bundle.
+
+    ``Certificate.loadPEM`` and ``trustRootFromCertificates`` alone would drop
+    the system roots or keep only the first certificate of the file.
+    """
+
+    def __init__(self, certificates: list[crypto.X509]) -> None:
+        self._certificates = certificates
+
+    def _addCACertsToContext(self, context: SSL.Context) -> None:
+        context.set_default_verify_paths()
+        store = context.get_cert_store()
+        assert store is not None
+        for cert in self._certificates:
+            store.add_cert(cert)
+
+
+def load_pem_bundle(data: bytes) -> list[crypto.X509]:
+    """Every certificate in a PEM bundle (raises ValueError if there is none)."""
+    from cryptography import x509
+
+    certs = x509.load_pem_x509_certificates(data)
+    return [crypto.X509.from_cryptography(c) for c in certs]
+
+
+@implementer(IAgentEndpointFactory)
+class _FixedEndpoint:
+    """Every request of an upstream goes to one cached endpoint: building a
+    `HostnameEndpoint` and IDNA-encoding the host per request costs ~8%."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def endpointForURI(self, uri: object) -> IStreamClientEndpoint:
+        return self._endpoint
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's factory logs two lines per new connection; we count instead."""
+
+    noisy = False
+
+
+class _QuietPool(HTTPConnectionPool):
+    _factory = _QuietClientFactory
+
+
+def make_endpoint(
+    reactor: object,
+    signal: SignalConfig,
+    *,
+    connect_timeout: float,
+    trust: IOpenSSLTrustRoot | None,
+) -> IStreamClientEndpoint:
+    host = signal.host
+    if isIPAddress(host):
+        tcp: IStreamClientEndpoint = TCP4ClientEndpoint(reactor, host, signal.port, timeout=connect_timeout)
+    elif isIPv6Address(host):
+        tcp = TCP6ClientEndpoint(reactor, host, signal.port, timeout=connect_timeout)
+    else:
+        tcp = HostnameEndpoint(reactor, host.encode("idna"), signal.port, timeout=connect_timeout)
+    if signal.scheme != "https":
+        return tcp
+    policy = BrowserLikePolicyForHTTPS(trustRoot=trust) if trust else BrowserLikePolicyForHTTPS()
+    creator = policy.creatorForNetloc(host.encode("idna"), signal.port)
+    return wrapClientTLS(creator, tcp)
+
+
+def basic_authorization(org_id: str, token: Secret) -> bytes:
+    raw = f"{org_id}:{token.reveal()}".encode()
+    return b"Basic " + base64.b64encode(raw)
+
+
+@attrs.define(repr=False)
+class Upstream:
+    """A signal's upstream: where to send and what to inject.
+
+    ``token`` is a callable so a rotated token file takes effect for the next
+    request; the encoded header is cached per token value.
+    """
+
+    signal: SignalConfig
+    agent: IAgent
+    pool: HTTPConnectionPool
+    token: Callable[[], Secret]
+    host_header: bytes
+    base_url: bytes
+    base_path: bytes
+    tenant: bytes
+    _cached: tuple[Secret, bytes] | None = None
+
+    def authorization(self) -> bytes:
+        token = self.token()
+        cached = self._cached
+        if cached is not None and cached[0] is token:
+            return cached[1]
+        value = basic_authorization(self.signal.org_id, token)
+        self._cached = (token, value)
+        return value
+
+    def __repr__(self) -> str:
+        return f"<Upstream {self.signal.name} {self.signal.url}>"
+
+
+def build_upstream(
+    reactor: IReactorTime,
+    signal: SignalConfig,
+    config: Config,
+    token: Callable[[], Secret],
+    trust: IOpenSSLTrustRoot | None,
+) -> Upstream:
+    pool = _QuietPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
+    pool.cachedConnectionTimeout = POOL_IDLE_SECONDS
+    endpoint = make_endpoint(
+        reactor, signal, connect_timeout=config.upstream_connect_timeout, trust=trust
+    )
+    agent = Agent.usingEndpointFactory(reactor, _FixedEndpoint(endpoint), pool=pool)
+    netloc = _netloc(signal)
+    return Upstream(
+        signal=signal,
+        agent=agent,
+        pool=pool,
+        token=token,
+        host_header=netloc,
+        base_url=signal.scheme.encode() + b"://" + netloc,
+        base_path=signal.base_path.encode(),
+        tenant=signal.tenant_id.encode(),
+    )
+
+
+def _netloc(signal: SignalConfig) -> bytes:
+    """``Host`` as the upstream expects it: IDNA host, port only when not default."""
+    if isIPv6Address(signal.host):
+        host = b"[" + signal.host.encode() + b"]"
+    else:
+        host = signal.host.encode("idna")
+    default_port = 443 if signal.scheme == "https" else 80
+    return host if signal.port == default_port else b"%s:%d" % (host, signal.port)
+
+
+def trust_root(ca_pem: bytes | None) -> IOpenSSLTrustRoot | None:
+    if ca_pem is None:
+        return None
+    return SystemPlusBundle(load_pem_bundle(ca_pem))
+
+
+__all__ = ["Upstream", "build_upstream", "trust_root", "load_pem_bundle", "ssl"]

@@ -1,0 +1,41 @@
+"""Packaging: the library plus the twistd plugin (``twisted/plugins``).
+
+``twisted.plugins`` is listed as a package but ships no ``__init__.py``: one
+would overwrite Twisted's own. After installing, Twisted's plugin cache is
+regenerated so a read-only root filesystem never has to write it.
+"""
+
+from setuptools import setup
+from setuptools.command.install import install
+
+
+class InstallAndCachePlugins(install):
+    def run(self) -> None:
+        super().run()
+        try:
+            from twisted.plugin import IPlugin, getPlugins
+
+            list(getPlugins(IPlugin))
+        except Exception:  # the cache is an optimisation; `make`/Dockerfile redo it
+            pass
+
+
+setup(
+    name="lgmt-proxy",
+    version="0.1.0",
+    description="Credential-injecting reverse proxy to a Grafana Cloud LGTM stack",
+    python_requires=">=3.11",
+    packages=["lgmt_proxy", "twisted.plugins"],
+    package_data={"twisted.plugins": ["lgmt_proxy_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=24.7.0",
+        "treq>=24.9.1",
+        "txaio>=23.1.1",
+        "prometheus-client>=0.20.0",
+        "attrs>=23.2.0",
+        "service-identity>=24.1.0",
+        "pyOpenSSL>=24.2.1",
+        "cryptography>=43.0.0",
+    ],
+    cmdclass={"install": InstallAndCachePlugins},
+)
