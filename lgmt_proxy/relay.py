@@ -56,7 +56,8 @@ class _BodyProducer:
         self._consumer = consumer
         if self._pending:
             pending, self._pending = self._pending, []
-            consumer.writeSequence(pending) if len(pending) > 1 else consumer.write(pending[0])
+            for chunk in pending:
+                consumer.write(chunk)
         self._relay.set_client_pause("wait", False)
         if self._done:
             return succeed(None)
@@ -167,9 +168,10 @@ class Relay:
         self._stop_timer()
 
     def set_client_pause(self, why: str, paused: bool) -> None:
-        transport = self.request.channel.transport if not self._client_gone else None
-        if transport is None:
+        channel = getattr(self.request, "channel", None)
+        if self._client_gone or channel is None:
             return
+        transport = channel.transport
         was = bool(self._paused)
         if paused:
             self._paused.add(why)
@@ -184,9 +186,11 @@ class Relay:
     def body_unwanted(self) -> None:
         """The upstream stopped reading the body: let the client finish sending
         (its bytes are discarded) so the answer can be delivered."""
-        self._paused.clear()
-        if not self._client_gone and self.request.channel is not None:
-            self.request.channel.transport.resumeProducing()
+        if self._paused:
+            self._paused.clear()
+            channel = getattr(self.request, "channel", None)
+            if not self._client_gone and channel is not None:
+                channel.transport.resumeProducing()
 
     # -- the upstream call --------------------------------------------------
 

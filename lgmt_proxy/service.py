@@ -117,7 +117,9 @@ class ProxyService(MultiService):
             readiness=self.readiness,
             trust=trust,
         )
-        self.listen = listen or f"tcp:{config.port}"
+        # Twisted's default backlog of 50 drops SYNs under a burst of new
+        # connections (clients then wait a 1 s retransmit).
+        self.listen = listen or f"tcp:{config.port}:backlog=1024"
         self._main = StreamServerEndpointService(serverFromString(reactor, self.listen), self.site)
         self._main._raiseSynchronously = True
         self._main.setServiceParent(self)

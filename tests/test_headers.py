@@ -1,0 +1,78 @@
+"""Every rule of the contract's Headers section, on the pure functions."""
+
+from twisted.trial.unittest import TestCase
+from twisted.web.http_headers import Headers
+
+from lgmt_proxy.headers import HOP_BY_HOP, copy_response_headers, forward_request_headers
+
+
+def fwd(pairs: list[tuple[bytes, bytes]]) -> Headers:
+    h = Headers()
+    for name, value in pairs:
+        h.addRawHeader(name, value)
+    return forward_request_headers(
+        h, host=b"up.example", authorization=b"Basic b3JnOnRvaw==", tenant=b"t1", client_address=b"10.1.2.3"
+    )
+
+
+class RequestHeaderTests(TestCase):
+    def test_credentials_injected_and_client_ones_dropped(self) -> None:
+        out = fwd([(b"Authorization", b"Bearer client"), (b"X-Scope-OrgID", b"evil"), (b"x-scope-orgid", b"evil2")])
+        self.assertEqual(out.getRawHeaders(b"authorization"), [b"Basic b3JnOnRvaw=="])
+        self.assertEqual(out.getRawHeaders(b"x-scope-orgid"), [b"t1"])
+
+    def test_host_is_upstream(self) -> None:
+        out = fwd([(b"Host", b"proxy.local:8085")])
+        self.assertEqual(out.getRawHeaders(b"host"), [b"up.example"])
+
+    def test_x_forwarded_for(self) -> None:
+        self.assertEqual(fwd([]).getRawHeaders(b"x-forwarded-for"), [b"10.1.2.3"])
+        out = fwd([(b"X-Forwarded-For", b"1.1.1.1"), (b"X-Forwarded-For", b"2.2.2.2")])
+        self.assertEqual(out.getRawHeaders(b"x-forwarded-for"), [b"1.1.1.1, 2.2.2.2, 10.1.2.3"])
+
+    def test_hop_by_hop_dropped(self) -> None:
+        names = [
+            b"Connection", b"Keep-Alive", b"Proxy-Authorization", b"Proxy-Connection",
+            b"TE", b"Trailer", b"Transfer-Encoding", b"Upgrade", b"Expect", b"Content-Length",
+        ]
+        out = fwd([(n, b"x") for n in names] + [(b"Accept", b"*/*")])
+        for n in names:
+            self.assertFalse(out.hasHeader(n), n)
+        self.assertEqual(out.getRawHeaders(b"accept"), [b"*/*"])
+
+    def test_connection_listed_dropped(self) -> None:
+        out = fwd([(b"Connection", b"keep-alive, X-Secret , x-other"), (b"X-Secret", b"1"), (b"X-Other", b"2"), (b"X-Kept", b"3")])
+        self.assertFalse(out.hasHeader(b"x-secret"))
+        self.assertFalse(out.hasHeader(b"x-other"))
+        self.assertEqual(out.getRawHeaders(b"x-kept"), [b"3"])
+
+    def test_repeated_headers_keep_every_value(self) -> None:
+        out = fwd([(b"X-Multi", b"a"), (b"X-Multi", b"b"), (b"Cookie", b"c=1")])
+        self.assertEqual(out.getRawHeaders(b"x-multi"), [b"a", b"b"])
+        self.assertEqual(out.getRawHeaders(b"cookie"), [b"c=1"])
+
+    def test_nothing_added(self) -> None:
+        out = fwd([])
+        names = sorted(n.lower() for n, _ in out.getAllRawHeaders())
+        self.assertEqual(names, [b"authorization", b"host", b"x-forwarded-for", b"x-scope-orgid"])
+
+
+class ResponseHeaderTests(TestCase):
+    def test_end_to_end_kept_hop_by_hop_dropped(self) -> None:
+        up = Headers()
+        for n in HOP_BY_HOP:
+            up.addRawHeader(n, b"x")
+        up.addRawHeader(b"Content-Encoding", b"gzip")
+        up.addRawHeader(b"Set-Cookie", b"a=1")
+        up.addRawHeader(b"Set-Cookie", b"b=2")
+        up.addRawHeader(b"Retry-After", b"30")
+        up.addRawHeader(b"Connection", b"X-Hop")
+        up.addRawHeader(b"X-Hop", b"1")
+        out = Headers()
+        copy_response_headers(up, out)
+        for n in HOP_BY_HOP:
+            self.assertFalse(out.hasHeader(n), n)
+        self.assertFalse(out.hasHeader(b"x-hop"))
+        self.assertEqual(out.getRawHeaders(b"content-encoding"), [b"gzip"])
+        self.assertEqual(out.getRawHeaders(b"set-cookie"), [b"a=1", b"b=2"])
+        self.assertEqual(out.getRawHeaders(b"retry-after"), [b"30"])
