@@ -174,9 +174,7 @@ class _Reader:
         return low
 
 
-def _parse_signal(
-    reader: _Reader, signal: str, allow_insecure: bool
-) -> SignalConfig | None:
+def _parse_signal(reader: _Reader, signal: str, allow_insecure: bool) -> SignalConfig | None:
     prefix = f"GRAFANA_CLOUD_{signal.upper()}"
     url = reader.get(f"{prefix}_URL")
     org_id = reader.get(f"{prefix}_ORG_ID")

@@ -99,10 +99,10 @@ def event_as_text(event: dict[str, Any]) -> str:
         a = event["access"]
         text = (
             f'{a["client"]} "{a["method"]} {a["path"]}" {a["status"]} '
-            f'{a["bytes_out"]} {a["duration"]:.4f}s upstream={a["upstream"]} id={a["request_id"]}'
+            f"{a['bytes_out']} {a['duration']:.4f}s upstream={a['upstream']} id={a['request_id']}"
         )
         if a.get("error"):
-            text += f' error={a["error"]}'
+            text += f" error={a['error']}"
     else:
         text = formatEvent(event)
         failure = event.get("log_failure")
@@ -131,7 +131,9 @@ class StreamObserver:
         try:
             line = self._format(event)
         except Exception as e:  # a bad event must never stop logging
-            line = json.dumps({"level": "error", "msg": f"unformattable log event: {type(e).__name__}"})
+            line = json.dumps(
+                {"level": "error", "msg": f"unformattable log event: {type(e).__name__}"}
+            )
         self._pending.append(line + "\n")
         if self._schedule is None:
             self.flush()

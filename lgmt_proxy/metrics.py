@@ -15,7 +15,9 @@ from prometheus_client.process_collector import ProcessCollector
 BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 #: Methods that keep their own label value; anything else is "other".
-METHODS = {m: m.decode() for m in (b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH")}
+METHODS = {
+    m: m.decode() for m in (b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH")
+}
 
 
 def method_label(method: bytes | None) -> str:

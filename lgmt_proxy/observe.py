@@ -52,8 +52,13 @@ class Observer:
         method = request.method
         error = request.error_reason
         self.metrics.request(
-            upstream, method_label(method), str(status), duration,
-            request.body_in, request.sentLength, error,
+            upstream,
+            method_label(method),
+            str(status),
+            duration,
+            request.body_in,
+            request.sentLength,
+            error,
         )
         headers = request.requestHeaders
         ua = headers.getRawHeaders(b"user-agent")

@@ -76,9 +76,7 @@ def split_target(target: bytes) -> tuple[bytes, bytes | None]:
     return path, (query if sep else None)
 
 
-def upstream_target(
-    route: Route, base_path: bytes, path: bytes, query: bytes | None
-) -> bytes:
+def upstream_target(route: Route, base_path: bytes, path: bytes, query: bytes | None) -> bytes:
     """The origin-form target sent upstream: the route's prefix swapped, the
     rest of the path and the query byte for byte."""
     rest = path[len(route.prefix) :]

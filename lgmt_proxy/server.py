@@ -380,7 +380,9 @@ class ProxySite(server.Site):
     def log(self, request: object) -> None:
         """Twisted's combined log is replaced by `Observer` (one JSON line)."""
 
-    def log_upstream_failure(self, upstream: str, outcome: errors.Outcome, failure: Failure) -> None:
+    def log_upstream_failure(
+        self, upstream: str, outcome: errors.Outcome, failure: Failure
+    ) -> None:
         causes = ",".join(sorted({type(c).__name__ for c in errors._causes(failure)}))
         _log.warn(
             "upstream {upstream} failed: {reason} ({causes})",
@@ -392,5 +394,3 @@ class ProxySite(server.Site):
 
 def json_body(obj: object) -> bytes:
     return json.dumps(obj).encode() + b"\n"
-
-

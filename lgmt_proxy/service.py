@@ -10,16 +10,16 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
-from twisted.internet.task import deferLater
 
 from .config import Config, Secret
 from .drain import drain_connections
-from .logs import StreamObserver, make_observer
+from .logs import make_observer
 from .metrics import ProxyMetrics
 from .observe import Observer
 from .ops import Readiness, ops_resources
@@ -190,7 +190,9 @@ class ProxyService(MultiService):
         await self._main.stopService()
         aborted = await drain_connections(self.site, self.reactor, self.config.shutdown_grace)
         if aborted:
-            _log.warn("drain: {n} connections still busy after the grace period were cut", n=aborted)
+            _log.warn(
+                "drain: {n} connections still busy after the grace period were cut", n=aborted
+            )
         for up in self.upstreams.values():
             await up.pool.closeCachedConnections()
         await super().stopService()

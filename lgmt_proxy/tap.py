@@ -23,11 +23,25 @@ class Options(usage.Options):
         "Configured by environment variables; see docs/configuration.md."
     )
     optFlags = [
-        ["sandbox", None, "Point every signal at a built-in loopback echo upstream (no account needed)."],
+        [
+            "sandbox",
+            None,
+            "Point every signal at a built-in loopback echo upstream (no account needed).",
+        ],
     ]
     optParameters = [
-        ["listen", None, None, "Twisted server endpoint to listen on (overrides PORT), e.g. tcp:8085."],
-        ["admin-listen", None, None, "Also serve /health, /ready and /metrics alone on this endpoint."],
+        [
+            "listen",
+            None,
+            None,
+            "Twisted server endpoint to listen on (overrides PORT), e.g. tcp:8085.",
+        ],
+        [
+            "admin-listen",
+            None,
+            None,
+            "Also serve /health, /ready and /metrics alone on this endpoint.",
+        ],
     ]
 
 
@@ -76,7 +90,9 @@ def makeService(options: Options) -> IService:
                 trust = trust_root(f.read())
         except (OSError, ValueError) as e:
             reason = getattr(e, "strerror", None) or "no PEM certificate found"
-            raise _fail([f"UPSTREAM_CA_FILE: cannot use {config.upstream_ca_file}: {reason}"]) from None
+            raise _fail(
+                [f"UPSTREAM_CA_FILE: cannot use {config.upstream_ca_file}: {reason}"]
+            ) from None
     try:
         return ProxyService(
             config,

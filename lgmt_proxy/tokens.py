@@ -81,7 +81,10 @@ class TokenSource:
         self._stamp = stamp
         token, problem = self._reader(path)
         if token is None:
-            _log.error("token file changed but was not usable, keeping the old token: {problem}", problem=problem)
+            _log.error(
+                "token file changed but was not usable, keeping the old token: {problem}",
+                problem=problem,
+            )
             self._count("error")
             return
         if token.reveal() != self._token.reveal():

@@ -16,11 +16,21 @@ from collections.abc import Callable
 import attrs
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+)
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -92,7 +102,9 @@ def make_endpoint(
 ) -> IStreamClientEndpoint:
     host = signal.host
     if isIPAddress(host):
-        tcp: IStreamClientEndpoint = TCP4ClientEndpoint(reactor, host, signal.port, timeout=connect_timeout)
+        tcp: IStreamClientEndpoint = TCP4ClientEndpoint(
+            reactor, host, signal.port, timeout=connect_timeout
+        )
     elif isIPv6Address(host):
         tcp = TCP6ClientEndpoint(reactor, host, signal.port, timeout=connect_timeout)
     else:
@@ -183,4 +195,4 @@ def trust_root(ca_pem: bytes | None) -> IOpenSSLTrustRoot | None:
     return SystemPlusBundle(load_pem_bundle(ca_pem))
 
 
-__all__ = ["Upstream", "build_upstream", "trust_root", "load_pem_bundle", "ssl"]
+__all__ = ["Upstream", "build_upstream", "load_pem_bundle", "ssl", "trust_root"]

@@ -91,7 +91,7 @@ def listen(site: protocol.ServerFactory) -> Any:
 class ProxyFixture:
     """A real ProxySite listening on loopback, built like the service builds it."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], trust: Any = None) -> None:
         self.config: Config = parse_config(env)
         assert self.config.token is not None
         self.registry = CollectorRegistry()
@@ -106,6 +106,7 @@ class ProxyFixture:
             registry=self.registry,
             readiness=self.readiness,
             metrics=self.metrics,
+            trust=trust,
         )
         self.port = listen(self.site)
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
@@ -187,12 +188,95 @@ async def call(
     body: bytes | None = None,
 ) -> tuple[Any, bytes]:
     """One request with a fresh, non-persistent Agent: (response, body bytes)."""
+    import io
+
     from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
     from twisted.web.http_headers import Headers
-    import io
 
     agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
     producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
     response = await agent.request(method, url.encode(), Headers(headers or {}), producer)
     data = await readBody(response)
     return response, data
+
+
+def free_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def twistd_path() -> str:
+    import os
+    import sys
+
+    return os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+class ProxyProcess(protocol.ProcessProtocol):
+    """``twistd -n lgmt-proxy`` as a real subprocess on a free loopback port."""
+
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.ended: Deferred[int] = Deferred()
+        self.port = 0
+        self.pid = 0
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        signal = getattr(reason.value, "signal", None)
+        self.ended.callback(code if code is not None else -(signal or 1))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def vm(self, field: str) -> int:
+        """A /proc/<pid>/status size field (VmRSS, VmHWM) in bytes."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(field)
+
+    def signal(self, name: str) -> None:
+        self.transport.signalProcess(name)  # type: ignore[union-attr]
+
+
+async def spawn_proxy(env: dict[str, str], *args: str, wait: bool = True) -> ProxyProcess:
+    import os
+
+    proc = ProxyProcess()
+    proc.port = free_port()
+    full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1", **env}
+    argv = [
+        twistd_path(),
+        "-n",
+        "--pidfile=",
+        "lgmt-proxy",
+        "--listen",
+        f"tcp:{proc.port}:interface=127.0.0.1",
+        *args,
+    ]
+    transport = reactor.spawnProcess(proc, argv[0], argv, env=full_env)  # type: ignore[attr-defined]
+    proc.pid = transport.pid
+    if wait:
+        for _ in range(200):
+            if proc.ended.called:
+                break
+            try:
+                response, _ = await call(proc.url + "/health")
+                if response.code == 200:
+                    break
+            except Exception:
+                await sleep(0.05)
+    return proc

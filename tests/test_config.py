@@ -46,7 +46,9 @@ class DefaultsTests(TestCase):
         s = parse_config(
             {**BASE, "GRAFANA_CLOUD_PROMETHEUS_URL": "https://h.example:8443/base/"}
         ).signals["prometheus"]
-        self.assertEqual((s.scheme, s.host, s.port, s.base_path), ("https", "h.example", 8443, "/base"))
+        self.assertEqual(
+            (s.scheme, s.host, s.port, s.base_path), ("https", "h.example", 8443, "/base")
+        )
 
     def test_all_signals(self) -> None:
         env = {"GRAFANA_CLOUD_ACCESS_TOKEN": TOKEN}
@@ -75,7 +77,11 @@ class DefaultsTests(TestCase):
 
     def test_insecure_allowed_when_asked(self) -> None:
         c = parse_config(
-            {**BASE, "GRAFANA_CLOUD_PROMETHEUS_URL": "http://prom.internal", "ALLOW_INSECURE_UPSTREAM": "true"}
+            {
+                **BASE,
+                "GRAFANA_CLOUD_PROMETHEUS_URL": "http://prom.internal",
+                "ALLOW_INSECURE_UPSTREAM": "true",
+            }
         )
         self.assertEqual(c.signals["prometheus"].port, 80)
 
@@ -92,7 +98,13 @@ class ErrorTests(TestCase):
         }
         lines = problems(env)
         self.assertEqual(len(lines), 5, lines)
-        for name in ("PORT", "GRAFANA_CLOUD_LOKI_ORG_ID", "GRAFANA_CLOUD_TEMPO_URL", "UPSTREAM_TIMEOUT_SECONDS", "LOG_FORMAT"):
+        for name in (
+            "PORT",
+            "GRAFANA_CLOUD_LOKI_ORG_ID",
+            "GRAFANA_CLOUD_TEMPO_URL",
+            "UPSTREAM_TIMEOUT_SECONDS",
+            "LOG_FORMAT",
+        ):
             self.assertTrue(any(line.startswith(name + ":") for line in lines), (name, lines))
         self.assertFalse(any(TOKEN in line for line in lines))
 
@@ -114,7 +126,9 @@ class ErrorTests(TestCase):
         self.assertNotIn("abc def", line)
 
     def test_plain_http_refused(self) -> None:
-        (line,) = problems({**BASE, "GRAFANA_CLOUD_PROMETHEUS_URL": "http://prometheus.grafana.net"})
+        (line,) = problems(
+            {**BASE, "GRAFANA_CLOUD_PROMETHEUS_URL": "http://prometheus.grafana.net"}
+        )
         self.assertTrue(line.startswith("GRAFANA_CLOUD_PROMETHEUS_URL:"))
         self.assertIn("https", line)
 
@@ -143,7 +157,12 @@ class ErrorTests(TestCase):
         self.assertEqual(parse_config({**BASE, "PORT": "1"}).port, 1)
 
     def test_numbers(self) -> None:
-        for name in ("UPSTREAM_CONNECT_TIMEOUT_SECONDS", "UPSTREAM_TIMEOUT_SECONDS", "CLIENT_HEADER_TIMEOUT_SECONDS", "CLIENT_IDLE_TIMEOUT_SECONDS"):
+        for name in (
+            "UPSTREAM_CONNECT_TIMEOUT_SECONDS",
+            "UPSTREAM_TIMEOUT_SECONDS",
+            "CLIENT_HEADER_TIMEOUT_SECONDS",
+            "CLIENT_IDLE_TIMEOUT_SECONDS",
+        ):
             for bad in ("0", "-1", "nan", "inf", "x"):
                 (line,) = problems({**BASE, name: bad})
                 self.assertTrue(line.startswith(name + ":"), line)

@@ -11,13 +11,23 @@ def fwd(pairs: list[tuple[bytes, bytes]]) -> Headers:
     for name, value in pairs:
         h.addRawHeader(name, value)
     return forward_request_headers(
-        h, host=b"up.example", authorization=b"Basic b3JnOnRvaw==", tenant=b"t1", client_address=b"10.1.2.3"
+        h,
+        host=b"up.example",
+        authorization=b"Basic b3JnOnRvaw==",
+        tenant=b"t1",
+        client_address=b"10.1.2.3",
     )
 
 
 class RequestHeaderTests(TestCase):
     def test_credentials_injected_and_client_ones_dropped(self) -> None:
-        out = fwd([(b"Authorization", b"Bearer client"), (b"X-Scope-OrgID", b"evil"), (b"x-scope-orgid", b"evil2")])
+        out = fwd(
+            [
+                (b"Authorization", b"Bearer client"),
+                (b"X-Scope-OrgID", b"evil"),
+                (b"x-scope-orgid", b"evil2"),
+            ]
+        )
         self.assertEqual(out.getRawHeaders(b"authorization"), [b"Basic b3JnOnRvaw=="])
         self.assertEqual(out.getRawHeaders(b"x-scope-orgid"), [b"t1"])
 
@@ -32,8 +42,16 @@ class RequestHeaderTests(TestCase):
 
     def test_hop_by_hop_dropped(self) -> None:
         names = [
-            b"Connection", b"Keep-Alive", b"Proxy-Authorization", b"Proxy-Connection",
-            b"TE", b"Trailer", b"Transfer-Encoding", b"Upgrade", b"Expect", b"Content-Length",
+            b"Connection",
+            b"Keep-Alive",
+            b"Proxy-Authorization",
+            b"Proxy-Connection",
+            b"TE",
+            b"Trailer",
+            b"Transfer-Encoding",
+            b"Upgrade",
+            b"Expect",
+            b"Content-Length",
         ]
         out = fwd([(n, b"x") for n in names] + [(b"Accept", b"*/*")])
         for n in names:
@@ -41,7 +59,14 @@ class RequestHeaderTests(TestCase):
         self.assertEqual(out.getRawHeaders(b"accept"), [b"*/*"])
 
     def test_connection_listed_dropped(self) -> None:
-        out = fwd([(b"Connection", b"keep-alive, X-Secret , x-other"), (b"X-Secret", b"1"), (b"X-Other", b"2"), (b"X-Kept", b"3")])
+        out = fwd(
+            [
+                (b"Connection", b"keep-alive, X-Secret , x-other"),
+                (b"X-Secret", b"1"),
+                (b"X-Other", b"2"),
+                (b"X-Kept", b"3"),
+            ]
+        )
         self.assertFalse(out.hasHeader(b"x-secret"))
         self.assertFalse(out.hasHeader(b"x-other"))
         self.assertEqual(out.getRawHeaders(b"x-kept"), [b"3"])

@@ -9,7 +9,6 @@ saw nothing, and that a normal request still works afterwards.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import attrs
 from twisted.internet import reactor
@@ -225,8 +224,7 @@ class HostileInputTests(TestCase):
     async def test_two_content_lengths_in_one_header(self) -> None:
         self.start()
         await self.refused(
-            b"POST /loki/api/v1/push HTTP/1.1\r\nHost: proxy\r\n"
-            b"Content-Length: 5, 45\r\n\r\nhello",
+            b"POST /loki/api/v1/push HTTP/1.1\r\nHost: proxy\r\nContent-Length: 5, 45\r\n\r\nhello",
             400,
             must_close=True,
         )
@@ -479,9 +477,7 @@ class HostileInputTests(TestCase):
             client.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece))
         if not client.closed.called:
             client.transport.write(b"0\r\n\r\n")
-        await until(
-            lambda: client.closed.called or response_complete(bytes(client.data)), 3.0
-        )
+        await until(lambda: client.closed.called or response_complete(bytes(client.data)), 3.0)
         data = bytes(client.data)
         if data:
             self.assertEqual(status_of(data), 413, data[:500])
@@ -584,6 +580,3 @@ class HostileInputTests(TestCase):
         self.assertTrue(await until(lambda: client.closed.called, 3.0))
         self.assertEqual(status_of(bytes(client.data)), 200, bytes(client.data)[:500])
         self.assertEqual(len(self.recorder.seen), 2)
-
-
-__all__: list[Any] = []

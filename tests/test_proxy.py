@@ -31,7 +31,9 @@ from .helpers import (
 class _Base(TestCase):
     timeout = 60
 
-    def start(self, recorder: Recorder | None = None, **extra: str) -> tuple[ProxyFixture, Recorder]:
+    def start(
+        self, recorder: Recorder | None = None, **extra: str
+    ) -> tuple[ProxyFixture, Recorder]:
         recorder = recorder or Recorder()
         port = listen(upstream_site(recorder))
         self.addCleanup(port.stopListening)
@@ -45,8 +47,16 @@ class RouteTests(_Base):
         proxy, up = self.start()
         cases = [
             ("/api/prom/push", b"/api/prom/push", "prometheus"),
-            ("/prometheus/api/v1/query?query=up&time=1", b"/api/prom/api/v1/query?query=up&time=1", "prometheus"),
-            ("/loki/api/v1/query_range?query=%7Bjob%3D%22x%22%7D", b"/loki/api/v1/query_range?query=%7Bjob%3D%22x%22%7D", "loki"),
+            (
+                "/prometheus/api/v1/query?query=up&time=1",
+                b"/api/prom/api/v1/query?query=up&time=1",
+                "prometheus",
+            ),
+            (
+                "/loki/api/v1/query_range?query=%7Bjob%3D%22x%22%7D",
+                b"/loki/api/v1/query_range?query=%7Bjob%3D%22x%22%7D",
+                "loki",
+            ),
             ("/tempo/api/search?tags=a%3Db", b"/tempo/api/search?tags=a%3Db", "tempo"),
             ("/otlp/v1/traces", b"/otlp/v1/traces", "otlp"),
         ]
@@ -124,7 +134,12 @@ class ResponseTests(_Base):
     async def test_status_headers_body_unchanged(self) -> None:
         proxy, up = self.start()
         up.status = 429
-        up.headers = [(b"Retry-After", b"17"), (b"X-Custom", b"a"), (b"X-Custom", b"b"), (b"Content-Type", b"text/plain")]
+        up.headers = [
+            (b"Retry-After", b"17"),
+            (b"X-Custom", b"a"),
+            (b"X-Custom", b"b"),
+            (b"Content-Type", b"text/plain"),
+        ]
         up.body = b"slow down"
         response, body = await call(proxy.url + "/prometheus/api/v1/query")
         self.assertEqual(response.code, 429)
@@ -144,7 +159,8 @@ class ResponseTests(_Base):
     async def test_content_length_kept(self) -> None:
         proxy, up = self.start()
         raw = await raw_request(
-            proxy.port.getHost().port, b"GET /loki/x HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
+            proxy.port.getHost().port,
+            b"GET /loki/x HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
         )
         head = raw.split(b"\r\n\r\n")[0].lower()
         self.assertIn(b"content-length: 20", head)
@@ -156,13 +172,17 @@ class ResponseTests(_Base):
         for status in (204, 304):
             up.status = status
             up.body = b""
-            raw = await raw_request(port, b"GET /loki/x HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+            raw = await raw_request(
+                port, b"GET /loki/x HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
+            )
             self.assertEqual(status_of(raw), status)
             self.assertTrue(raw.endswith(b"\r\n\r\n"), raw)
             self.assertNotIn(b"transfer-encoding", raw.lower())
         up.status = 200
         up.body = b"0123456789"
-        raw = await raw_request(port, b"HEAD /loki/x HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+        raw = await raw_request(
+            port, b"HEAD /loki/x HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
+        )
         self.assertEqual(status_of(raw), 200)
         self.assertTrue(raw.endswith(b"\r\n\r\n"), raw)
 
@@ -173,7 +193,9 @@ class ResponseTests(_Base):
         up.body = b""
         response, _ = await call(proxy.url + "/tempo/api/traces/abc")
         self.assertEqual(response.code, 302)
-        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"http://127.0.0.1:1/elsewhere"])
+        self.assertEqual(
+            response.headers.getRawHeaders(b"location"), [b"http://127.0.0.1:1/elsewhere"]
+        )
         self.assertEqual(len(up.seen), 1)
 
     async def test_gzip_untouched_and_no_accept_encoding_added(self) -> None:
@@ -199,7 +221,9 @@ class ResponseTests(_Base):
         proxy, up = self.start()
         up.headers = [(b"Set-Cookie", b"session=client-a-secret; Path=/")]
         response, _ = await call(proxy.url + "/loki/a")
-        self.assertEqual(response.headers.getRawHeaders(b"set-cookie"), [b"session=client-a-secret; Path=/"])
+        self.assertEqual(
+            response.headers.getRawHeaders(b"set-cookie"), [b"session=client-a-secret; Path=/"]
+        )
         up.headers = []
         await call(proxy.url + "/loki/b")
         self.assertIsNone(up.seen[-1].header(b"cookie"))
@@ -244,7 +268,10 @@ class RequestBodyTests(_Base):
         self.assertEqual(up.seen, [])
         response, _ = await call(proxy.url + "/api/prom/push", method=b"POST", body=b"x" * 1000)
         self.assertEqual(response.code, 200)
-        self.assertEqual(proxy.sample("proxy_upstream_errors_total", upstream="prometheus", reason="body_limit"), 1)
+        self.assertEqual(
+            proxy.sample("proxy_upstream_errors_total", upstream="prometheus", reason="body_limit"),
+            1,
+        )
 
 
 class _Silent(protocol.Protocol):
@@ -283,10 +310,14 @@ class FailureTests(_Base):
         err = json.loads(body)
         self.assertEqual(err["upstream"], "loki")
         self.assertNotIn(TOKEN, body.decode())
-        self.assertEqual(proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="connect"), 1)
+        self.assertEqual(
+            proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="connect"), 1
+        )
 
     async def test_dns_failure_502(self) -> None:
-        proxy = ProxyFixture(env_for("http://no-such-host.invalid:80", ALLOW_INSECURE_UPSTREAM="true"))
+        proxy = ProxyFixture(
+            env_for("http://no-such-host.invalid:80", ALLOW_INSECURE_UPSTREAM="true")
+        )
         self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
         response, _ = await call(proxy.url + "/loki/api/v1/labels")
         self.assertEqual(response.code, 502)
@@ -296,14 +327,18 @@ class FailureTests(_Base):
         factory.lost = []  # type: ignore[attr-defined]
         port = listen(factory)
         self.addCleanup(port.stopListening)
-        proxy = ProxyFixture(env_for(f"http://127.0.0.1:{port.getHost().port}", UPSTREAM_TIMEOUT_SECONDS="0.5"))
+        proxy = ProxyFixture(
+            env_for(f"http://127.0.0.1:{port.getHost().port}", UPSTREAM_TIMEOUT_SECONDS="0.5")
+        )
         self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
         started = reactor.seconds()
         response, _ = await call(proxy.url + "/tempo/api/search")
         elapsed = reactor.seconds() - started
         self.assertEqual(response.code, 504)
         self.assertGreaterEqual(elapsed, 0.45)
-        self.assertEqual(proxy.sample("proxy_upstream_errors_total", upstream="tempo", reason="timeout"), 1)
+        self.assertEqual(
+            proxy.sample("proxy_upstream_errors_total", upstream="tempo", reason="timeout"), 1
+        )
 
     async def test_connect_timeout_504(self) -> None:
         # A listener whose accept queue is full: the kernel drops further SYNs,
@@ -320,7 +355,9 @@ class FailureTests(_Base):
             fillers.append(c)
         self.addCleanup(lambda: [c.close() for c in fillers])
         proxy = ProxyFixture(
-            env_for(f"http://127.0.0.1:{s.getsockname()[1]}", UPSTREAM_CONNECT_TIMEOUT_SECONDS="0.5")
+            env_for(
+                f"http://127.0.0.1:{s.getsockname()[1]}", UPSTREAM_CONNECT_TIMEOUT_SECONDS="0.5"
+            )
         )
         self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
         response, _ = await call(proxy.url + "/otlp/v1/traces", method=b"POST", body=b"{}")
@@ -339,27 +376,38 @@ class FailureTests(_Base):
         )
 
     async def test_cut_body_with_length_aborts_client(self) -> None:
-        raw = await self._cut(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", b"x" * 100, close=True)
+        raw = await self._cut(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", b"x" * 100, close=True
+        )
         # Aborted (RST): what was already sent may or may not arrive, but
         # never the 1000 bytes promised.
         self.assertLessEqual(len(raw.partition(b"\r\n\r\n")[2]), 100)
-        self.assertEqual(self.proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="reset"), 1)
+        self.assertEqual(
+            self.proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="reset"), 1
+        )
 
     async def test_cut_chunked_body_never_looks_complete(self) -> None:
         raw = await self._cut(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"5\r\nhello\r\n", close=True
         )
         self.assertFalse(raw.endswith(b"0\r\n\r\n"), raw)
-        self.assertEqual(self.proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="reset"), 1)
+        self.assertEqual(
+            self.proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="reset"), 1
+        )
 
     async def test_stalled_body_aborts_client(self) -> None:
         started = reactor.seconds()
         raw = await self._cut(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", b"x" * 10, close=False, UPSTREAM_TIMEOUT_SECONDS="0.5"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+            b"x" * 10,
+            close=False,
+            UPSTREAM_TIMEOUT_SECONDS="0.5",
         )
         self.assertLess(reactor.seconds() - started, 5)
         self.assertEqual(len(raw.split(b"\r\n\r\n", 1)[1]), 10)
-        self.assertEqual(self.proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="timeout"), 1)
+        self.assertEqual(
+            self.proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="timeout"), 1
+        )
 
     async def test_client_abort_cancels_upstream(self) -> None:
         factory = protocol.Factory.forProtocol(_Silent)
@@ -382,9 +430,15 @@ class FailureTests(_Base):
         self.assertLess(factory.lost[0] - gone, 1.0)  # type: ignore[attr-defined]
         await sleep(0.05)
         self.assertEqual(
-            proxy.sample("proxy_upstream_errors_total", upstream="prometheus", reason="client_abort"), 1
+            proxy.sample(
+                "proxy_upstream_errors_total", upstream="prometheus", reason="client_abort"
+            ),
+            1,
         )
-        self.assertEqual(proxy.sample("proxy_requests_total", upstream="prometheus", method="GET", status="499"), 1)
+        self.assertEqual(
+            proxy.sample("proxy_requests_total", upstream="prometheus", method="GET", status="499"),
+            1,
+        )
 
 
 class _Slow(Recorder):
@@ -416,9 +470,10 @@ class ConcurrencyTests(_Base):
         from twisted.internet.defer import gatherResults
 
         results = await gatherResults(
-            [Deferred.fromCoroutine(call(proxy.url + f"/loki/api/v1/query?i={i}")) for i in range(200)]
+            [
+                Deferred.fromCoroutine(call(proxy.url + f"/loki/api/v1/query?i={i}"))
+                for i in range(200)
+            ]
         )
         self.assertEqual([body for _, body in results], [b"done"] * 200)
         self.assertEqual(slow.peak, 200)
-
-

@@ -14,13 +14,23 @@ def target(raw: bytes, base: bytes = b"") -> bytes | None:
 class RouteTests(TestCase):
     def test_table(self) -> None:
         self.assertEqual(target(b"/api/prom/push"), b"/api/prom/push")
-        self.assertEqual(target(b"/prometheus/api/v1/query?query=up"), b"/api/prom/api/v1/query?query=up")
+        self.assertEqual(
+            target(b"/prometheus/api/v1/query?query=up"), b"/api/prom/api/v1/query?query=up"
+        )
         self.assertEqual(target(b"/loki/api/v1/push"), b"/loki/api/v1/push")
         self.assertEqual(target(b"/tempo/api/search"), b"/tempo/api/search")
         self.assertEqual(target(b"/otlp/v1/traces"), b"/otlp/v1/traces")
 
     def test_whole_segments(self) -> None:
-        for raw in (b"/lokix", b"/prometheusx/a", b"/api/promx", b"/api", b"/", b"/otl", b"//loki/x"):
+        for raw in (
+            b"/lokix",
+            b"/prometheusx/a",
+            b"/api/promx",
+            b"/api",
+            b"/",
+            b"/otl",
+            b"//loki/x",
+        ):
             self.assertIsNone(target(raw), raw)
         self.assertEqual(target(b"/loki"), b"/loki")
         self.assertEqual(target(b"/prometheus"), b"/api/prom")

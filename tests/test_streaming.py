@@ -1,0 +1,256 @@
+"""Bodies stream both ways with backpressure: first bytes pass before the last
+are sent, and 512 MiB each way through a real ``twistd`` process keeps its
+peak RSS well under 64 MiB above idle."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import protocol, reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPullProducer
+from twisted.trial.unittest import SkipTest, TestCase
+from zope.interface import implementer
+
+from .helpers import ProxyFixture, call, env_for, listen, raw_connect, sleep, spawn_proxy
+
+CHUNK = 256 * 1024
+MiB = 1024 * 1024
+
+
+@implementer(IPullProducer)
+class _Pump:
+    """Writes ``total`` bytes to a transport, a chunk each time it asks."""
+
+    def __init__(self, transport: Any, total: int, done: Deferred[None] | None = None) -> None:
+        self.transport = transport
+        self.left = total
+        self.done = done
+        self.block = b"x" * CHUNK
+
+    def resumeProducing(self) -> None:
+        n = min(CHUNK, self.left)
+        self.left -= n
+        self.transport.write(self.block if n == CHUNK else self.block[:n])
+        if self.left == 0:
+            self.transport.unregisterProducer()
+            if self.done is not None:
+                self.done.callback(None)
+
+    def stopProducing(self) -> None:
+        self.left = 0
+
+
+class _Head:
+    """Splits an HTTP message head from what follows it."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.head: bytes | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        if self.head is not None:
+            return data
+        self.buf += data
+        if b"\r\n\r\n" not in self.buf:
+            return b""
+        self.head, _, rest = self.buf.partition(b"\r\n\r\n")
+        self.buf = b""
+        return rest
+
+    def length(self) -> int:
+        assert self.head is not None
+        for line in self.head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                return int(value)
+        raise AssertionError(f"no Content-Length in {self.head!r}")
+
+
+class SinkUpstream(protocol.Protocol):
+    """Reads a Content-Length body to the end (counting), then answers 200."""
+
+    def connectionMade(self) -> None:
+        self.h = _Head()
+        self.got = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        data = self.h.feed(data)
+        if self.h.head is None:
+            return
+        self.got += len(data)
+        f = self.factory
+        if self.got and not f.first.called:  # type: ignore[attr-defined]
+            f.first.callback(self.got)  # type: ignore[attr-defined]
+        if self.got >= self.h.length():
+            body = b"%d" % self.got
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+
+class SourceUpstream(protocol.Protocol):
+    """Answers with ``total`` body bytes; optionally waits on ``gate`` after the first chunk."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if getattr(self, "started", False) or b"\r\n\r\n" not in data:
+            return
+        self.started = True
+        f = self.factory
+        total = f.total  # type: ignore[attr-defined]
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        gate = getattr(f, "gate", None)
+        if gate is None:
+            self.transport.registerProducer(_Pump(self.transport, total), False)
+            return
+        self.transport.write(b"y" * CHUNK)
+        gate.addCallback(
+            lambda _: self.transport.registerProducer(_Pump(self.transport, total - CHUNK), False)
+        )
+
+
+class Downloader(protocol.Protocol):
+    """Counts response body bytes; fires ``first`` at the first body byte."""
+
+    def __init__(self) -> None:
+        self.h = _Head()
+        self.got = 0
+        self.first: Deferred[None] = Deferred()
+        self.closed: Deferred[None] = Deferred()
+        self.expected = -1
+
+    def dataReceived(self, data: bytes) -> None:
+        data = self.h.feed(data)
+        if self.h.head is None:
+            return
+        if self.expected < 0:
+            self.expected = self.h.length()
+        self.got += len(data)
+        if self.got and not self.first.called:
+            self.first.callback(None)
+        if self.got >= self.expected:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(None)
+
+
+class FirstByteTests(TestCase):
+    timeout = 60
+
+    async def test_upstream_gets_first_bytes_before_client_finishes(self) -> None:
+        factory = protocol.Factory.forProtocol(SinkUpstream)
+        factory.first = Deferred()  # type: ignore[attr-defined]
+        port = listen(factory)
+        self.addCleanup(port.stopListening)
+        proxy = ProxyFixture(env_for(f"http://127.0.0.1:{port.getHost().port}"))
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        client = await raw_connect(proxy.port.getHost().port)
+        total = 4 * MiB
+        client.transport.write(
+            b"POST /api/prom/push HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n" % total
+        )
+        client.transport.write(b"x" * 65536)
+        got = await factory.first  # type: ignore[attr-defined]
+        self.assertGreater(got, 0)
+        self.assertEqual(client.data, b"")  # the client has not finished, no answer yet
+        client.transport.write(b"x" * (total - 65536))
+        for _ in range(500):
+            if b"\r\n\r\n" in client.data:
+                break
+            await sleep(0.01)
+        self.assertTrue(client.data.startswith(b"HTTP/1.1 200"), client.data[:100])
+        self.assertTrue(client.data.endswith(b"%d" % total))
+        client.transport.loseConnection()
+
+    async def test_client_gets_first_bytes_before_upstream_finishes(self) -> None:
+        factory = protocol.Factory.forProtocol(SourceUpstream)
+        factory.total = 4 * MiB  # type: ignore[attr-defined]
+        factory.gate = Deferred()  # type: ignore[attr-defined]
+        port = listen(factory)
+        self.addCleanup(port.stopListening)
+        proxy = ProxyFixture(env_for(f"http://127.0.0.1:{port.getHost().port}"))
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        client = Downloader()
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port), client
+        )
+        client.transport.write(b"GET /loki/api/v1/query_range HTTP/1.1\r\nHost: p\r\n\r\n")
+        await client.first  # would time out if the proxy waited for the whole body
+        factory.gate.callback(None)  # type: ignore[attr-defined]
+        await client.closed
+        self.assertEqual(client.got, 4 * MiB)
+
+
+class BigBodyTests(TestCase):
+    """512 MiB each way through a real twistd process; its peak RSS is read
+    from /proc. Set LGMT_STREAM_MIB to change the size."""
+
+    timeout = 300
+
+    async def _proxy(self, factory: protocol.Factory) -> Any:
+        if not os.path.exists("/proc/self/status"):
+            raise SkipTest("needs /proc to read the proxy's RSS")
+        port = listen(factory)
+        self.addCleanup(port.stopListening)
+        env = env_for(
+            f"http://127.0.0.1:{port.getHost().port}",
+            MAX_REQUEST_BODY_BYTES="0",
+            SHUTDOWN_DELAY_SECONDS="0",
+        )
+        proc = await spawn_proxy(env)
+        self.addCleanup(lambda: proc.ended)
+        self.addCleanup(proc.signal, "TERM")
+        # warm up: one proxied request, so pools and imports are in the baseline
+        await call(proc.url + "/health")
+        await sleep(0.2)
+        return proc
+
+    async def test_upload_512mib(self) -> None:
+        total = int(os.environ.get("LGMT_STREAM_MIB", "512")) * MiB
+        factory = protocol.Factory.forProtocol(SinkUpstream)
+        factory.first = Deferred()  # type: ignore[attr-defined]
+        proc = await self._proxy(factory)
+        base = proc.vm("VmRSS")
+        client = await raw_connect(proc.port)
+        client.transport.write(
+            b"POST /api/prom/push HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n" % total
+        )
+        sent: Deferred[None] = Deferred()
+        client.transport.registerProducer(_Pump(client.transport, total, sent), False)
+        await sent
+        for _ in range(3000):
+            if client.data.endswith(b"%d" % total):
+                break
+            await sleep(0.01)
+        self.assertTrue(client.data.endswith(b"\r\n\r\n%d" % total), client.data[-200:])
+        peak = proc.vm("VmHWM")
+        grew = (peak - base) / MiB
+        print(
+            f"\nupload {total // MiB} MiB: proxy RSS idle {base / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB (+{grew:.1f})"
+        )
+        self.assertLess(grew, 64)
+        client.transport.loseConnection()
+
+    async def test_download_512mib(self) -> None:
+        total = int(os.environ.get("LGMT_STREAM_MIB", "512")) * MiB
+        factory = protocol.Factory.forProtocol(SourceUpstream)
+        factory.total = total  # type: ignore[attr-defined]
+        proc = await self._proxy(factory)
+        base = proc.vm("VmRSS")
+        client = Downloader()
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proc.port), client)
+        client.transport.write(b"GET /loki/api/v1/query_range HTTP/1.1\r\nHost: p\r\n\r\n")
+        await client.closed
+        self.assertEqual(client.got, total)
+        peak = proc.vm("VmHWM")
+        grew = (peak - base) / MiB
+        print(
+            f"\ndownload {total // MiB} MiB: proxy RSS idle {base / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB (+{grew:.1f})"
+        )
+        self.assertLess(grew, 64)

@@ -1,0 +1,124 @@
+"""Upstream TLS: verified against the system roots plus UPSTREAM_CA_FILE."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from lgmt_proxy.upstream import load_pem_bundle, trust_root
+
+from .helpers import ORG, ProxyFixture, Recorder, basic, call, env_for, upstream_site
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def make_ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def make_leaf(
+    ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, host: str
+) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(host))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+class TLSTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.ca_key, self.ca = make_ca("lgmt-proxy test CA")
+        key_pem, cert_pem = make_leaf(self.ca_key, self.ca, "localhost")
+        server = ssl.PrivateCertificate.loadPEM(key_pem + cert_pem)
+        self.recorder = Recorder()
+        self.port = reactor.listenSSL(  # type: ignore[attr-defined]
+            0, upstream_site(self.recorder), server.options(), interface="127.0.0.1"
+        )
+        self.addCleanup(self.port.stopListening)
+        self.env = env_for(f"https://localhost:{self.port.getHost().port}")
+
+    def proxy(self, trust: object = None) -> ProxyFixture:
+        fixture = ProxyFixture(self.env, trust=trust)
+        self.addCleanup(lambda: Deferred.fromCoroutine(fixture.close()))
+        return fixture
+
+    async def test_unknown_ca_refused_502(self) -> None:
+        proxy = self.proxy()
+        response, body = await call(proxy.url + "/loki/api/v1/labels")
+        self.assertEqual(response.code, 502)
+        self.assertEqual(json.loads(body)["upstream"], "loki")
+        self.assertEqual(self.recorder.seen, [])
+        self.assertEqual(
+            proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="tls"), 1
+        )
+
+    async def test_ca_file_trusted_every_certificate(self) -> None:
+        _, other = make_ca("some other CA")
+        bundle = pem(other) + pem(self.ca)  # ours is second: every certificate counts
+        self.assertEqual(len(load_pem_bundle(bundle)), 2)
+        proxy = self.proxy(trust_root(bundle))
+        response, _ = await call(proxy.url + "/loki/api/v1/labels")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.recorder.seen[-1].header(b"authorization"), [basic(ORG["loki"])])
+
+    async def test_hostname_checked(self) -> None:
+        key_pem, cert_pem = make_leaf(self.ca_key, self.ca, "not-localhost.example")
+        server = ssl.PrivateCertificate.loadPEM(key_pem + cert_pem)
+        port = reactor.listenSSL(  # type: ignore[attr-defined]
+            0, upstream_site(self.recorder), server.options(), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        self.env = env_for(f"https://localhost:{port.getHost().port}")
+        proxy = self.proxy(trust_root(pem(self.ca)))
+        response, _ = await call(proxy.url + "/loki/api/v1/labels")
+        self.assertEqual(response.code, 502)
+        self.assertEqual(self.recorder.seen, [])
+
+    def test_bundle_without_certificates(self) -> None:
+        self.assertRaises(ValueError, load_pem_bundle, b"not a pem")
