@@ -157,7 +157,7 @@ class ResponseTests(_Base):
             self.assertEqual((response.code, body), (status, up.body))
 
     async def test_content_length_kept(self) -> None:
-        proxy, up = self.start()
+        proxy, _ = self.start()
         raw = await raw_request(
             proxy.port.getHost().port,
             b"GET /loki/x HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
