@@ -95,11 +95,13 @@ class ProxyService(MultiService):
         trust: IOpenSSLTrustRoot | None = None,
         stdout: IO[str] = sys.stdout,
         sandbox: bool = False,
+        handle_sigterm: bool = True,
     ) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.sandbox = sandbox
+        self._handle_sigterm = handle_sigterm
         self.registry = CollectorRegistry()
         self.readiness = Readiness()
         self.log_observer, self._sink = make_observer(
@@ -142,7 +144,8 @@ class ProxyService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self.reactor.callWhenRunning(self._install_sigterm)
+        if self._handle_sigterm:
+            self.reactor.callWhenRunning(self._install_sigterm)
         self._announce()
 
     def _announce(self) -> None:

@@ -1,0 +1,120 @@
+"""GRAFANA_CLOUD_ACCESS_TOKEN_FILE: read at start, re-read when it changes."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from lgmt_proxy.config import ConfigError
+from lgmt_proxy.tap import load
+from lgmt_proxy.tokens import TokenSource, read_token_file
+
+from .helpers import ORG, ProxyFixture, Recorder, basic, call, env_for, listen, upstream_site
+
+
+class TokenFileTests(TestCase):
+    def write(self, name: str, text: str) -> str:
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+
+    def test_read_strips_newline(self) -> None:
+        token, problem = read_token_file(self.write("t", "abc123\n"))
+        assert token is not None
+        self.assertEqual((token.reveal(), problem), ("abc123", None))
+
+    def test_problems_never_show_content(self) -> None:
+        token, problem = read_token_file(self.write("t", "two words-secret\n"))
+        assert problem is not None
+        self.assertIsNone(token)
+        self.assertNotIn("words-secret", problem)
+        _, problem = read_token_file(os.path.join(self.dir, "missing"))
+        assert problem is not None
+        self.assertTrue(problem.startswith("GRAFANA_CLOUD_ACCESS_TOKEN_FILE:"))
+
+    def test_load_reads_the_file(self) -> None:
+        env = env_for("https://x.grafana.net")
+        del env["GRAFANA_CLOUD_ACCESS_TOKEN"]
+        env["GRAFANA_CLOUD_ACCESS_TOKEN_FILE"] = self.write("t", "file-token\n")
+        config, token = load(env)
+        self.assertEqual(token.reveal(), "file-token")
+        env["GRAFANA_CLOUD_ACCESS_TOKEN_FILE"] = self.write("e", "\n")
+        self.assertRaises(ConfigError, load, env)
+
+    def test_kubernetes_symlink_swap(self) -> None:
+        # Kubernetes: token -> ..data/token, ..data -> ..2024_x; an update
+        # writes a new dir and swaps the ..data link atomically.
+        v1 = os.path.join(self.dir, "v1")
+        v2 = os.path.join(self.dir, "v2")
+        os.makedirs(v1)
+        os.makedirs(v2)
+        self.write("v1/token", "old-token")
+        self.write("v2/token", "new-token")
+        os.symlink("v1", os.path.join(self.dir, "..data"))
+        os.symlink("..data/token", os.path.join(self.dir, "token"))
+        path = os.path.join(self.dir, "token")
+        registry = CollectorRegistry()
+        token, _ = read_token_file(path)
+        assert token is not None
+        source = TokenSource(token, path, registry=registry)
+        source.poll()
+        self.assertEqual(source().reveal(), "old-token")
+        tmp = os.path.join(self.dir, "..data_tmp")
+        os.symlink("v2", tmp)
+        os.replace(tmp, os.path.join(self.dir, "..data"))
+        source.poll()
+        self.assertEqual(source().reveal(), "new-token")
+        self.assertEqual(
+            registry.get_sample_value(
+                "proxy_config_reloads_total", {"file": "token", "result": "success"}
+            ),
+            1,
+        )
+        # a bad new file keeps the old token
+        self.write("v2/token", "")
+        os.utime(os.path.join(self.dir, "v2/token"), ns=(1, 1))
+        source.poll()
+        self.assertEqual(source().reveal(), "new-token")
+        self.assertEqual(
+            registry.get_sample_value(
+                "proxy_config_reloads_total", {"file": "token", "result": "error"}
+            ),
+            1,
+        )
+
+
+class RotationThroughProxyTests(TestCase):
+    async def test_new_requests_use_new_token(self) -> None:
+        d = self.mktemp()
+        os.makedirs(d)
+        path = os.path.join(d, "token")
+        with open(path, "w") as f:
+            f.write("first-token")
+        up = Recorder()
+        port = listen(upstream_site(up))
+        self.addCleanup(port.stopListening)
+        proxy = ProxyFixture(env_for(f"http://127.0.0.1:{port.getHost().port}"))
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        token, _ = read_token_file(path)
+        assert token is not None
+        source = TokenSource(token, path)
+        for upstream in proxy.upstreams.values():
+            upstream.token = source
+        await call(proxy.url + "/tempo/api/search")
+        self.assertEqual(up.seen[-1].header(b"authorization"), [basic(ORG["tempo"], "first-token")])
+        with open(path + ".new", "w") as f:
+            f.write("second-token\n")
+        os.replace(path + ".new", path)
+        source.poll()
+        await call(proxy.url + "/tempo/api/search")
+        self.assertEqual(
+            up.seen[-1].header(b"authorization"), [basic(ORG["tempo"], "second-token")]
+        )
