@@ -154,7 +154,7 @@ class ServiceTests(TestCase):
         return svc, out, f"http://127.0.0.1:{listen_port}"
 
     async def test_access_log_json_without_secrets(self) -> None:
-        svc, out, url = self.service(Recorder())
+        _svc, out, url = self.service(Recorder())
         await call(
             url + "/loki/api/v1/query?query=x",
             headers={

@@ -44,7 +44,7 @@ class TokenFileTests(TestCase):
         env = env_for("https://x.grafana.net")
         del env["GRAFANA_CLOUD_ACCESS_TOKEN"]
         env["GRAFANA_CLOUD_ACCESS_TOKEN_FILE"] = self.write("t", "file-token\n")
-        config, token = load(env)
+        _config, token = load(env)
         self.assertEqual(token.reveal(), "file-token")
         env["GRAFANA_CLOUD_ACCESS_TOKEN_FILE"] = self.write("e", "\n")
         self.assertRaises(ConfigError, load, env)
