@@ -7,6 +7,8 @@ themselves to close.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
@@ -33,5 +35,6 @@ async def drain_connections(site: ProxySite, clock: IReactorTime, grace: float) 
         await deferLater(clock, _TICK, lambda: None)
     left = list(site.connections)
     for channel in left:
-        channel.transport.abortConnection()
+        transport: Any = channel.transport
+        transport.abortConnection()
     return len(left)

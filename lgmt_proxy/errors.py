@@ -35,7 +35,7 @@ def _is_tls(exc: BaseException) -> bool:
 
 def _causes(failure: Failure) -> list[BaseException]:
     exc = failure.value
-    found: list[BaseException] = [exc]
+    found: list[BaseException] = [exc] if exc is not None else []
     reasons = getattr(exc, "reasons", None)
     if reasons:
         for reason in reasons:

@@ -13,7 +13,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -49,6 +49,10 @@ def _raw_response(status: int, message: str, upstream: str = "none") -> bytes:
         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
         % (status, _REASONS.get(status, b"Error"), len(body), body)
     )
+
+
+def _ignore(*args: object) -> None:
+    """Input after a refusal is dropped unread."""
 
 
 class _DiscardContent:
@@ -218,7 +222,8 @@ class ProxyRequest(server.Request):
 
     def abort_client(self) -> None:
         if not self._disconnected and self.channel is not None:
-            self.channel.transport.abortConnection()
+            transport: Any = self.channel.transport
+            transport.abortConnection()
 
     def finish(self) -> None:
         super().finish()
@@ -228,7 +233,7 @@ class ProxyRequest(server.Request):
         if self._observed:
             return
         self._observed = True
-        self.site.observer.finished(self, complete=self.finished or self._answered)
+        self.site.observer.finished(self, complete=bool(self.finished or self._answered))
 
 
 class ProxyChannel(http.HTTPChannel):
@@ -246,6 +251,7 @@ class ProxyChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        assert self.transport is not None
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
         if host:
@@ -301,12 +307,14 @@ class ProxyChannel(http.HTTPChannel):
     def _refuse(self, status: int, message: str) -> None:
         """Answer a request that cannot even be parsed, and hang up."""
         self._cancel_head_timer()
-        if self.transport is None or getattr(self.transport, "disconnecting", False):
+        transport = self.transport
+        if transport is None or getattr(transport, "disconnecting", False):
             return
         self.site.observer.refused(status)
-        self.transport.write(_raw_response(status, message))
+        transport.write(_raw_response(status, message))
         self.persistent = False
-        self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign]
+        self.dataReceived = _ignore  # type: ignore[method-assign,assignment]
+        self.lineReceived = _ignore  # type: ignore[method-assign,assignment]
         self.loseConnection()
 
     def _head_timed_out(self) -> None:
@@ -324,7 +332,7 @@ class ProxyChannel(http.HTTPChannel):
         # Idle keep-alive connection: close quietly (Twisted logs each one).
         self.loseConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_head_timer()
         self.site.connections.discard(self)
         super().connectionLost(reason)
@@ -339,6 +347,7 @@ class _Refuse(Protocol):
     """Answers a connection past MAX_CONNECTIONS with 503 and hangs up."""
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(_raw_response(503, "too many connections"))
         self.transport.loseConnection()
 
@@ -347,7 +356,7 @@ class ProxySite(server.Site):
     """The site: resources, limits, the clock and the observer in one place."""
 
     requestFactory = ProxyRequest
-    protocol = ProxyChannel
+    protocol = ProxyChannel  # type: ignore[assignment]
     noisy = False
 
     def __init__(

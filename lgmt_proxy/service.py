@@ -172,7 +172,7 @@ class ProxyService(MultiService):
         # twistd re-raises SIGTERM after stopping (exit status -15); stopping
         # the reactor ourselves makes a drained shutdown exit 0.
         reactor = self.reactor
-        stopping = []
+        stopping: list[int] = []
 
         def on_term(signum: int, frame: object) -> None:
             if not stopping:

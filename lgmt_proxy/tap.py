@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -72,11 +73,11 @@ def makeService(options: Options) -> IService:
     from .upstream import trust_root
 
     env: dict[str, str] = dict(os.environ)
-    sandbox_port = None
+    sandbox_port: Any = None
     if options["sandbox"]:
         from .sandbox import sandbox_env, sandbox_site
 
-        sandbox_port = reactor.listenTCP(0, sandbox_site(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        sandbox_port = reactor.listenTCP(0, sandbox_site(), interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
         env = {k: v for k, v in env.items() if not k.startswith("GRAFANA_CLOUD_")}
         env.update(sandbox_env(sandbox_port.getHost().port))
     try:
@@ -94,7 +95,7 @@ def makeService(options: Options) -> IService:
                 [f"UPSTREAM_CA_FILE: cannot use {config.upstream_ca_file}: {reason}"]
             ) from None
     try:
-        return ProxyService(
+        return ProxyService(  # type: ignore[return-value]
             config,
             reactor,
             token=token,

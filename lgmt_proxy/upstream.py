@@ -41,7 +41,7 @@ from .config import Config, Secret, SignalConfig
 MAX_PERSISTENT_PER_HOST = 128
 #: Idle upstream connections are closed after this many seconds (below the
 #: 350 s idle limit of common cloud load balancers).
-POOL_IDLE_SECONDS = 90.0
+POOL_IDLE_SECONDS = 90
 
 
 @implementer(IOpenSSLTrustRoot)
