@@ -36,6 +36,8 @@ setup(
         "service-identity>=24.1.0",
         "pyOpenSSL>=24.2.1",
         "cryptography>=43.0.0",
+        # CLIENT_AUTH_FILE is YAML (JSON is read by the same parser).
+        "PyYAML>=6.0.1",
     ],
     cmdclass={"install": InstallAndCachePlugins},
 )

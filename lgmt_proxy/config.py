@@ -80,6 +80,7 @@ class Config:
     client_header_timeout: float = 15.0
     client_idle_timeout: float = 75.0
     max_connections: int = 10000
+    client_auth_file: str | None = None
 
 
 def _is_loopback(host: str) -> bool:
@@ -246,11 +247,10 @@ def _url_problem(url: str, allow_insecure: bool) -> str | None:
     return None
 
 
-def parse_config(env: Mapping[str, str], *, token_required: bool = True) -> Config:
+def parse_config(env: Mapping[str, str]) -> Config:
     """Parse and validate the environment; raise `ConfigError` listing every problem.
 
-    The token file is only named here; the caller reads it. With
-    ``token_required=False`` (the sandbox) a missing token is not an error.
+    The token file is only named here; the caller reads it.
     """
     r = _Reader(env)
     allow_insecure = r.boolean("ALLOW_INSECURE_UPSTREAM", False)
@@ -276,20 +276,13 @@ def parse_config(env: Mapping[str, str], *, token_required: bool = True) -> Conf
         )
     elif token_file is None:
         if raw_token is None or not raw_token.strip():
-            if token_required:
-                r.problems.append(
-                    "GRAFANA_CLOUD_ACCESS_TOKEN: required (or GRAFANA_CLOUD_ACCESS_TOKEN_FILE)"
-                )
+            r.problems.append(
+                "GRAFANA_CLOUD_ACCESS_TOKEN: required (or GRAFANA_CLOUD_ACCESS_TOKEN_FILE)"
+            )
         else:
             token, problem = parse_token(raw_token, "GRAFANA_CLOUD_ACCESS_TOKEN")
             if problem:
                 r.problems.append(problem)
-
-    if r.get("CLIENT_AUTH_FILE") is not None:
-        r.problems.append(
-            "CLIENT_AUTH_FILE: client authentication is not available in this version; "
-            "unset it (refusing to start open while you expect it closed)"
-        )
 
     config = Config(
         signals=signals,
@@ -308,6 +301,7 @@ def parse_config(env: Mapping[str, str], *, token_required: bool = True) -> Conf
         client_header_timeout=r.number("CLIENT_HEADER_TIMEOUT_SECONDS", 15.0),
         client_idle_timeout=r.number("CLIENT_IDLE_TIMEOUT_SECONDS", 75.0),
         max_connections=r.integer("MAX_CONNECTIONS", 10000, low=1),
+        client_auth_file=r.get("CLIENT_AUTH_FILE"),
     )
     if r.problems:
         raise ConfigError(r.problems)

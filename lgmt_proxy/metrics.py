@@ -28,15 +28,32 @@ class ProxyMetrics:
     """All series the proxy exports. Label children are cached per value set:
     ``labels()`` per request costs more than the increment."""
 
-    def __init__(self, registry: CollectorRegistry, *, process_collectors: bool = True) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        process_collectors: bool = True,
+        consumer_label: bool = False,
+    ) -> None:
         self.registry = registry
+        self.consumer_label = consumer_label
         if process_collectors:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
+        # The consumer label exists only with client auth on: its values come
+        # from the client auth file, so they stay bounded.
         self.requests = Counter(
             "proxy_requests",
             "Requests handled, by upstream, method and status.",
-            ["upstream", "method", "status"],
+            ["upstream", "method", "status", "consumer"]
+            if consumer_label
+            else ["upstream", "method", "status"],
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "proxy_config_reloads",
+            "Reloads of watched files (token, client auth), by file and result.",
+            ["file", "result"],
             registry=registry,
         )
         self.duration = Histogram(
@@ -94,9 +111,13 @@ class ProxyMetrics:
         body_in: int,
         body_out: int,
         error: str | None,
+        consumer: str | None = None,
     ) -> None:
         c = self._child
-        c(self.requests, upstream, method, status).inc()
+        if self.consumer_label:
+            c(self.requests, upstream, method, status, consumer or "none").inc()
+        else:
+            c(self.requests, upstream, method, status).inc()
         c(self.duration, upstream, method).observe(duration)
         if body_in:
             c(self.request_bytes, upstream).inc(body_in)

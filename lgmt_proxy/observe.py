@@ -59,6 +59,7 @@ class Observer:
             request.body_in,
             request.sentLength,
             error,
+            request.consumer,
         )
         headers = request.requestHeaders
         ua = headers.getRawHeaders(b"user-agent")
@@ -77,4 +78,6 @@ class Observer:
         }
         if error is not None:
             access["error"] = error
+        if request.consumer is not None:
+            access["consumer"] = request.consumer
         self._log.info("request", access=access)

@@ -9,7 +9,8 @@ resources take the ordinary ``process``/``render`` path.
 
 from __future__ import annotations
 
-import json
+import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -24,7 +25,10 @@ from .relay import Relay
 from .routes import MAX_TARGET, Refusal, split_target
 
 if TYPE_CHECKING:
+    from .clientauth import ClientAuth
     from .observe import Observer
+
+_CHALLENGE = [(b"WWW-Authenticate", b'Bearer realm="lgmt-proxy", Basic realm="lgmt-proxy"')]
 
 #: Bytes of an unwanted request body (refused, or sent to /health) read and
 #: thrown away before the connection is closed instead.
@@ -94,7 +98,8 @@ class ProxyRequest(server.Request):
         self.body_in = 0
         self._relay: Relay | None = None
         self._resource: IResource | None = None
-        self._early: tuple[int, str] | None = None
+        self._early: tuple[int, str, list[tuple[bytes, bytes]]] | None = None
+        self.consumer: str | None = None
         self._answered = False
         self._observed = False
         self.content = None
@@ -125,6 +130,8 @@ class ProxyRequest(server.Request):
             self.upstream_name = getattr(resource, "upstream_name", "none")
             return
         self.upstream_name = route.signal
+        if self.site.client_auth is not None and not self._check_client(method, path):
+            return
         self.site.observer.started(self)
         limit = self.site.max_body
         if limit and length is not None and length > limit:
@@ -132,6 +139,31 @@ class ProxyRequest(server.Request):
             self.reject(413, "request body too large")
             return
         self._relay = Relay(self, route, resource.upstream, length)
+
+    def _check_client(self, method: bytes, path: bytes) -> bool:
+        """Client auth (only with CLIENT_AUTH_FILE): 401, 403 or 429, else True."""
+        site = self.site
+        assert site.client_auth is not None
+        consumer = site.client_auth().authenticate(
+            self.requestHeaders.getRawHeaders(b"authorization")
+        )
+        if consumer is None:
+            self.reject(401, "missing or invalid client credentials", _CHALLENGE)
+            return False
+        self.consumer = consumer.name
+        if not consumer.allows(method, path):
+            self.reject(
+                403, f"consumer {consumer.name} may not {method.decode('latin-1')} this path"
+            )
+            return False
+        wait = site.limiter.wait(consumer)
+        if wait:
+            retry = b"%d" % max(1, math.ceil(wait))
+            self.reject(
+                429, f"rate limit of consumer {consumer.name} exceeded", [(b"Retry-After", retry)]
+            )
+            return False
+        return True
 
     def handleContentChunk(self, data: bytes) -> None:
         self.body_in += len(data)
@@ -184,13 +216,17 @@ class ProxyRequest(server.Request):
 
     # -- answers -------------------------------------------------------------
 
-    def reject(self, status: int, message: str) -> None:
+    def reject(
+        self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         """Refuse this request; the answer goes out once the body is read."""
-        self._early = (status, message)
+        self._early = (status, message, headers or [])
 
     def answer_early(self) -> None:
         assert self._early is not None
-        status, message = self._early
+        status, message, headers = self._early
+        for name, value in headers:
+            self.responseHeaders.addRawHeader(name, value)
         self.respond_error(status, message, self.upstream_name)
 
     def respond_error(self, status: int, message: str, upstream: str) -> None:
@@ -370,8 +406,13 @@ class ProxySite(server.Site):
         client_header_timeout: float,
         client_idle_timeout: float,
         max_connections: int,
+        client_auth: Callable[[], ClientAuth] | None = None,
     ) -> None:
         super().__init__(resource, timeout=client_idle_timeout, reactor=clock)
+        from .clientauth import RateLimiter
+
+        self.client_auth = client_auth
+        self.limiter = RateLimiter(clock)
         self.clock = clock
         self.observer = observer
         self.upstream_timeout = upstream_timeout
@@ -399,7 +440,3 @@ class ProxySite(server.Site):
             reason=outcome.reason,
             causes=causes,
         )
-
-
-def json_body(obj: object) -> bytes:
-    return json.dumps(obj).encode() + b"\n"

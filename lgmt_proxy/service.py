@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
 from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
@@ -17,6 +18,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
+from .clientauth import ClientAuth, load_client_auth
 from .config import Config, Secret
 from .drain import drain_connections
 from .logs import make_observer
@@ -25,27 +27,28 @@ from .observe import Observer
 from .ops import Readiness, ops_resources
 from .resources import Branch, build_root
 from .server import ProxySite
-from .tokens import TokenSource
+from .tokens import token_source
 from .upstream import Upstream, build_upstream
+from .watch import WatchedFile
 
 _log = Logger(namespace="lgmt_proxy")
 
-#: How often the token file is checked for a rotation.
-TOKEN_POLL_SECONDS = 1.0
+#: How often the token and client auth files are checked for changes.
+WATCH_SECONDS = 1.0
 
 
 def build_site(
     config: Config,
     reactor: Any,
     *,
-    token: TokenSource,
+    token: Callable[[], Secret],
     registry: CollectorRegistry,
     readiness: Readiness,
+    metrics: ProxyMetrics,
     trust: IOpenSSLTrustRoot | None = None,
-    metrics: ProxyMetrics | None = None,
+    client_auth: Callable[[], ClientAuth] | None = None,
 ) -> tuple[ProxySite, dict[str, Upstream]]:
     """The proxy's `Site` and its upstreams: everything but the listeners."""
-    metrics = metrics or ProxyMetrics(registry)
     upstreams = {
         name: build_upstream(reactor, signal, config, token, trust)
         for name, signal in config.signals.items()
@@ -60,6 +63,7 @@ def build_site(
         client_header_timeout=config.client_header_timeout,
         client_idle_timeout=config.client_idle_timeout,
         max_connections=config.max_connections,
+        client_auth=client_auth,
     )
     return site, upstreams
 
@@ -90,6 +94,7 @@ class ProxyService(MultiService):
         reactor: Any,
         *,
         token: Secret,
+        client_auth: ClientAuth | None = None,
         listen: str | None = None,
         admin_listen: str | None = None,
         trust: IOpenSSLTrustRoot | None = None,
@@ -110,14 +115,26 @@ class ProxyService(MultiService):
             log_level=config.log_level,
             schedule=lambda f: reactor.callLater(0, f),
         )
-        self.token = TokenSource(token, config.token_file, registry=self.registry)
+        self.metrics = ProxyMetrics(self.registry, consumer_label=client_auth is not None)
+        self.token = token_source(token, config.token_file, self.metrics.config_reloads)
+        self.client_auth: WatchedFile[ClientAuth] | None = None
+        if client_auth is not None:
+            self.client_auth = WatchedFile(
+                client_auth,
+                config.client_auth_file,
+                kind="client_auth",
+                load=load_client_auth,
+                reloads=self.metrics.config_reloads,
+            )
         self.site, self.upstreams = build_site(
             config,
             reactor,
             token=self.token,
             registry=self.registry,
             readiness=self.readiness,
+            metrics=self.metrics,
             trust=trust,
+            client_auth=self.client_auth,
         )
         # Twisted's default backlog of 50 drops SYNs under a burst of new
         # connections (clients then wait a 1 s retransmit).
@@ -133,7 +150,9 @@ class ProxyService(MultiService):
             )
             self._admin.setServiceParent(self)
         if config.token_file:
-            TimerService(TOKEN_POLL_SECONDS, self.token.poll).setServiceParent(self)
+            TimerService(WATCH_SECONDS, self.token.poll).setServiceParent(self)
+        if self.client_auth is not None:
+            TimerService(WATCH_SECONDS, self.client_auth.poll).setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> Any:
         # twistd builds the Application after makeService; the log observer
@@ -149,6 +168,14 @@ class ProxyService(MultiService):
         self._announce()
 
     def _announce(self) -> None:
+        if self.client_auth is not None:
+            names = ", ".join(c.name for c in self.client_auth().consumers)
+            _log.info("client authentication on: consumers {names}", names=names)
+        else:
+            _log.warn(
+                "client authentication off: anyone who can reach the port uses the "
+                "proxy's credentials (set CLIENT_AUTH_FILE to restrict it)"
+            )
         if self.sandbox:
             _log.warn(
                 "SANDBOX MODE: every signal goes to a built-in loopback echo upstream; "

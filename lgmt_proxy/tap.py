@@ -14,6 +14,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
+from .clientauth import ClientAuth
 from .config import Config, ConfigError, Secret, parse_config
 
 
@@ -46,18 +47,27 @@ class Options(usage.Options):
     ]
 
 
-def load(env: Mapping[str, str], *, token_required: bool = True) -> tuple[Config, Secret]:
-    """Parse the environment and read the token (file); `ConfigError` lists every problem."""
+def load(env: Mapping[str, str]) -> tuple[Config, Secret, ClientAuth | None]:
+    """Parse the environment and read the files it names; `ConfigError` lists every problem."""
+    from .clientauth import load_client_auth
     from .tokens import read_token_file
 
-    config = parse_config(env, token_required=token_required)
+    config = parse_config(env)
     token = config.token
+    problems = []
     if config.token_file is not None:
         token, problem = read_token_file(config.token_file)
         if problem:
-            raise ConfigError([problem])
+            problems.append(problem)
+    client_auth = None
+    if config.client_auth_file is not None:
+        client_auth, problem = load_client_auth(config.client_auth_file)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ConfigError(problems)
     assert token is not None
-    return config, token
+    return config, token, client_auth
 
 
 def _fail(problems: list[str]) -> SystemExit:
@@ -81,7 +91,7 @@ def makeService(options: Options) -> IService:
         env = {k: v for k, v in env.items() if not k.startswith("GRAFANA_CLOUD_")}
         env.update(sandbox_env(sandbox_port.getHost().port))
     try:
-        config, token = load(env)
+        config, token, client_auth = load(env)
     except ConfigError as e:
         raise _fail(e.problems) from None
     trust = None
@@ -99,6 +109,7 @@ def makeService(options: Options) -> IService:
             config,
             reactor,
             token=token,
+            client_auth=client_auth,
             listen=options["listen"],
             admin_listen=options["admin-listen"],
             trust=trust,

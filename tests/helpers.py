@@ -23,7 +23,7 @@ from lgmt_proxy.metrics import ProxyMetrics
 from lgmt_proxy.ops import Readiness
 from lgmt_proxy.server import ProxySite
 from lgmt_proxy.service import build_site
-from lgmt_proxy.tokens import TokenSource
+from lgmt_proxy.tokens import token_source
 
 TOKEN = "glc_test-token-ABCDEF0123456789"
 ORG = {"prometheus": "111", "loki": "222", "tempo": "333", "otlp": "444"}
@@ -91,13 +91,15 @@ def listen(site: protocol.ServerFactory) -> Any:
 class ProxyFixture:
     """A real ProxySite listening on loopback, built like the service builds it."""
 
-    def __init__(self, env: dict[str, str], trust: Any = None) -> None:
+    def __init__(self, env: dict[str, str], trust: Any = None, client_auth: Any = None) -> None:
         self.config: Config = parse_config(env)
         assert self.config.token is not None
         self.registry = CollectorRegistry()
         self.readiness = Readiness()
-        self.token = TokenSource(self.config.token, None)
-        self.metrics = ProxyMetrics(self.registry, process_collectors=False)
+        self.token = token_source(self.config.token, None)
+        self.metrics = ProxyMetrics(
+            self.registry, process_collectors=False, consumer_label=client_auth is not None
+        )
         self.site: ProxySite
         self.site, self.upstreams = build_site(
             self.config,
@@ -107,6 +109,7 @@ class ProxyFixture:
             readiness=self.readiness,
             metrics=self.metrics,
             trust=trust,
+            client_auth=client_auth,
         )
         self.port = listen(self.site)
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"

@@ -173,6 +173,8 @@ class ErrorTests(TestCase):
         (line,) = problems({**BASE, "ALLOW_INSECURE_UPSTREAM": "maybe"})
         self.assertTrue(line.startswith("ALLOW_INSECURE_UPSTREAM:"))
 
-    def test_client_auth_not_silently_ignored(self) -> None:
-        (line,) = problems({**BASE, "CLIENT_AUTH_FILE": "/etc/clients.yaml"})
-        self.assertTrue(line.startswith("CLIENT_AUTH_FILE:"))
+    def test_client_auth_file_named(self) -> None:
+        self.assertEqual(
+            parse_config({**BASE, "CLIENT_AUTH_FILE": "/etc/c.yaml"}).client_auth_file,
+            "/etc/c.yaml",
+        )

@@ -10,7 +10,8 @@ from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.config import ConfigError
 from lgmt_proxy.tap import load
-from lgmt_proxy.tokens import TokenSource, read_token_file
+from lgmt_proxy.tokens import read_token_file, token_source
+from lgmt_proxy.metrics import ProxyMetrics
 
 from .helpers import ORG, ProxyFixture, Recorder, basic, call, env_for, listen, upstream_site
 
@@ -44,7 +45,7 @@ class TokenFileTests(TestCase):
         env = env_for("https://x.grafana.net")
         del env["GRAFANA_CLOUD_ACCESS_TOKEN"]
         env["GRAFANA_CLOUD_ACCESS_TOKEN_FILE"] = self.write("t", "file-token\n")
-        _config, token = load(env)
+        _config, token, _ = load(env)
         self.assertEqual(token.reveal(), "file-token")
         env["GRAFANA_CLOUD_ACCESS_TOKEN_FILE"] = self.write("e", "\n")
         self.assertRaises(ConfigError, load, env)
@@ -64,7 +65,8 @@ class TokenFileTests(TestCase):
         registry = CollectorRegistry()
         token, _ = read_token_file(path)
         assert token is not None
-        source = TokenSource(token, path, registry=registry)
+        metrics = ProxyMetrics(registry, process_collectors=False)
+        source = token_source(token, path, metrics.config_reloads)
         source.poll()
         self.assertEqual(source().reveal(), "old-token")
         tmp = os.path.join(self.dir, "..data_tmp")
@@ -105,7 +107,7 @@ class RotationThroughProxyTests(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
         token, _ = read_token_file(path)
         assert token is not None
-        source = TokenSource(token, path)
+        source = token_source(token, path)
         for upstream in proxy.upstreams.values():
             upstream.token = source
         await call(proxy.url + "/tempo/api/search")
