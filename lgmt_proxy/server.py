@@ -234,6 +234,8 @@ class ProxyRequest(server.Request):
         the connection after the answer (the rest of the body is not read)."""
         if self.finished or self._answered or self._disconnected:
             return
+        if getattr(self.channel.transport, "disconnecting", False):
+            return  # already hanging up (timed out): nothing more can be said
         if self.startedWriting:
             self.abort_client()
             return
@@ -343,6 +345,7 @@ class ProxyChannel(http.HTTPChannel):
     def _refuse(self, status: int, message: str) -> None:
         """Answer a request that cannot even be parsed, and hang up."""
         self._cancel_head_timer()
+        self.setTimeout(None)
         transport = self.transport
         if transport is None or getattr(transport, "disconnecting", False):
             return
@@ -366,7 +369,8 @@ class ProxyChannel(http.HTTPChannel):
 
     def timeoutConnection(self) -> None:
         # Idle keep-alive connection: close quietly (Twisted logs each one).
-        self.loseConnection()
+        if not getattr(self.transport, "disconnecting", False):
+            self.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_head_timer()
