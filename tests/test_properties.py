@@ -262,7 +262,7 @@ class FuzzTests(TestCase):
     def test_random_bytes(self, raw: bytes) -> None:
         proxy = MemoryProxy(CLIENT_HEADER_TIMEOUT_SECONDS="1")
         with _Errors() as errors:
-            proto, transport = proxy.connect()
+            proto, _transport = proxy.connect()
             proto.dataReceived(raw)
             proxy.clock.advance(2)
         self.assertEqual(errors.events, [])
