@@ -49,7 +49,7 @@ class StalledBodyTests(TestCase):
         proto.dataReceived(
             b"POST /loki/api/v1/push HTTP/1.1\r\nHost: p\r\nContent-Length: 100\r\n\r\nfirst"
         )
-        (call,) = proxy.agents["loki"].calls
+        (_call,) = proxy.agents["loki"].calls
         proxy.clock.advance(4)
         proto.dataReceived(b"more")  # activity resets the silence timer
         proxy.clock.advance(4)
