@@ -70,6 +70,6 @@ run: venv
 	fi
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info _trial_temp _trial_temp.lock \
+	rm -rf $(VENV) build dist *.egg-info _trial_temp* \
 		.mypy_cache .ruff_cache .hypothesis twisted/plugins/dropin.cache .ci/*.log
 	find $(LINT_PATHS) -name __pycache__ -type d -prune -exec rm -rf {} +

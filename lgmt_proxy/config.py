@@ -14,8 +14,9 @@ from urllib.parse import urlsplit
 
 import attrs
 
-#: The signals of the contract, in the order their routes are listed.
-SIGNALS = ("prometheus", "loki", "tempo", "otlp")
+#: The signals of the contract, in the order their routes are listed, plus
+#: profiles (Pyroscope), Grafana Cloud's fifth signal, off unless configured.
+SIGNALS = ("prometheus", "loki", "tempo", "otlp", "profiles")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -264,7 +265,7 @@ def parse_config(env: Mapping[str, str]) -> Config:
     ):
         r.problems.append(
             "GRAFANA_CLOUD_<SIGNAL>_URL: at least one signal must be configured "
-            "(PROMETHEUS, LOKI, TEMPO or OTLP, each with its _ORG_ID)"
+            "(PROMETHEUS, LOKI, TEMPO, OTLP or PROFILES, each with its _ORG_ID)"
         )
 
     token: Secret | None = None

@@ -33,6 +33,8 @@ DEFAULT_ROUTES = (
     Route(b"/loki", b"/loki", "loki"),
     Route(b"/tempo", b"/tempo", "tempo"),
     Route(b"/otlp", b"/otlp", "otlp"),
+    # Pyroscope: /pyroscope/ingest -> /ingest, /pyroscope/querier.v1... -> /querier.v1...
+    Route(b"/pyroscope", b"", "profiles"),
 )
 
 
@@ -80,16 +82,7 @@ def upstream_target(route: Route, base_path: bytes, path: bytes, query: bytes | 
     """The origin-form target sent upstream: the route's prefix swapped, the
     rest of the path and the query byte for byte."""
     rest = path[len(route.prefix) :]
-    target = base_path + route.upstream_prefix + rest
+    target = base_path + route.upstream_prefix + rest or b"/"
     if query is not None:
         target += b"?" + query
     return target
-
-
-def match(routes: tuple[Route, ...], path: bytes) -> Route | None:
-    """The route whose prefix matches whole segments of ``path``, if any."""
-    for route in routes:
-        p = route.prefix
-        if path.startswith(p) and (len(path) == len(p) or path[len(p)] == 0x2F):
-            return route
-    return None

@@ -62,7 +62,7 @@ def sandbox_site() -> Site:
 def sandbox_env(port: int) -> dict[str, str]:
     """The environment that points every signal at the echo upstream."""
     env = {"GRAFANA_CLOUD_ACCESS_TOKEN": SANDBOX_TOKEN}
-    for signal in ("PROMETHEUS", "LOKI", "TEMPO", "OTLP"):
+    for signal in ("PROMETHEUS", "LOKI", "TEMPO", "OTLP", "PROFILES"):
         env[f"GRAFANA_CLOUD_{signal}_URL"] = f"http://127.0.0.1:{port}"
         env[f"GRAFANA_CLOUD_{signal}_ORG_ID"] = f"sandbox-{signal.lower()}"
     return env

@@ -19,7 +19,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from .clientauth import ClientAuth, load_client_auth
-from .config import Config, Secret
+from .config import SIGNALS, Config, Secret
 from .drain import drain_connections
 from .logs import make_observer
 from .metrics import ProxyMetrics
@@ -191,7 +191,7 @@ class ProxyService(MultiService):
                 org_id=s.org_id,
                 tenant_id=s.tenant_id,
             )
-        off = [n for n in ("prometheus", "loki", "tempo", "otlp") if n not in self.upstreams]
+        off = [n for n in SIGNALS if n not in self.upstreams]
         if off:
             _log.info("signals off (their routes answer 404): {off}", off=", ".join(off))
 

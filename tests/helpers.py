@@ -26,7 +26,7 @@ from lgmt_proxy.service import build_site
 from lgmt_proxy.tokens import token_source
 
 TOKEN = "glc_test-token-ABCDEF0123456789"
-ORG = {"prometheus": "111", "loki": "222", "tempo": "333", "otlp": "444"}
+ORG = {"prometheus": "111", "loki": "222", "tempo": "333", "otlp": "444", "profiles": "555"}
 
 
 def basic(org: str, token: str = TOKEN) -> bytes:

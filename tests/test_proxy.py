@@ -59,6 +59,12 @@ class RouteTests(_Base):
             ),
             ("/tempo/api/search?tags=a%3Db", b"/tempo/api/search?tags=a%3Db", "tempo"),
             ("/otlp/v1/traces", b"/otlp/v1/traces", "otlp"),
+            ("/pyroscope/ingest?name=app.cpu&from=1", b"/ingest?name=app.cpu&from=1", "profiles"),
+            (
+                "/pyroscope/querier.v1.QuerierService/SelectMergeStacktraces",
+                b"/querier.v1.QuerierService/SelectMergeStacktraces",
+                "profiles",
+            ),
         ]
         for path, upstream_uri, signal in cases:
             response, body = await call(

@@ -1,13 +1,22 @@
 """Route matching and the raw-target rules (pure)."""
 
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import getChildForRequest
+from twisted.web.test.requesthelper import DummyRequest
 
-from lgmt_proxy.routes import DEFAULT_ROUTES, Refusal, match, split_target, upstream_target
+from lgmt_proxy.config import SIGNALS
+from lgmt_proxy.resources import build_root
+from lgmt_proxy.routes import Refusal, split_target, upstream_target
+
+# The resource tree as the site builds it; routing walks raw path segments.
+ROOT = build_root({name: object() for name in SIGNALS}, {})  # type: ignore[misc]
 
 
 def target(raw: bytes, base: bytes = b"") -> bytes | None:
     path, query = split_target(raw)
-    route = match(DEFAULT_ROUTES, path)
+    request = DummyRequest(path[1:].split(b"/"))
+    resource = getChildForRequest(ROOT, request)
+    route = getattr(resource, "route", None)
     return None if route is None else upstream_target(route, base, path, query)
 
 
@@ -20,6 +29,11 @@ class RouteTests(TestCase):
         self.assertEqual(target(b"/loki/api/v1/push"), b"/loki/api/v1/push")
         self.assertEqual(target(b"/tempo/api/search"), b"/tempo/api/search")
         self.assertEqual(target(b"/otlp/v1/traces"), b"/otlp/v1/traces")
+        self.assertEqual(target(b"/pyroscope/ingest?name=app"), b"/ingest?name=app")
+        self.assertEqual(
+            target(b"/pyroscope/push.v1.PusherService/Push"), b"/push.v1.PusherService/Push"
+        )
+        self.assertEqual(target(b"/pyroscope"), b"/")
 
     def test_whole_segments(self) -> None:
         for raw in (

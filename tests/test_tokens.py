@@ -9,9 +9,9 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.config import ConfigError
+from lgmt_proxy.metrics import ProxyMetrics
 from lgmt_proxy.tap import load
 from lgmt_proxy.tokens import read_token_file, token_source
-from lgmt_proxy.metrics import ProxyMetrics
 
 from .helpers import ORG, ProxyFixture, Recorder, basic, call, env_for, listen, upstream_site
 
