@@ -1,24 +1,12 @@
 """Packaging: the library plus the twistd plugin (``twisted/plugins``).
 
 ``twisted.plugins`` is listed as a package but ships no ``__init__.py``: one
-would overwrite Twisted's own. After installing, Twisted's plugin cache is
-regenerated so a read-only root filesystem never has to write it.
+would overwrite Twisted's own. pip builds a wheel, so no install hook can
+regenerate Twisted's plugin cache here; `make venv` and the Dockerfile do it
+after installing (``list(getPlugins(IPlugin))``).
 """
 
 from setuptools import setup
-from setuptools.command.install import install
-
-
-class InstallAndCachePlugins(install):
-    def run(self) -> None:
-        super().run()
-        try:
-            from twisted.plugin import IPlugin, getPlugins
-
-            list(getPlugins(IPlugin))
-        except Exception:  # the cache is an optimisation; `make`/Dockerfile redo it
-            pass
-
 
 setup(
     name="lgmt-proxy",
@@ -39,5 +27,4 @@ setup(
         # CLIENT_AUTH_FILE is YAML (JSON is read by the same parser).
         "PyYAML>=6.0.1",
     ],
-    cmdclass={"install": InstallAndCachePlugins},
 )

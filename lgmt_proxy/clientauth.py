@@ -249,7 +249,7 @@ def load_client_auth(path: str) -> tuple[ClientAuth | None, str | None]:
     try:
         return parse_client_auth(data), None
     except ConfigError as e:
-        return None, "; ".join(e.problems)
+        return None, "\n".join(e.problems)
 
 
 class RateLimiter:

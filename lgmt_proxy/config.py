@@ -141,7 +141,7 @@ class _Reader:
         raw = self.get(name)
         if raw is None:
             return default
-        if not raw.isdigit():
+        if not (raw.isascii() and raw.isdigit()):
             self.problems.append(f"{name}: must be a whole number, got {raw!r}")
             return default
         value = int(raw)

@@ -38,9 +38,25 @@ class Observer:
         request.in_flight = True
         self.metrics.started(request.upstream_name)
 
-    def refused(self, status: int) -> None:
+    def refused(self, status: int, client: str, reason: str) -> None:
         """A request refused before it could be parsed (hostile input, overload)."""
         self.metrics.request("none", "other", str(status), 0.0, 0, 0, None)
+        self._log.info(
+            "request",
+            access={
+                "method": "",
+                "path": "",
+                "upstream": "none",
+                "status": status,
+                "duration": 0.0,
+                "bytes_in": 0,
+                "bytes_out": 0,
+                "client": client,
+                "user_agent": "",
+                "request_id": request_id(None),
+                "error": reason,
+            },
+        )
 
     def finished(self, request: ProxyRequest, *, complete: bool) -> None:
         upstream = request.upstream_name

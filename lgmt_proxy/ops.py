@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import IResource, Resource
 
+from .errors import json_error
 from .resources import NotFound, _json
 
 _OK = b'{"status":"ok"}\n'
@@ -27,8 +28,16 @@ class Readiness:
 
 
 class _Leaf(Resource):
+    """GET and HEAD only; anything else gets a JSON 405."""
+
     isLeaf = True
     upstream_name = "none"
+
+    def render(self, request: Any) -> bytes:
+        if request.method in (b"GET", b"HEAD"):
+            return super().render(request)  # type: ignore[no-any-return]
+        request.responseHeaders.setRawHeaders(b"Allow", [b"GET, HEAD"])
+        return _json(request, 405, json_error("method not allowed", "none"))
 
 
 class Health(_Leaf):

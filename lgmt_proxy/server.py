@@ -38,6 +38,14 @@ _log = Logger(namespace="lgmt_proxy.server")
 
 _REASONS = {
     400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    429: b"Too Many Requests",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    504: b"Gateway Timeout",
     408: b"Request Timeout",
     413: b"Content Too Large",
     414: b"URI Too Long",
@@ -240,7 +248,7 @@ class ProxyRequest(server.Request):
             self.abort_client()
             return
         body = errors.json_error(message, upstream)
-        self.setResponseCode(status)
+        self.setResponseCode(status, _REASONS.get(status))
         headers = self.responseHeaders
         headers.setRawHeaders(b"Content-Type", [b"application/json"])
         headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
@@ -349,7 +357,7 @@ class ProxyChannel(http.HTTPChannel):
         transport = self.transport
         if transport is None or getattr(transport, "disconnecting", False):
             return
-        self.site.observer.refused(status)
+        self.site.observer.refused(status, self.client_text, message)
         transport.write(_raw_response(status, message))
         self.persistent = False
         self.dataReceived = _ignore  # type: ignore[method-assign,assignment]
@@ -427,7 +435,7 @@ class ProxySite(server.Site):
 
     def buildProtocol(self, addr: Any) -> Protocol | None:  # type: ignore[override]
         if len(self.connections) >= self.max_connections:
-            self.observer.refused(503)
+            self.observer.refused(503, getattr(addr, "host", "unknown"), "too many connections")
             return _Refuse()
         return super().buildProtocol(addr)  # type: ignore[no-any-return]
 

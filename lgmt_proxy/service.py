@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
@@ -14,6 +15,7 @@ from twisted.application.service import MultiService
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -161,8 +163,30 @@ class ProxyService(MultiService):
             parent.setComponent(ILogObserver, self.log_observer)
         return super().setServiceParent(parent)
 
+    def privilegedStartService(self) -> None:
+        # twistd binds the listeners here, before the reactor runs.
+        with self._listen_errors():
+            super().privilegedStartService()
+
+    @contextmanager
+    def _listen_errors(self) -> Iterator[None]:
+        """A port that cannot be bound: one plain line, exit 1, no traceback."""
+        try:
+            yield
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            # twistd has replaced sys.stderr with a logger by now, and the
+            # batched log never flushes since the reactor will not run.
+            self._sink.flush()
+            print(
+                f"lgmt-proxy: cannot listen on {e.interface or '*'}:{e.port}: {reason}",
+                file=sys.__stderr__,
+            )
+            raise SystemExit(1) from None
+
     def startService(self) -> None:
-        super().startService()
+        with self._listen_errors():
+            super().startService()
         if self._handle_sigterm:
             self.reactor.callWhenRunning(self._install_sigterm)
         self._announce()

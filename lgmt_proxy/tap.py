@@ -63,7 +63,7 @@ def load(env: Mapping[str, str]) -> tuple[Config, Secret, ClientAuth | None]:
     if config.client_auth_file is not None:
         client_auth, problem = load_client_auth(config.client_auth_file)
         if problem:
-            problems.append(problem)
+            problems.extend(problem.splitlines())
     if problems:
         raise ConfigError(problems)
     assert token is not None

@@ -197,6 +197,7 @@ class ProxyAuthTests(TestCase):
             )
             codes.append(response.code)
         self.assertEqual(codes, [200, 200, 429])
+        self.assertEqual(response.phrase, b"Too Many Requests")
         self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"1"])
         self.assertEqual(len(self.up.seen), 2)
 

@@ -150,7 +150,7 @@ class ErrorTests(TestCase):
         self.assertTrue(line.startswith("GRAFANA_CLOUD_PROMETHEUS_ORG_ID:"))
 
     def test_ports(self) -> None:
-        for bad in ("0", "65536", "-1", "80a", "1.5"):
+        for bad in ("0", "65536", "-1", "80a", "1.5", "\u00b2", "\u0663"):
             (line,) = problems({**BASE, "PORT": bad})
             self.assertTrue(line.startswith("PORT:"), line)
         self.assertEqual(parse_config({**BASE, "PORT": "65535"}).port, 65535)

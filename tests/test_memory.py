@@ -37,6 +37,11 @@ class OpsResourceTests(TestCase):
         self.assertEqual(r.code, 200)
         self.assertIn(b"proxy_example_total 3.0", await r.content())
 
+    async def test_other_methods_405_json(self) -> None:
+        r = await self.treq.post("http://proxy/health", data=b"x")
+        self.assertEqual(r.code, 405)
+        self.assertEqual(json.loads(await r.content())["error"], "method not allowed")
+
     async def test_other_paths_404(self) -> None:
         r = await self.treq.get("http://proxy/loki/api/v1/push")
         self.assertEqual(r.code, 404)

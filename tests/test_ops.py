@@ -196,6 +196,17 @@ class ServiceTests(TestCase):
         )
         startup = [x["msg"] for x in lines if x.get("logger") == "lgmt_proxy"]
         self.assertTrue(any("signal loki on" in m for m in startup), startup)
+        raw = await raw_request(
+            int(url.rsplit(":", 1)[1]), b"GET http://evil.example/ HTTP/1.1\r\n\r\n"
+        )
+        self.assertEqual(status_of(raw), 400)
+        raw = await raw_request(int(url.rsplit(":", 1)[1]), b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n")
+        self.assertEqual(status_of(raw), 400)
+        await sleep(0.05)
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        refused = [x for x in lines if x.get("msg") == "request" and x["status"] == 400]
+        self.assertEqual(len(refused), 2, refused)
+        self.assertEqual(refused[1]["error"], "obsolete line folding is not accepted")
         text = out.getvalue()
         self.assertNotIn(TOKEN, text)
         self.assertNotIn("client-bearer-secret", text)

@@ -111,6 +111,23 @@ class ProcessTests(TestCase):
         )
         self.assertIn("SANDBOX", proc.output.decode())
 
+    async def test_port_in_use_one_line_exit_1(self) -> None:
+        import socket
+
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        self.addCleanup(holder.close)
+        port = holder.getsockname()[1]
+        proc = await spawn_proxy(
+            {}, "--sandbox", "--listen", f"tcp:{port}:interface=127.0.0.1", wait=False
+        )
+        code = await proc.ended
+        out = proc.output.decode()
+        self.assertEqual(code, 1, out)
+        self.assertIn(f"lgmt-proxy: cannot listen on 127.0.0.1:{port}: Address already in use", out)
+        self.assertNotIn("Traceback", out)
+
     async def test_admin_listener(self) -> None:
         up = Recorder()
         port = listen(upstream_site(up))
