@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.error import TimeoutError
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime, IStreamClientEndpoint
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
@@ -32,7 +35,7 @@ from twisted.web.client import (
     _HTTP11ClientFactory,
 )
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from .config import Config, Secret, SignalConfig
 
@@ -93,6 +96,79 @@ class _QuietPool(HTTPConnectionPool):
     _factory = _QuietClientFactory
 
 
+@implementer(IStreamClientEndpoint)
+class HandshakeDeadline:
+    """A TLS endpoint whose connect fires once the handshake is done, all of
+    it (TCP and TLS) within ``timeout``: `wrapClientTLS` alone fires at the
+    TCP connect, leaving a stalled handshake to the much longer response
+    timeout."""
+
+    def __init__(self, tls: IStreamClientEndpoint, clock: IReactorTime, timeout: float) -> None:
+        self._tls = tls
+        self._clock = clock
+        self._timeout = timeout
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        handshake: Deferred[Any] = Deferred()
+        outer = _HandshakeFactory(factory, handshake)
+        connecting = self._tls.connect(outer)  # type: ignore[arg-type]
+        state: dict[str, Any] = {"proto": None}
+
+        def connected(proto: Any) -> Deferred[Any]:
+            state["proto"] = proto
+            return handshake
+
+        result = connecting.addCallback(connected)
+
+        def expire() -> None:
+            proto = state["proto"]
+            if proto is None:
+                connecting.cancel()
+            elif not handshake.called:
+                handshake.errback(TimeoutError("TLS handshake not done in time"))
+                proto.transport.abortConnection()
+
+        timer = self._clock.callLater(self._timeout, expire)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return result.addBoth(done)
+
+
+class _HandshakeFactory:
+    """Wraps the pool's factory: each protocol also listens for the handshake."""
+
+    def __init__(self, factory: Any, handshake: Deferred[Any]) -> None:
+        self._factory = factory
+        self._handshake = handshake
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._factory, name)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        proto = self._factory.buildProtocol(addr)
+        handshake = self._handshake
+        alsoProvides(proto, IHandshakeListener)
+
+        def completed() -> None:
+            if not handshake.called:
+                handshake.callback(proto)
+
+        lost = proto.connectionLost
+
+        def connection_lost(reason: Any) -> None:
+            if not handshake.called:
+                handshake.errback(reason)
+            lost(reason)
+
+        proto.handshakeCompleted = completed
+        proto.connectionLost = connection_lost
+        return proto
+
+
 def make_endpoint(
     reactor: object,
     signal: SignalConfig,
@@ -113,7 +189,7 @@ def make_endpoint(
         return tcp
     policy = BrowserLikePolicyForHTTPS(trustRoot=trust) if trust else BrowserLikePolicyForHTTPS()
     creator = policy.creatorForNetloc(host.encode("idna"), signal.port)
-    return wrapClientTLS(creator, tcp)
+    return HandshakeDeadline(wrapClientTLS(creator, tcp), reactor, connect_timeout)  # type: ignore[arg-type]
 
 
 def basic_authorization(org_id: str, token: Secret) -> bytes:

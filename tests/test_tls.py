@@ -122,3 +122,28 @@ class TLSTests(TestCase):
 
     def test_bundle_without_certificates(self) -> None:
         self.assertRaises(ValueError, load_pem_bundle, b"not a pem")
+
+
+class HandshakeTimeoutTests(TestCase):
+    timeout = 30
+
+    async def test_stalled_handshake_is_a_connect_timeout(self) -> None:
+        from twisted.internet import protocol
+
+        silent = protocol.Factory.forProtocol(protocol.Protocol)  # accepts, never speaks TLS
+        port = reactor.listenTCP(0, silent, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        env = env_for(
+            f"https://localhost:{port.getHost().port}",
+            UPSTREAM_CONNECT_TIMEOUT_SECONDS="0.5",
+            UPSTREAM_TIMEOUT_SECONDS="20",
+        )
+        proxy = ProxyFixture(env)
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        started = reactor.seconds()
+        response, _ = await call(proxy.url + "/loki/api/v1/labels")
+        self.assertEqual(response.code, 504)
+        self.assertLess(reactor.seconds() - started, 5)
+        self.assertEqual(
+            proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="timeout"), 1
+        )
