@@ -82,6 +82,8 @@ class Config:
     client_idle_timeout: float = 75.0
     max_connections: int = 10000
     client_auth_file: str | None = None
+    max_websockets: int = 100
+    websocket_idle_timeout: float = 600.0
 
 
 def _is_loopback(host: str) -> bool:
@@ -303,6 +305,8 @@ def parse_config(env: Mapping[str, str]) -> Config:
         client_idle_timeout=r.number("CLIENT_IDLE_TIMEOUT_SECONDS", 75.0),
         max_connections=r.integer("MAX_CONNECTIONS", 10000, low=1),
         client_auth_file=r.get("CLIENT_AUTH_FILE"),
+        max_websockets=r.integer("MAX_WEBSOCKETS", 100, low=0),
+        websocket_idle_timeout=r.number("WEBSOCKET_IDLE_TIMEOUT_SECONDS", 600.0),
     )
     if r.problems:
         raise ConfigError(r.problems)

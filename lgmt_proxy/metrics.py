@@ -87,6 +87,12 @@ class ProxyMetrics:
             ["upstream"],
             registry=registry,
         )
+        self.websockets = Gauge(
+            "proxy_websockets_open",
+            "WebSocket sessions (e.g. Loki live tail) open now.",
+            ["upstream"],
+            registry=registry,
+        )
         self._children: dict[tuple[object, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -95,6 +101,9 @@ class ProxyMetrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    def websocket(self, upstream: str, delta: int) -> None:
+        self._child(self.websockets, upstream).inc(delta)
 
     def started(self, upstream: str) -> None:
         self._child(self.in_flight, upstream).inc()

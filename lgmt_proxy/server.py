@@ -23,6 +23,7 @@ from twisted.web.resource import IResource, getChildForRequest
 from . import errors
 from .relay import Relay
 from .routes import MAX_TARGET, Refusal, split_target
+from .tunnel import Tunnel, wants_websocket
 
 if TYPE_CHECKING:
     from .clientauth import ClientAuth
@@ -105,6 +106,7 @@ class ProxyRequest(server.Request):
         self.query: bytes | None = None
         self.body_in = 0
         self._relay: Relay | None = None
+        self._tunnel: Tunnel | None = None
         self._resource: IResource | None = None
         self._early: tuple[int, str, list[tuple[bytes, bytes]]] | None = None
         self.consumer: str | None = None
@@ -145,6 +147,9 @@ class ProxyRequest(server.Request):
         if limit and length is not None and length > limit:
             self.error_reason = "body_limit"
             self.reject(413, "request body too large")
+            return
+        if wants_websocket(self):
+            self._tunnel = Tunnel(self, route, resource.upstream)
             return
         self._relay = Relay(self, route, resource.upstream, length)
 
@@ -196,6 +201,8 @@ class ProxyRequest(server.Request):
             return
         if self._relay is not None:
             self._relay.body_done()
+        elif self._tunnel is not None and self._early is None:
+            self._tunnel.start()
         elif self._early is not None:
             self.answer_early()
         else:
@@ -218,7 +225,9 @@ class ProxyRequest(server.Request):
         relay = self._relay
         if relay is not None:
             relay.client_lost()
-        elif not self.finished and not self._answered:
+        elif self._tunnel is not None:
+            self._tunnel.client_gone_early()
+        if relay is None and not self.finished and not self._answered:
             self.note_error("client_abort")
         self.observe()
 
@@ -261,6 +270,10 @@ class ProxyRequest(server.Request):
         self.write(body)
         self.channel.persistent = False
         self.channel.loseConnection()
+
+    def answered_by_tunnel(self) -> None:
+        """The 101 went out: the request is complete as far as logs go."""
+        self._answered = True
 
     def note_error(self, reason: str) -> None:
         if self.error_reason is None:
@@ -419,11 +432,16 @@ class ProxySite(server.Site):
         client_idle_timeout: float,
         max_connections: int,
         client_auth: Callable[[], ClientAuth] | None = None,
+        max_websockets: int = 100,
+        websocket_idle_timeout: float = 600.0,
     ) -> None:
         super().__init__(resource, timeout=client_idle_timeout, reactor=clock)
         from .clientauth import RateLimiter
 
         self.client_auth = client_auth
+        self.max_websockets = max_websockets
+        self.websocket_idle_timeout = websocket_idle_timeout
+        self.websockets = 0
         self.limiter = RateLimiter(clock)
         self.clock = clock
         self.observer = observer

@@ -66,6 +66,8 @@ def build_site(
         client_idle_timeout=config.client_idle_timeout,
         max_connections=config.max_connections,
         client_auth=client_auth,
+        max_websockets=config.max_websockets,
+        websocket_idle_timeout=config.websocket_idle_timeout,
     )
     return site, upstreams
 

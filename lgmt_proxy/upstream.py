@@ -208,6 +208,7 @@ class Upstream:
     signal: SignalConfig
     agent: IAgent
     pool: HTTPConnectionPool
+    endpoint: IStreamClientEndpoint
     token: Callable[[], Secret]
     host_header: bytes
     base_url: bytes
@@ -247,6 +248,7 @@ def build_upstream(
         signal=signal,
         agent=agent,
         pool=pool,
+        endpoint=endpoint,
         token=token,
         host_header=netloc,
         base_url=signal.scheme.encode() + b"://" + netloc,
