@@ -20,6 +20,10 @@ from twisted.trial.unittest import TestCase
 from .helpers import ORG, TOKEN, ProxyFixture, basic, call, env_for, listen, sleep
 
 
+class NotOpened(Exception):
+    pass
+
+
 class EchoUpstream(WebSocketServerProtocol):
     def onConnect(self, request: Any) -> None:
         f = self.factory
@@ -46,7 +50,7 @@ class Client(WebSocketClientProtocol):
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
         if not self.factory.opened.called:
-            self.factory.opened.errback(Exception(f"closed before open: {code} {reason}"))
+            self.factory.opened.errback(NotOpened(f"closed before open: {code} {reason}"))
         if not self.factory.closed.called:
             self.factory.closed.callback(code)
 
@@ -113,7 +117,7 @@ class WebSocketTests(TestCase):
     async def test_upstream_refusal_is_relayed(self) -> None:
         proxy, _ = self.start(token="not-what-the-proxy-sends")
         f = await self.connect(proxy, "/loki/api/v1/tail")
-        with self.assertRaises(Exception):
+        with self.assertRaises(NotOpened):
             await f.opened
         self.assertEqual(
             proxy.sample("proxy_requests_total", upstream="loki", method="GET", status="401"), 1
@@ -124,7 +128,7 @@ class WebSocketTests(TestCase):
         first = await self.connect(proxy, "/loki/api/v1/tail")
         first_client = await first.opened
         second = await self.connect(proxy, "/loki/api/v1/tail")
-        with self.assertRaises(Exception):
+        with self.assertRaises(NotOpened):
             await second.opened
         self.assertEqual(
             proxy.sample("proxy_requests_total", upstream="loki", method="GET", status="503"), 1
