@@ -49,7 +49,9 @@ class Secret:
 
 @attrs.frozen
 class SignalConfig:
-    """One Grafana Cloud signal: where it lives and who we are there."""
+    """One upstream (a Grafana Cloud signal, or a ROUTES_FILE route): where it
+    lives and who we are there. ``auth`` is basic (org id as user), bearer
+    or none; ``tenant_id`` None sends no ``X-Scope-OrgID``."""
 
     name: str
     url: str
@@ -58,7 +60,27 @@ class SignalConfig:
     port: int
     base_path: str
     org_id: str
-    tenant_id: str
+    tenant_id: str | None
+    auth: str = "basic"
+
+
+def signal_from_url(
+    name: str, url: str, *, org_id: str, tenant_id: str | None, auth: str = "basic"
+) -> SignalConfig:
+    """A `SignalConfig` from a URL that `url_problem` accepted."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None
+    return SignalConfig(
+        name=name,
+        url=url,
+        scheme=parts.scheme,
+        host=parts.hostname,
+        port=parts.port or (443 if parts.scheme == "https" else 80),
+        base_path=parts.path.rstrip("/"),
+        org_id=org_id,
+        tenant_id=tenant_id,
+        auth=auth,
+    )
 
 
 @attrs.frozen
@@ -82,6 +104,7 @@ class Config:
     client_idle_timeout: float = 75.0
     max_connections: int = 10000
     client_auth_file: str | None = None
+    routes_file: str | None = None
     max_websockets: int = 100
     websocket_idle_timeout: float = 600.0
 
@@ -202,28 +225,18 @@ def _parse_signal(reader: _Reader, signal: str, allow_insecure: bool) -> SignalC
     if tenant_id is not None and _has_control(tenant_id):
         reader.problems.append(f"{prefix}_TENANT_ID: must not contain control characters")
         ok = False
-    problem = _url_problem(url, allow_insecure)
+    problem = url_problem(url, allow_insecure)
     if problem:
         reader.problems.append(f"{prefix}_URL: {problem}")
         return None
     if not ok or org_id is None:
         return None
-    parts = urlsplit(url)
-    assert parts.hostname is not None
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return SignalConfig(
-        name=signal,
-        url=url,
-        scheme=parts.scheme,
-        host=parts.hostname,
-        port=port,
-        base_path=parts.path.rstrip("/"),
-        org_id=org_id,
-        tenant_id=tenant_id if tenant_id is not None else org_id,
+    return signal_from_url(
+        signal, url, org_id=org_id, tenant_id=tenant_id if tenant_id is not None else org_id
     )
 
 
-def _url_problem(url: str, allow_insecure: bool) -> str | None:
+def url_problem(url: str, allow_insecure: bool) -> str | None:
     """Say what is wrong with an upstream URL, without echoing userinfo."""
     try:
         parts = urlsplit(url)
@@ -257,12 +270,19 @@ def parse_config(env: Mapping[str, str]) -> Config:
     """
     r = _Reader(env)
     allow_insecure = r.boolean("ALLOW_INSECURE_UPSTREAM", False)
+    routes_file = r.get("ROUTES_FILE")
     signals = {}
     for name in SIGNALS:
         signal = _parse_signal(r, name, allow_insecure)
         if signal is not None:
             signals[name] = signal
-    if not signals and not any(
+    if routes_file is not None:
+        if signals:
+            r.problems.append(
+                "ROUTES_FILE: replaces the built-in routes; unset the GRAFANA_CLOUD_<SIGNAL>_URL "
+                "variables or ROUTES_FILE"
+            )
+    elif not signals and not any(
         r.get(f"GRAFANA_CLOUD_{s.upper()}_{k}") for s in SIGNALS for k in ("URL", "ORG_ID")
     ):
         r.problems.append(
@@ -278,7 +298,9 @@ def parse_config(env: Mapping[str, str]) -> Config:
             "GRAFANA_CLOUD_ACCESS_TOKEN_FILE: set only one of it and GRAFANA_CLOUD_ACCESS_TOKEN"
         )
     elif token_file is None:
-        if raw_token is None or not raw_token.strip():
+        if (raw_token is None or not raw_token.strip()) and routes_file is not None:
+            pass  # each route of the file names its own credentials
+        elif raw_token is None or not raw_token.strip():
             r.problems.append(
                 "GRAFANA_CLOUD_ACCESS_TOKEN: required (or GRAFANA_CLOUD_ACCESS_TOKEN_FILE)"
             )
@@ -305,6 +327,7 @@ def parse_config(env: Mapping[str, str]) -> Config:
         client_idle_timeout=r.number("CLIENT_IDLE_TIMEOUT_SECONDS", 75.0),
         max_connections=r.integer("MAX_CONNECTIONS", 10000, low=1),
         client_auth_file=r.get("CLIENT_AUTH_FILE"),
+        routes_file=routes_file,
         max_websockets=r.integer("MAX_WEBSOCKETS", 100, low=0),
         websocket_idle_timeout=r.number("WEBSOCKET_IDLE_TIMEOUT_SECONDS", 600.0),
     )

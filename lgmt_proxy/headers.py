@@ -58,11 +58,12 @@ def forward_request_headers(
     incoming: Headers,
     *,
     host: bytes,
-    authorization: bytes,
-    tenant: bytes,
+    authorization: bytes | None,
+    tenant: bytes | None,
     client_address: bytes,
 ) -> Headers:
-    """The headers the upstream gets for a client request."""
+    """The headers the upstream gets for a client request. The client's
+    credentials are dropped even where none are injected (None)."""
     listed = connection_listed(incoming.getRawHeaders(b"connection"))
     out = Headers()
     forwarded: list[bytes] = []
@@ -74,8 +75,10 @@ def forward_request_headers(
             out.setRawHeaders(name, list(values))
     forwarded.append(client_address)
     out.setRawHeaders(b"Host", [host])
-    out.setRawHeaders(b"Authorization", [authorization])
-    out.setRawHeaders(b"X-Scope-OrgID", [tenant])
+    if authorization is not None:
+        out.setRawHeaders(b"Authorization", [authorization])
+    if tenant is not None:
+        out.setRawHeaders(b"X-Scope-OrgID", [tenant])
     out.setRawHeaders(b"X-Forwarded-For", [b", ".join(forwarded)])
     return out
 

@@ -63,6 +63,11 @@ class ProxyResource(Resource):
         self.upstream = upstream
         self.upstream_name = route.signal
 
+    def getChild(self, path: bytes, request: Any) -> IResource:
+        # Not a leaf only when a longer route nests under this one
+        # (ROUTES_FILE): anything else below stays with this route.
+        return self
+
     def render(self, request: Any) -> bytes:
         # Only reachable from a plain twisted.web Site (not ProxySite).
         return _json(request, 500, json_error("proxy resource needs ProxySite", self.route.signal))
@@ -90,7 +95,12 @@ def build_root(
             if child is None:
                 child = Branch()
                 parent.putChild(segment, child)
+            child.isLeaf = False  # type: ignore[union-attr]
             parent = child  # type: ignore[assignment]
+        existing = parent.children.get(last)
+        if existing is not None and existing.children:  # type: ignore[union-attr]
+            leaf.children.update(existing.children)  # type: ignore[attr-defined]
+            leaf.isLeaf = False  # type: ignore[attr-defined]
         parent.putChild(last, leaf)
     for name, resource in ops.items():
         root.putChild(name, resource)

@@ -28,6 +28,8 @@ from .metrics import ProxyMetrics
 from .observe import Observer
 from .ops import Readiness, ops_resources
 from .resources import Branch, build_root
+from .routes import DEFAULT_ROUTES, Route
+from .routesfile import RouteSpec
 from .server import ProxySite
 from .tokens import token_source
 from .upstream import Upstream, build_upstream
@@ -43,19 +45,31 @@ def build_site(
     config: Config,
     reactor: Any,
     *,
-    token: Callable[[], Secret],
+    token: Callable[[], Secret] | None,
     registry: CollectorRegistry,
     readiness: Readiness,
     metrics: ProxyMetrics,
     trust: IOpenSSLTrustRoot | None = None,
     client_auth: Callable[[], ClientAuth] | None = None,
+    routes: list[tuple[RouteSpec, Callable[[], Secret] | None]] | None = None,
 ) -> tuple[ProxySite, dict[str, Upstream]]:
-    """The proxy's `Site` and its upstreams: everything but the listeners."""
-    upstreams = {
-        name: build_upstream(reactor, signal, config, token, trust)
-        for name, signal in config.signals.items()
-    }
-    root = build_root(upstreams, ops_resources(readiness, registry))
+    """The proxy's `Site` and its upstreams: everything but the listeners.
+
+    ``routes`` (from ROUTES_FILE, each with its token source) replaces the
+    built-in table of Grafana Cloud signals."""
+    if routes is None:
+        upstreams = {
+            name: build_upstream(reactor, signal, config, token, trust)
+            for name, signal in config.signals.items()
+        }
+        table: tuple[Route, ...] = DEFAULT_ROUTES
+    else:
+        upstreams = {
+            spec.signal.name: build_upstream(reactor, spec.signal, config, source, trust)
+            for spec, source in routes
+        }
+        table = tuple(spec.route for spec, _ in routes)
+    root = build_root(upstreams, ops_resources(readiness, registry), table)
     site = ProxySite(
         root,
         clock=reactor,
@@ -97,8 +111,9 @@ class ProxyService(MultiService):
         config: Config,
         reactor: Any,
         *,
-        token: Secret,
+        token: Secret | None,
         client_auth: ClientAuth | None = None,
+        routes: list[RouteSpec] | None = None,
         listen: str | None = None,
         admin_listen: str | None = None,
         trust: IOpenSSLTrustRoot | None = None,
@@ -120,7 +135,21 @@ class ProxyService(MultiService):
             schedule=lambda f: reactor.callLater(0, f),
         )
         self.metrics = ProxyMetrics(self.registry, consumer_label=client_auth is not None)
-        self.token = token_source(token, config.token_file, self.metrics.config_reloads)
+        reloads = self.metrics.config_reloads
+        self.token = token_source(token, config.token_file, reloads) if token is not None else None
+        self._watched: list[WatchedFile[Any]] = (
+            [self.token] if config.token_file and self.token else []
+        )
+        route_sources: list[tuple[RouteSpec, Callable[[], Secret] | None]] | None = None
+        if routes is not None:
+            route_sources = []
+            for spec in routes:
+                source = None
+                if spec.token is not None:
+                    source = token_source(spec.token, spec.token_file, reloads)
+                    if spec.token_file:
+                        self._watched.append(source)
+                route_sources.append((spec, source))
         self.client_auth: WatchedFile[ClientAuth] | None = None
         if client_auth is not None:
             self.client_auth = WatchedFile(
@@ -139,6 +168,7 @@ class ProxyService(MultiService):
             metrics=self.metrics,
             trust=trust,
             client_auth=self.client_auth,
+            routes=route_sources,
         )
         # Twisted's default backlog of 50 drops SYNs under a burst of new
         # connections (clients then wait a 1 s retransmit).
@@ -153,10 +183,14 @@ class ProxyService(MultiService):
                 admin_site(self.site, self.readiness, self.registry),
             )
             self._admin.setServiceParent(self)
-        if config.token_file:
-            TimerService(WATCH_SECONDS, self.token.poll).setServiceParent(self)
         if self.client_auth is not None:
-            TimerService(WATCH_SECONDS, self.client_auth.poll).setServiceParent(self)
+            self._watched.append(self.client_auth)
+        if self._watched:
+            TimerService(WATCH_SECONDS, self._poll).setServiceParent(self)
+
+    def _poll(self) -> None:
+        for watched in self._watched:
+            watched.poll()
 
     def setServiceParent(self, parent: Any) -> Any:
         # twistd builds the Application after makeService; the log observer
@@ -211,14 +245,15 @@ class ProxyService(MultiService):
         for name, up in self.upstreams.items():
             s = up.signal
             _log.info(
-                "signal {signal} on: {url} (org id {org_id}, tenant {tenant_id})",
+                "signal {signal} on: {url} (auth {auth}, org id {org_id}, tenant {tenant_id})",
                 signal=name,
                 url=s.url,
+                auth=s.auth if up.token is not None else "none",
                 org_id=s.org_id,
                 tenant_id=s.tenant_id,
             )
         off = [n for n in SIGNALS if n not in self.upstreams]
-        if off:
+        if off and self.config.routes_file is None:
             _log.info("signals off (their routes answer 404): {off}", off=", ".join(off))
 
     def _install_sigterm(self) -> None:

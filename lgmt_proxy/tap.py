@@ -16,6 +16,7 @@ from twisted.python import usage
 
 from .clientauth import ClientAuth
 from .config import Config, ConfigError, Secret, parse_config
+from .routesfile import RouteSpec
 
 
 class Options(usage.Options):
@@ -47,14 +48,33 @@ class Options(usage.Options):
     ]
 
 
-def load(env: Mapping[str, str]) -> tuple[Config, Secret, ClientAuth | None]:
+def load(
+    env: Mapping[str, str],
+) -> tuple[Config, Secret | None, ClientAuth | None, list[RouteSpec] | None]:
     """Parse the environment and read the files it names; `ConfigError` lists every problem."""
+    import attrs
+
     from .clientauth import load_client_auth
+    from .routesfile import load_routes_file
     from .tokens import read_token_file
 
     config = parse_config(env)
     token = config.token
     problems = []
+    routes = None
+    if config.routes_file is not None:
+        try:
+            routes = load_routes_file(
+                config.routes_file, env, allow_insecure=config.allow_insecure_upstream
+            )
+        except ConfigError as e:
+            problems.extend(e.problems)
+        for i, spec in enumerate(routes or []):
+            if spec.token_file is not None:
+                secret, problem = read_token_file(spec.token_file)
+                if problem:
+                    problems.append(f"ROUTES_FILE: route {spec.signal.name}: {problem}")
+                routes[i] = attrs.evolve(spec, token=secret)  # type: ignore[index]
     if config.token_file is not None:
         token, problem = read_token_file(config.token_file)
         if problem:
@@ -66,8 +86,7 @@ def load(env: Mapping[str, str]) -> tuple[Config, Secret, ClientAuth | None]:
             problems.extend(problem.splitlines())
     if problems:
         raise ConfigError(problems)
-    assert token is not None
-    return config, token, client_auth
+    return config, token, client_auth, routes
 
 
 def _fail(problems: list[str]) -> SystemExit:
@@ -88,10 +107,14 @@ def makeService(options: Options) -> IService:
         from .sandbox import sandbox_env, sandbox_site
 
         sandbox_port = reactor.listenTCP(0, sandbox_site(), interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
-        env = {k: v for k, v in env.items() if not k.startswith("GRAFANA_CLOUD_")}
+        env = {
+            k: v
+            for k, v in env.items()
+            if not k.startswith("GRAFANA_CLOUD_") and k != "ROUTES_FILE"
+        }
         env.update(sandbox_env(sandbox_port.getHost().port))
     try:
-        config, token, client_auth = load(env)
+        config, token, client_auth, routes = load(env)
     except ConfigError as e:
         raise _fail(e.problems) from None
     trust = None
@@ -110,6 +133,7 @@ def makeService(options: Options) -> IService:
             reactor,
             token=token,
             client_auth=client_auth,
+            routes=routes,
             listen=options["listen"],
             admin_listen=options["admin-listen"],
             trust=trust,

@@ -209,19 +209,25 @@ class Upstream:
     agent: IAgent
     pool: HTTPConnectionPool
     endpoint: IStreamClientEndpoint
-    token: Callable[[], Secret]
+    token: Callable[[], Secret] | None
     host_header: bytes
     base_url: bytes
     base_path: bytes
-    tenant: bytes
+    tenant: bytes | None
     _cached: tuple[Secret, bytes] | None = None
 
-    def authorization(self) -> bytes:
+    def authorization(self) -> bytes | None:
+        """The ``Authorization`` value to inject (None: send none)."""
+        if self.token is None:
+            return None
         token = self.token()
         cached = self._cached
         if cached is not None and cached[0] is token:
             return cached[1]
-        value = basic_authorization(self.signal.org_id, token)
+        if self.signal.auth == "bearer":
+            value = b"Bearer " + token.reveal().encode()
+        else:
+            value = basic_authorization(self.signal.org_id, token)
         self._cached = (token, value)
         return value
 
@@ -233,7 +239,7 @@ def build_upstream(
     reactor: IReactorTime,
     signal: SignalConfig,
     config: Config,
-    token: Callable[[], Secret],
+    token: Callable[[], Secret] | None,
     trust: IOpenSSLTrustRoot | None,
 ) -> Upstream:
     pool = _QuietPool(reactor, persistent=True)
@@ -253,7 +259,7 @@ def build_upstream(
         host_header=netloc,
         base_url=signal.scheme.encode() + b"://" + netloc,
         base_path=signal.base_path.encode(),
-        tenant=signal.tenant_id.encode(),
+        tenant=None if signal.tenant_id is None else signal.tenant_id.encode(),
     )
 
 

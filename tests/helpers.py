@@ -91,12 +91,13 @@ def listen(site: protocol.ServerFactory) -> Any:
 class ProxyFixture:
     """A real ProxySite listening on loopback, built like the service builds it."""
 
-    def __init__(self, env: dict[str, str], trust: Any = None, client_auth: Any = None) -> None:
+    def __init__(
+        self, env: dict[str, str], trust: Any = None, client_auth: Any = None, routes: Any = None
+    ) -> None:
         self.config: Config = parse_config(env)
-        assert self.config.token is not None
         self.registry = CollectorRegistry()
         self.readiness = Readiness()
-        self.token = token_source(self.config.token, None)
+        self.token = token_source(self.config.token, None) if self.config.token else None
         self.metrics = ProxyMetrics(
             self.registry, process_collectors=False, consumer_label=client_auth is not None
         )
@@ -110,6 +111,7 @@ class ProxyFixture:
             metrics=self.metrics,
             trust=trust,
             client_auth=client_auth,
+            routes=routes,
         )
         self.port = listen(self.site)
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"

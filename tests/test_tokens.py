@@ -45,7 +45,7 @@ class TokenFileTests(TestCase):
         env = env_for("https://x.grafana.net")
         del env["GRAFANA_CLOUD_ACCESS_TOKEN"]
         env["GRAFANA_CLOUD_ACCESS_TOKEN_FILE"] = self.write("t", "file-token\n")
-        _config, token, _ = load(env)
+        _config, token, _, _ = load(env)
         self.assertEqual(token.reveal(), "file-token")
         env["GRAFANA_CLOUD_ACCESS_TOKEN_FILE"] = self.write("e", "\n")
         self.assertRaises(ConfigError, load, env)

@@ -1,0 +1,172 @@
+"""ROUTES_FILE: a route table for self-hosted stacks, replacing the built-in one."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from lgmt_proxy.config import ConfigError, parse_config
+from lgmt_proxy.routesfile import load_routes_file, parse_routes
+from lgmt_proxy.tap import load
+from lgmt_proxy.tokens import token_source
+
+from .helpers import ProxyFixture, Recorder, call, listen, upstream_site
+
+YAML = """
+routes:
+  - name: mimir-push
+    prefix: /api/v1/push
+    upstream: {a}
+    credentials: {{type: basic, user: team-a, token_env: MIMIR_TOKEN}}
+    tenant: team-a
+  - name: mimir-query
+    prefix: /prometheus
+    upstream: {b}
+    credentials: {{type: bearer, token_file: {token_file}}}
+    tenant: team-b
+  - name: public
+    prefix: /api/v1
+    upstream: {b}
+    rewrite: /open
+"""
+
+TOML = """
+[[routes]]
+name = "tempo"
+prefix = "/tempo"
+upstream = "https://tempo.example"
+rewrite = ""
+tenant = "t"
+credentials = { type = "bearer", token_env = "TEMPO_TOKEN" }
+"""
+
+
+class ParseTests(TestCase):
+    def test_yaml_and_toml(self) -> None:
+        d = self.mktemp()
+        os.makedirs(d)
+        path = os.path.join(d, "routes.toml")
+        with open(path, "w") as f:
+            f.write(TOML)
+        (spec,) = load_routes_file(path, {"TEMPO_TOKEN": "tempo-secret"}, allow_insecure=False)
+        self.assertEqual((spec.route.prefix, spec.route.upstream_prefix), (b"/tempo", b""))
+        self.assertEqual(
+            (spec.signal.auth, spec.signal.tenant_id, spec.signal.host),
+            ("bearer", "t", "tempo.example"),
+        )
+        assert spec.token is not None
+        self.assertEqual(spec.token.reveal(), "tempo-secret")
+
+    def test_problems_listed(self) -> None:
+        doc = {
+            "routes": [
+                {"name": "Bad Name", "prefix": "/x", "upstream": "https://a"},
+                {"name": "a", "prefix": "x/", "upstream": "https://a"},
+                {"name": "b", "prefix": "/b", "upstream": "http://remote.example"},
+                {
+                    "name": "c",
+                    "prefix": "/c",
+                    "upstream": "https://a",
+                    "credentials": {"type": "basic", "token_env": "NOPE"},
+                },
+                {"name": "d", "prefix": "/metrics", "upstream": "https://a"},
+                {"name": "e", "prefix": "/e/../f", "upstream": "https://a"},
+                {"name": "f", "prefix": "/f", "upstream": "https://a", "extra": 1},
+            ]
+        }
+        with self.assertRaises(ConfigError) as ctx:
+            parse_routes(doc, {}, allow_insecure=False)
+        problems = ctx.exception.problems
+        self.assertEqual(len(problems), 8, problems)  # route 3 has two
+        self.assertTrue(all(p.startswith("ROUTES_FILE: routes[") for p in problems), problems)
+        self.assertRaises(ConfigError, parse_routes, {"routes": []}, {}, allow_insecure=False)
+
+    def test_longest_prefix_first(self) -> None:
+        doc = {
+            "routes": [
+                {"name": "short", "prefix": "/api", "upstream": "https://a"},
+                {"name": "long", "prefix": "/api/v1/push", "upstream": "https://a"},
+            ]
+        }
+        self.assertEqual(
+            [s.signal.name for s in parse_routes(doc, {}, allow_insecure=False)], ["long", "short"]
+        )
+
+    def test_environment_rules(self) -> None:
+        # With ROUTES_FILE, no GRAFANA_CLOUD token or signal is needed; both at once is an error.
+        config = parse_config({"ROUTES_FILE": "/x.yaml"})
+        self.assertEqual(config.routes_file, "/x.yaml")
+        with self.assertRaises(ConfigError):
+            parse_config(
+                {
+                    "ROUTES_FILE": "/x.yaml",
+                    "GRAFANA_CLOUD_LOKI_URL": "https://l",
+                    "GRAFANA_CLOUD_LOKI_ORG_ID": "1",
+                    "GRAFANA_CLOUD_ACCESS_TOKEN": "t",
+                }
+            )
+
+
+class ProxyTests(TestCase):
+    timeout = 30
+
+    async def test_routes_credentials_tenants(self) -> None:
+        a, b = Recorder(), Recorder()
+        pa, pb = listen(upstream_site(a)), listen(upstream_site(b))
+        self.addCleanup(pa.stopListening)
+        self.addCleanup(pb.stopListening)
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        token_file = os.path.join(d, "bearer")
+        with open(token_file, "w") as f:
+            f.write("bearer-token-1\n")
+        routes_path = os.path.join(d, "routes.yaml")
+        with open(routes_path, "w") as f:
+            f.write(
+                YAML.format(
+                    a=f"http://127.0.0.1:{pa.getHost().port}",
+                    b=f"http://127.0.0.1:{pb.getHost().port}",
+                    token_file=token_file,
+                )
+            )
+        env = {"ROUTES_FILE": routes_path, "MIMIR_TOKEN": "mimir-secret"}
+        config, token, _, specs = load(env)
+        self.assertIsNone(token)
+        assert specs is not None
+        routes = [(s, token_source(s.token, s.token_file) if s.token else None) for s in specs]
+        proxy = ProxyFixture(env, routes=routes)
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+
+        client_auth = {b"Authorization": [b"Bearer client-own"], b"X-Scope-OrgID": [b"evil"]}
+        await call(proxy.url + "/api/v1/push", method=b"POST", body=b"x", headers=client_auth)
+        seen = a.seen[-1]
+        self.assertEqual(seen.uri, b"/api/v1/push")
+        self.assertEqual(
+            seen.header(b"authorization"), [b"Basic " + base64.b64encode(b"team-a:mimir-secret")]
+        )
+        self.assertEqual(seen.header(b"x-scope-orgid"), [b"team-a"])
+
+        await call(proxy.url + "/prometheus/api/v1/query?query=up", headers=client_auth)
+        seen = b.seen[-1]
+        self.assertEqual(seen.uri, b"/prometheus/api/v1/query?query=up")
+        self.assertEqual(seen.header(b"authorization"), [b"Bearer bearer-token-1"])
+        self.assertEqual(seen.header(b"x-scope-orgid"), [b"team-b"])
+
+        await call(proxy.url + "/api/v1/labels", headers=client_auth)
+        seen = b.seen[-1]
+        self.assertEqual(seen.uri, b"/open/labels")
+        self.assertIsNone(seen.header(b"authorization"))
+        self.assertIsNone(seen.header(b"x-scope-orgid"))
+
+        for path in ("/loki/api/v1/push", "/api/prom/push"):  # the built-in table is gone
+            response, _ = await call(proxy.url + path)
+            self.assertEqual(response.code, 404)
+        self.assertEqual(
+            proxy.sample(
+                "proxy_requests_total", upstream="mimir-push", method="POST", status="200"
+            ),
+            1,
+        )
