@@ -133,7 +133,7 @@ class ProxyTests(TestCase):
                 )
             )
         env = {"ROUTES_FILE": routes_path, "MIMIR_TOKEN": "mimir-secret"}
-        config, token, _, specs = load(env)
+        _config, token, _, specs = load(env)
         self.assertIsNone(token)
         assert specs is not None
         routes = [(s, token_source(s.token, s.token_file) if s.token else None) for s in specs]
