@@ -14,7 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import IResource, Resource
 
 from .errors import json_error
-from .resources import NotFound, _json
+from .resources import Branch, _json
 
 _OK = b'{"status":"ok"}\n'
 _DRAINING = b'{"status":"draining"}\n'
@@ -85,9 +85,8 @@ def ops_resources(readiness: Readiness, registry: CollectorRegistry) -> dict[byt
 
 
 def admin_root(readiness: Readiness, registry: CollectorRegistry) -> Resource:
-    """The operations resources alone, for ``--admin-listen``."""
-    root = Resource()
+    """The operations resources alone, for ``--admin-listen``; JSON 404 elsewhere."""
+    root = Branch()
     for name, child in ops_resources(readiness, registry).items():
         root.putChild(name, child)
-    root.putChild(b"", NotFound())
     return root

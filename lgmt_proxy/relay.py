@@ -5,7 +5,7 @@ Both directions stream with backpressure. The client's body goes through
 upstream's body is relayed by `_ResponseBody`, whose transport is registered
 as the producer of the client request so a slow reader pauses the upstream.
 
-One idle timer per request (`Relay._check_idle`) covers waiting for the
+One `IdleTimer` per request (`Relay._idle`) covers waiting for the
 upstream's headers and silence on either body: before headers it cancels the
 upstream call (504), after them it aborts both connections, so a cut body
 never looks complete.
@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
@@ -27,6 +27,7 @@ from zope.interface import implementer
 from . import errors
 from .headers import copy_response_headers, forward_request_headers
 from .routes import Route, upstream_target
+from .timers import IdleTimer
 
 if TYPE_CHECKING:
     from .server import ProxyRequest
@@ -128,8 +129,7 @@ class Relay:
         self._response: IResponse | None = None
         self._body_transport: Any = None
         self._paused: set[str] = set()
-        self._timer: IDelayedCall | None = None
-        self._last = 0.0
+        self._timer: IdleTimer | None = None
         self._timed_out = False
         self._done = False  # upstream side finished, one way or another
         self._response_complete = False
@@ -140,7 +140,7 @@ class Relay:
     def body_chunk(self, data: bytes) -> None:
         if self._agent_d is None:
             self._start()
-        self._last = self._clock.seconds()
+        self._touch()
         producer = self._producer
         if producer is not None:
             producer.write(data)
@@ -151,7 +151,7 @@ class Relay:
             self._start()
         if self._producer is not None:
             self._producer.finish()
-        self._last = self._clock.seconds()
+        self._touch()
         if self._response_complete:
             self._finish()
 
@@ -214,8 +214,7 @@ class Relay:
             client_address=request.channel.client_host,
         )
         target = upstream_target(self.route, upstream.base_path, request.path, request.query)
-        self._last = self._clock.seconds()
-        self._timer = self._clock.callLater(self._timeout, self._check_idle)
+        self._timer = IdleTimer(self._clock, self._timeout, self._idle)
         d = upstream.agent.request(
             request.method, upstream.base_url + target, headers, self._producer
         )
@@ -235,7 +234,7 @@ class Relay:
     def _got_response(self, response: IResponse) -> None:
         self._response = response
         request = self.request
-        self._last = self._clock.seconds()
+        self._touch()
         if self._client_gone:
             response.deliverBody(_ResponseBody(self))
             return
@@ -277,7 +276,7 @@ class Relay:
             self.request.registerProducer(transport, True)
 
     def response_data(self, data: bytes) -> None:
-        self._last = self._clock.seconds()
+        self._touch()
         if not self._client_gone:
             self.request.write(data)
 
@@ -305,20 +304,18 @@ class Relay:
 
     # -- the idle timer -------------------------------------------------------
 
-    def _stop_timer(self) -> None:
-        timer = self._timer
-        if timer is not None:
-            self._timer = None
-            if timer.active():
-                timer.cancel()
+    def _touch(self) -> None:
+        if self._timer is not None:
+            self._timer.touch()
 
-    def _check_idle(self) -> None:
+    def _stop_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.stop()
+
+    def _idle(self) -> None:
         self._timer = None
         if self._done:
-            return
-        idle = self._clock.seconds() - self._last
-        if idle < self._timeout:
-            self._timer = self._clock.callLater(self._timeout - idle, self._check_idle)
             return
         self._timed_out = True
         if self._response is None:

@@ -451,6 +451,19 @@ class ProxySite(server.Site):
         self.max_connections = max_connections
         self.connections: set[ProxyChannel] = set()
 
+    def sibling(self, resource: IResource) -> ProxySite:
+        """A site with these settings serving another resource (the admin listener)."""
+        return ProxySite(
+            resource,
+            clock=self.clock,
+            observer=self.observer,
+            upstream_timeout=self.upstream_timeout,
+            max_body=self.max_body,
+            client_header_timeout=self.client_header_timeout,
+            client_idle_timeout=self.timeOut or 75.0,
+            max_connections=self.max_connections,
+        )
+
     def buildProtocol(self, addr: Any) -> Protocol | None:  # type: ignore[override]
         if len(self.connections) >= self.max_connections:
             self.observer.refused(503, getattr(addr, "host", "unknown"), "too many connections")

@@ -26,8 +26,8 @@ from .drain import drain_connections
 from .logs import make_observer
 from .metrics import ProxyMetrics
 from .observe import Observer
-from .ops import Readiness, ops_resources
-from .resources import Branch, build_root
+from .ops import Readiness, admin_root, ops_resources
+from .resources import build_root
 from .routes import DEFAULT_ROUTES, Route
 from .routesfile import RouteSpec
 from .server import ProxySite
@@ -88,19 +88,7 @@ def build_site(
 
 def admin_site(site: ProxySite, readiness: Readiness, registry: CollectorRegistry) -> ProxySite:
     """A site with only /health, /ready and /metrics, sharing the main site's settings."""
-    root = Branch()
-    for name, resource in ops_resources(readiness, registry).items():
-        root.putChild(name, resource)
-    return ProxySite(
-        root,
-        clock=site.clock,
-        observer=site.observer,
-        upstream_timeout=site.upstream_timeout,
-        max_body=site.max_body,
-        client_header_timeout=site.client_header_timeout,
-        client_idle_timeout=site.timeOut or 75.0,
-        max_connections=site.max_connections,
-    )
+    return site.sibling(admin_root(readiness, registry))
 
 
 class ProxyService(MultiService):

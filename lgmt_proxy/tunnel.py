@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,6 +24,7 @@ from twisted.python.failure import Failure
 from . import errors
 from .headers import forward_request_headers
 from .routes import Route, upstream_target
+from .timers import IdleTimer
 
 if TYPE_CHECKING:
     from .server import ProxyRequest
@@ -99,8 +99,7 @@ class Tunnel:
         self.site = request.site
         self._clock = self.site.clock
         self._upstream: _UpstreamSide | None = None
-        self._timer: IDelayedCall | None = None
-        self._last = 0.0
+        self._timer: IdleTimer | None = None
         self._open = False
         self._counted = False
         self._closed = False
@@ -189,13 +188,15 @@ class Tunnel:
     # -- spliced ---------------------------------------------------------------
 
     def from_client(self, data: bytes) -> None:
-        self._last = self._clock.seconds()
+        if self._timer is not None:
+            self._timer.touch()
         self.request.body_in += len(data)
         if self._upstream is not None and self._upstream.transport is not None:
             self._upstream.transport.write(data)
 
     def to_client(self, data: bytes) -> None:
-        self._last = self._clock.seconds()
+        if self._timer is not None:
+            self._timer.touch()
         self.request.sentLength += len(data)
         client: Any = self.request.channel.transport
         client.write(data)
@@ -254,23 +255,17 @@ class Tunnel:
             self._open = False
             self.site.observer.metrics.websocket(self.name, -1)
         timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        if timer is not None:
+            timer.stop()
 
     def _arm(self, seconds: float) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._last = self._clock.seconds()
-        self._limit = seconds
-        self._timer = self._clock.callLater(seconds, self._check)
+        if self._timer is not None:
+            self._timer.stop()
+        self._timer = IdleTimer(self._clock, seconds, self._idle)
 
-    def _check(self) -> None:
+    def _idle(self) -> None:
         self._timer = None
         if self._closed:
-            return
-        idle = self._clock.seconds() - self._last
-        if idle < self._limit:
-            self._timer = self._clock.callLater(self._limit - idle, self._check)
             return
         if not self._open:
             # No connect or no handshake answer in time.
