@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 import attrs
 from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import FailTest, SkipTest, TestCase
 
 from ..helpers import ORG, TOKEN, ProxyProcess, call, free_port, sleep, spawn_proxy
 
@@ -42,7 +42,7 @@ def missing(what: str) -> NoReturn:
     """Skip loudly on a developer machine; fail in CI, where peers are installed."""
     message = f"end-to-end peer missing: {what}. Install the peers with: {INSTALL}"
     if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
-        raise AssertionError(message + " (CI=true: a missing peer fails instead of skipping)")
+        raise FailTest(message + " (CI=true: a missing peer fails instead of skipping)")
     raise SkipTest(message)
 
 
@@ -158,7 +158,7 @@ async def run(
     child = spawn(None, name, argv, env, cwd)
     if not await child.wait(timeout):
         await child.stop(1.0)
-        raise AssertionError(f"{name} still running after {timeout}s:\n{child.tail()}")
+        raise FailTest(f"{name} still running after {timeout}s:\n{child.tail()}")
     assert child.code is not None
     return child.code, child.output.decode(errors="replace")
 
@@ -182,9 +182,7 @@ async def poll(
         except Exception as e:  # connection refused while starting, and the like
             last = e
         if time.monotonic() >= deadline:
-            raise AssertionError(
-                f"timed out after {timeout}s waiting for {what} (last error: {last!r})"
-            )
+            raise FailTest(f"timed out after {timeout}s waiting for {what} (last error: {last!r})")
         await sleep(interval)
 
 
@@ -211,7 +209,7 @@ async def start_proxy(case: TestCase, urls: dict[str, str]) -> ProxyProcess:
 
     case.addCleanup(stop)
     if proxy.ended.called:
-        raise AssertionError(f"lgmt-proxy did not start:\n{proxy.output.decode()}")
+        raise FailTest(f"lgmt-proxy did not start:\n{proxy.output.decode()}")
     return proxy
 
 
@@ -294,4 +292,4 @@ async def start_prometheus(
             return prom
         if b"address already in use" not in child.output:
             break
-    raise AssertionError(f"prometheus {name} exited with {child.code}:\n{child.tail()}")
+    raise FailTest(f"prometheus {name} exited with {child.code}:\n{child.tail()}")

@@ -262,7 +262,7 @@ class FakeCloud(Resource):
         from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-        classes = {
+        classes: dict[str, tuple[Any, Any]] = {
             "traces": (
                 trace_service_pb2.ExportTraceServiceRequest,
                 trace_service_pb2.ExportTraceServiceResponse,
@@ -277,7 +277,8 @@ class FakeCloud(Resource):
             ),
         }
         request_class, response_class = classes[kind]
-        encoding = (seen.header(b"Content-Encoding") or [None])[0]
+        encodings = seen.header(b"Content-Encoding")
+        encoding = encodings[0] if encodings else None
         body = gzip.decompress(seen.body) if encoding == b"gzip" else seen.body
         message = request_class.FromString(body)
         self.otlp.append(Otlp(kind, encoding, seen.body, message))
