@@ -57,8 +57,16 @@ _PRIVATE = frozenset(
 )
 
 
+_second: list[Any] = [None, ""]
+
+
 def _iso(t: float) -> str:
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(t))}.{int(t * 1000) % 1000:03d}Z"
+    """ISO 8601 UTC with milliseconds; the formatted second is reused."""
+    whole = int(t)
+    if _second[0] != whole:
+        _second[0] = whole
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int(t * 1000) % 1000:03d}Z"
 
 
 def _safe(value: Any) -> Any:

@@ -308,10 +308,19 @@ class ProxyChannel(http.HTTPChannel):
     client_text = "unknown"
     _head_timer: IDelayedCall | None = None
 
+    def getPeer(self) -> Any:
+        return self._peer
+
+    def getHost(self) -> Any:
+        # Request.__init__ asks for both per request; getsockname is a syscall.
+        return self._host
+
     def connectionMade(self) -> None:
-        super().connectionMade()
         assert self.transport is not None
-        peer = self.transport.getPeer()
+        self._peer = self.transport.getPeer()
+        self._host = self.transport.getHost()
+        super().connectionMade()
+        peer = self._peer
         host = getattr(peer, "host", None)
         if host:
             self.client_text = host
@@ -319,11 +328,20 @@ class ProxyChannel(http.HTTPChannel):
         self.site.connections.add(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._head_timer is None and self._HTTPChannel__first_line and not self._handlingRequest:  # type: ignore[attr-defined]
+        super().dataReceived(data)
+        # The head deadline is armed only when a head is left incomplete by a
+        # read: most requests arrive whole, and then no timer is needed.
+        if (
+            self._head_timer is None
+            and self.line_mode
+            and not self._handlingRequest
+            and (self._buffer or not self._HTTPChannel__first_line)  # type: ignore[attr-defined]
+            and self.transport is not None
+            and not getattr(self.transport, "disconnecting", False)
+        ):
             self._head_timer = self.site.clock.callLater(
                 self.site.client_header_timeout, self._head_timed_out
             )
-        super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
         if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
