@@ -1,0 +1,86 @@
+# lgmt-proxy container image.
+#
+#   scripts/build-image            build it (docker when a daemon answers, else buildah)
+#   scripts/smoke-image            build, run with --sandbox, check /health, a proxied
+#                                  request and a clean exit (0) on SIGTERM
+#
+# Two stages on debian:bookworm-slim: the first builds a virtualenv with the
+# project installed (not editable) using Debian's python3 (3.11), the second
+# copies that virtualenv onto a base with only python3 and ca-certificates.
+# Nothing is written outside /tmp at run time: the Twisted plugin cache is
+# generated here and bytecode writing is off, so `readOnlyRootFilesystem: true`
+# with an emptyDir at /tmp works.
+
+FROM debian:bookworm-slim AS build
+
+ARG DEBIAN_FRONTEND=noninteractive
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# Package versions are not pinned: bookworm's point releases replace them, and
+# a pin on a version the mirror no longer serves breaks the build.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+WORKDIR /src
+COPY setup.py pyproject.toml ./
+COPY lgmt_proxy ./lgmt_proxy
+COPY twisted ./twisted
+
+# A regular (not editable) install: the virtualenv is self-contained and the
+# source tree is left behind in this stage. Behind a TLS-intercepting proxy,
+# pass its CA bundle as the build secret `pip_ca` (scripts/build-image does when
+# PIP_CERT or BUILD_CA_BUNDLE names one); a secret never lands in a layer.
+RUN --mount=type=secret,id=pip_ca \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && python3 -m venv /opt/lgmt-proxy \
+    && /opt/lgmt-proxy/bin/python -m pip install --no-cache-dir /src \
+    && /opt/lgmt-proxy/bin/python -m pip uninstall -y pip \
+    && /opt/lgmt-proxy/bin/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+
+
+FROM debian:bookworm-slim
+
+ARG DEBIAN_FRONTEND=noninteractive
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --gid 10001 lgmt \
+    && useradd --uid 10001 --gid lgmt --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin lgmt
+
+COPY --from=build /opt/lgmt-proxy /opt/lgmt-proxy
+
+# Bytecode as unchecked-hash .pyc files: always used, never compared with the
+# sources (whose copied mtimes would make some look stale and be recompiled in
+# memory at every start, the root filesystem being read-only). Then the plugin
+# cache, regenerated in this stage so it matches the files as copied: at run
+# time Twisted only reads it (it would otherwise log that it cannot write it).
+RUN /opt/lgmt-proxy/bin/python -m compileall -q -f -j 0 --invalidation-mode unchecked-hash \
+        /opt/lgmt-proxy/lib \
+    && /opt/lgmt-proxy/bin/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))' \
+    && /opt/lgmt-proxy/bin/twistd lgmt-proxy --help > /dev/null
+
+ENV PATH=/opt/lgmt-proxy/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    TMPDIR=/tmp
+
+USER 10001:10001
+WORKDIR /tmp
+EXPOSE 8085
+STOPSIGNAL SIGTERM
+
+# twistd itself is PID 1 (exec form: no shell, no eval). It stops the reactor
+# on SIGTERM after the drain (SHUTDOWN_DELAY_SECONDS + SHUTDOWN_GRACE_SECONDS)
+# and exits 0. Arguments after the image name go to lgmt-proxy, e.g. --sandbox.
+ENTRYPOINT ["/opt/lgmt-proxy/bin/twistd", "--nodaemon", "--pidfile=", "lgmt-proxy"]

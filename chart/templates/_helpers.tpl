@@ -1,0 +1,142 @@
+{{/* Chart name, possibly overridden. */}}
+{{- define "lgmt-proxy.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release-chart, unless the release name already holds the chart name. */}}
+{{- define "lgmt-proxy.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "lgmt-proxy.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lgmt-proxy.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lgmt-proxy.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "lgmt-proxy.labels" -}}
+helm.sh/chart: {{ include "lgmt-proxy.chart" . }}
+{{ include "lgmt-proxy.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: proxy
+{{- end }}
+
+{{- define "lgmt-proxy.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "lgmt-proxy.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding the token, and its key. */}}
+{{- define "lgmt-proxy.tokenSecretName" -}}
+{{- if .Values.token.existingSecret }}
+{{- .Values.token.existingSecret }}
+{{- else }}
+{{- printf "%s-token" (include "lgmt-proxy.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "lgmt-proxy.tokenSecretKey" -}}
+{{- if .Values.token.existingSecret }}{{ .Values.token.existingSecretKey }}{{ else }}token{{ end }}
+{{- end }}
+
+{{- define "lgmt-proxy.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/* Seconds the drain may take: SHUTDOWN_DELAY + SHUTDOWN_GRACE, rounded up. */}}
+{{- define "lgmt-proxy.drainSeconds" -}}
+{{- ceil (addf .Values.config.shutdownDelaySeconds .Values.config.shutdownGraceSeconds) | int }}
+{{- end }}
+
+{{- define "lgmt-proxy.terminationGracePeriodSeconds" -}}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add (include "lgmt-proxy.drainSeconds" . | int) 10 }}
+{{- else }}
+{{- .Values.terminationGracePeriodSeconds | int }}
+{{- end }}
+{{- end }}
+
+{{/* The port probes and scrapes use: the admin port when set. */}}
+{{- define "lgmt-proxy.opsPortName" -}}
+{{- if kindIs "invalid" .Values.adminPort }}http{{ else }}admin{{ end }}
+{{- end }}
+
+{{/* Refuse values that would deploy something broken; one message per problem. */}}
+{{- define "lgmt-proxy.validate" -}}
+{{- $problems := list }}
+{{- if and .Values.token.existingSecret .Values.token.value }}
+{{- $problems = append $problems "token: set only one of token.existingSecret and token.value" }}
+{{- else if not (or .Values.token.existingSecret .Values.token.value) }}
+{{- $problems = append $problems "token: set token.existingSecret (an existing Secret) or token.value (the chart creates the Secret)" }}
+{{- end }}
+{{- $on := 0 }}
+{{- range $signal, $u := .Values.upstreams }}
+{{- if $u.url }}
+{{- $on = add1 $on }}
+{{- if not $u.orgId }}
+{{- $problems = append $problems (printf "upstreams.%s.orgId: required because upstreams.%s.url is set" $signal $signal) }}
+{{- end }}
+{{- if and (not $.Values.config.allowInsecureUpstream) (not (hasPrefix "https://" $u.url)) }}
+{{- $problems = append $problems (printf "upstreams.%s.url: must start with https:// (or set config.allowInsecureUpstream)" $signal) }}
+{{- end }}
+{{- else if or $u.orgId $u.tenantId }}
+{{- $problems = append $problems (printf "upstreams.%s: orgId/tenantId set but url is not" $signal) }}
+{{- end }}
+{{- end }}
+{{- $routesFile := false }}
+{{- range .Values.extraEnv }}
+{{- if eq .name "ROUTES_FILE" }}{{ $routesFile = true }}{{ end }}
+{{- end }}
+{{- if and $routesFile (gt $on 0) }}
+{{- $problems = append $problems "upstreams: leave every url empty when extraEnv sets ROUTES_FILE (the route table replaces them)" }}
+{{- else if and (not $routesFile) (eq $on 0) }}
+{{- $problems = append $problems "upstreams: at least one signal needs a url and an orgId" }}
+{{- end }}
+{{- if and .Values.upstreamCA.configMap .Values.upstreamCA.secret }}
+{{- $problems = append $problems "upstreamCA: set only one of upstreamCA.configMap and upstreamCA.secret" }}
+{{- end }}
+{{- $drain := include "lgmt-proxy.drainSeconds" . | int }}
+{{- $tgps := include "lgmt-proxy.terminationGracePeriodSeconds" . | int }}
+{{- if le $tgps $drain }}
+{{- $problems = append $problems (printf "terminationGracePeriodSeconds: %d must exceed config.shutdownDelaySeconds + config.shutdownGraceSeconds (%d), or the kubelet kills pods mid-drain" $tgps $drain) }}
+{{- end }}
+{{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) }}
+{{- $problems = append $problems "podDisruptionBudget: set only one of maxUnavailable and minAvailable" }}
+{{- end }}
+{{- if and (not (kindIs "invalid" .Values.adminPort)) (eq (int .Values.adminPort) (int .Values.config.port)) }}
+{{- $problems = append $problems "adminPort: must differ from config.port" }}
+{{- end }}
+{{- if $problems }}
+{{- fail (printf "\n  %s" (join "\n  " $problems)) }}
+{{- end }}
+{{- end }}
+
+{{/* A probe as given, its httpGet moved to the admin port when adminPort is set. */}}
+{{- define "lgmt-proxy.probe" -}}
+{{- $probe := deepCopy .probe }}
+{{- if and $probe.httpGet (eq (toString $probe.httpGet.port) "http") }}
+{{- $_ := set $probe.httpGet "port" (include "lgmt-proxy.opsPortName" .root) }}
+{{- end }}
+{{- toYaml $probe }}
+{{- end }}
