@@ -21,7 +21,7 @@ TESTS ?= tests
 ARGS ?=
 TWISTD := $(BIN)/twistd -n --pidfile= lgmt-proxy
 
-.PHONY: venv lint test run clean
+.PHONY: venv lint test run bench clean
 
 venv: $(STAMP)
 
@@ -68,6 +68,11 @@ run: venv
 		echo "make run: no .env and no GRAFANA_CLOUD_ACCESS_TOKEN(_FILE) set: starting the sandbox"; \
 		exec $(TWISTD) --sandbox $(ARGS); \
 	fi
+
+# The benchmark (nginx, wrk; not a test). BENCH_ARGS=--quick for a short run.
+BENCH_ARGS ?=
+bench: venv
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp* \
