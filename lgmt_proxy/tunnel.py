@@ -210,6 +210,8 @@ class Tunnel:
 
     def client_gone_early(self) -> None:
         """The client left before the switch: drop the upstream attempt."""
+        if self._closed:
+            return  # after the switch `client_lost` already closed both sides
         self._close()
         if self._connecting is not None:
             self._connecting.cancel()
