@@ -77,46 +77,57 @@ def _safe(value: Any) -> Any:
     return repr(value)
 
 
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def access_as_json(access: dict[str, Any], t: float) -> str:
+    """One access-log line: the request's fields at the top level."""
+    return _dumps({"time": _iso(t), "level": "info", "msg": "request", **access})
+
+
+def access_as_text(access: dict[str, Any], t: float) -> str:
+    a = access
+    text = (
+        f'{a["client"]} "{a["method"]} {a["path"]}" {a["status"]} '
+        f"{a['bytes_out']} {a['duration']:.4f}s upstream={a['upstream']} id={a['request_id']}"
+    )
+    if a.get("error"):
+        text += f" error={a['error']}"
+    return f"{_iso(t)} info  {text}"
+
+
 def event_as_json(event: dict[str, Any]) -> str:
+    namespace = event.get("log_namespace", "")
+    t = event.get("log_time") or time.time()
+    if namespace == ACCESS_NAMESPACE:
+        return access_as_json(event["access"], t)
     level = event.get("log_level")
     out: dict[str, Any] = {
-        "time": _iso(event.get("log_time") or time.time()),
+        "time": _iso(t),
         "level": level.name if isinstance(level, type(LogLevel.info)) else "info",
     }
-    namespace = event.get("log_namespace", "")
-    if namespace == ACCESS_NAMESPACE:
-        out["msg"] = "request"
-        out.update(event["access"])
-    else:
-        out["logger"] = namespace
-        out["msg"] = formatEvent(event)
-        for key, value in event.items():
-            if key not in _PRIVATE and not key.startswith("log_"):
-                out.setdefault(key, _safe(value))
-        failure = event.get("log_failure")
-        if failure is not None:
-            out["error"] = f"{failure.type.__name__}: {failure.getErrorMessage()}"
-    return json.dumps(out, separators=(",", ":"))
+    out["logger"] = namespace
+    out["msg"] = formatEvent(event)
+    for key, value in event.items():
+        if key not in _PRIVATE and not key.startswith("log_"):
+            out.setdefault(key, _safe(value))
+    failure = event.get("log_failure")
+    if failure is not None:
+        out["error"] = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+    return _dumps(out)
 
 
 def event_as_text(event: dict[str, Any]) -> str:
+    t = event.get("log_time") or time.time()
+    if event.get("log_namespace") == ACCESS_NAMESPACE:
+        return access_as_text(event["access"], t)
     level = event.get("log_level")
     name = level.name if isinstance(level, type(LogLevel.info)) else "info"
-    stamp = _iso(event.get("log_time") or time.time())
-    if event.get("log_namespace") == ACCESS_NAMESPACE:
-        a = event["access"]
-        text = (
-            f'{a["client"]} "{a["method"]} {a["path"]}" {a["status"]} '
-            f"{a['bytes_out']} {a['duration']:.4f}s upstream={a['upstream']} id={a['request_id']}"
-        )
-        if a.get("error"):
-            text += f" error={a['error']}"
-    else:
-        text = formatEvent(event)
-        failure = event.get("log_failure")
-        if failure is not None:
-            text += f" ({failure.type.__name__}: {failure.getErrorMessage()})"
-    return f"{stamp} {name:5} {text}"
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text += f" ({failure.type.__name__}: {failure.getErrorMessage()})"
+    return f"{_iso(t)} {name:5} {text}"
 
 
 @implementer(ILogObserver)
@@ -129,9 +140,11 @@ class StreamObserver:
         stream: IO[str],
         formatter: Callable[[dict[str, Any]], str],
         schedule: Callable[[Callable[[], None]], object] | None = None,
+        access_formatter: Callable[[dict[str, Any], float], str] = access_as_json,
     ) -> None:
         self._stream = stream
         self._format = formatter
+        self._format_access = access_formatter
         self._schedule = schedule
         self._pending: list[str] = []
 
@@ -142,6 +155,17 @@ class StreamObserver:
             line = json.dumps(
                 {"level": "error", "msg": f"unformattable log event: {type(e).__name__}"}
             )
+        self._add(line)
+
+    def access(self, access: dict[str, Any], t: float) -> None:
+        """An access-log line, formatted straight into the batch.
+
+        The same line `event_as_json` makes from an access event, without the
+        trip through twisted.logger's publisher and filter (measured at
+        several percent of a small request's CPU)."""
+        self._add(self._format_access(access, t))
+
+    def _add(self, line: str) -> None:
         self._pending.append(line + "\n")
         if self._schedule is None:
             self.flush()
@@ -166,7 +190,9 @@ def make_observer(
     schedule: Callable[[Callable[[], None]], object] | None = None,
 ) -> tuple[ILogObserver, StreamObserver]:
     """The filtering observer to install, and the stream observer (to flush)."""
-    formatter = event_as_json if log_format == "json" else event_as_text
-    sink = StreamObserver(stream, formatter, schedule)
+    if log_format == "json":
+        sink = StreamObserver(stream, event_as_json, schedule, access_as_json)
+    else:
+        sink = StreamObserver(stream, event_as_text, schedule, access_as_text)
     predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[log_level])
     return FilteringLogObserver(sink, [predicate]), sink

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .logs import ACCESS_NAMESPACE
+from .logs import ACCESS_NAMESPACE, StreamObserver
 from .metrics import ProxyMetrics, method_label
 
 if TYPE_CHECKING:
@@ -45,10 +46,19 @@ def request_id(value: bytes | None) -> str:
 class Observer:
     """Counts and logs each request exactly once, when it ends."""
 
-    def __init__(self, metrics: ProxyMetrics, clock: IReactorTime) -> None:
+    def __init__(
+        self, metrics: ProxyMetrics, clock: IReactorTime, access_sink: StreamObserver | None = None
+    ) -> None:
         self.metrics = metrics
         self._clock = clock
         self._log = Logger(namespace=ACCESS_NAMESPACE)
+        self._sink = access_sink
+
+    def _access(self, access: dict[str, object]) -> None:
+        if self._sink is not None:
+            self._sink.access(access, time.time())
+        else:
+            self._log.info("request", access=access)
 
     def started(self, request: ProxyRequest) -> None:
         request.in_flight = True
@@ -57,9 +67,8 @@ class Observer:
     def refused(self, status: int, client: str, reason: str) -> None:
         """A request refused before it could be parsed (hostile input, overload)."""
         self.metrics.request("none", "other", str(status), 0.0, 0, 0, None)
-        self._log.info(
-            "request",
-            access={
+        self._access(
+            {
                 "method": "",
                 "path": "",
                 "upstream": "none",
@@ -71,7 +80,7 @@ class Observer:
                 "user_agent": "",
                 "request_id": request_id(None),
                 "error": reason,
-            },
+            }
         )
 
     def finished(self, request: ProxyRequest, *, complete: bool) -> None:
@@ -112,4 +121,4 @@ class Observer:
             access["error"] = error
         if request.consumer is not None:
             access["consumer"] = request.consumer
-        self._log.info("request", access=access)
+        self._access(access)

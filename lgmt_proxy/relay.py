@@ -167,6 +167,15 @@ class Relay:
             self._abandon_upstream()
         self._stop_timer()
 
+    def release(self) -> None:
+        """The request is over: drop the references that form cycles
+        (Deferred callbacks, producer, body transport) so plain reference
+        counting frees them."""
+        self._agent_d = None
+        self._producer = None
+        self._response = None
+        self._body_transport = None
+
     def set_client_pause(self, why: str, paused: bool) -> None:
         channel = getattr(self.request, "channel", None)
         if self._client_gone or channel is None:

@@ -293,6 +293,11 @@ class ProxyRequest(server.Request):
             return
         self._observed = True
         self.site.observer.finished(self, complete=bool(self.finished or self._answered))
+        # Break the request <-> relay cycles now: left to the cyclic GC they
+        # made it run every few hundred requests (p99 doubled).
+        relay, self._relay = self._relay, None
+        if relay is not None:
+            relay.release()
 
 
 class ProxyChannel(http.HTTPChannel):

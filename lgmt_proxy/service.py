@@ -3,6 +3,7 @@ the graceful drain, built from a validated `Config` and an injected reactor."""
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from twisted.python.components import Componentized
 from .clientauth import ClientAuth, load_client_auth
 from .config import SIGNALS, Config, Secret
 from .drain import drain_connections
-from .logs import make_observer
+from .logs import StreamObserver, make_observer
 from .metrics import ProxyMetrics
 from .observe import Observer
 from .ops import Readiness, admin_root, ops_resources
@@ -52,6 +53,7 @@ def build_site(
     trust: IOpenSSLTrustRoot | None = None,
     client_auth: Callable[[], ClientAuth] | None = None,
     routes: list[tuple[RouteSpec, Callable[[], Secret] | None]] | None = None,
+    access_sink: StreamObserver | None = None,
 ) -> tuple[ProxySite, dict[str, Upstream]]:
     """The proxy's `Site` and its upstreams: everything but the listeners.
 
@@ -73,7 +75,7 @@ def build_site(
     site = ProxySite(
         root,
         clock=reactor,
-        observer=Observer(metrics, reactor),
+        observer=Observer(metrics, reactor, access_sink),
         upstream_timeout=config.upstream_timeout,
         max_body=config.max_request_body_bytes,
         client_header_timeout=config.client_header_timeout,
@@ -89,6 +91,14 @@ def build_site(
 def admin_site(site: ProxySite, readiness: Readiness, registry: CollectorRegistry) -> ProxySite:
     """A site with only /health, /ready and /metrics, sharing the main site's settings."""
     return site.sibling(admin_root(readiness, registry))
+
+
+def _freeze_startup_objects() -> None:
+    """Move everything built at start-up out of the cyclic collector's way:
+    full collections then only walk what requests allocate (the process-wide
+    GC is ours to tune: twistd runs one service per process)."""
+    gc.collect()
+    gc.freeze()
 
 
 class ProxyService(MultiService):
@@ -157,6 +167,8 @@ class ProxyService(MultiService):
             trust=trust,
             client_auth=self.client_auth,
             routes=route_sources,
+            # Access lines go straight to the output unless the level hides them.
+            access_sink=self._sink if config.log_level in ("debug", "info") else None,
         )
         # Twisted's default backlog of 50 drops SYNs under a burst of new
         # connections (clients then wait a 1 s retransmit).
@@ -213,6 +225,7 @@ class ProxyService(MultiService):
             super().startService()
         if self._handle_sigterm:
             self.reactor.callWhenRunning(self._install_sigterm)
+            self.reactor.callWhenRunning(_freeze_startup_objects)
         self._announce()
 
     def _announce(self) -> None:
