@@ -224,9 +224,7 @@ class Relay:
         )
         target = upstream_target(self.route, upstream.base_path, request.path, request.query)
         self._timer = IdleTimer(self._clock, self._timeout, self._idle)
-        d = upstream.agent.request(
-            request.method, upstream.base_url + target, headers, self._producer
-        )
+        d = upstream.request(request.method, target, headers, self._producer)
         self._agent_d = d
         d.addCallbacks(self._got_response, self._upstream_failed)
 

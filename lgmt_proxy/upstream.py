@@ -29,6 +29,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime, IStreamClientEndpoint
 from twisted.web.client import (
+    URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
@@ -215,6 +216,8 @@ class Upstream:
     base_path: bytes
     tenant: bytes | None
     _cached: tuple[Secret, bytes] | None = None
+    _key: tuple[bytes, bytes, int] = attrs.field(init=False)
+    _uri: URI = attrs.field(init=False)
 
     def authorization(self) -> bytes | None:
         """The ``Authorization`` value to inject (None: send none)."""
@@ -230,6 +233,25 @@ class Upstream:
             value = basic_authorization(self.signal.org_id, token)
         self._cached = (token, value)
         return value
+
+    def request(self, method: bytes, target: bytes, headers: Any, body: Any) -> Deferred[Any]:
+        """Send ``method target`` (origin-form) upstream.
+
+        With our own `Agent` this skips `Agent.request`, which re-parses a
+        full URL per request (about 3% of a small GET) only to find the one
+        endpoint and pool key this upstream always uses; the target is still
+        validated when the request line is written.
+        """
+        agent: Any = self.agent
+        if type(agent) is Agent:
+            return agent._requestWithEndpoint(  # type: ignore[no-any-return]
+                self._key, self.endpoint, method, self._uri, headers, body, target
+            )
+        return agent.request(method, self.base_url + target, headers, body)  # type: ignore[no-any-return]
+
+    def __attrs_post_init__(self) -> None:
+        self._key = (self.signal.scheme.encode(), self.host_header, self.signal.port)
+        self._uri = URI.fromBytes(self.base_url + b"/")
 
     def __repr__(self) -> str:
         return f"<Upstream {self.signal.name} {self.signal.url}>"
