@@ -19,7 +19,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -34,6 +34,7 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     _HTTP11ClientFactory,
+    _RetryingHTTP11ClientProtocol,
 )
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import alsoProvides, implementer
@@ -94,7 +95,25 @@ class _QuietClientFactory(_HTTP11ClientFactory):
 
 
 class _QuietPool(HTTPConnectionPool):
+    """Twisted's pool, quiet, and handing out the most recently used idle
+    connection first: Twisted takes the oldest (``pop(0)``), so after a burst
+    one client cycled through every connection the burst opened and none ever
+    aged out; LIFO keeps one hot connection and lets the surplus close."""
+
     _factory = _QuietClientFactory
+
+    def getConnection(self, key: Any, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
+        connections = self._connections.get(key)
+        while connections:
+            connection = connections.pop()
+            self._timeouts.pop(connection).cancel()
+            if connection.state == "QUIESCENT":
+                if self.retryAutomatically:
+                    connection = _RetryingHTTP11ClientProtocol(
+                        connection, lambda: self._newConnection(key, endpoint)
+                    )
+                return succeed(connection)
+        return self._newConnection(key, endpoint)  # type: ignore[no-any-return]
 
 
 @implementer(IStreamClientEndpoint)

@@ -483,3 +483,35 @@ class ConcurrencyTests(_Base):
         )
         self.assertEqual([body for _, body in results], [b"done"] * 200)
         self.assertEqual(slow.peak, 200)
+
+
+class _Peers(Recorder):
+    """Records which upstream connection (client port) carried each request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports: list[int] = []
+
+    def render(self, request: Any) -> bytes:
+        self.ports.append(request.getClientAddress().port)
+        return super().render(request)
+
+
+class PoolTests(_Base):
+    async def test_connections_reused_most_recent_first(self) -> None:
+        up = _Peers()
+        proxy, _ = self.start(up)
+        from twisted.internet.defer import gatherResults
+
+        # A burst opens several upstream connections...
+        await gatherResults(
+            [Deferred.fromCoroutine(call(proxy.url + f"/loki/b{i}")) for i in range(6)]
+        )
+        burst = set(up.ports)
+        self.assertGreater(len(burst), 1)
+        del up.ports[:]
+        # ...then one client asking in turn keeps to one of them, none new.
+        for i in range(8):
+            await call(proxy.url + f"/loki/s{i}")
+        self.assertEqual(len(set(up.ports)), 1, up.ports)
+        self.assertLessEqual(set(up.ports), burst)
