@@ -25,7 +25,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from . import errors
-from .headers import copy_response_headers, forward_request_headers
+from .headers import copy_response_headers
 from .routes import Route, upstream_target
 from .timers import IdleTimer
 
@@ -215,13 +215,7 @@ class Relay:
         ):
             self._producer = _BodyProducer(self, 0)
             self._producer.finish()
-        headers = forward_request_headers(
-            request.requestHeaders,
-            host=upstream.host_header,
-            authorization=upstream.authorization(),
-            tenant=upstream.tenant,
-            client_address=request.channel.client_host,
-        )
+        headers = upstream.forward_headers(request.requestHeaders, request.channel.client_host)
         target = upstream_target(self.route, upstream.base_path, request.path, request.query)
         self._timer = IdleTimer(self._clock, self._timeout, self._idle)
         d = upstream.request(request.method, target, headers, self._producer)

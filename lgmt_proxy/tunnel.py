@@ -22,7 +22,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import errors
-from .headers import forward_request_headers
 from .routes import Route, upstream_target
 from .timers import IdleTimer
 
@@ -46,13 +45,7 @@ def wants_websocket(request: ProxyRequest) -> bool:
 
 
 def handshake_bytes(request: ProxyRequest, route: Route, upstream: Upstream) -> bytes:
-    headers = forward_request_headers(
-        request.requestHeaders,
-        host=upstream.host_header,
-        authorization=upstream.authorization(),
-        tenant=upstream.tenant,
-        client_address=request.channel.client_host,
-    )
+    headers = upstream.forward_headers(request.requestHeaders, request.channel.client_host)
     target = upstream_target(route, upstream.base_path, request.path, request.query)
     lines = [b"GET " + target + b" HTTP/1.1", b"Connection: Upgrade", b"Upgrade: websocket"]
     for name, values in headers.getAllRawHeaders():

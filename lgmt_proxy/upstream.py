@@ -36,10 +36,12 @@ from twisted.web.client import (
     _HTTP11ClientFactory,
     _RetryingHTTP11ClientProtocol,
 )
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import alsoProvides, implementer
 
 from .config import Config, Secret, SignalConfig
+from .headers import forward_request_headers
 
 #: Idle upstream connections kept per upstream host. The pool does not cap
 #: concurrency, only reuse: Twisted's default of 2 reconnects under any load.
@@ -252,6 +254,17 @@ class Upstream:
             value = basic_authorization(self.signal.org_id, token)
         self._cached = (token, value)
         return value
+
+    def forward_headers(self, incoming: Headers, client_address: bytes) -> Headers:
+        """What this upstream gets for a client request's headers: the
+        contract's rules with this upstream's host, credentials and tenant."""
+        return forward_request_headers(
+            incoming,
+            host=self.host_header,
+            authorization=self.authorization(),
+            tenant=self.tenant,
+            client_address=client_address,
+        )
 
     def request(self, method: bytes, target: bytes, headers: Any, body: Any) -> Deferred[Any]:
         """Send ``method target`` (origin-form) upstream.
