@@ -592,6 +592,34 @@ def conns(row: dict[str, float]) -> str:
     return f"{fmt(row['upstream_connections'], 0)} / {opened} ({per})"
 
 
+def latency_row(n: dict[str, float], lg: dict[str, float]) -> list[str]:
+    """The p50 / p99 row of a workload: nginx, lgmt-proxy and their ratios."""
+    return [
+        "",
+        "latency p50 / p99 (ms)",
+        "",
+        f"{fmt(n['p50_ms'], 2)} / {fmt(n['p99_ms'], 2)}",
+        f"{fmt(lg['p50_ms'], 2)} / {fmt(lg['p99_ms'], 2)}",
+        f"{fx(ratio(lg['p50_ms'], n['p50_ms']))} / {fx(ratio(lg['p99_ms'], n['p99_ms']))}",
+        "",
+        "",
+    ]
+
+
+def conns_row(n: dict[str, float], lg: dict[str, float]) -> list[str]:
+    """The upstream-connection reuse row of a workload."""
+    return [
+        "",
+        "upstream conns used per run / opened while measured (requests per opened)",
+        "",
+        conns(n),
+        conns(lg),
+        "",
+        "",
+        "",
+    ]
+
+
 def ratio(a: float, b_: float) -> float:
     if not b_ or math.isnan(a) or math.isnan(b_):
         return math.nan
@@ -668,27 +696,9 @@ def evaluate(results: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, A
                 "",
                 "",
             ],
-            [
-                "",
-                "latency p50 / p99 (ms)",
-                "",
-                f"{fmt(n['p50_ms'], 2)} / {fmt(n['p99_ms'], 2)}",
-                f"{fmt(lg['p50_ms'], 2)} / {fmt(lg['p99_ms'], 2)}",
-                f"{fx(ratio(lg['p50_ms'], n['p50_ms']))} / {fx(ratio(lg['p99_ms'], n['p99_ms']))}",
-                "",
-                "",
-            ],
+            latency_row(n, lg),
             ["", "CPU used (cores)", "", fmt(n["cores"], 2), fmt(lg["cores"], 2), "", "", ""],
-            [
-                "",
-                "upstream conns used per run / opened while measured (requests per opened)",
-                "",
-                conns(n),
-                conns(lg),
-                "",
-                "",
-                "",
-            ],
+            conns_row(n, lg),
         ]
         for t in (n, lg):
             non2xx_total += int(t["non2xx"])
@@ -740,16 +750,7 @@ def evaluate(results: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, A
                 "",
                 "",
             ],
-            [
-                "",
-                "upstream conns used per run / opened while measured (requests per opened)",
-                "",
-                conns(n),
-                conns(lg),
-                "",
-                "",
-                "",
-            ],
+            conns_row(n, lg),
         ]
         for t in (d, n, lg):
             non2xx_total += int(t["non2xx"])
@@ -785,26 +786,8 @@ def evaluate(results: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, A
                 "",
                 "",
             ],
-            [
-                "",
-                "latency p50 / p99 (ms)",
-                "",
-                f"{fmt(n['p50_ms'], 2)} / {fmt(n['p99_ms'], 2)}",
-                f"{fmt(lg['p50_ms'], 2)} / {fmt(lg['p99_ms'], 2)}",
-                f"{fx(ratio(lg['p50_ms'], n['p50_ms']))} / {fx(ratio(lg['p99_ms'], n['p99_ms']))}",
-                "",
-                "",
-            ],
-            [
-                "",
-                "upstream conns used per run / opened while measured (requests per opened)",
-                "",
-                conns(n),
-                conns(lg),
-                "",
-                "",
-                "",
-            ],
+            latency_row(n, lg),
+            conns_row(n, lg),
             [
                 "",
                 "pushes not read whole by the upstream",
