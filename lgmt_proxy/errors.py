@@ -14,12 +14,13 @@ from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 from twisted.web import _newclient
 
-#: proxy_upstream_errors_total reasons (bounded).
-REASONS = ("connect", "timeout", "tls", "reset", "client_abort", "body_limit")
-
 
 @attrs.frozen
 class Outcome:
+    """An answer for a failure; ``reason`` labels proxy_upstream_errors_total
+    (connect, timeout, tls or reset here; client_abort and body_limit are set
+    by the request itself)."""
+
     status: int
     reason: str
     message: str

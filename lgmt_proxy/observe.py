@@ -85,7 +85,7 @@ class Observer:
 
     def finished(self, request: ProxyRequest, *, complete: bool) -> None:
         upstream = request.upstream_name
-        if getattr(request, "in_flight", False):
+        if request.in_flight:
             request.in_flight = False
             self.metrics.ended(upstream)
         status = request.code if (complete or request.startedWriting) else 499
