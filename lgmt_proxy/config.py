@@ -58,6 +58,8 @@ class SignalConfig:
     scheme: str
     host: str
     port: int
+    #: The URL's path without trailing '/' ('' for none): where the service is
+    #: mounted (`routes.upstream_target` says how it joins the upstream path).
     base_path: str
     org_id: str
     tenant_id: str | None
@@ -92,7 +94,7 @@ class Config:
     token_file: str | None = None
     port: int = 8085
     upstream_connect_timeout: float = 5.0
-    upstream_timeout: float = 30.0
+    upstream_timeout: float = 300.0
     max_request_body_bytes: int = 52428800
     shutdown_delay: float = 5.0
     shutdown_grace: float = 25.0
@@ -315,7 +317,7 @@ def parse_config(env: Mapping[str, str]) -> Config:
         token_file=token_file,
         port=r.integer("PORT", 8085, low=1, high=65535),
         upstream_connect_timeout=r.number("UPSTREAM_CONNECT_TIMEOUT_SECONDS", 5.0),
-        upstream_timeout=r.number("UPSTREAM_TIMEOUT_SECONDS", 30.0),
+        upstream_timeout=r.number("UPSTREAM_TIMEOUT_SECONDS", 300.0),
         max_request_body_bytes=r.integer("MAX_REQUEST_BODY_BYTES", 52428800, low=0),
         shutdown_delay=r.number("SHUTDOWN_DELAY_SECONDS", 5.0, allow_zero=True),
         shutdown_grace=r.number("SHUTDOWN_GRACE_SECONDS", 25.0, allow_zero=True),

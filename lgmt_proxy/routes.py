@@ -80,9 +80,25 @@ def split_target(target: bytes) -> tuple[bytes, bytes | None]:
 
 def upstream_target(route: Route, base_path: bytes, path: bytes, query: bytes | None) -> bytes:
     """The origin-form target sent upstream: the route's prefix swapped, the
-    rest of the path and the query byte for byte."""
-    rest = path[len(route.prefix) :]
-    target = base_path + route.upstream_prefix + rest or b"/"
+    rest of the path and the query byte for byte.
+
+    ``base_path`` is the path of the signal's URL (where that service is
+    mounted; ``b""`` for none). The upstream path (the route's upstream prefix
+    plus the rest of the client's path) is sent as it is when it already
+    starts with ``base_path`` on whole segments, since the Grafana Cloud portal
+    shows URLs ending in the upstream prefix (``.../otlp``, ``.../api/prom``);
+    otherwise ``base_path`` is put in front. Either way the result lies under
+    ``base_path``. A trailing ``/`` on ``base_path`` is ignored.
+    """
+    upstream = route.upstream_prefix + path[len(route.prefix) :]
+    if base_path:
+        if base_path[-1:] == b"/":  # config already strips it; cheap to be sure
+            base_path = base_path.rstrip(b"/")
+        n = len(base_path)
+        # Whole segments: /ot is not a prefix of /otlp/v1/traces.
+        if not (upstream.startswith(base_path) and upstream[n : n + 1] in (b"", b"/")):
+            upstream = base_path + upstream
+    target = upstream or b"/"
     if query is not None:
         target += b"?" + query
     return target

@@ -25,7 +25,7 @@ class DefaultsTests(TestCase):
         c = parse_config(BASE)
         self.assertEqual(c.port, 8085)
         self.assertEqual(c.upstream_connect_timeout, 5.0)
-        self.assertEqual(c.upstream_timeout, 30.0)
+        self.assertEqual(c.upstream_timeout, 300.0)
         self.assertEqual(c.max_request_body_bytes, 52428800)
         self.assertEqual(c.shutdown_delay, 5.0)
         self.assertEqual(c.shutdown_grace, 25.0)

@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.config import ConfigError, parse_config
+from lgmt_proxy.routes import upstream_target
 from lgmt_proxy.routesfile import load_routes_file, parse_routes
 from lgmt_proxy.tap import load
 from lgmt_proxy.tokens import token_source
@@ -94,6 +95,35 @@ class ParseTests(TestCase):
         self.assertEqual(
             [s.signal.name for s in parse_routes(doc, {}, allow_insecure=False)], ["long", "short"]
         )
+
+    def test_url_path(self) -> None:
+        # The same rule as the GRAFANA_CLOUD_* URLs: the path of `upstream` is
+        # where the service is mounted, not added again when the upstream path
+        # (rewrite + rest) already starts with it on whole segments.
+        doc = {
+            "routes": [
+                {"name": "mimir", "prefix": "/prometheus", "upstream": "https://m/mimir/"},
+                {"name": "otlp", "prefix": "/otlp", "upstream": "https://gw/otlp"},
+                {"name": "push", "prefix": "/push", "upstream": "https://m/api", "rewrite": ""},
+                {"name": "twice", "prefix": "/loki", "upstream": "https://l", "rewrite": "/l/loki"},
+                {"name": "tempo", "prefix": "/tempo", "upstream": "https://t/tempo", "rewrite": ""},
+            ]
+        }
+        specs = {s.signal.name: s for s in parse_routes(doc, {}, allow_insecure=False)}
+
+        def sent(name: str, path: bytes) -> bytes:
+            spec = specs[name]
+            base = spec.signal.base_path.encode()
+            return upstream_target(spec.route, base, path, b"a=1")
+
+        self.assertEqual(
+            sent("mimir", b"/prometheus/api/v1/query"), b"/mimir/prometheus/api/v1/query?a=1"
+        )
+        self.assertEqual(sent("otlp", b"/otlp/v1/traces"), b"/otlp/v1/traces?a=1")
+        self.assertEqual(sent("push", b"/push/api/v1/push"), b"/api/v1/push?a=1")
+        self.assertEqual(sent("push", b"/push/v1/push"), b"/api/v1/push?a=1")
+        self.assertEqual(sent("twice", b"/loki/api/v1/push"), b"/l/loki/api/v1/push?a=1")
+        self.assertEqual(sent("tempo", b"/tempo/api/search"), b"/tempo/api/search?a=1")
 
     def test_environment_rules(self) -> None:
         # With ROUTES_FILE, no GRAFANA_CLOUD token or signal is needed; both at once is an error.
