@@ -82,6 +82,17 @@ app.kubernetes.io/component: proxy
 {{- if kindIs "invalid" .Values.adminPort }}http{{ else }}admin{{ end }}
 {{- end }}
 
+{{/* A value as written. Helm reads every number in a values file as a float64,
+     which toString prints as 1.329819e+06: a whole number is printed as its
+     digits instead (1329819), anything else as toString. */}}
+{{- define "lgmt-proxy.str" -}}
+{{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) }}
+{{- int64 . | toString }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
 {{/* Refuse values that would deploy something broken; one message per problem. */}}
 {{- define "lgmt-proxy.validate" -}}
 {{- $problems := list }}
@@ -99,6 +110,15 @@ app.kubernetes.io/component: proxy
 {{- end }}
 {{- if and (not $.Values.config.allowInsecureUpstream) (not (hasPrefix "https://" $u.url)) }}
 {{- $problems = append $problems (printf "upstreams.%s.url: must start with https:// (or set config.allowInsecureUpstream)" $signal) }}
+{{- end }}
+{{- range $field := list "orgId" "tenantId" }}
+{{- $id := index $u $field }}
+{{- if kindIs "float64" $id }}
+{{- /* 2^53: above it a float64 no longer holds every whole number. */}}
+{{- if or (ne (float64 (int64 $id)) $id) (ge $id 9007199254740992.0) (lt $id 0.0) }}
+{{- $problems = append $problems (printf "upstreams.%s.%s: %v is not an id Helm can read exactly as a number: quote it (%s: \"...\")" $signal $field $id $field) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- else if or $u.orgId $u.tenantId }}
 {{- $problems = append $problems (printf "upstreams.%s: orgId/tenantId set but url is not" $signal) }}
