@@ -77,9 +77,9 @@ app.kubernetes.io/component: proxy
 {{- end }}
 {{- end }}
 
-{{/* The port probes and scrapes use: the admin port when set. */}}
+{{/* The port probes and scrapes use: the admin port when it is on. */}}
 {{- define "lgmt-proxy.opsPortName" -}}
-{{- if kindIs "invalid" .Values.adminPort }}http{{ else }}admin{{ end }}
+{{- if .Values.admin.enabled }}admin{{ else }}http{{ end }}
 {{- end }}
 
 {{/* A value as written. Helm reads every number in a values file as a float64,
@@ -144,15 +144,15 @@ app.kubernetes.io/component: proxy
 {{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) }}
 {{- $problems = append $problems "podDisruptionBudget: set only one of maxUnavailable and minAvailable" }}
 {{- end }}
-{{- if and (not (kindIs "invalid" .Values.adminPort)) (eq (int .Values.adminPort) (int .Values.config.port)) }}
-{{- $problems = append $problems "adminPort: must differ from config.port" }}
+{{- if and .Values.admin.enabled (eq (int .Values.admin.port) (int .Values.config.port)) }}
+{{- $problems = append $problems "admin.port: must differ from config.port (or set admin.enabled=false)" }}
 {{- end }}
 {{- if $problems }}
 {{- fail (printf "\n  %s" (join "\n  " $problems)) }}
 {{- end }}
 {{- end }}
 
-{{/* A probe as given, its httpGet moved to the admin port when adminPort is set. */}}
+{{/* A probe as given, its httpGet moved to the admin port when that is on. */}}
 {{- define "lgmt-proxy.probe" -}}
 {{- $probe := deepCopy .probe }}
 {{- if and $probe.httpGet (eq (toString $probe.httpGet.port) "http") }}
