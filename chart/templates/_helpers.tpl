@@ -147,6 +147,15 @@ app.kubernetes.io/component: proxy
 {{- if and .Values.admin.enabled (eq (int .Values.admin.port) (int .Values.config.port)) }}
 {{- $problems = append $problems "admin.port: must differ from config.port (or set admin.enabled=false)" }}
 {{- end }}
+{{- if .Values.metrics.prometheusRule.enabled }}
+{{- $anyAlert := false }}
+{{- range $name, $alert := .Values.metrics.prometheusRule.alerts }}
+{{- if $alert.enabled }}{{ $anyAlert = true }}{{ end }}
+{{- end }}
+{{- if not $anyAlert }}
+{{- $problems = append $problems "metrics.prometheusRule: every alert is disabled (set metrics.prometheusRule.enabled=false instead)" }}
+{{- end }}
+{{- end }}
 {{- if $problems }}
 {{- fail (printf "\n  %s" (join "\n  " $problems)) }}
 {{- end }}
