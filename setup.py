@@ -12,19 +12,26 @@ setup(
     name="lgmt-proxy",
     version="0.1.0",
     description="Credential-injecting reverse proxy to a Grafana Cloud LGTM stack",
+    license="MIT",
+    license_files=["LICENSE"],
     python_requires=">=3.11",
     packages=["lgmt_proxy", "twisted.plugins"],
     package_data={"twisted.plugins": ["lgmt_proxy_plugin.py"]},
+    # Ranges: a lower bound the code runs on, up to the next major release.
+    # The exact versions built, tested and shipped are pinned, with hashes, in
+    # requirements.lock (`make lock` regenerates it from these ranges).
     install_requires=[
-        "twisted[tls]>=24.7.0",
-        "treq>=24.9.1",
-        "txaio>=23.1.1",
-        "prometheus-client>=0.20.0",
-        "attrs>=23.2.0",
-        "service-identity>=24.1.0",
-        "pyOpenSSL>=24.2.1",
-        "cryptography>=43.0.0",
+        "twisted[tls]>=24.7.0,<27",
+        "treq>=24.9.1,<27",
+        "txaio>=23.1.1,<27",
+        "prometheus-client>=0.20.0,<1",
+        "attrs>=23.2.0,<27",
+        "service-identity>=24.1.0,<27",
+        "pyOpenSSL>=24.2.1,<27",
+        "cryptography>=43.0.0,<51",
+        # The HTTP/1.1 parser of the data plane.
+        "httptools>=0.6.4,<1",
         # CLIENT_AUTH_FILE is YAML (JSON is read by the same parser).
-        "PyYAML>=6.0.1",
+        "PyYAML>=6.0.1,<7",
     ],
 )
