@@ -1,16 +1,21 @@
 # lgmt-proxy: `make run` and `make test` do all the set-up on a fresh machine
 # with Python 3.11+ (Debian/Ubuntu: apt-get install python3-venv make).
 #
-#   make venv    create .venv/ and install the project (editable) and test tools
+#   make venv    create .venv/ and install the project (editable) and test tools,
+#                all from the lock files (pinned, hash-checked)
 #   make run     run the proxy: a .env file if present, else the environment if it
 #                holds a token, else the sandbox (no Grafana Cloud account needed)
 #   make lint    ruff check + ruff format --check
 #   make test    lint, mypy, then the whole trial suite
 #   make clean   remove .venv/ and everything generated
+#   make lock    regenerate the requirements*.lock files from the ranges in setup.py
+#                and requirements-*.txt (needs the package index)
 #
 # Variables: PYTHON (interpreter for the venv, default python3, needs >= 3.11),
 # TESTS (what trial runs, default tests), ARGS (extra `lgmt-proxy` options for
-# `make run`, e.g. ARGS=--admin-listen=tcp:9090).
+# `make run`, e.g. ARGS=--admin-listen=tcp:9090), VENV (where `make venv` installs,
+# default .venv, e.g. VENV=/tmp/v1 to try the install elsewhere), LOCK_ARGS (extra
+# `uv pip compile` options for `make lock`, e.g. --upgrade).
 
 PYTHON ?= python3
 VENV := .venv
@@ -21,13 +26,19 @@ TESTS ?= tests
 ARGS ?=
 TWISTD := $(BIN)/twistd -n --pidfile= lgmt-proxy
 
-.PHONY: venv lint test run bench clean
+.PHONY: venv lock lint test run bench clean
 
 venv: $(STAMP)
 
-# Rebuilt only when the packaging or the tool list changes (or .venv/ is gone),
+# Rebuilt only when the packaging or a lock file changes (or .venv/ is gone),
 # so `make test`/`make run` cost nothing extra when nothing changed.
-$(STAMP): setup.py requirements-dev.txt
+# requirements-dev.lock holds everything: the runtime set (as in
+# requirements.lock), pip and setuptools (as in requirements-build.lock) and
+# the test tools, each pinned with its hashes. The project itself then comes
+# from this tree with --no-deps and --no-build-isolation: the locked setuptools
+# builds it, nothing unhashed is fetched. editable_mode=compat (a plain path
+# entry) is what lets Twisted find the plugin in twisted/plugins/.
+$(STAMP): setup.py requirements.lock requirements-build.lock requirements-dev.lock
 	@py='$(PYTHON)'; \
 	if ! "$$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
 		if command -v python3.11 >/dev/null 2>&1; then py=python3.11; else \
@@ -42,10 +53,41 @@ $(STAMP): setup.py requirements-dev.txt
 			exit 1; \
 		}; \
 	fi
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --config-settings editable_mode=compat -e . -r requirements-dev.txt
+	$(BIN)/python -m pip install --require-hashes -r requirements-dev.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation \
+		--config-settings editable_mode=compat -e .
 	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 	@touch $@
+
+# Regenerate every lock file from the ranges (setup.py, requirements-*.txt), with
+# the hash of every file of every pinned release. uv, pinned, runs from a
+# throwaway venv, for Python 3.11 on any platform (--universal), reading no uv
+# configuration. Pins already in a lock are kept where the ranges allow them:
+# LOCK_ARGS=--upgrade moves everything to the newest releases,
+# LOCK_ARGS='--upgrade-package ruff' one package. Each later lock is resolved
+# with the earlier ones as constraints, so a package shared by two locks has the
+# same version in both and all of them install into one venv.
+UV_VERSION := 0.13.9
+LOCK_ARGS ?=
+UV_COMPILE = "$$tmp/bin/uv" pip compile --quiet --no-config --universal --python-version 3.11 \
+	--generate-hashes --custom-compile-command 'make lock' $(LOCK_ARGS)
+
+lock:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	"$(PYTHON)" -m venv "$$tmp"; \
+	"$$tmp/bin/python" -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION); \
+	echo "make lock: requirements.lock (runtime: setup.py)"; \
+	$(UV_COMPILE) setup.py -o requirements.lock; \
+	echo "make lock: requirements-build.lock (pip, setuptools)"; \
+	$(UV_COMPILE) requirements-build.txt -o requirements-build.lock; \
+	echo "make lock: requirements-dev.lock (runtime + build + test tools)"; \
+	$(UV_COMPILE) setup.py requirements-build.txt requirements-dev.txt \
+		-c requirements.lock -c requirements-build.lock -o requirements-dev.lock; \
+	echo "make lock: requirements-e2e.lock (end-to-end peers)"; \
+	$(UV_COMPILE) requirements-e2e.txt -c requirements-dev.lock -o requirements-e2e.lock; \
+	echo "make lock: requirements-ship.lock (scripts/ci-ship tools)"; \
+	$(UV_COMPILE) requirements-ship.txt -c requirements-dev.lock -c requirements-e2e.lock \
+		-o requirements-ship.lock
 
 lint: venv
 	$(BIN)/ruff check $(LINT_PATHS)
