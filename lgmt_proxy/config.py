@@ -95,6 +95,7 @@ class Config:
     port: int = 8085
     upstream_connect_timeout: float = 5.0
     upstream_timeout: float = 300.0
+    upstream_idle_timeout: float = 30.0
     max_request_body_bytes: int = 52428800
     shutdown_delay: float = 5.0
     shutdown_grace: float = 25.0
@@ -318,6 +319,7 @@ def parse_config(env: Mapping[str, str]) -> Config:
         port=r.integer("PORT", 8085, low=1, high=65535),
         upstream_connect_timeout=r.number("UPSTREAM_CONNECT_TIMEOUT_SECONDS", 5.0),
         upstream_timeout=r.number("UPSTREAM_TIMEOUT_SECONDS", 300.0),
+        upstream_idle_timeout=r.number("UPSTREAM_IDLE_TIMEOUT_SECONDS", 30.0),
         max_request_body_bytes=r.integer("MAX_REQUEST_BODY_BYTES", 52428800, low=0),
         shutdown_delay=r.number("SHUTDOWN_DELAY_SECONDS", 5.0, allow_zero=True),
         shutdown_grace=r.number("SHUTDOWN_GRACE_SECONDS", 25.0, allow_zero=True),

@@ -1,5 +1,8 @@
 """Pure header rules: what goes upstream and what comes back.
 
+Headers are lists of raw ``(name, value)`` pairs, in the order they came, as
+the parser hands them over: no case-folding dictionary per request.
+
 RFC 9110 section 7.6.1: hop-by-hop fields, and every field the ``Connection``
 header names, belong to one connection and are never forwarded.
 """
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from twisted.web.http_headers import Headers
+RawHeaders = list[tuple[bytes, bytes]]
 
 HOP_BY_HOP = frozenset(
     {
@@ -26,7 +29,7 @@ HOP_BY_HOP = frozenset(
 
 #: Request headers never copied from the client: hop-by-hop ones, the
 #: credentials the proxy replaces, ``Host`` (the upstream's own is set),
-#: ``Expect`` (answered here), ``Content-Length`` (the client side re-frames it).
+#: ``Expect`` (answered here), ``Content-Length`` (the proxy re-frames it).
 _REQUEST_DROP = HOP_BY_HOP | {
     b"authorization",
     b"x-scope-orgid",
@@ -37,7 +40,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
 }
 
 #: Response headers never copied back: hop-by-hop, plus ``Content-Length``
-#: which the relay sets from the upstream's framing itself.
+#: which the proxy sets from the upstream's framing itself.
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 
 
@@ -54,39 +57,62 @@ def connection_listed(values: Iterable[bytes] | None) -> frozenset[bytes]:
     return frozenset(names)
 
 
+def values_of(headers: RawHeaders, name: bytes) -> list[bytes]:
+    """Every value of ``name`` (lower-case), in order."""
+    return [v for n, v in headers if n.lower() == name]
+
+
 def forward_request_headers(
-    incoming: Headers,
+    incoming: RawHeaders,
     *,
     host: bytes,
     authorization: bytes | None,
     tenant: bytes | None,
     client_address: bytes,
-) -> Headers:
+) -> RawHeaders:
     """The headers the upstream gets for a client request. The client's
     credentials are dropped even where none are injected (None)."""
-    listed = connection_listed(incoming.getRawHeaders(b"connection"))
-    out = Headers()
+    listed: frozenset[bytes] | None = None
+    out: RawHeaders = [(b"Host", host)]
     forwarded: list[bytes] = []
-    for name, values in incoming.getAllRawHeaders():
+    drop = _REQUEST_DROP
+    for name, value in incoming:
         low = name.lower()
-        if low == b"x-forwarded-for":
-            forwarded.extend(values)
-        elif low not in _REQUEST_DROP and low not in listed:
-            out.setRawHeaders(name, list(values))
-    forwarded.append(client_address)
-    out.setRawHeaders(b"Host", [host])
+        if low in drop:
+            if low == b"x-forwarded-for":
+                forwarded.append(value)
+            elif low == b"connection" and listed is None:
+                listed = connection_listed(values_of(incoming, b"connection"))
+            continue
+        out.append((name, value))
+    if listed:
+        out = [(n, v) for n, v in out if n.lower() not in listed]
     if authorization is not None:
-        out.setRawHeaders(b"Authorization", [authorization])
+        out.append((b"Authorization", authorization))
     if tenant is not None:
-        out.setRawHeaders(b"X-Scope-OrgID", [tenant])
-    out.setRawHeaders(b"X-Forwarded-For", [b", ".join(forwarded)])
+        out.append((b"X-Scope-OrgID", tenant))
+    forwarded.append(client_address)
+    out.append((b"X-Forwarded-For", b", ".join(forwarded)))
     return out
 
 
-def copy_response_headers(upstream: Headers, out: Headers) -> None:
-    """Copy an upstream response's end-to-end headers into ``out``."""
-    listed = connection_listed(upstream.getRawHeaders(b"connection"))
-    for name, values in upstream.getAllRawHeaders():
+def response_headers(upstream: RawHeaders) -> RawHeaders:
+    """An upstream response's end-to-end headers, for the client."""
+    out: RawHeaders = []
+    listed: frozenset[bytes] | None = None
+    drop = _RESPONSE_DROP
+    for name, value in upstream:
         low = name.lower()
-        if low not in _RESPONSE_DROP and low not in listed:
-            out.setRawHeaders(name, list(values))
+        if low in drop:
+            if low == b"connection" and listed is None:
+                listed = connection_listed(values_of(upstream, b"connection"))
+            continue
+        out.append((name, value))
+    if listed:
+        out = [(n, v) for n, v in out if n.lower() not in listed]
+    return out
+
+
+def head_lines(headers: RawHeaders) -> bytes:
+    """``name: value\\r\\n`` for each header, joined."""
+    return b"".join([n + b": " + v + b"\r\n" for n, v in headers])

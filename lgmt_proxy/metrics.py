@@ -6,9 +6,12 @@ dashboards and alerts keep working.
 
 from __future__ import annotations
 
+import platform
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -48,6 +51,13 @@ class ProxyMetrics:
             ["upstream", "method", "status", "consumer"]
             if consumer_label
             else ["upstream", "method", "status"],
+            registry=registry,
+        )
+        self.upstream_responses = Counter(
+            "proxy_upstream_responses",
+            "Responses that came from the upstream itself, by upstream and status "
+            "(the proxy's own refusals and failures are not counted here).",
+            ["upstream", "status"],
             registry=registry,
         )
         self.config_reloads = Counter(
@@ -93,6 +103,13 @@ class ProxyMetrics:
             ["upstream"],
             registry=registry,
         )
+        build = Gauge(
+            "lgmt_proxy_build_info",
+            "lgmt-proxy's version, and the Python and Twisted it runs on; always 1.",
+            ["version", "python", "twisted"],
+            registry=registry,
+        )
+        build.labels(*build_labels()).set(1)
         self._children: dict[tuple[object, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -121,6 +138,8 @@ class ProxyMetrics:
         body_out: int,
         error: str | None,
         consumer: str | None = None,
+        *,
+        from_upstream: bool = False,
     ) -> None:
         c = self._child
         if self.consumer_label:
@@ -134,3 +153,31 @@ class ProxyMetrics:
             c(self.response_bytes, upstream).inc(body_out)
         if error is not None:
             c(self.upstream_errors, upstream, error).inc()
+        if from_upstream:
+            c(self.upstream_responses, upstream, status).inc()
+
+
+def build_labels() -> tuple[str, str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import twisted
+
+    try:
+        ours = version("lgmt-proxy")
+    except PackageNotFoundError:
+        ours = "unknown"
+    return ours, platform.python_version(), twisted.__version__
+
+
+class WithoutCreated:
+    """A registry's metrics less the ``_created`` series prometheus_client
+    adds to every counter and histogram: they doubled the series count and
+    the service we replace had none. A view, so no process-wide switch."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric

@@ -14,7 +14,7 @@ from .logs import ACCESS_NAMESPACE, StreamObserver
 from .metrics import ProxyMetrics, method_label
 
 if TYPE_CHECKING:
-    from .server import ProxyRequest
+    from .server import Incoming
 
 _MAX_ID = 128
 
@@ -44,15 +44,25 @@ def request_id(value: bytes | None) -> str:
 
 
 class Observer:
-    """Counts and logs each request exactly once, when it ends."""
+    """Counts and logs each request exactly once, when it ends.
+
+    Only requests on proxy routes are counted (as in the service we replace):
+    /health, /ready, /metrics and 404s are not, and probes and scrapes are
+    access-logged at debug only."""
 
     def __init__(
-        self, metrics: ProxyMetrics, clock: IReactorTime, access_sink: StreamObserver | None = None
+        self,
+        metrics: ProxyMetrics,
+        clock: IReactorTime,
+        access_sink: StreamObserver | None = None,
+        *,
+        log_quiet: bool = False,
     ) -> None:
         self.metrics = metrics
         self._clock = clock
         self._log = Logger(namespace=ACCESS_NAMESPACE)
         self._sink = access_sink
+        self._log_quiet = log_quiet
 
     def _access(self, access: dict[str, object]) -> None:
         if self._sink is not None:
@@ -60,13 +70,12 @@ class Observer:
         else:
             self._log.info("request", access=access)
 
-    def started(self, request: ProxyRequest) -> None:
-        request.in_flight = True
+    def started(self, request: Incoming) -> None:
         self.metrics.started(request.upstream_name)
 
     def refused(self, status: int, client: str, reason: str) -> None:
-        """A request refused before it could be parsed (hostile input, overload)."""
-        self.metrics.request("none", "other", str(status), 0.0, 0, 0, None)
+        """A request refused before it could be parsed (hostile input, overload):
+        logged, not counted (it has no route)."""
         self._access(
             {
                 "method": "",
@@ -83,39 +92,47 @@ class Observer:
             }
         )
 
-    def finished(self, request: ProxyRequest, *, complete: bool) -> None:
+    def finished(self, request: Incoming, client: str, *, complete: bool) -> None:
         upstream = request.upstream_name
+        status = request.status or 499
+        duration = self._clock.seconds() - request.started
+        error = request.error
         if request.in_flight:
             request.in_flight = False
             self.metrics.ended(upstream)
-        status = request.code if (complete or request.startedWriting) else 499
-        duration = self._clock.seconds() - request.started
-        method = request.method
-        error = request.error_reason
-        self.metrics.request(
-            upstream,
-            method_label(method),
-            str(status),
-            duration,
-            request.body_in,
-            request.sentLength,
-            error,
-            request.consumer,
-        )
-        headers = request.requestHeaders
-        ua = headers.getRawHeaders(b"user-agent")
-        rid = headers.getRawHeaders(b"x-request-id")
+        if request.counted:
+            request.counted = False
+            self.metrics.request(
+                upstream,
+                method_label(request.method),
+                str(status),
+                duration,
+                request.body_in,
+                request.body_out,
+                error,
+                request.consumer,
+                from_upstream=request.from_upstream,
+            )
+        if request.quiet and not self._log_quiet:
+            return
+        ua = rid = None
+        for name, value in request.headers:
+            low = name.lower()
+            if low == b"user-agent":
+                ua = value
+            elif low == b"x-request-id":
+                rid = value
         access = {
-            "method": (method or b"").decode("latin-1"),
-            "path": (request.path or b"").decode("latin-1"),
+            "method": request.method.decode("latin-1"),
+            "path": (request.path or request.target).decode("latin-1"),
             "upstream": upstream,
             "status": status,
             "duration": round(duration, 6),
             "bytes_in": request.body_in,
-            "bytes_out": request.sentLength,
-            "client": request.channel_client,
-            "user_agent": ua[0].decode("latin-1") if ua else "",
-            "request_id": request_id(rid[0] if rid else None),
+            "bytes_out": request.body_out,
+            "client": client,
+            "user_agent": ua.decode("latin-1") if ua else "",
+            "request_id": request_id(rid),
         }
         if error is not None:
             access["error"] = error

@@ -14,6 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import IResource, Resource
 
 from .errors import json_error
+from .metrics import WithoutCreated
 from .resources import Branch, _json
 
 _OK = b'{"status":"ok"}\n'
@@ -41,6 +42,8 @@ class _Leaf(Resource):
 
 
 class Health(_Leaf):
+    quiet = True
+
     def render_GET(self, request: Any) -> bytes:
         return _json(request, 200, _OK)
 
@@ -48,6 +51,8 @@ class Health(_Leaf):
 
 
 class Ready(_Leaf):
+    quiet = True
+
     def __init__(self, readiness: Readiness) -> None:
         super().__init__()
         self._readiness = readiness
@@ -64,12 +69,14 @@ class Metrics(_Leaf):
     """The project's own registry in Prometheus text format, rendered in the
     reactor thread (no exporter thread)."""
 
+    quiet = True
+
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__()
         self._registry = registry
 
     def render_GET(self, request: Any) -> bytes:
-        body = generate_latest(self._registry)
+        body = generate_latest(WithoutCreated(self._registry))  # type: ignore[arg-type]
         request.setResponseCode(200)
         request.responseHeaders.setRawHeaders(b"Content-Type", [CONTENT_TYPE_LATEST.encode()])
         request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])

@@ -6,20 +6,21 @@ from __future__ import annotations
 import gc
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
-from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import MultiService
-from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
+from twisted.python.failure import Failure
+from twisted.web.server import Site
 
 from .clientauth import ClientAuth, load_client_auth
 from .config import SIGNALS, Config, Secret
@@ -31,7 +32,7 @@ from .ops import Readiness, admin_root, ops_resources
 from .resources import build_root
 from .routes import DEFAULT_ROUTES, Route
 from .routesfile import RouteSpec
-from .server import ProxySite
+from .server import ProxyFactory
 from .tokens import token_source
 from .upstream import Upstream, build_upstream
 from .watch import WatchedFile
@@ -50,32 +51,45 @@ def build_site(
     registry: CollectorRegistry,
     readiness: Readiness,
     metrics: ProxyMetrics,
-    trust: IOpenSSLTrustRoot | None = None,
+    trust: object | None = None,
     client_auth: Callable[[], ClientAuth] | None = None,
     routes: list[tuple[RouteSpec, Callable[[], Secret] | None]] | None = None,
     access_sink: StreamObserver | None = None,
-) -> tuple[ProxySite, dict[str, Upstream]]:
+    endpoints: Mapping[str, Any] | None = None,
+    log_quiet: bool = False,
+) -> tuple[ProxyFactory, dict[str, Upstream]]:
     """The proxy's `Site` and its upstreams: everything but the listeners.
 
     ``routes`` (from ROUTES_FILE, each with its token source) replaces the
-    built-in table of Grafana Cloud signals."""
+    built-in table of Grafana Cloud signals. ``endpoints`` replaces the
+    endpoints the URLs name, by upstream (in-memory tests)."""
+    endpoints = endpoints or {}
     if routes is None:
         upstreams = {
-            name: build_upstream(reactor, signal, config, token, trust)
+            name: build_upstream(
+                reactor, signal, config, token, trust, endpoint=endpoints.get(name)
+            )
             for name, signal in config.signals.items()
         }
         table: tuple[Route, ...] = DEFAULT_ROUTES
     else:
         upstreams = {
-            spec.signal.name: build_upstream(reactor, spec.signal, config, source, trust)
+            spec.signal.name: build_upstream(
+                reactor,
+                spec.signal,
+                config,
+                source,
+                trust,
+                endpoint=endpoints.get(spec.signal.name),
+            )
             for spec, source in routes
         }
         table = tuple(spec.route for spec, _ in routes)
     root = build_root(upstreams, ops_resources(readiness, registry), table)
-    site = ProxySite(
+    site = ProxyFactory(
         root,
         clock=reactor,
-        observer=Observer(metrics, reactor, access_sink),
+        observer=Observer(metrics, reactor, access_sink, log_quiet=log_quiet),
         upstream_timeout=config.upstream_timeout,
         max_body=config.max_request_body_bytes,
         client_header_timeout=config.client_header_timeout,
@@ -88,9 +102,85 @@ def build_site(
     return site, upstreams
 
 
-def admin_site(site: ProxySite, readiness: Readiness, registry: CollectorRegistry) -> ProxySite:
-    """A site with only /health, /ready and /metrics, sharing the main site's settings."""
-    return site.sibling(admin_root(readiness, registry))
+class Listener(Service):
+    """Listens on an endpoint while running. Unlike Twisted's
+    `StreamServerEndpointService`, a port that cannot be bound raises
+    `CannotListenError` out of ``privilegedStartService`` (twistd binds
+    there), so the service can print one plain line and exit 1."""
+
+    def __init__(self, endpoint: Any, factory: Any) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        if self.port is not None:
+            return
+        outcome: list[Any] = []
+        self.endpoint.listen(self.factory).addBoth(outcome.append)
+        if outcome and isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        if outcome:
+            self.port = outcome[0]
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return Deferred.fromCoroutine(_done())
+        return port.stopListening()  # type: ignore[no-any-return]
+
+
+async def _done() -> None:
+    return None
+
+
+class _QuietSite(Site):
+    """twisted.web's site for the admin listener: probes and scrapes are not
+    access-logged (Twisted's combined log line per request)."""
+
+    noisy = False
+
+    def log(self, request: object) -> None:
+        pass
+
+
+def admin_site(readiness: Readiness, registry: CollectorRegistry, clock: Any) -> Site:
+    """/health, /ready and /metrics alone, on twisted.web: not subject to
+    MAX_CONNECTIONS, so the kubelet's probes are answered under overload."""
+    return _QuietSite(admin_root(readiness, registry), timeout=75.0, reactor=clock)
+
+
+def ipv6_available() -> bool:
+    """Whether this host can listen on IPv6 at all (an IPv4-only node or
+    container has no ``::``)."""
+    import socket
+
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def default_listen(port: int) -> str:
+    """``PORT`` on every address, IPv6 and IPv4 (one dual-stack socket on
+    ``::``), or IPv4 alone where the host has no IPv6. Twisted's default
+    backlog of 50 drops SYNs under a burst of new connections."""
+    if ipv6_available():
+        return f"tcp6:port={port}:interface=\\:\\::backlog=1024"
+    return f"tcp:{port}:backlog=1024"
 
 
 def _freeze_startup_objects() -> None:
@@ -114,7 +204,7 @@ class ProxyService(MultiService):
         routes: list[RouteSpec] | None = None,
         listen: str | None = None,
         admin_listen: str | None = None,
-        trust: IOpenSSLTrustRoot | None = None,
+        trust: object | None = None,
         stdout: IO[str] = sys.stdout,
         sandbox: bool = False,
         handle_sigterm: bool = True,
@@ -169,18 +259,16 @@ class ProxyService(MultiService):
             routes=route_sources,
             # Access lines go straight to the output unless the level hides them.
             access_sink=self._sink if config.log_level in ("debug", "info") else None,
+            log_quiet=config.log_level == "debug",
         )
-        # Twisted's default backlog of 50 drops SYNs under a burst of new
-        # connections (clients then wait a 1 s retransmit).
-        self.listen = listen or f"tcp:{config.port}:backlog=1024"
-        self._main = StreamServerEndpointService(serverFromString(reactor, self.listen), self.site)
-        self._main._raiseSynchronously = True
+        self.listen = listen or default_listen(config.port)
+        self._main = Listener(serverFromString(reactor, self.listen), self.site)
         self._main.setServiceParent(self)
-        self._admin: StreamServerEndpointService | None = None
+        self._admin: Listener | None = None
         if admin_listen:
-            self._admin = StreamServerEndpointService(
+            self._admin = Listener(
                 serverFromString(reactor, admin_listen),
-                admin_site(self.site, self.readiness, self.registry),
+                admin_site(self.readiness, self.registry, reactor),
             )
             self._admin.setServiceParent(self)
         if self.client_auth is not None:
@@ -275,6 +363,9 @@ class ProxyService(MultiService):
 
     async def _stop(self) -> None:
         self.readiness.draining = True
+        # Every response from now on says Connection: close and closes its
+        # connection, so clients move to other pods during the delay.
+        self.site.draining = True
         delay = self.config.shutdown_delay
         _log.info("draining: /ready answers 503; closing the listener in {delay}s", delay=delay)
         if delay:
@@ -286,7 +377,7 @@ class ProxyService(MultiService):
                 "drain: {n} connections still busy after the grace period were cut", n=aborted
             )
         for up in self.upstreams.values():
-            await up.pool.closeCachedConnections()
+            up.pool.close()
         await super().stopService()
         _log.info("stopped")
         self._sink.flush()

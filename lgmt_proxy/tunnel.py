@@ -4,9 +4,10 @@ The proxy performs the upstream handshake itself, over the upstream's own
 endpoint (TLS verified as for every request), with the injected
 ``Authorization`` and ``X-Scope-OrgID``; the client's ``Sec-WebSocket-Key``
 goes along, so the upstream's ``Sec-WebSocket-Accept`` is valid for the
-client. After a 101 the two connections are spliced byte for byte, each
-transport registered as the other's producer (backpressure both ways), until
-either side closes or the tunnel is idle too long.
+client. The upstream's answer is parsed by llhttp; after a 101 the two
+connections are spliced byte for byte, each transport registered as the
+other's producer (backpressure both ways), until either side closes or the
+tunnel is idle too long.
 
 A byte splice was chosen over a frame-level relay (autobahn, or Twisted's
 `twisted.web.websocket`, whose client cannot add headers): frames, masking
@@ -17,113 +18,140 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.protocol import Factory, Protocol
+import httptools
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import errors
+from .headers import head_lines
 from .routes import Route, upstream_target
 from .timers import IdleTimer
 
 if TYPE_CHECKING:
-    from .server import ProxyRequest
+    from .server import ClientConnection, Incoming, ProxyFactory
     from .upstream import Upstream
 
 _log = Logger(namespace="lgmt_proxy.tunnel")
 
-#: Most bytes of an upstream handshake answer we read before giving up.
+#: Most bytes of an upstream handshake answer read before giving up.
 MAX_HEAD = 16384
 
 
-def wants_websocket(request: ProxyRequest) -> bool:
-    """A GET asking to upgrade to WebSocket (RFC 6455 section 4.1)."""
-    if request.method != b"GET":
-        return False
-    headers = request.requestHeaders
-    upgrade = headers.getRawHeaders(b"upgrade")
-    return bool(upgrade) and any(b"websocket" in v.lower() for v in upgrade)  # type: ignore[union-attr]
-
-
-def handshake_bytes(request: ProxyRequest, route: Route, upstream: Upstream) -> bytes:
-    headers = upstream.forward_headers(request.requestHeaders, request.channel.client_host)
-    target = upstream_target(route, upstream.base_path, request.path, request.query)
-    lines = [b"GET " + target + b" HTTP/1.1", b"Connection: Upgrade", b"Upgrade: websocket"]
-    for name, values in headers.getAllRawHeaders():
-        for value in values:
-            lines.append(name + b": " + value)
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+def handshake_bytes(req: Incoming, route: Route, upstream: Upstream, client_host: bytes) -> bytes:
+    headers = upstream.forward_headers(req.headers, client_host)
+    target = upstream_target(route, upstream.base_path, req.path, req.query)
+    return (
+        b"GET "
+        + target
+        + b" HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        + head_lines(headers)
+        + b"\r\n"
+    )
 
 
 class _UpstreamSide(Protocol):
+    """The upstream connection: its handshake answer parsed, then raw bytes."""
+
     def __init__(self, tunnel: Tunnel) -> None:
         self._tunnel = tunnel
         self._head = b""
         self._switched = False
+        self._parser = httptools.HttpResponseParser(self)
+        self.status = 0
 
     def connectionMade(self) -> None:
         self._tunnel.upstream_connected(self)
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
 
     def dataReceived(self, data: bytes) -> None:
         if self._switched:
             self._tunnel.to_client(data)
             return
         self._head += data
-        end = self._head.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._head) > MAX_HEAD:
-                self._tunnel.upstream_garbled()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # 101: everything after the head already belongs to the session.
+            offset = len(self._head) - len(data) + upgrade.args[0]
+            head, rest = self._head[:offset], self._head[offset:]
+            self._head = b""
+            self._switched = True
+            self._tunnel.upstream_answered(101, head, rest)
             return
-        head, rest = self._head[: end + 4], self._head[end + 4 :]
-        self._head = b""
-        self._switched = True
-        self._tunnel.upstream_answered(head, rest)
+        except httptools.HttpParserError:
+            self._tunnel.upstream_answered(0, b"", b"")
+            return
+        if self.status:
+            self._tunnel.upstream_answered(self.status, b"", b"")
+        elif len(self._head) > MAX_HEAD:
+            self._tunnel.upstream_answered(0, b"", b"")
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._tunnel.upstream_lost()
 
 
 class Tunnel:
     """One WebSocket session between a client and an upstream."""
 
-    def __init__(self, request: ProxyRequest, route: Route, upstream: Upstream) -> None:
-        self.request = request
+    def __init__(
+        self,
+        client: ClientConnection,
+        req: Incoming,
+        route: Route,
+        upstream: Upstream,
+        factory: ProxyFactory,
+    ) -> None:
+        self.client = client
+        self.req = req
         self.route = route
         self.upstream = upstream
-        self.site = request.site
-        self._clock = self.site.clock
+        self.factory = factory
+        self._clock = factory.clock
         self._upstream: _UpstreamSide | None = None
+        self._connecting: Deferred[Any] | None = None
         self._timer: IdleTimer | None = None
+        self._early: list[bytes] = []
         self._open = False
         self._counted = False
         self._closed = False
-        self._client_lost: Any = None
+        self._timed_out = False
+        self._handshake = b""
 
     @property
     def name(self) -> str:
         return self.route.signal
 
     def start(self) -> None:
-        site = self.site
-        if site.websockets >= site.max_websockets:
-            self.request.respond_error(503, "too many WebSocket sessions open", self.name)
+        factory = self.factory
+        if factory.websockets >= factory.max_websockets:
+            self._fail(503, "too many WebSocket sessions open", None)
             return
-        site.websockets += 1
+        factory.websockets += 1
         self._counted = True
-        self._handshake = handshake_bytes(self.request, self.route, self.upstream)
-        factory = Factory.forProtocol(lambda: _UpstreamSide(self))
-        factory.noisy = False
-        self._connecting = self.upstream.endpoint.connect(factory)
+        self._handshake = handshake_bytes(
+            self.req, self.route, self.upstream, self.client.client_host
+        )
+        proto_factory = Factory.forProtocol(lambda: _UpstreamSide(self))
+        proto_factory.noisy = False
+        self._connecting = self.upstream.endpoint.connect(proto_factory)
         self._connecting.addErrback(self._connect_failed)
-        self._arm(self.site.upstream_timeout)
+        self._arm(factory.upstream_timeout)
 
-    # -- before the switch ----------------------------------------------------
+    # -- before the switch -----------------------------------------------------------
+
+    def client_bytes(self, data: bytes) -> None:
+        """Bytes the client sent after its head, before the switch."""
+        if data:
+            self._early.append(data)
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
-        outcome = errors.TIMEOUT if self._timed_out_flag else errors.classify(failure)
+        outcome = errors.TIMEOUT if self._timed_out else errors.classify(failure)
         self._fail(outcome.status, outcome.message, outcome.reason)
-
-    _timed_out_flag = False
 
     def upstream_connected(self, side: _UpstreamSide) -> None:
         self._connecting = None
@@ -134,77 +162,67 @@ class Tunnel:
         assert side.transport is not None
         side.transport.write(self._handshake)
 
-    def upstream_garbled(self) -> None:
-        self._abort_upstream()
-
-    def upstream_answered(self, head: bytes, rest: bytes) -> None:
+    def upstream_answered(self, status: int, head: bytes, rest: bytes) -> None:
         if self._closed:
             self._abort_upstream()
             return
-        status_line = head.split(b"\r\n", 1)[0].split(b" ", 2)
-        status = int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else 502
         if status != 101:
             self._abort_upstream()
-            code = status if 400 <= status < 600 else 502
-            self._fail(code, f"upstream refused the WebSocket upgrade (HTTP {status})", None)
+            if 400 <= status < 600:
+                self._fail(status, f"upstream refused the WebSocket upgrade (HTTP {status})", None)
+            else:
+                self._fail(502, "upstream did not accept the WebSocket upgrade", "reset")
             return
         self._switch(head, rest)
 
     def _switch(self, head: bytes, rest: bytes) -> None:
-        request = self.request
-        channel = request.channel
-        client: Any = channel.transport
+        client: Any = self.client.transport
         assert self._upstream is not None
         upstream: Any = self._upstream.transport
-        channel.setTimeout(None)
-        buffered = b"".join(channel._dataBuffer)
-        channel._dataBuffer = []
-        self._client_lost = channel.connectionLost
-        channel.dataReceived = self.from_client  # type: ignore[method-assign]
-        channel.connectionLost = self.client_lost  # type: ignore[method-assign,assignment]
-        request.setResponseCode(101)
-        request.answered_by_tunnel()
+        self.client.tunnel_open(self)
         client.write(head)
-        request.sentLength += len(rest)
         if rest:
+            self.req.body_out += len(rest)
             client.write(rest)
-        client.unregisterProducer()
         client.registerProducer(upstream, True)
         upstream.registerProducer(client, True)
         client.resumeProducing()
         self._open = True
-        self.site.observer.metrics.websocket(self.name, +1)
-        if buffered:
-            self.from_client(buffered)
-        self._arm(self.site.websocket_idle_timeout)
+        self.factory.observer.metrics.websocket(self.name, +1)
+        early, self._early = self._early, []
+        for data in early:
+            self.from_client(data)
+        self._arm(self.factory.websocket_idle_timeout)
 
-    # -- spliced ---------------------------------------------------------------
+    # -- spliced -------------------------------------------------------------------------
 
     def from_client(self, data: bytes) -> None:
         if self._timer is not None:
             self._timer.touch()
-        self.request.body_in += len(data)
+        self.req.body_in += len(data)
         if self._upstream is not None and self._upstream.transport is not None:
             self._upstream.transport.write(data)
 
     def to_client(self, data: bytes) -> None:
         if self._timer is not None:
             self._timer.touch()
-        self.request.sentLength += len(data)
-        client: Any = self.request.channel.transport
+        self.req.body_out += len(data)
+        client: Any = self.client.transport
         client.write(data)
 
-    def client_lost(self, reason: Failure) -> None:
+    def client_lost(self) -> None:
+        """The client's connection closed after the switch."""
+        was_open = self._open
         self._close()
         if self._upstream is not None and self._upstream.transport is not None:
             self._upstream.transport.loseConnection()
-        if self._client_lost is not None:
-            self._client_lost(reason)
+        if was_open:
+            self.client.tunnel_closed()
 
-    def client_gone_early(self) -> None:
+    def cancel(self) -> None:
         """The client left before the switch: drop the upstream attempt."""
         if self._closed:
-            return  # after the switch `client_lost` already closed both sides
+            return
         self._close()
         if self._connecting is not None:
             self._connecting.cancel()
@@ -213,15 +231,13 @@ class Tunnel:
     def upstream_lost(self) -> None:
         if self._open and not self._closed:
             # Let the client read what was relayed, then close.
-            client: Any = self.request.channel.transport
+            client: Any = self.client.transport
             client.loseConnection()
-        else:
+        elif not self._closed:
             self._fail(502, "upstream closed during the WebSocket handshake", "reset")
         self._close()
 
-    # -- lifecycle ---------------------------------------------------------------
-
-    _connecting: Any = None
+    # -- lifecycle ---------------------------------------------------------------------------
 
     def _abort_upstream(self) -> None:
         if self._upstream is not None and self._upstream.transport is not None:
@@ -232,23 +248,18 @@ class Tunnel:
         if self._closed:
             return
         self._close()
-        if reason is not None:
-            self.request.note_error(reason)
-        self.request.respond_error(status, message, self.name)
-
-    def _finish_count(self) -> None:
-        if self._counted:
-            self._counted = False
-            self.site.websockets -= 1
+        self.client.tunnel_failed(status, message, reason)
 
     def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._finish_count()
+        if self._counted:
+            self._counted = False
+            self.factory.websockets -= 1
         if self._open:
             self._open = False
-            self.site.observer.metrics.websocket(self.name, -1)
+            self.factory.observer.metrics.websocket(self.name, -1)
         timer, self._timer = self._timer, None
         if timer is not None:
             timer.stop()
@@ -264,7 +275,7 @@ class Tunnel:
             return
         if not self._open:
             # No connect or no handshake answer in time.
-            self._timed_out_flag = True
+            self._timed_out = True
             if self._connecting is not None:
                 self._connecting.cancel()
                 return
@@ -273,5 +284,5 @@ class Tunnel:
             return
         _log.info("closing idle WebSocket session to {upstream}", upstream=self.name)
         self._abort_upstream()
-        client: Any = self.request.channel.transport
+        client: Any = self.client.transport
         client.loseConnection()

@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from lgmt_proxy.config import Config, parse_config
 from lgmt_proxy.metrics import ProxyMetrics
 from lgmt_proxy.ops import Readiness
-from lgmt_proxy.server import ProxySite
+from lgmt_proxy.server import ProxyFactory
 from lgmt_proxy.service import build_site
 from lgmt_proxy.tokens import token_source
 
@@ -101,7 +101,7 @@ class ProxyFixture:
         self.metrics = ProxyMetrics(
             self.registry, process_collectors=False, consumer_label=client_auth is not None
         )
-        self.site: ProxySite
+        self.site: ProxyFactory
         self.site, self.upstreams = build_site(
             self.config,
             reactor,
@@ -118,10 +118,10 @@ class ProxyFixture:
 
     async def close(self) -> None:
         await self.port.stopListening()
-        for channel in list(self.site.connections):
-            channel.transport.abortConnection()
+        for connection in list(self.site.connections):
+            connection.abort()
         for up in self.upstreams.values():
-            await up.pool.closeCachedConnections()
+            up.pool.close()
 
     def sample(self, name: str, **labels: str) -> float:
         value = self.registry.get_sample_value(name, labels)

@@ -3,20 +3,25 @@
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
-from lgmt_proxy.headers import HOP_BY_HOP, copy_response_headers, forward_request_headers
+from lgmt_proxy.headers import HOP_BY_HOP, forward_request_headers, response_headers
 
 
 def fwd(pairs: list[tuple[bytes, bytes]]) -> Headers:
-    h = Headers()
-    for name, value in pairs:
-        h.addRawHeader(name, value)
-    return forward_request_headers(
-        h,
+    out = forward_request_headers(
+        pairs,
         host=b"up.example",
         authorization=b"Basic b3JnOnRvaw==",
         tenant=b"t1",
         client_address=b"10.1.2.3",
     )
+    return as_headers(out)
+
+
+def as_headers(pairs: list[tuple[bytes, bytes]]) -> Headers:
+    h = Headers()
+    for name, value in pairs:
+        h.addRawHeader(name, value)
+    return h
 
 
 class RequestHeaderTests(TestCase):
@@ -84,17 +89,18 @@ class RequestHeaderTests(TestCase):
 
 class ResponseHeaderTests(TestCase):
     def test_end_to_end_kept_hop_by_hop_dropped(self) -> None:
-        up = Headers()
-        for n in HOP_BY_HOP:
-            up.addRawHeader(n, b"x")
-        up.addRawHeader(b"Content-Encoding", b"gzip")
-        up.addRawHeader(b"Set-Cookie", b"a=1")
-        up.addRawHeader(b"Set-Cookie", b"b=2")
-        up.addRawHeader(b"Retry-After", b"30")
-        up.addRawHeader(b"Connection", b"X-Hop")
-        up.addRawHeader(b"X-Hop", b"1")
-        out = Headers()
-        copy_response_headers(up, out)
+        up = [(n, b"x") for n in HOP_BY_HOP]
+        up += [
+            (b"Content-Encoding", b"gzip"),
+            (b"Set-Cookie", b"a=1"),
+            (b"Set-Cookie", b"b=2"),
+            (b"Retry-After", b"30"),
+            (b"Connection", b"X-Hop"),
+            (b"X-Hop", b"1"),
+            (b"Content-Length", b"12"),
+        ]
+        out = as_headers(response_headers(up))
+        self.assertFalse(out.hasHeader(b"content-length"))
         for n in HOP_BY_HOP:
             self.assertFalse(out.hasHeader(n), n)
         self.assertFalse(out.hasHeader(b"x-hop"))

@@ -11,7 +11,7 @@ from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.ops import Readiness, admin_root
 
-from .test_properties import MemoryProxy
+from .memory import MemoryProxy
 
 
 class OpsResourceTests(TestCase):
@@ -54,7 +54,8 @@ class StalledBodyTests(TestCase):
         proto.dataReceived(
             b"POST /loki/api/v1/push HTTP/1.1\r\nHost: p\r\nContent-Length: 100\r\n\r\nfirst"
         )
-        (_call,) = proxy.agents["loki"].calls
+        ((signal, method, _target, _headers),) = proxy.calls()
+        self.assertEqual((signal, method), ("loki", b"POST"))
         proxy.clock.advance(4)
         proto.dataReceived(b"more")  # activity resets the silence timer
         proxy.clock.advance(4)

@@ -64,14 +64,23 @@ class MetricsTests(TestCase):
         await call(proxy.url + "/loki/api/v1/push", method=b"POST", body=b"0123456789")
         await call(proxy.url + "/loki/api/v1/push", method=b"POST", body=b"01234567890")  # 413
         await call(proxy.url + "/nowhere")
-        await call(proxy.url + "/tempo/x", method=b"BREW")
+        await call(proxy.url + "/tempo/x", method=b"PROPFIND")
+        await call(proxy.url + "/health")
+        await call(proxy.url + "/ready")
         s = proxy.sample
         self.assertEqual(
             s("proxy_requests_total", upstream="prometheus", method="GET", status="200"), 2
         )
         self.assertEqual(s("proxy_requests_total", upstream="loki", method="POST", status="200"), 1)
         self.assertEqual(s("proxy_requests_total", upstream="loki", method="POST", status="413"), 1)
-        self.assertEqual(s("proxy_requests_total", upstream="none", method="GET", status="404"), 1)
+        # Only proxy routes are counted, as in the service we replace.
+        self.assertEqual(s("proxy_requests_total", upstream="none", method="GET", status="404"), 0)
+        self.assertEqual(
+            s("proxy_request_duration_seconds_count", upstream="none", method="GET"), 0
+        )
+        # What the upstream answered, apart from the proxy's own refusals.
+        self.assertEqual(s("proxy_upstream_responses_total", upstream="loki", status="200"), 1)
+        self.assertEqual(s("proxy_upstream_responses_total", upstream="loki", status="413"), 0)
         self.assertEqual(
             s("proxy_requests_total", upstream="tempo", method="other", status="200"), 1
         )
@@ -101,6 +110,9 @@ class MetricsTests(TestCase):
             (("method", "GET"), ("status", "200"), ("upstream", "prometheus")),
         )
         self.assertEqual(samples[key], 2)
+        self.assertFalse([name for name, _ in samples if name.endswith("_created")])
+        build = [labels for name, labels in samples if name == "lgmt_proxy_build_info"]
+        self.assertEqual([dict(b).keys() for b in build], [{"version", "python", "twisted"}])
         buckets = sorted(
             float(x.labels["le"])
             for x in families["proxy_request_duration_seconds"].samples

@@ -10,78 +10,17 @@ from urllib.parse import unquote_to_bytes
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
-from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
-from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
-from lgmt_proxy.config import parse_config
 from lgmt_proxy.headers import HOP_BY_HOP, forward_request_headers
-from lgmt_proxy.metrics import ProxyMetrics
-from lgmt_proxy.ops import Readiness
 from lgmt_proxy.routes import DEFAULT_ROUTES, Refusal, split_target
-from lgmt_proxy.service import build_site
-from lgmt_proxy.tokens import token_source
 
-from .helpers import ORG, basic, env_for
+from .helpers import ORG, basic
+from .memory import MemoryProxy
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-class RecordingAgent:
-    """Stands in for an upstream's Agent: records each call, never answers."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[bytes, bytes, Headers]] = []
-
-    def request(
-        self, method: bytes, uri: bytes, headers: Headers, body: Any = None
-    ) -> Deferred[Any]:
-        self.calls.append((method, uri, headers))
-        return Deferred()
-
-
-class MemoryProxy:
-    """The real site and resource tree, on a fake clock and fake agents."""
-
-    def __init__(self, **extra: str) -> None:
-        self.clock = MemoryReactorClock()
-        env = env_for("https://upstream.example", **extra)
-        for signal in ORG:
-            env[f"GRAFANA_CLOUD_{signal.upper()}_URL"] = f"https://{signal}.example"
-        config = parse_config(env)
-        assert config.token is not None
-        registry = CollectorRegistry()
-        self.site, self.upstreams = build_site(
-            config,
-            self.clock,
-            token=token_source(config.token, None),
-            registry=registry,
-            readiness=Readiness(),
-            metrics=ProxyMetrics(registry, process_collectors=False),
-        )
-        self.agents = {}
-        for name, upstream in self.upstreams.items():
-            agent = RecordingAgent()
-            upstream.agent = agent
-            self.agents[name] = agent
-
-    def connect(self) -> tuple[Any, StringTransport]:
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 4321))
-        proto = self.site.buildProtocol(IPv4Address("TCP", "10.1.2.3", 4321))
-        proto.makeConnection(transport)
-        return proto, transport
-
-    def send(self, data: bytes) -> tuple[Any, StringTransport]:
-        proto, transport = self.connect()
-        proto.dataReceived(data)
-        return proto, transport
-
-    def calls(self) -> list[tuple[str, bytes, bytes, Headers]]:
-        return [(name, m, u, h) for name, a in self.agents.items() for (m, u, h) in a.calls]
 
 
 segment = st.one_of(
@@ -139,8 +78,7 @@ class PropertyTests(TestCase):
             return
         ((signal, _, uri, headers),) = calls
         self.assertEqual(signal, route.signal)
-        origin = uri.split(b"://", 1)[1].partition(b"/")[2]
-        upstream_path, _, upstream_query = (b"/" + origin).partition(b"?")
+        upstream_path, _, upstream_query = uri.partition(b"?")
         self.assertTrue(upstream_path.startswith(route.upstream_prefix), (target, uri))
         self.assertIsNone(_DOTS.search(unquote_to_bytes(upstream_path)), uri)
         self.assertNotIn(b"%2f", upstream_path.lower())
@@ -169,13 +107,14 @@ class PropertyTests(TestCase):
         ),
     )
     def test_no_hop_by_hop_header_survives(self, names: list[str], listed: list[str]) -> None:
-        incoming = Headers()
-        for name in names:
-            incoming.addRawHeader(name.encode(), b"v")
-        incoming.addRawHeader(b"Connection", ", ".join(listed).encode())
-        out = forward_request_headers(
+        incoming = [(name.encode(), b"v") for name in names]
+        incoming.append((b"Connection", ", ".join(listed).encode()))
+        pairs = forward_request_headers(
             incoming, host=b"h", authorization=b"Basic x", tenant=b"t", client_address=b"1.2.3.4"
         )
+        out = Headers()
+        for n, v in pairs:
+            out.addRawHeader(n, v)
         present = {n.lower() for n, _ in out.getAllRawHeaders()}
         self.assertFalse(present & HOP_BY_HOP)
         self.assertFalse(
@@ -266,5 +205,10 @@ class FuzzTests(TestCase):
             proto.dataReceived(raw)
             proxy.clock.advance(2)
         self.assertEqual(errors.events, [])
-        for _, _, uri, _ in proxy.calls():
-            self.assertTrue(uri.startswith(b"https://"), uri)
+        prefixes = tuple(r.upstream_prefix + b"/" for r in DEFAULT_ROUTES if r.upstream_prefix)
+        for signal, _, uri, _ in proxy.calls():
+            # Whatever the bytes, what went upstream is origin-form, under a
+            # route's upstream prefix (or the Pyroscope root), never elsewhere.
+            self.assertTrue(uri.startswith(b"/"), uri)
+            if signal != "profiles":
+                self.assertTrue(uri.startswith(prefixes), uri)
