@@ -7,6 +7,8 @@
 # Two stages on debian:bookworm-slim: the first builds a virtualenv with the
 # project installed (not editable) using Debian's python3 (3.11), the second
 # copies that virtualenv onto a base with only python3 and ca-certificates.
+# Every Python package comes from requirements.lock (and pip and setuptools from
+# requirements-build.lock), pinned and hash-checked: the same releases CI tests.
 # Nothing is written outside /tmp at run time: the Twisted plugin cache is
 # generated here and bytecode writing is off, so `readOnlyRootFilesystem: true`
 # with an emptyDir at /tmp works.
@@ -28,19 +30,30 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
-COPY setup.py pyproject.toml ./
-COPY lgmt_proxy ./lgmt_proxy
-COPY twisted ./twisted
 
-# A regular (not editable) install: the virtualenv is self-contained and the
-# source tree is left behind in this stage. Behind a TLS-intercepting proxy,
-# pass its CA bundle as the build secret `pip_ca` (scripts/build-image does when
-# PIP_CERT or BUILD_CA_BUNDLE names one); a secret never lands in a layer.
+# The dependencies first, from the locks alone (this layer is reused until a
+# lock changes), with --require-hashes: a file whose hash is not in the lock is
+# refused. Behind a TLS-intercepting proxy, pass its CA bundle as the build
+# secret `pip_ca` (scripts/build-image does when PIP_CERT or BUILD_CA_BUNDLE
+# names one); a secret never lands in a layer.
+COPY requirements.lock requirements-build.lock ./
 RUN --mount=type=secret,id=pip_ca \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
     && python3 -m venv /opt/lgmt-proxy \
-    && /opt/lgmt-proxy/bin/python -m pip install --no-cache-dir /src \
-    && /opt/lgmt-proxy/bin/python -m pip uninstall -y pip \
+    && /opt/lgmt-proxy/bin/python -m pip install --no-cache-dir --require-hashes \
+        -r requirements-build.lock -r requirements.lock
+
+COPY setup.py pyproject.toml LICENSE ./
+COPY lgmt_proxy ./lgmt_proxy
+COPY twisted ./twisted
+
+# Then the project: a regular (not editable) install, so the virtualenv is
+# self-contained and the source tree is left behind in this stage. --no-deps,
+# --no-build-isolation and --no-index: built by the locked setuptools, nothing
+# more is fetched. pip and setuptools are build tools, removed afterwards.
+RUN /opt/lgmt-proxy/bin/python -m pip install --no-cache-dir --no-index --no-deps \
+        --no-build-isolation /src \
+    && /opt/lgmt-proxy/bin/python -m pip uninstall -y setuptools pip \
     && /opt/lgmt-proxy/bin/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 
 
