@@ -188,7 +188,8 @@ class UpstreamConnection(Protocol):
         if not self._parser.should_keep_alive() or self._close_delimited:
             self._dirty = True
         sink = self.sink
-        assert sink is not None
+        if sink is None:
+            raise InvalidResponse()  # a response nobody asked for
         sink.response_head(status, self._reason, self._headers, length, chunked)
         if self.head_only:
             # llhttp cannot be told the request was HEAD: the response ends

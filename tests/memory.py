@@ -37,10 +37,11 @@ class MemoryEndpoint:
         self.hold = hold
         self.connections: list[tuple[Any, StringTransport]] = []
         self.pending: list[Deferred[Any]] = []
+        self.cancelled = 0
 
     def connect(self, factory: Any) -> Deferred[Any]:
         if self.hold:
-            d: Deferred[Any] = Deferred()
+            d: Deferred[Any] = Deferred(self._cancel)
             self.pending.append(d)
             return d
         proto = factory.buildProtocol(UPSTREAM_ADDRESS)
@@ -50,6 +51,9 @@ class MemoryEndpoint:
         if self.handshake and IHandshakeListener.providedBy(proto):
             proto.handshakeCompleted()
         return succeed(proto)
+
+    def _cancel(self, d: Deferred[Any]) -> None:
+        self.cancelled += 1
 
 
 class _Sent:
