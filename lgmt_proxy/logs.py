@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii
 from typing import IO, Any
 
 from twisted.logger import (
@@ -80,9 +81,27 @@ def _safe(value: Any) -> Any:
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
+_str = encode_basestring_ascii
+
+
 def access_as_json(access: dict[str, Any], t: float) -> str:
-    """One access-log line: the request's fields at the top level."""
-    return _dumps({"time": _iso(t), "level": "info", "msg": "request", **access})
+    """One access-log line: the request's fields at the top level.
+
+    Strings go through the json module's C string encoder and numbers are
+    printed as they are: the whole-dict encoder cost about a tenth of a small
+    request's CPU. Anything else falls back to it."""
+    parts = ['{"time":"', _iso(t), '","level":"info","msg":"request"']
+    for key, value in access.items():
+        kind = type(value)
+        if kind is str:
+            text = _str(value)
+        elif kind is int or kind is float:
+            text = repr(value)
+        else:
+            text = _dumps(value)
+        parts.append(f',"{key}":{text}')
+    parts.append("}")
+    return "".join(parts)
 
 
 def access_as_text(access: dict[str, Any], t: float) -> str:

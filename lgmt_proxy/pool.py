@@ -180,7 +180,8 @@ class UpstreamConnection(Protocol):
             if low == b"content-length":
                 length = int(value)
             elif low == b"transfer-encoding":
-                chunked = True
+                # Chunked only when it is the last coding (llhttp frames it so).
+                chunked = value.rstrip().lower().endswith(b"chunked")
         if self.head_only or status in (204, 304):
             self._close_delimited = False
         else:
@@ -200,7 +201,10 @@ class UpstreamConnection(Protocol):
     def on_body(self, data: bytes) -> None:
         sink = self.sink
         if self.head_only or sink is None:
-            self._dirty = True  # bytes after a HEAD answer: out of step
+            # Bytes after a HEAD answer: out of step, never reused.
+            self._dirty = True
+            self.pool.forget(self)
+            self.abort()
             return
         sink.response_body(data)
 

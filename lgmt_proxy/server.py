@@ -125,13 +125,6 @@ class Incoming:
         #: The status came from the upstream (not a refusal or failure of ours).
         self.from_upstream = False
 
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of ``name`` (lower-case), or None."""
-        for n, v in self.headers:
-            if n.lower() == name:
-                return v
-        return None
-
     def note_error(self, reason: str) -> None:
         if self.error is None:
             self.error = reason
@@ -197,6 +190,7 @@ class ClientConnection(Protocol):
         self._chunked_out = False
         self._response_started = False
         self._close_after = False
+        self._drain_first = False
         self._streaming: Any = None
         self.client_text = "unknown"
         self.client_host = b"unknown"
@@ -206,6 +200,8 @@ class ClientConnection(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         host = getattr(self.transport.getPeer(), "host", None)
+        if host and host.startswith("::ffff:") and "." in host:
+            host = host[7:]  # an IPv4 client on the dual-stack socket
         if host:
             self.client_text = host
             self.client_host = host.encode()
@@ -362,6 +358,7 @@ class ClientConnection(Protocol):
         """Start answering ``req``: route it, check it, hand it to its handler."""
         self.active = req
         self._response_started = False
+        self._drain_first = False
         # After CONNECT or an upgrade the parser reads no further request.
         self._close_after = (
             not req.keep_alive or self.factory.draining or req.upgrade or req.method == b"CONNECT"
@@ -417,7 +414,14 @@ class ClientConnection(Protocol):
             log_failure=factory.log_upstream_failure,
         )
         self._handler = exchange
-        if has_body and not req.complete:
+        if not has_body:
+            # Nothing to stream: the head goes out alone, no producer set up.
+            if not req.complete:
+                req.on_complete = _nothing
+            exchange.body_end()
+            exchange.start()
+            return
+        if not req.complete:
             if req.expect_continue and req.version == "1.1":
                 self._emit(_CONTINUE)
             req.on_body = self._body_chunk
@@ -426,15 +430,11 @@ class ClientConnection(Protocol):
         buffered, req.buffered = req.buffered, None
         if buffered:
             for chunk in buffered:
-                self._body_chunk(chunk, counted=True)
-        if req.complete and has_body:
-            exchange.body_end()
-        elif not has_body:
-            if not req.complete:
-                req.on_complete = _nothing
+                self._body_chunk(chunk)
+        if req.complete:
             exchange.body_end()
 
-    def _body_chunk(self, data: bytes, counted: bool = False) -> None:
+    def _body_chunk(self, data: bytes) -> None:
         req = self.active
         exchange = self._handler
         if req is None or not isinstance(exchange, Exchange):
@@ -583,8 +583,9 @@ class ClientConnection(Protocol):
         if active is not None and self._response_started:
             self.abort()
             return
-        self.factory.observer.refused(status, self.client_text, message)
-        if active is not None:
+        if active is None:
+            self.factory.observer.refused(status, self.client_text, message)
+        else:
             active.status = status
             active.note_error("malformed")
             self.active = None
@@ -620,8 +621,10 @@ class ClientConnection(Protocol):
             self._close_after = True  # HTTP/1.0: the close ends the body
         if not req.complete:
             # The upstream answered before the client finished sending: the
-            # rest is read and dropped, then the connection closes.
+            # rest is read and dropped (see _request_done), then the
+            # connection closes.
             self._close_after = True
+            self._drain_first = True
         if self._close_after:
             framing += b"Connection: close\r\n"
         elif req.version == "1.0":
@@ -750,17 +753,27 @@ class ClientConnection(Protocol):
         transport = self.transport
         if transport is None:
             return
-        if self._close_after or self.factory.draining:
-            self._closing = True
-            transport.loseConnection()
-            return
-        if not req.complete:
-            # Wait for the rest of the body (read and dropped) before reading on.
-            req.on_body = None
-            req.on_complete = self._next
+        if not req.complete and self._drain_first and req.body_in <= DISCARD_LIMIT:
+            # Read the rest of the body and drop it, then close: closing with
+            # unread input would reset the connection under the answer.
+            def drop(data: bytes) -> None:
+                if req.body_in > DISCARD_LIMIT:
+                    req.on_body = req.on_complete = None
+                    self._hang_up()
+
+            req.on_body = drop
+            req.on_complete = self._hang_up
             self.resume_body()
             return
+        if self._close_after or self.factory.draining or not req.complete:
+            self._hang_up()
+            return
         self._next()
+
+    def _hang_up(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def _next(self) -> None:
         if self._pipelined:
@@ -824,12 +837,15 @@ class ClientConnection(Protocol):
         self._idle_timer = None
         timeout = self.factory.client_idle_timeout
         if not self.idle:
-            if self.active is not None and self._handler is None and not self._response_started:
+            if self._handler is None and (self.active is None or not self._response_started):
                 # Reading a body only to drop it (a local answer or a refusal
                 # waits for it): a client gone silent is not waited for.
                 left = self._last_read + timeout - self.clock.seconds()
                 if left <= 0:
-                    self.refuse_and_close(408, "request body not received in time")
+                    if self.active is None:
+                        self._hang_up()  # answered; the rest of the body never came
+                    else:
+                        self.refuse_and_close(408, "request body not received in time")
                     return
                 self._arm_idle(left)
                 return

@@ -262,6 +262,9 @@ class ProxyService(MultiService):
             log_quiet=config.log_level == "debug",
         )
         self.listen = listen or default_listen(config.port)
+        if admin_listen and admin_listen.isdigit():
+            # A bare port: every address, IPv6 and IPv4, like PORT.
+            admin_listen = default_listen(int(admin_listen))
         self._main = Listener(serverFromString(reactor, self.listen), self.site)
         self._main.setServiceParent(self)
         self._admin: Listener | None = None

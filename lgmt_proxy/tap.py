@@ -95,6 +95,22 @@ def _fail(problems: list[str]) -> SystemExit:
     return SystemExit(2)
 
 
+def _system_bundle() -> bytes | None:
+    """The platform's CA bundle (read once at start-up), so that
+    UPSTREAM_CA_FILE adds to the system roots instead of replacing them."""
+    import ssl
+
+    paths = ssl.get_default_verify_paths()
+    for path in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+        if path and os.path.isfile(path):
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError:
+                continue
+    return None
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
@@ -121,7 +137,7 @@ def makeService(options: Options) -> IService:
     if config.upstream_ca_file:
         try:
             with open(config.upstream_ca_file, "rb") as f:
-                trust = trust_root(f.read())
+                trust = trust_root(f.read(), _system_bundle())
         except (OSError, ValueError) as e:
             reason = getattr(e, "strerror", None) or "no PEM certificate found"
             raise _fail(

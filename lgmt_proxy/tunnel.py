@@ -147,6 +147,7 @@ class Tunnel:
         """Bytes the client sent after its head, before the switch."""
         if data:
             self._early.append(data)
+            self.client.pause_body()  # resumed at the switch
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
