@@ -13,6 +13,10 @@ from twisted.internet.task import deferLater
 from .server import ProxyFactory
 
 _TICK = 0.05
+#: An idle connection is closed once it has been quiet this long: a client
+#: that connected or finished a request a moment ago may have its next
+#: request on the wire, and closing under it would cut it.
+QUIET = 0.5
 
 
 async def drain_connections(site: ProxyFactory, clock: IReactorTime, grace: float) -> int:
@@ -22,8 +26,9 @@ async def drain_connections(site: ProxyFactory, clock: IReactorTime, grace: floa
     deadline = clock.seconds() + grace
     while site.connections:
         for connection in list(site.connections):
-            # Idle ones close now; busy ones after their response is flushed.
-            connection.close_when_done()
+            # Quiet idle ones close now; busy ones after their response is
+            # flushed (every response says Connection: close by now).
+            connection.close_when_done(QUIET)
         if clock.seconds() >= deadline:
             break
         await deferLater(clock, _TICK, lambda: None)

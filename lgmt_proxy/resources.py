@@ -51,7 +51,7 @@ class Branch(Resource):
 class ProxyResource(Resource):
     """The reverse proxy for one route prefix.
 
-    `ProxyRequest` drives it while the body streams (``route``/``upstream``);
+    `server.ClientConnection` drives it while the body streams (``route``/``upstream``);
     ``render`` is never reached on the proxy's own `Site`.
     """
 
@@ -69,8 +69,10 @@ class ProxyResource(Resource):
         return self
 
     def render(self, request: Any) -> bytes:
-        # Only reachable from a plain twisted.web Site (not ProxySite).
-        return _json(request, 500, json_error("proxy resource needs ProxySite", self.route.signal))
+        # Only reachable from a plain twisted.web Site (not ProxyFactory).
+        return _json(
+            request, 500, json_error("proxy resource needs ProxyFactory", self.route.signal)
+        )
 
 
 def build_root(

@@ -805,12 +805,15 @@ class ClientConnection(Protocol):
         if transport is not None:
             transport.abortConnection()  # type: ignore[attr-defined]
 
-    def close_when_done(self) -> None:
-        """Drain: close now if idle, else after the current response."""
+    def close_when_done(self, quiet_for: float = 0.0) -> None:
+        """Drain: close now if idle for ``quiet_for`` seconds, else after the
+        current response. A connection accepted a moment ago, or between two
+        requests of a busy client, is likely to carry a request already on
+        its way: closing it then would cut that request."""
         if self.idle:
-            self._closing = True
-            if self.transport is not None:
-                self.transport.loseConnection()
+            quiet = self.clock.seconds() - max(self._idle_since, self._last_read)
+            if quiet >= quiet_for:
+                self._hang_up()
         else:
             self._close_after = True
 
