@@ -125,7 +125,9 @@ def event_as_json(event: dict[str, Any]) -> str:
         "time": _iso(t),
         "level": level.name if isinstance(level, type(LogLevel.info)) else "info",
     }
-    out["logger"] = namespace
+    # Twisted's own old-style lines (log.msg) arrive as "log_legacy": name
+    # them for what they are.
+    out["logger"] = "twisted" if namespace == "log_legacy" else namespace
     out["msg"] = formatEvent(event)
     for key, value in event.items():
         if key not in _PRIVATE and not key.startswith("log_"):

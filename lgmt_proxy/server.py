@@ -522,7 +522,7 @@ class ClientConnection(Protocol):
         if self._response_started:
             self.abort()
             return
-        if not req.complete:
+        if not req.complete or self.factory.draining:
             self._close_after = True
         close = self._close_after
         req.status = status
@@ -552,6 +552,8 @@ class ClientConnection(Protocol):
             self._answer_error(req, 500, "internal error", [])
             return
         req.status = local.code
+        if self.factory.draining:
+            self._close_after = True
         headers = list(local.responseHeaders.getAllRawHeaders())
         lines = b"".join(n + b": " + v + b"\r\n" for n, vs in headers for v in vs)
         if self._close_after:
@@ -619,6 +621,8 @@ class ClientConnection(Protocol):
             self._chunked_out = True
         else:
             self._close_after = True  # HTTP/1.0: the close ends the body
+        if self.factory.draining:
+            self._close_after = True  # said now, so clients move to other pods
         if not req.complete:
             # The upstream answered before the client finished sending: the
             # rest is read and dropped (see _request_done), then the
@@ -765,7 +769,7 @@ class ClientConnection(Protocol):
             req.on_complete = self._hang_up
             self.resume_body()
             return
-        if self._close_after or self.factory.draining or not req.complete:
+        if self._close_after or not req.complete:
             self._hang_up()
             return
         self._next()

@@ -525,14 +525,10 @@ class RolloutTests(TestCase):
         # The listener stayed open for the delay and nothing made the
         # process wait for the grace period.
         self.assertLess(stopped - signalled, DELAY + GRACE - 1, out[-2000:])
-        # KNOWN FAILURE (lgmt_proxy/server.py): a request routed before
-        # SIGTERM and answered after it gets a response without
-        # "Connection: close" (response_head only looks at _close_after,
-        # decided in _route_request), yet _request_done closes the connection
-        # because factory.draining is set. A client reusing the connection at
-        # once (~0.02 ms later here) has its next request cut (EOF, no byte
-        # of answer): 1 to 6 per run, sent within ~20 ms of the SIGTERM.
-        # See test_response_in_flight_at_sigterm_says_connection_close.
+        # A request routed before SIGTERM and answered after it must say
+        # "Connection: close" too, or a client reusing the connection at
+        # once has its next request cut (the build before this test cut 1 to
+        # 6 per run, sent within ~20 ms of the SIGTERM).
         cut = [r for r in records if r.cut and r not in allowed]
         self.assertEqual(cut, [], _summary(cut, len(records), signalled))
 
@@ -571,12 +567,8 @@ class RolloutTests(TestCase):
         eof = await deferToThread(conn.sock.recv, 1)
         self.assertEqual(eof, b"")
         self.assertEqual(await proc.ended, 0, proc.output.decode())
-        # KNOWN FAILURE (lgmt_proxy/server.py): response_head writes
-        # "Connection: close" only if _close_after, which _route_request set
-        # from factory.draining when the request arrived (before SIGTERM
-        # here); _request_done then closes anyway ("if self._close_after or
-        # self.factory.draining"). The client is told keep-alive and the
-        # connection closes under it: a request it sends at once is cut.
+        # The drain decides at the response head, not when the request came
+        # in: told keep-alive, the client would reuse a closing connection.
         self.assertTrue(
             answer.close,
             f"response head after SIGTERM without Connection: close: {answer.headers}",
