@@ -139,6 +139,10 @@ class Exchange:
         if self._over:
             return
         self._end()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Stop connecting, or abort the connection mid-exchange."""
         connecting, self._connecting = self._connecting, None
         if connecting is not None:
             connecting.cancel()
@@ -280,13 +284,8 @@ class Exchange:
         self._timed_out = True
         body_stalled = not self._body_done
         answered = self._answered
-        self._over = True
-        connecting, self._connecting = self._connecting, None
-        if connecting is not None:
-            connecting.cancel()
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.detach()
+        self._end()
+        self._let_go()
         self._client.stop_streaming()
         if answered:
             self._client.response_failed(errors.TIMEOUT)

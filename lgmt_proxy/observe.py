@@ -92,7 +92,7 @@ class Observer:
             }
         )
 
-    def finished(self, request: Incoming, client: str, *, complete: bool) -> None:
+    def finished(self, request: Incoming, client: str) -> None:
         upstream = request.upstream_name
         status = request.status or 499
         duration = self._clock.seconds() - request.started

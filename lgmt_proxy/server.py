@@ -254,9 +254,7 @@ class ClientConnection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
         self._cancel_head_timer()
-        idle, self._idle_timer = self._idle_timer, None
-        if idle is not None and idle.active():
-            idle.cancel()
+        self._cancel_idle()
         self.factory.connections.discard(self)
         tunnel, self._tunnel = self._tunnel, None
         if tunnel is not None:
@@ -269,7 +267,7 @@ class ClientConnection(Protocol):
             if not self._response_started:
                 active.note_error("client_abort")
                 active.status = 499
-            self._observe(active, complete=False)
+            self._observe(active)
         self._pipelined.clear()
         self._parsing = None
 
@@ -455,8 +453,7 @@ class ClientConnection(Protocol):
 
     def _when_complete(self, req: Incoming, then: Callable[[], None]) -> None:
         """Run ``then`` once the request's body is in (read and dropped)."""
-        buffered, req.buffered = req.buffered, None
-        del buffered
+        req.buffered = None  # nobody reads this body
         if req.complete:
             then()
             return
@@ -524,7 +521,7 @@ class ClientConnection(Protocol):
             return
         if not req.complete or self.factory.draining:
             self._close_after = True
-        close = self._close_after
+        close = self._close_after  # error_response writes the Connection line
         req.status = status
         body = errors.error_response(
             status,
@@ -552,14 +549,9 @@ class ClientConnection(Protocol):
             self._answer_error(req, 500, "internal error", [])
             return
         req.status = local.code
-        if self.factory.draining:
-            self._close_after = True
         headers = list(local.responseHeaders.getAllRawHeaders())
         lines = b"".join(n + b": " + v + b"\r\n" for n, vs in headers for v in vs)
-        if self._close_after:
-            lines += b"Connection: close\r\n"
-        elif req.version == "1.0":
-            lines += b"Connection: keep-alive\r\n"
+        lines += self._connection_header(req)
         phrase = local.code_message or errors.reason(local.code)
         head = b"HTTP/1.1 %d %s\r\n%s\r\n" % (local.code, phrase, lines)
         self._response_started = True
@@ -591,7 +583,7 @@ class ClientConnection(Protocol):
             active.status = status
             active.note_error("malformed")
             self.active = None
-            self._observe(active, complete=True)
+            self._observe(active)
         transport.write(errors.error_response(status, message))
         transport.loseConnection()
 
@@ -610,10 +602,8 @@ class ClientConnection(Protocol):
         framing = b""
         self._chunked_out = False
         if head_only:
-            if req.method == b"HEAD" and status not in (204, 304):
-                cl = [v for n, v in headers if n.lower() == b"content-length"]
-                if cl:
-                    framing = b"Content-Length: " + cl[0] + b"\r\n"
+            if req.method == b"HEAD" and status not in (204, 304) and length is not None:
+                framing = b"Content-Length: %d\r\n" % length
         elif length is not None:
             framing = b"Content-Length: %d\r\n" % length
         elif req.version == "1.1":
@@ -621,23 +611,30 @@ class ClientConnection(Protocol):
             self._chunked_out = True
         else:
             self._close_after = True  # HTTP/1.0: the close ends the body
-        if self.factory.draining:
-            self._close_after = True  # said now, so clients move to other pods
         if not req.complete:
             # The upstream answered before the client finished sending: the
             # rest is read and dropped (see _request_done), then the
             # connection closes.
             self._close_after = True
             self._drain_first = True
-        if self._close_after:
-            framing += b"Connection: close\r\n"
-        elif req.version == "1.0":
-            framing += b"Connection: keep-alive\r\n"
+        framing += self._connection_header(req)
         self._response_started = True
         self._emit(
             b"HTTP/1.1 %d %s\r\n%s%s\r\n"
             % (status, reason or errors.reason(status), head_lines(out), framing)
         )
+
+    def _connection_header(self, req: Incoming) -> bytes:
+        """The ``Connection`` line of a response head, decided as the head
+        goes out: from SIGTERM on every response says close, whenever its
+        request came in, so clients move to other pods during the delay."""
+        if self.factory.draining:
+            self._close_after = True
+        if self._close_after:
+            return b"Connection: close\r\n"
+        if req.version == "1.0":
+            return b"Connection: keep-alive\r\n"
+        return b""
 
     def response_body(self, data: bytes) -> None:
         req = self.active
@@ -672,10 +669,8 @@ class ClientConnection(Protocol):
             self.abort()
             return
         if timed_out_body:
-            self._close_after = True
             self._answer_error(req, 408, "client stopped sending the request body", [])
             return
-        self._close_after = self._close_after or not req.complete
         self._answer_error(req, outcome.status, outcome.message, [])
 
     def stream_from(self, producer: Any) -> None:
@@ -727,7 +722,7 @@ class ClientConnection(Protocol):
         """After the switch: the session ended, log it."""
         req, self.active = self.active, None
         if req is not None:
-            self._observe(req, complete=True)
+            self._observe(req)
 
     def _upgraded(self, rest: bytes) -> None:
         """The parser stopped after a head asking to upgrade (or CONNECT)."""
@@ -753,7 +748,7 @@ class ClientConnection(Protocol):
         self.stop_streaming()
         self.active = None
         self._handler = None
-        self._observe(req, complete=True)
+        self._observe(req)
         transport = self.transport
         if transport is None:
             return
@@ -788,8 +783,8 @@ class ClientConnection(Protocol):
         self._idle_since = self.clock.seconds()
         self.resume_body()
 
-    def _observe(self, req: Incoming, *, complete: bool) -> None:
-        self.factory.observer.finished(req, self.client_text, complete=complete)
+    def _observe(self, req: Incoming) -> None:
+        self.factory.observer.finished(req, self.client_text)
 
     # -- helpers -------------------------------------------------------------------------------
 

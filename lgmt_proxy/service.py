@@ -13,7 +13,7 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
@@ -135,12 +135,8 @@ class Listener(Service):
         super().stopService()
         port, self.port = self.port, None
         if port is None:
-            return Deferred.fromCoroutine(_done())
+            return succeed(None)
         return port.stopListening()  # type: ignore[no-any-return]
-
-
-async def _done() -> None:
-    return None
 
 
 class _QuietSite(Site):
