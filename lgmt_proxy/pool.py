@@ -10,7 +10,6 @@ that receives bytes while idle is closed: those bytes answer nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -267,7 +266,6 @@ class UpstreamPool:
         connect_timeout: float,
         idle_timeout: float,
         max_idle: int = MAX_IDLE,
-        on_connect: Callable[[], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.clock = clock
@@ -276,9 +274,7 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self.idle: list[UpstreamConnection] = []
-        self.busy: set[UpstreamConnection] = set()
         self._sweep: IDelayedCall | None = None
-        self.on_connect = on_connect
 
     def take_idle(self) -> UpstreamConnection | None:
         """The most recently used idle connection still fresh, or None."""
@@ -291,7 +287,6 @@ class UpstreamPool:
                 conn.abort()
                 continue
             conn.reused = True
-            self.busy.add(conn)
             return conn
         return None
 
@@ -302,7 +297,6 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """An exchange ended on ``conn``: keep it for the next, or close it."""
-        self.busy.discard(conn)
         if not conn.reusable() or len(self.idle) >= self.max_idle:
             conn.abort()
             return
@@ -312,7 +306,6 @@ class UpstreamPool:
             self._sweep = self.clock.callLater(self.idle_timeout, self._sweep_idle)
 
     def forget(self, conn: UpstreamConnection) -> None:
-        self.busy.discard(conn)
         if conn in self.idle:
             self.idle.remove(conn)
 
@@ -355,8 +348,6 @@ class _Attempt:
         self.timed_out = False
         self.ready: Deferred[UpstreamConnection] = Deferred(self._cancel)
         conn.ready = self.ready
-        if pool.on_connect is not None:
-            pool.on_connect()
         self.timer: IDelayedCall | None = None
         self.connecting = pool.endpoint.connect(_OneConnection(conn))
         self.connecting.addErrback(self._connect_failed)
@@ -368,8 +359,6 @@ class _Attempt:
         timer, self.timer = self.timer, None
         if timer is not None and timer.active():
             timer.cancel()
-        if isinstance(result, UpstreamConnection):
-            self.pool.busy.add(result)
         return result
 
     def _connect_failed(self, failure: Failure) -> None:

@@ -139,7 +139,6 @@ def build_upstream(
     trust: object | None,
     *,
     endpoint: IStreamClientEndpoint | None = None,
-    on_connect: Callable[[], None] | None = None,
 ) -> Upstream:
     """``endpoint`` replaces the one the URL names (in-memory tests)."""
     if endpoint is None:
@@ -152,7 +151,6 @@ def build_upstream(
         tls=signal.scheme == "https",
         connect_timeout=config.upstream_connect_timeout,
         idle_timeout=config.upstream_idle_timeout,
-        on_connect=on_connect,
     )
     return Upstream(
         signal=signal,
