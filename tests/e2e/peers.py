@@ -60,7 +60,7 @@ def need_modules(*names: str) -> None:
         except ImportError:
             found = False
         if not found:
-            missing(f"the Python module `{name}` (requirements-e2e.txt)")
+            missing(f"the Python module `{name}` (requirements-e2e.lock)")
 
 
 def need_node_packages(*names: str) -> str:
