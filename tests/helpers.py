@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -129,16 +130,20 @@ class ProxyFixture:
 
 
 class RawClient(protocol.Protocol):
-    """Sends raw bytes, collects everything until the server closes."""
+    """Sends raw bytes, collects everything until the server closes; ``reason``
+    says how it closed (``ConnectionDone`` for a FIN, ``ConnectionLost`` for a
+    reset)."""
 
     def __init__(self) -> None:
         self.data = bytearray()
         self.closed: Deferred[bytes] = Deferred()
+        self.reason: Failure | None = None
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
 
     def connectionLost(self, reason: Any = None) -> None:
+        self.reason = reason
         if not self.closed.called:
             self.closed.callback(bytes(self.data))
 
