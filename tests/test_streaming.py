@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IPullProducer
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
@@ -136,7 +137,26 @@ class Downloader(protocol.Protocol):
         self.closed.callback(None)
 
 
+async def _first_of(**events: Deferred[Any]) -> str:
+    """The name of whichever of ``events`` happens first."""
+    winner: Deferred[str] = Deferred()
+    for name, event in events.items():
+
+        def note(result: object, name: str = name) -> object:
+            if not winner.called:
+                winner.callback(name)
+            return result  # the event's own result stays for whoever else waits
+
+        event.addBoth(note)
+    return await winner
+
+
 class FirstByteTests(TestCase):
+    """Each test holds one side back after its first bytes, so the other side
+    only sees bytes if the proxy streams; a proxy that buffered would instead
+    cut the stalled exchange at ``UPSTREAM_TIMEOUT_SECONDS`` (its body silence
+    rule), and the test says which came first."""
+
     timeout = 60
 
     async def test_upstream_gets_first_bytes_before_client_finishes(self) -> None:
@@ -144,18 +164,36 @@ class FirstByteTests(TestCase):
         factory.first = Deferred()  # type: ignore[attr-defined]
         port = listen(factory)
         self.addCleanup(port.stopListening)
-        proxy = ProxyFixture(env_for(f"http://127.0.0.1:{port.getHost().port}"))
+        proxy = ProxyFixture(
+            env_for(f"http://127.0.0.1:{port.getHost().port}", UPSTREAM_TIMEOUT_SECONDS="10")
+        )
         self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
         client = await raw_connect(proxy.port.getHost().port)
-        total = 4 * MiB
+        total, sent = 4 * MiB, 65536
         client.transport.write(
             b"POST /api/prom/push HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n" % total
         )
-        client.transport.write(b"x" * 65536)
-        got = await factory.first  # type: ignore[attr-defined]
-        self.assertGreater(got, 0)
-        self.assertEqual(client.data, b"")  # the client has not finished, no answer yet
-        client.transport.write(b"x" * (total - 65536))
+        client.transport.write(b"x" * sent)
+        # Nothing more is sent until the upstream has seen body bytes.
+        answered: Deferred[None] = Deferred()
+        client.dataReceived = lambda data: (  # type: ignore[method-assign]
+            client.data.extend(data),
+            None if answered.called else answered.callback(None),
+        )
+        first = await _first_of(
+            upstream=factory.first,  # type: ignore[attr-defined]
+            answered=answered,
+            closed=client.closed,
+        )
+        self.assertEqual(
+            first,
+            "upstream",
+            f"the proxy held the first {sent} bytes of a {total}-byte body: the client "
+            f"was {first} ({bytes(client.data[:100])!r}) before the upstream saw any",
+        )
+        got = factory.first.result  # type: ignore[attr-defined]
+        self.assertTrue(0 < got <= sent, got)
+        client.transport.write(b"x" * (total - sent))
         for _ in range(500):
             if b"\r\n\r\n" in client.data:
                 break
@@ -170,16 +208,21 @@ class FirstByteTests(TestCase):
         factory.gate = Deferred()  # type: ignore[attr-defined]
         port = listen(factory)
         self.addCleanup(port.stopListening)
-        proxy = ProxyFixture(env_for(f"http://127.0.0.1:{port.getHost().port}"))
+        proxy = ProxyFixture(
+            env_for(f"http://127.0.0.1:{port.getHost().port}", UPSTREAM_TIMEOUT_SECONDS="10")
+        )
         self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
         client = Downloader()
-        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-
         await connectProtocol(
             TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port), client
         )
         client.transport.write(b"GET /loki/api/v1/query_range HTTP/1.1\r\nHost: p\r\n\r\n")
-        await client.first  # would time out if the proxy waited for the whole body
+        # The upstream sends one chunk, then waits for the gate.
+        first = await _first_of(body=client.first, closed=client.closed)
+        self.assertEqual(
+            first, "body", "the client got no body byte while the upstream held the rest"
+        )
+        self.assertLessEqual(client.got, CHUNK)
         factory.gate.callback(None)  # type: ignore[attr-defined]
         await client.closed
         self.assertEqual(client.got, 4 * MiB)
@@ -242,8 +285,6 @@ class BigBodyTests(TestCase):
         proc = await self._proxy(factory)
         base = proc.vm("VmRSS")
         client = Downloader()
-        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proc.port), client)
         client.transport.write(b"GET /loki/api/v1/query_range HTTP/1.1\r\nHost: p\r\n\r\n")
         await client.closed
