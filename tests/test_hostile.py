@@ -78,8 +78,6 @@ class Reply:
     data: bytes
     #: The server closed the connection (rather than us, at the deadline).
     closed: bool
-    #: Seconds from sending the request to the reply being complete or closed.
-    elapsed: float
 
     @property
     def status(self) -> int:
@@ -125,7 +123,6 @@ class HostileInputTests(TestCase):
         """Send ``data`` on a new connection; wait for a whole response (or, with
         ``wait_close``, for the server to close) at most ``timeout`` seconds."""
         client = await self.connect()
-        start = now()
         if isinstance(data, bytes):
             client.transport.write(data)
         else:
@@ -137,12 +134,11 @@ class HostileInputTests(TestCase):
             return not wait_close and response_complete(bytes(client.data))
 
         await until(done, timeout)
-        elapsed = now() - start
         closed = client.closed.called
         if not closed:
             client.transport.abortConnection()
             await client.closed
-        return Reply(bytes(client.data), closed, elapsed)
+        return Reply(bytes(client.data), closed)
 
     async def assert_serving(self) -> None:
         """A normal request still goes through, and is the only thing upstream saw."""
@@ -439,7 +435,6 @@ class HostileInputTests(TestCase):
         self.start()
         piece = b"0123456789abcdef" * 32  # 512 bytes
         chunks = [b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(6)]  # 3 KiB in all
-        full = piece * 6
         reply = await self.exchange(
             [
                 b"POST /loki/api/v1/push HTTP/1.1\r\nHost: proxy\r\n"
@@ -454,10 +449,6 @@ class HostileInputTests(TestCase):
         else:
             self.assertTrue(reply.closed, "no answer and the connection left open")
         await sleep(0.2)
-        self.assertFalse(
-            [s for s in self.recorder.seen if s.body == full],
-            "the upstream received the whole over-limit body",
-        )
         self.assert_nothing_forwarded()
         await self.assert_serving()
 
@@ -485,28 +476,30 @@ class HostileInputTests(TestCase):
         else:
             self.assertTrue(client.closed.called, "no answer and the connection left open")
         await sleep(0.2)
-        self.assertFalse([s for s in self.recorder.seen if s.body == piece * 4])
         self.assert_nothing_forwarded()
         await self.assert_serving()
 
     # -- slow and idle clients -------------------------------------------------------
 
+    async def dribble(self, client: RawClient, head: bytes) -> None:
+        """Send ``head`` a byte every 50 ms (over 3 s in all), each byte
+        keeping the connection busy; the proxy must cut it before the head is
+        whole, however fast the machine (its timer counts from the start)."""
+        sent = 0
+        while sent < len(head) and not client.closed.called:
+            client.transport.write(head[sent : sent + 1])
+            sent += 1
+            await sleep(0.05)
+        closed = await until(lambda: client.closed.called, 1.0)
+        self.assertTrue(closed, "a client dribbling its head was never disconnected")
+        self.assertLess(sent, len(head), "the proxy waited for the whole dribbled head")
+
     async def test_slow_head_is_disconnected(self) -> None:
         self.start(CLIENT_HEADER_TIMEOUT_SECONDS="0.5")
         head = b"GET /loki/api/v1/labels HTTP/1.1\r\nHost: proxy\r\nX-Slow: yes\r\n\r\n"
         client = await self.connect()
-        start = now()
-        # One byte every 50 ms: the whole head would take over 3 s.
-        for i in range(len(head)):
-            if client.closed.called or now() - start > 4.0:
-                break
-            client.transport.write(head[i : i + 1])
-            await sleep(0.05)
-        closed = await until(lambda: client.closed.called, 1.0)
-        elapsed = now() - start
+        await self.dribble(client, head)
         data = bytes(client.data)
-        self.assertTrue(closed, "a client dribbling its head was never disconnected")
-        self.assertLess(elapsed, 2.5)
         self.assertEqual(status_of(data), 408, data[:500])
         self.assert_json_error(data)
         self.assert_nothing_forwarded()
@@ -519,17 +512,8 @@ class HostileInputTests(TestCase):
         self.assertTrue(await until(lambda: response_complete(bytes(client.data)), 3.0))
         self.assertEqual(status_of(bytes(client.data)), 200)
         first = len(client.data)
-        head = b"GET /loki/api/v1/second HTTP/1.1\r\nHost: proxy\r\n\r\n"
-        start = now()
-        for i in range(len(head)):
-            if client.closed.called or now() - start > 4.0:
-                break
-            client.transport.write(head[i : i + 1])
-            await sleep(0.05)
-        closed = await until(lambda: client.closed.called, 1.0)
+        await self.dribble(client, b"GET /loki/api/v1/second HTTP/1.1\r\nHost: proxy\r\n\r\n")
         data = bytes(client.data)[first:]
-        self.assertTrue(closed, "a client dribbling its second head was never disconnected")
-        self.assertLess(now() - start, 2.5)
         self.assertEqual(status_of(data), 408, data[:500])
         self.assertEqual([s.uri for s in self.recorder.seen], [b"/loki/api/v1/labels"])
 
@@ -537,13 +521,21 @@ class HostileInputTests(TestCase):
         self.start(CLIENT_IDLE_TIMEOUT_SECONDS="0.5")
         client = await self.connect()
         client.transport.write(b"GET /loki/api/v1/labels HTTP/1.1\r\nHost: proxy\r\n\r\n")
-        self.assertTrue(await until(lambda: response_complete(bytes(client.data)), 3.0))
+        open_when_whole: list[bool] = []
+
+        def whole() -> bool:
+            if not response_complete(bytes(client.data)):
+                return False
+            open_when_whole.append(not client.closed.called)  # in the same look
+            return True
+
+        self.assertTrue(await until(whole, 3.0))
         self.assertEqual(status_of(bytes(client.data)), 200)
-        start = now()
+        # Kept alive past the response (it is keep-alive), then closed as idle.
+        self.assertNotIn(b"connection: close", head_of(bytes(client.data)).lower())
+        self.assertEqual(open_when_whole, [True], "closed with the response, not after idling")
         closed = await until(lambda: client.closed.called, 3.0)
         self.assertTrue(closed, "an idle keep-alive connection was never closed")
-        # Kept alive for a while first (it is keep-alive), then closed.
-        self.assertGreater(now() - start, 0.3)
         self.assertEqual(len(self.recorder.seen), 1)
         await self.assert_serving()
 
