@@ -26,6 +26,8 @@ from lgmt_proxy.server import ProxyFactory
 from lgmt_proxy.service import build_site
 from lgmt_proxy.tokens import token_source
 
+from .processes import ChildProcess
+
 TOKEN = "glc_test-token-ABCDEF0123456789"
 ORG = {"prometheus": "111", "loki": "222", "tempo": "333", "otlp": "444", "profiles": "555"}
 
@@ -227,24 +229,12 @@ def twistd_path() -> str:
     return os.path.join(os.path.dirname(sys.executable), "twistd")
 
 
-class ProxyProcess(protocol.ProcessProtocol):
+class ProxyProcess(ChildProcess):
     """``twistd -n lgmt-proxy`` as a real subprocess on a free loopback port."""
 
     def __init__(self) -> None:
-        self.output = bytearray()
-        self.ended: Deferred[int] = Deferred()
+        super().__init__()
         self.port = 0
-        self.pid = 0
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Any) -> None:
-        code = getattr(reason.value, "exitCode", None)
-        signal = getattr(reason.value, "signal", None)
-        self.ended.callback(code if code is not None else -(signal or 1))
 
     @property
     def url(self) -> str:
@@ -257,9 +247,6 @@ class ProxyProcess(protocol.ProcessProtocol):
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
         raise KeyError(field)
-
-    def signal(self, name: str) -> None:
-        self.transport.signalProcess(name)  # type: ignore[union-attr]
 
 
 async def spawn_proxy(env: dict[str, str], *args: str, wait: bool = True) -> ProxyProcess:
@@ -277,8 +264,7 @@ async def spawn_proxy(env: dict[str, str], *args: str, wait: bool = True) -> Pro
         f"tcp:{proc.port}:interface=127.0.0.1",
         *args,
     ]
-    transport = reactor.spawnProcess(proc, argv[0], argv, env=full_env)  # type: ignore[attr-defined]
-    proc.pid = transport.pid
+    proc.start(argv, full_env)
     if wait:
         for _ in range(200):
             if proc.ended.called:

@@ -671,7 +671,7 @@ class ListenTests(TestCase):
             ),
         }
         argv = [twistd_path(), "-n", "--pidfile=", "lgmt-proxy"]
-        reactor.spawnProcess(proc, argv[0], argv, env=env)  # type: ignore[attr-defined]
+        proc.start(argv, env)
 
         async def stop() -> None:
             if not proc.ended.called:

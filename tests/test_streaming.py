@@ -159,15 +159,19 @@ class FirstByteTests(TestCase):
 
     timeout = 60
 
-    async def test_upstream_gets_first_bytes_before_client_finishes(self) -> None:
-        factory = protocol.Factory.forProtocol(SinkUpstream)
-        factory.first = Deferred()  # type: ignore[attr-defined]
-        port = listen(factory)
+    def proxy_to(self, upstream: protocol.Factory) -> ProxyFixture:
+        port = listen(upstream)
         self.addCleanup(port.stopListening)
         proxy = ProxyFixture(
             env_for(f"http://127.0.0.1:{port.getHost().port}", UPSTREAM_TIMEOUT_SECONDS="10")
         )
         self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        return proxy
+
+    async def test_upstream_gets_first_bytes_before_client_finishes(self) -> None:
+        factory = protocol.Factory.forProtocol(SinkUpstream)
+        factory.first = Deferred()  # type: ignore[attr-defined]
+        proxy = self.proxy_to(factory)
         client = await raw_connect(proxy.port.getHost().port)
         total, sent = 4 * MiB, 65536
         client.transport.write(
@@ -206,12 +210,7 @@ class FirstByteTests(TestCase):
         factory = protocol.Factory.forProtocol(SourceUpstream)
         factory.total = 4 * MiB  # type: ignore[attr-defined]
         factory.gate = Deferred()  # type: ignore[attr-defined]
-        port = listen(factory)
-        self.addCleanup(port.stopListening)
-        proxy = ProxyFixture(
-            env_for(f"http://127.0.0.1:{port.getHost().port}", UPSTREAM_TIMEOUT_SECONDS="10")
-        )
-        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        proxy = self.proxy_to(factory)
         client = Downloader()
         await connectProtocol(
             TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port), client

@@ -18,11 +18,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import attrs
-from twisted.internet import protocol, reactor
-from twisted.internet.defer import Deferred
 from twisted.trial.unittest import FailTest, SkipTest, TestCase
 
 from ..helpers import ORG, TOKEN, ProxyProcess, call, free_port, sleep, spawn_proxy
+from ..processes import ChildProcess
 
 INSTALL = "sudo bash scripts/install-e2e-peers .venv"
 NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node")
@@ -80,46 +79,12 @@ def temp_dir(case: TestCase, name: str) -> str:
 # --- child processes --------------------------------------------------------
 
 
-class Child(protocol.ProcessProtocol):
-    """A peer process: its output (kept for failure messages) and exit code."""
+class Child(ChildProcess):
+    """A peer process, named in failure messages."""
 
     def __init__(self, name: str) -> None:
+        super().__init__()
         self.name = name
-        self.output = bytearray()
-        self.code: int | None = None
-        self.pid = 0
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Any) -> None:
-        code = getattr(reason.value, "exitCode", None)
-        signal = getattr(reason.value, "signal", None)
-        self.code = code if code is not None else -(signal or 1)
-
-    def tail(self, n: int = 4000) -> str:
-        return self.output[-n:].decode(errors="replace")
-
-    def signal(self, name: str) -> None:
-        if self.code is None:
-            try:
-                self.transport.signalProcess(name)  # type: ignore[union-attr]
-            except Exception:  # already gone
-                pass
-
-    async def wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.code is None and time.monotonic() < deadline:
-            await sleep(0.05)
-        return self.code is not None
-
-    async def stop(self, timeout: float = 10.0) -> None:
-        self.signal("TERM")
-        if not await self.wait(timeout):
-            self.signal("KILL")
-            await self.wait(5.0)
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -138,10 +103,7 @@ def spawn(
     cwd: str | None = None,
 ) -> Child:
     child = Child(name)
-    transport = reactor.spawnProcess(  # type: ignore[attr-defined]
-        child, argv[0], list(argv), env=env if env is not None else child_env(), path=cwd
-    )
-    child.pid = transport.pid
+    child.start(argv, env if env is not None else child_env(), cwd)
     if case is not None:
         case.addCleanup(child.stop)
     return child
@@ -201,25 +163,10 @@ async def start_proxy(case: TestCase, urls: dict[str, str]) -> ProxyProcess:
         env[f"GRAFANA_CLOUD_{signal.upper()}_URL"] = url
         env[f"GRAFANA_CLOUD_{signal.upper()}_ORG_ID"] = ORG[signal]
     proxy = await spawn_proxy(env)
-
-    async def stop() -> None:
-        if not proxy.ended.called:
-            proxy.signal("TERM")
-            await Deferred.fromCoroutine(_settle(proxy))
-
-    case.addCleanup(stop)
+    case.addCleanup(proxy.stop)
     if proxy.ended.called:
         raise FailTest(f"lgmt-proxy did not start:\n{proxy.output.decode()}")
     return proxy
-
-
-async def _settle(proxy: ProxyProcess) -> None:
-    deadline = time.monotonic() + 10
-    while not proxy.ended.called and time.monotonic() < deadline:
-        await sleep(0.05)
-    if not proxy.ended.called:
-        proxy.signal("KILL")
-        await proxy.ended
 
 
 # --- Prometheus -------------------------------------------------------------
