@@ -8,7 +8,8 @@ saw nothing, and that a normal request still works afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
 import attrs
 from twisted.internet import reactor
@@ -179,138 +180,20 @@ class HostileInputTests(TestCase):
         self.assert_nothing_forwarded()
         return reply
 
-    # -- message framing ---------------------------------------------------------
-
-    async def test_content_length_and_transfer_encoding(self) -> None:
+    async def check_refused(self, case: Refused) -> None:
+        """A fresh proxy; each of ``case.requests`` refused on its own
+        connection (`refused`), and a normal request served afterwards."""
         self.start()
-        smuggled = b"GET /loki/smuggled HTTP/1.1\r\nHost: proxy\r\n\r\n"
-        await self.refused(
-            b"POST /loki/api/v1/push HTTP/1.1\r\nHost: proxy\r\n"
-            b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"0\r\n\r\n" + smuggled,
-            400,
-            must_close=True,
-        )
+        for request in case.requests:
+            await self.refused(request, case.statuses, must_close=case.must_close)
+        if case.settle:
+            await sleep(0.2)
+            self.assert_nothing_forwarded()
         await self.assert_serving()
 
-    async def test_transfer_encoding_then_content_length(self) -> None:
-        self.start()
-        await self.refused(
-            b"POST /loki/api/v1/push HTTP/1.1\r\nHost: proxy\r\n"
-            b"Transfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n"
-            b"5\r\nhello\r\n0\r\n\r\n"
-            b"GET /loki/smuggled HTTP/1.1\r\nHost: proxy\r\n\r\n",
-            400,
-            must_close=True,
-        )
-        await self.assert_serving()
-
-    async def test_two_different_content_lengths(self) -> None:
-        self.start()
-        await self.refused(
-            b"POST /loki/api/v1/push HTTP/1.1\r\nHost: proxy\r\n"
-            b"Content-Length: 5\r\nContent-Length: 45\r\n\r\n"
-            b"hello"
-            b"GET /loki/smuggled HTTP/1.1\r\nHost: proxy\r\n\r\n",
-            400,
-            must_close=True,
-        )
-        await self.assert_serving()
-
-    async def test_two_content_lengths_in_one_header(self) -> None:
-        self.start()
-        await self.refused(
-            b"POST /loki/api/v1/push HTTP/1.1\r\nHost: proxy\r\nContent-Length: 5, 45\r\n\r\nhello",
-            400,
-            must_close=True,
-        )
-        await self.assert_serving()
-
-    async def test_malformed_chunk_size(self) -> None:
-        self.start()
-        await self.refused(
-            b"POST /loki/api/v1/push HTTP/1.1\r\nHost: proxy\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
-            b"zz\r\nhello\r\n0\r\n\r\n",
-            400,
-            must_close=True,
-        )
-        await self.assert_serving()
-
-    async def test_malformed_chunk_after_a_good_one(self) -> None:
-        # The first chunk may already have started the upstream call: it must be
-        # abandoned, never completed.
-        self.start()
-        await self.refused(
-            b"POST /loki/api/v1/push HTTP/1.1\r\nHost: proxy\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
-            b"5\r\nhello\r\n-3\r\nabc\r\n0\r\n\r\n",
-            400,
-            must_close=True,
-        )
-        await sleep(0.2)
-        self.assert_nothing_forwarded()
-        await self.assert_serving()
-
-    async def test_chunk_data_longer_than_its_size(self) -> None:
-        self.start()
-        await self.refused(
-            b"POST /loki/api/v1/push HTTP/1.1\r\nHost: proxy\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
-            b"5\r\nhelloXX\r\n0\r\n\r\n",
-            400,
-            must_close=True,
-        )
-        await sleep(0.2)
-        self.assert_nothing_forwarded()
-        await self.assert_serving()
-
-    async def test_obsolete_line_folding(self) -> None:
-        self.start()
-        await self.refused(
-            b"GET /loki/api/v1/labels HTTP/1.1\r\nHost: proxy\r\n"
-            b"X-Folded: first\r\n  second\r\n\r\n",
-            400,
-            must_close=True,
-        )
-        await self.refused(
-            b"GET /loki/api/v1/labels HTTP/1.1\r\nHost: proxy\r\n"
-            b"X-Folded: first\r\n\tsecond\r\n\r\n",
-            400,
-            must_close=True,
-        )
-        await self.assert_serving()
+    # -- framing, targets and heads: most are in the REFUSED table at the end ------
 
     # -- request targets ---------------------------------------------------------
-
-    async def test_absolute_form_target(self) -> None:
-        self.start()
-        await self.refused(
-            b"GET http://evil.example/ HTTP/1.1\r\nHost: evil.example\r\n\r\n",
-            400,
-            must_close=False,
-        )
-        # Even one whose path would match a route.
-        await self.refused(
-            b"GET http://evil.example/loki/api/v1/labels HTTP/1.1\r\nHost: evil.example\r\n\r\n",
-            400,
-            must_close=False,
-        )
-        await self.assert_serving()
-
-    async def test_connect(self) -> None:
-        self.start()
-        await self.refused(
-            b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
-            400,
-            must_close=False,
-        )
-        await self.assert_serving()
-
-    async def test_asterisk_form(self) -> None:
-        self.start()
-        await self.refused(b"OPTIONS * HTTP/1.1\r\nHost: proxy\r\n\r\n", 400, must_close=False)
-        await self.assert_serving()
 
     async def test_dot_segments_and_encoded_slashes(self) -> None:
         self.start()
@@ -354,26 +237,6 @@ class HostileInputTests(TestCase):
         self.assertEqual([s.uri for s in self.recorder.seen], [target])
 
     # -- request heads -----------------------------------------------------------
-
-    async def test_overlong_head(self) -> None:
-        self.start()
-        headers = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"v" * 480) for i in range(40))
-        await self.refused(
-            b"GET /loki/api/v1/labels HTTP/1.1\r\nHost: proxy\r\n" + headers + b"\r\n",
-            431,
-            must_close=True,
-        )
-        await self.assert_serving()
-
-    async def test_overlong_single_header_line(self) -> None:
-        self.start()
-        await self.refused(
-            b"GET /loki/api/v1/labels HTTP/1.1\r\nHost: proxy\r\n"
-            b"X-Big: " + b"v" * 20000 + b"\r\n\r\n",
-            431,
-            must_close=True,
-        )
-        await self.assert_serving()
 
     async def test_too_many_headers(self) -> None:
         self.start()
@@ -572,3 +435,112 @@ class HostileInputTests(TestCase):
         self.assertTrue(await until(lambda: client.closed.called, 3.0))
         self.assertEqual(status_of(bytes(client.data)), 200, bytes(client.data)[:500])
         self.assertEqual(len(self.recorder.seen), 2)
+
+
+# -- the table-driven cases: one test each, named after its key ----------------------
+
+
+@attrs.frozen
+class Refused:
+    """Hostile requests (each on its own connection) and the status they get."""
+
+    requests: tuple[bytes, ...]
+    statuses: tuple[int, ...]
+    #: Input that cannot be framed: the connection must be closed after the answer.
+    must_close: bool
+    #: The request may have started an upstream call before it went bad: look
+    #: again a moment later that the call was abandoned, never completed.
+    settle: bool = False
+
+
+PUSH = b"POST /loki/api/v1/push HTTP/1.1\r\nHost: proxy\r\n"
+LABELS = b"GET /loki/api/v1/labels HTTP/1.1\r\nHost: proxy\r\n"
+SMUGGLED = b"GET /loki/smuggled HTTP/1.1\r\nHost: proxy\r\n\r\n"
+
+REFUSED = {
+    # -- message framing
+    "content_length_and_transfer_encoding": Refused(
+        (PUSH + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,),
+        (400,),
+        must_close=True,
+    ),
+    "transfer_encoding_then_content_length": Refused(
+        (
+            PUSH + b"Transfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n" + SMUGGLED,
+        ),
+        (400,),
+        must_close=True,
+    ),
+    "two_different_content_lengths": Refused(
+        (PUSH + b"Content-Length: 5\r\nContent-Length: 45\r\n\r\nhello" + SMUGGLED,),
+        (400,),
+        must_close=True,
+    ),
+    "two_content_lengths_in_one_header": Refused(
+        (PUSH + b"Content-Length: 5, 45\r\n\r\nhello",), (400,), must_close=True
+    ),
+    "malformed_chunk_size": Refused(
+        (PUSH + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",),
+        (400,),
+        must_close=True,
+    ),
+    "malformed_chunk_after_a_good_one": Refused(
+        (PUSH + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n-3\r\nabc\r\n0\r\n\r\n",),
+        (400,),
+        must_close=True,
+        settle=True,
+    ),
+    "chunk_data_longer_than_its_size": Refused(
+        (PUSH + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhelloXX\r\n0\r\n\r\n",),
+        (400,),
+        must_close=True,
+        settle=True,
+    ),
+    "obsolete_line_folding": Refused(
+        (
+            LABELS + b"X-Folded: first\r\n  second\r\n\r\n",
+            LABELS + b"X-Folded: first\r\n\tsecond\r\n\r\n",
+        ),
+        (400,),
+        must_close=True,
+    ),
+    # -- request targets
+    "absolute_form_target": Refused(
+        (
+            b"GET http://evil.example/ HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+            # Even one whose path would match a route.
+            b"GET http://evil.example/loki/api/v1/labels HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+        ),
+        (400,),
+        must_close=False,
+    ),
+    "connect": Refused(
+        (b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",),
+        (400,),
+        must_close=False,
+    ),
+    "asterisk_form": Refused(
+        (b"OPTIONS * HTTP/1.1\r\nHost: proxy\r\n\r\n",), (400,), must_close=False
+    ),
+    # -- request heads
+    "overlong_head": Refused(
+        (LABELS + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"v" * 480) for i in range(40)) + b"\r\n",),
+        (431,),
+        must_close=True,
+    ),
+    "overlong_single_header_line": Refused(
+        (LABELS + b"X-Big: " + b"v" * 20000 + b"\r\n\r\n",), (431,), must_close=True
+    ),
+}
+
+
+def _refused_test(case: Refused) -> Callable[[HostileInputTests], Coroutine[Any, Any, None]]:
+    async def test(self: HostileInputTests) -> None:
+        await self.check_refused(case)
+
+    return test
+
+
+for _name, _case in REFUSED.items():
+    setattr(HostileInputTests, f"test_{_name}", _refused_test(_case))
