@@ -20,8 +20,19 @@ from typing import Any, NoReturn, TypeVar
 import attrs
 from twisted.trial.unittest import FailTest, SkipTest, TestCase
 
-from ..helpers import ORG, TOKEN, ProxyProcess, call, free_port, sleep, spawn_proxy
+from ..helpers import (
+    ORG,
+    TOKEN,
+    ProxyProcess,
+    call,
+    free_port,
+    listen,
+    sleep,
+    spawn_proxy,
+    upstream_site,
+)
 from ..processes import ChildProcess
+from .upstream import FakeCloud
 
 INSTALL = "sudo bash scripts/install-e2e-peers .venv"
 NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node")
@@ -167,6 +178,17 @@ async def start_proxy(case: TestCase, urls: dict[str, str]) -> ProxyProcess:
     if proxy.ended.called:
         raise FailTest(f"lgmt-proxy did not start:\n{proxy.output.decode()}")
     return proxy
+
+
+async def fake_cloud_behind_proxy(case: TestCase, *signals: str) -> tuple[FakeCloud, str, str]:
+    """A `FakeCloud` on loopback and the proxy with ``signals`` pointed at it:
+    (the cloud, its direct URL, the proxy's URL)."""
+    cloud = FakeCloud()
+    port = listen(upstream_site(cloud))
+    case.addCleanup(port.stopListening)
+    direct = f"http://127.0.0.1:{port.getHost().port}"
+    proxy = await start_proxy(case, dict.fromkeys(signals, direct))
+    return cloud, direct, proxy.url
 
 
 # --- Prometheus -------------------------------------------------------------

@@ -12,9 +12,9 @@ from urllib.parse import urlencode
 
 from twisted.trial.unittest import TestCase
 
-from ..helpers import ORG, call, listen, upstream_site
+from ..helpers import ORG, call
 from .clients import python_logging_loki, winston_loki
-from .peers import start_proxy
+from .peers import fake_cloud_behind_proxy
 from .upstream import FakeCloud
 
 LINES = ["first line", 'quotes " and \\ backslash', "unicode: héllo ✓ 日本"]
@@ -24,12 +24,7 @@ class LokiPushTests(TestCase):
     timeout = 90
 
     async def _stack(self) -> tuple[FakeCloud, str, str]:
-        cloud = FakeCloud()
-        port = listen(upstream_site(cloud))
-        self.addCleanup(port.stopListening)
-        direct = f"http://127.0.0.1:{port.getHost().port}"
-        proxy = await start_proxy(self, {"loki": direct})
-        return cloud, direct, proxy.url
+        return await fake_cloud_behind_proxy(self, "loki")
 
     async def _query_back(self, proxy: str, run_id: str) -> list[str]:
         params = urlencode(

@@ -10,9 +10,9 @@ from urllib.parse import urlencode
 
 from twisted.trial.unittest import TestCase
 
-from ..helpers import ORG, basic, call, listen, upstream_site
+from ..helpers import ORG, basic, call
 from .clients import OtlpRun, otlp_export
-from .peers import start_proxy
+from .peers import fake_cloud_behind_proxy
 from .upstream import FakeCloud, Otlp
 
 
@@ -20,12 +20,7 @@ class OtlpExportTests(TestCase):
     timeout = 90
 
     async def _stack(self) -> tuple[FakeCloud, str, str]:
-        cloud = FakeCloud()
-        port = listen(upstream_site(cloud))
-        self.addCleanup(port.stopListening)
-        direct = f"http://127.0.0.1:{port.getHost().port}"
-        proxy = await start_proxy(self, {"otlp": direct, "tempo": direct})
-        return cloud, direct, proxy.url
+        return await fake_cloud_behind_proxy(self, "otlp", "tempo")
 
     def _assert_arrived(self, cloud: FakeCloud, run: OtlpRun, gzip: bool) -> None:
         self.assertEqual(
