@@ -99,22 +99,24 @@ class ResponseFramingTests(TestCase):
             self.assertEqual(status(client.value()), 502, (line, client.value()))
             self.assertTrue(up.disconnecting)
 
-    def test_close_delimited_body_cut_by_reset_aborts_client(self) -> None:
+    def close_delimited(self, body: bytes, ending: Exception) -> StringTransport:
+        """A response with no length, its body ``body`` ended by ``ending``:
+        what the client's transport got."""
         proxy = MemoryProxy()
         _proto, client = proxy.send(GET)
         up_proto, _ = proxy.upstream("loki")
-        up_proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial")
-        up_proto.connectionLost(Failure(ConnectionLost()))
+        up_proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
+        up_proto.connectionLost(Failure(ending))
+        return client
+
+    def test_close_delimited_body_cut_by_reset_aborts_client(self) -> None:
+        client = self.close_delimited(b"partial", ConnectionLost())
         self.assertIn(b"partial", client.value())
         self.assertFalse(client.value().endswith(b"0\r\n\r\n"), client.value())
         self.assertTrue(client.disconnecting)
 
     def test_close_delimited_body_ended_cleanly_completes(self) -> None:
-        proxy = MemoryProxy()
-        _proto, client = proxy.send(GET)
-        up_proto, _ = proxy.upstream("loki")
-        up_proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nwhole")
-        up_proto.connectionLost(Failure(ConnectionDone()))
+        client = self.close_delimited(b"whole", ConnectionDone())
         self.assertTrue(client.value().endswith(b"5\r\nwhole\r\n0\r\n\r\n"), client.value())
         self.assertFalse(client.disconnecting)
 
