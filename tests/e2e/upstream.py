@@ -59,43 +59,32 @@ def loki_push_request_class() -> Any:
             syntax="proto3",
             dependency=["google/protobuf/timestamp.proto"],
         )
-        label_pair = proto.message_type.add(name="LabelPairAdapter")
-        label_pair.field.add(name="name", number=1, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
-        label_pair.field.add(name="value", number=2, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
-        entry = proto.message_type.add(name="EntryAdapter")
-        entry.field.add(
-            name="timestamp",
-            number=1,
-            type=f.TYPE_MESSAGE,
-            type_name=".google.protobuf.Timestamp",
-            label=f.LABEL_OPTIONAL,
-        )
-        entry.field.add(name="line", number=2, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
-        entry.field.add(
-            name="structuredMetadata",
-            number=3,
-            type=f.TYPE_MESSAGE,
-            type_name=".logproto.LabelPairAdapter",
-            label=f.LABEL_REPEATED,
-        )
-        stream = proto.message_type.add(name="StreamAdapter")
-        stream.field.add(name="labels", number=1, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
-        stream.field.add(
-            name="entries",
-            number=2,
-            type=f.TYPE_MESSAGE,
-            type_name=".logproto.EntryAdapter",
-            label=f.LABEL_REPEATED,
-        )
-        stream.field.add(name="hash", number=3, type=f.TYPE_UINT64, label=f.LABEL_OPTIONAL)
-        push = proto.message_type.add(name="PushRequest")
-        push.field.add(
-            name="streams",
-            number=1,
-            type=f.TYPE_MESSAGE,
-            type_name=".logproto.StreamAdapter",
-            label=f.LABEL_REPEATED,
-        )
+        # message: (field, number, type: a scalar's name or a message's full name, repeated)
+        messages = {
+            "LabelPairAdapter": [("name", 1, "string", False), ("value", 2, "string", False)],
+            "EntryAdapter": [
+                ("timestamp", 1, ".google.protobuf.Timestamp", False),
+                ("line", 2, "string", False),
+                ("structuredMetadata", 3, ".logproto.LabelPairAdapter", True),
+            ],
+            "StreamAdapter": [
+                ("labels", 1, "string", False),
+                ("entries", 2, ".logproto.EntryAdapter", True),
+                ("hash", 3, "uint64", False),
+            ],
+            "PushRequest": [("streams", 1, ".logproto.StreamAdapter", True)],
+        }
+        for message_name, fields in messages.items():
+            message = proto.message_type.add(name=message_name)
+            for name, number, kind, repeated in fields:
+                label = f.LABEL_REPEATED if repeated else f.LABEL_OPTIONAL
+                if kind.startswith("."):
+                    message.field.add(
+                        name=name, number=number, type=f.TYPE_MESSAGE, type_name=kind, label=label
+                    )
+                else:
+                    scalar = getattr(f, "TYPE_" + kind.upper())
+                    message.field.add(name=name, number=number, type=scalar, label=label)
         pool.Add(proto)
         _PUSH_REQUEST = message_factory.GetMessageClass(
             pool.FindMessageTypeByName("logproto.PushRequest")
