@@ -478,7 +478,6 @@ class RolloutTests(TestCase):
             moved.set()
         await _join(clients, CLIENT_SECONDS + SOCKET_TIMEOUT + 5)
         code = await proc.ended
-        stopped = time.monotonic()
         out = proc.output.decode()
         self.assertFalse(any(c.is_alive() for c in clients), "a client never ended")
 
@@ -520,11 +519,11 @@ class RolloutTests(TestCase):
             allowed = [
                 r for r in records if r.cut and r.fresh and r.sent_at > signalled + DELAY * 0.8
             ]
+        # It ended by itself, cutting nothing (when the listener closes and
+        # that no grace period is waited out are checked on a fake clock:
+        # test_ops.DrainClockTests).
         self.assertEqual(code, 0, out)
         self.assertNotIn("were cut", out)
-        # The listener stayed open for the delay and nothing made the
-        # process wait for the grace period.
-        self.assertLess(stopped - signalled, DELAY + GRACE - 1, out[-2000:])
         # A request routed before SIGTERM and answered after it must say
         # "Connection: close" too, or a client reusing the connection at
         # once has its next request cut (the build before this test cut 1 to
@@ -575,10 +574,10 @@ class RolloutTests(TestCase):
         )
 
     async def test_in_flight_request_finishes_and_idle_connection_closes(self) -> None:
-        """At the end of the delay the listener closes; a request still in
-        flight then finishes (with Connection: close), an idle keep-alive
-        connection is closed cleanly (EOF, not a reset) and the process exits
-        0 without waiting for the grace period."""
+        """After the delay the listener closes; a request still in flight then
+        finishes (with Connection: close), an idle keep-alive connection is
+        closed cleanly (EOF, not a reset) and the process exits 0, cutting
+        nothing (the timing itself: test_ops.DrainClockTests)."""
         up, proc = await self._proxy()
         host = b"127.0.0.1:%d" % proc.port
         idle = Connection("127.0.0.1", proc.port)
@@ -589,13 +588,11 @@ class RolloutTests(TestCase):
             answer = await deferToThread(conn.request, b"GET", b"/loki/x?seq=2", host, None)
             self.assertEqual((answer.status, answer.close), (200, False))
         proc.signal("TERM")
-        signalled = time.monotonic()
         await _until_draining(proc.port)
         body = b"z" * 100000
         held = deferToThread(busy.request, b"POST", b"/loki/api/v1/push?seq=6&hold=b", host, body)
         await up.arrival("b")
-        closed_at = await _until_refused(proc.port, DELAY + 3)
-        self.assertGreater(closed_at - signalled, DELAY - 0.2)
+        await _until_refused(proc.port, DELAY + 3)
         # The idle connection was closed when the listener closed: EOF.
         eof = await deferToThread(idle.sock.recv, 1)
         self.assertEqual(eof, b"")
@@ -607,7 +604,6 @@ class RolloutTests(TestCase):
         self.assertTrue(answer.body.startswith(b"6 100000 %08x\n" % zlib.crc32(body)))
         code = await proc.ended
         self.assertEqual(code, 0, proc.output.decode())
-        self.assertLess(time.monotonic() - signalled, DELAY + GRACE - 1)
         self.assertNotIn("were cut", proc.output.decode())
 
 
