@@ -95,12 +95,19 @@ class ProxyFixture:
     """A real ProxySite listening on loopback, built like the service builds it."""
 
     def __init__(
-        self, env: dict[str, str], trust: Any = None, client_auth: Any = None, routes: Any = None
+        self,
+        env: dict[str, str],
+        trust: Any = None,
+        client_auth: Any = None,
+        routes: Any = None,
+        token: Any = None,
     ) -> None:
         self.config: Config = parse_config(env)
         self.registry = CollectorRegistry()
         self.readiness = Readiness()
-        self.token = token_source(self.config.token, None) if self.config.token else None
+        if token is None and self.config.token:
+            token = token_source(self.config.token, None)
+        self.token = token
         self.metrics = ProxyMetrics(
             self.registry, process_collectors=False, consumer_label=client_auth is not None
         )

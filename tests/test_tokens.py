@@ -103,13 +103,12 @@ class RotationThroughProxyTests(TestCase):
         up = Recorder()
         port = listen(upstream_site(up))
         self.addCleanup(port.stopListening)
-        proxy = ProxyFixture(env_for(f"http://127.0.0.1:{port.getHost().port}"))
-        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
         token, _ = read_token_file(path)
         assert token is not None
         source = token_source(token, path)
-        for upstream in proxy.upstreams.values():
-            upstream.token = source
+        # The file's token source, given to the proxy as the service gives it.
+        proxy = ProxyFixture(env_for(f"http://127.0.0.1:{port.getHost().port}"), token=source)
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
         await call(proxy.url + "/tempo/api/search")
         self.assertEqual(up.seen[-1].header(b"authorization"), [basic(ORG["tempo"], "first-token")])
         with open(path + ".new", "w") as f:
