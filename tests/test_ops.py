@@ -258,6 +258,7 @@ class _Socketlike(StringTransport):
     closed; ``cut`` says whether that was an abort."""
 
     cut = False
+    protocol: Any = None
 
     def loseConnection(self) -> None:
         if not self.disconnecting:
