@@ -33,8 +33,10 @@ class NotFound(Resource):
         self.upstream_name = upstream
 
     def getChild(self, path: bytes, request: Any) -> IResource:
-        # Not a leaf only when a route nests under this one: the rest is ours.
-        return self
+        # Not a leaf only when a route nests under this one; a segment that
+        # is none of its children ends the walk here (a leaf, so a later
+        # segment cannot match a child: /a/x/c is not /a/c).
+        return NotFound(self._message, self.upstream_name)
 
     def render(self, request: Any) -> bytes:
         return _json(request, 404, self._body)
@@ -72,11 +74,17 @@ class ProxyResource(Resource):
         self.route = route
         self.upstream = upstream
         self.upstream_name = route.signal
+        self._rest: ProxyResource | None = None
 
     def getChild(self, path: bytes, request: Any) -> IResource:
         # Not a leaf only when a longer route nests under this one
-        # (ROUTES_FILE): anything else below stays with this route.
-        return self
+        # (ROUTES_FILE): a segment that is none of its children stays with
+        # this route, as a leaf, so a later segment cannot match a child
+        # (/a/x/c/d/e is /a's, not /a/b/c/d/e's).
+        rest = self._rest
+        if rest is None:
+            rest = self._rest = ProxyResource(self.route, self.upstream)
+        return rest
 
     def render(self, request: Any) -> bytes:
         # Only reachable from a plain twisted.web Site (not ProxyFactory).
