@@ -13,7 +13,10 @@
 #
 # Variables: PYTHON (interpreter for the venv, default python3, needs >= 3.11),
 # TESTS (what trial runs, default tests), ARGS (extra `lgmt-proxy` options for
-# `make run`, e.g. ARGS=--admin-listen=tcp:9090), VENV (where `make venv` installs,
+# `make run`, e.g. ARGS=--admin-listen=tcp:9090), LISTEN (the endpoint `make run`
+# listens on; default loopback only, tcp:port=$PORT:interface=127.0.0.1 with PORT
+# from .env or the environment, 8085 if unset; LISTEN=tcp:8085 for every IPv4
+# address), VENV (where `make venv` installs,
 # default .venv, e.g. VENV=/tmp/v1 to try the install elsewhere), LOCK_ARGS (extra
 # `uv pip compile` options for `make lock`, e.g. --upgrade).
 
@@ -24,6 +27,7 @@ STAMP := $(VENV)/.installed
 LINT_PATHS := lgmt_proxy tests twisted
 TESTS ?= tests
 ARGS ?=
+LISTEN ?=
 TWISTD := $(BIN)/twistd -n --pidfile= lgmt-proxy
 
 .PHONY: venv lock lint test run bench clean
@@ -98,18 +102,25 @@ test: venv lint
 	$(BIN)/trial $(TESTS)
 
 # `exec` so that Ctrl-C / SIGTERM reach twistd itself (graceful drain, exit 0).
+# Loopback only unless LISTEN says otherwise: a proxy holding the real token must
+# not be reachable from the network (or a browser's DNS-rebinding page) by
+# accident; the container image listens on every address (no --listen).
 run: venv
-	@if [ -f .env ]; then \
+	@listen='$(LISTEN)'; \
+	if [ -f .env ]; then \
 		echo "make run: using the variables in .env"; \
 		set -a; . ./.env; set +a; \
-		exec $(TWISTD) $(ARGS); \
+		set -- $(TWISTD); \
 	elif [ -n "$${GRAFANA_CLOUD_ACCESS_TOKEN:-}" ] || [ -n "$${GRAFANA_CLOUD_ACCESS_TOKEN_FILE:-}" ]; then \
 		echo "make run: using the environment"; \
-		exec $(TWISTD) $(ARGS); \
+		set -- $(TWISTD); \
 	else \
 		echo "make run: no .env and no GRAFANA_CLOUD_ACCESS_TOKEN(_FILE) set: starting the sandbox"; \
-		exec $(TWISTD) --sandbox $(ARGS); \
-	fi
+		set -- $(TWISTD) --sandbox; \
+	fi; \
+	listen="$${listen:-tcp:port=$${PORT:-8085}:interface=127.0.0.1:backlog=1024}"; \
+	echo "make run: listening on $$listen (LISTEN= to change)"; \
+	exec "$$@" --listen "$$listen" $(ARGS)
 
 # The benchmark (nginx, wrk; not a test). BENCH_ARGS=--quick for a short run.
 BENCH_ARGS ?=

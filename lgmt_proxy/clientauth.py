@@ -10,6 +10,7 @@ The file (YAML, or JSON which YAML reads too) lists consumers::
           - methods: [GET, POST]
             paths: ["/prometheus/api/v1/query*", "/prometheus/api/v1/series"]
         rate_limit: {requests_per_second: 20, burst: 40}   # optional
+        tenant: team-a        # optional, or a list: [team-a, team-b]
       - name: alloy
         token: "..."
         allow:
@@ -18,16 +19,17 @@ The file (YAML, or JSON which YAML reads too) lists consumers::
 
 ``*`` in a path matches any characters, ``/`` included; paths are matched
 against the raw request path (dot segments and encoded slashes were refused
-before this runs). Clients present ``Authorization: Bearer <token>`` or Basic
-with the consumer's name as user. Parsing is pure; only `load_client_auth`
-touches the file.
+before this runs); ``methods: "*"`` means the seven methods the proxy
+forwards. Clients present ``Authorization: Bearer <token>`` or Basic with the
+consumer's name as user. ``tenant`` is what a ``ROUTES_FILE`` route marked
+``tenant: from_consumer`` sends as ``X-Scope-OrgID`` for this consumer.
+Parsing is pure; only `load_client_auth` touches the file.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -36,21 +38,24 @@ from typing import Any
 import attrs
 import yaml
 
+from .policy import ALLOWED_METHODS
 from .watch import read_bytes
 
 _NAME = "CLIENT_AUTH_FILE"
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _CONSUMER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
+_METHODS = frozenset(m.decode() for m in ALLOWED_METHODS)
+#: Mimir's and Loki's tenant id characters (``|`` joins ids for federated queries).
+_TENANT = re.compile(r"^[A-Za-z0-9!._*'()|-]{1,150}$")
 
 
 @attrs.frozen
 class Rule:
-    methods: frozenset[bytes] | None  # None: any method
+    methods: frozenset[bytes]
     pattern: re.Pattern[bytes]
 
     def allows(self, method: bytes, path: bytes) -> bool:
-        if self.methods is not None and method not in self.methods:
+        if method not in self.methods:
             return False
         return self.pattern.fullmatch(path) is not None
 
@@ -62,6 +67,8 @@ class Consumer:
     rules: tuple[Rule, ...]
     rate: float | None = None
     burst: float = 1.0
+    #: For ``tenant: from_consumer`` routes; the first is the default.
+    tenants: tuple[str, ...] = ()
 
     def allows(self, method: bytes, path: bytes) -> bool:
         return any(rule.allows(method, path) for rule in self.rules)
@@ -73,12 +80,18 @@ class Consumer:
 @attrs.frozen
 class ClientAuth:
     consumers: tuple[Consumer, ...]
+    _by_digest: dict[bytes, Consumer] = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_by_digest", {c.digest: c for c in self.consumers})
 
     def authenticate(self, values: Sequence[bytes] | None) -> Consumer | None:
         """The consumer these ``Authorization`` values prove, or None.
 
-        Digests are compared in constant time, against every consumer for
-        Bearer so the answer's timing does not depend on which one matched.
+        The SHA-256 digest of the presented secret is looked up in a dict:
+        one hash and one lookup whatever the number of consumers, and the
+        lookup's timing depends on the digest of what the client sent, which
+        tells it nothing about any consumer's token.
         """
         if not values or len(values) != 1:
             return None
@@ -88,12 +101,7 @@ class ClientAuth:
         if not credentials:
             return None
         if scheme == b"bearer":
-            digest = hashlib.sha256(credentials).digest()
-            found = None
-            for consumer in self.consumers:
-                if hmac.compare_digest(digest, consumer.digest):
-                    found = consumer
-            return found
+            return self._by_digest.get(hashlib.sha256(credentials).digest())
         if scheme == b"basic":
             try:
                 user, sep, secret = base64.b64decode(credentials, validate=True).partition(b":")
@@ -101,10 +109,9 @@ class ClientAuth:
                 return None
             if not sep:
                 return None
-            digest = hashlib.sha256(secret).digest()
-            for consumer in self.consumers:
-                if consumer.name.encode() == user and hmac.compare_digest(digest, consumer.digest):
-                    return consumer
+            found = self._by_digest.get(hashlib.sha256(secret).digest())
+            if found is not None and found.name.encode() == user:
+                return found
         return None
 
 
@@ -127,9 +134,9 @@ def _rules(raw: Any, where: str, problems: list[str]) -> tuple[Rule, ...]:
         if unknown:
             problems.append(f"{here}: unknown keys {', '.join(sorted(map(str, unknown)))}")
         methods_raw = item.get("methods", "*")
-        methods: frozenset[bytes] | None
+        methods: frozenset[bytes]
         if methods_raw == "*" or methods_raw == ["*"]:
-            methods = None
+            methods = ALLOWED_METHODS
         elif (
             isinstance(methods_raw, list)
             and methods_raw
@@ -177,6 +184,25 @@ def _rate(raw: Any, where: str, problems: list[str]) -> tuple[float | None, floa
     return float(rate), max(1.0, float(burst))  # type: ignore[arg-type]
 
 
+def _tenants(raw: Any, where: str, problems: list[str]) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    items = [raw] if isinstance(raw, str | int) and not isinstance(raw, bool) else raw
+    if (
+        not isinstance(items, list)
+        or not items
+        or not all(isinstance(t, str | int) and not isinstance(t, bool) for t in items)
+        or not all(_TENANT.match(str(t)) for t in items)
+    ):
+        problems.append(
+            f"{where}.tenant: a tenant id or a non-empty list of them "
+            "(1-150 letters, digits or !-_.*'()|)"
+        )
+        return ()
+    tenants = tuple(dict.fromkeys(str(t) for t in items))
+    return tenants
+
+
 def parse_client_auth(text: str | bytes) -> ClientAuth:
     """Parse and validate a client auth document; raise ValueError listing every
     problem (one per line, each naming where, never a token)."""
@@ -211,7 +237,7 @@ def parse_client_auth(text: str | bytes) -> ClientAuth:
         if name in names:
             problems.append(f"{where}: listed twice")
         names.add(name)
-        unknown = set(item) - {"name", "token", "token_sha256", "allow", "rate_limit"}
+        unknown = set(item) - {"name", "token", "token_sha256", "allow", "rate_limit", "tenant"}
         if unknown:
             problems.append(f"{where}: unknown keys {', '.join(sorted(map(str, unknown)))}")
         token, hashed = item.get("token"), item.get("token_sha256")
@@ -233,7 +259,8 @@ def parse_client_auth(text: str | bytes) -> ClientAuth:
         digests.add(digest)
         rules = _rules(item.get("allow"), where, problems)
         rate, burst = _rate(item.get("rate_limit"), where, problems)
-        consumers.append(Consumer(name, digest, rules, rate, burst))
+        tenants = _tenants(item.get("tenant"), where, problems)
+        consumers.append(Consumer(name, digest, rules, rate, burst, tenants))
     if problems:
         raise ConfigError(problems)
     return ClientAuth(tuple(consumers))

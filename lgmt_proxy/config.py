@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
@@ -110,6 +111,9 @@ class Config:
     routes_file: str | None = None
     max_websockets: int = 100
     websocket_idle_timeout: float = 600.0
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    metrics_tenant_label: bool = False
 
 
 def _is_loopback(host: str) -> bool:
@@ -202,6 +206,23 @@ class _Reader:
             self.problems.append(f"{name}: must be one of {', '.join(choices)}, got {raw!r}")
             return default
         return low
+
+
+_ORIGIN = re.compile(r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?/?$")
+_HOST = re.compile(r"^([A-Za-z0-9.-]+|\[?[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\]?)$")
+
+
+def _parse_list(reader: _Reader, name: str, pattern: re.Pattern[str], what: str) -> tuple[str, ...]:
+    """A comma-separated list; one problem line naming the first bad entry."""
+    raw = reader.get(name)
+    if raw is None:
+        return ()
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    bad = [item for item in items if not pattern.match(item)]
+    if bad:
+        reader.problems.append(f"{name}: {bad[0]!r} is not {what}")
+        return ()
+    return items
 
 
 def _parse_signal(reader: _Reader, signal: str, allow_insecure: bool) -> SignalConfig | None:
@@ -334,6 +355,13 @@ def parse_config(env: Mapping[str, str]) -> Config:
         routes_file=routes_file,
         max_websockets=r.integer("MAX_WEBSOCKETS", 100, low=0),
         websocket_idle_timeout=r.number("WEBSOCKET_IDLE_TIMEOUT_SECONDS", 600.0),
+        allowed_origins=_parse_list(
+            r, "ALLOWED_ORIGINS", _ORIGIN, "an origin like https://grafana.example.com"
+        ),
+        allowed_hosts=_parse_list(
+            r, "ALLOWED_HOSTS", _HOST, "a host name or IP address (no port, no scheme)"
+        ),
+        metrics_tenant_label=r.boolean("METRICS_TENANT_LABEL", False),
     )
     if r.problems:
         raise ConfigError(r.problems)

@@ -39,6 +39,12 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"x-forwarded-for",
 }
 
+#: The headers the proxy injects (and ``Authorization``/``X-Scope-OrgID`` in
+#: any case): a client's name for one of them spelled with ``_`` for ``-`` is
+#: dropped too, since upstreams that map ``_`` to ``-`` (CGI/WSGI style)
+#: would see it beside the injected one.
+_INJECTED = frozenset({b"authorization", b"x-scope-orgid", b"host", b"x-forwarded-for"})
+
 #: Response headers never copied back: hop-by-hop, plus ``Content-Length``
 #: which the proxy sets from the upstream's framing itself.
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
@@ -71,7 +77,8 @@ def forward_request_headers(
     client_address: bytes,
 ) -> RawHeaders:
     """The headers the upstream gets for a client request. The client's
-    credentials are dropped even where none are injected (None)."""
+    credentials (and their ``_`` look-alikes) are dropped even where none are
+    injected (None)."""
     listed: frozenset[bytes] | None = None
     out: RawHeaders = [(b"Host", host)]
     forwarded: list[bytes] = []
@@ -83,6 +90,8 @@ def forward_request_headers(
                 forwarded.append(value)
             elif low == b"connection" and listed is None:
                 listed = connection_listed(values_of(incoming, b"connection"))
+            continue
+        if b"_" in low and low.replace(b"_", b"-") in _INJECTED:
             continue
         out.append((name, value))
     if listed:

@@ -37,20 +37,27 @@ class ProxyMetrics:
         *,
         process_collectors: bool = True,
         consumer_label: bool = False,
+        tenant_label: bool = False,
     ) -> None:
         self.registry = registry
         self.consumer_label = consumer_label
+        self.tenant_label = tenant_label
         if process_collectors:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
-        # The consumer label exists only with client auth on: its values come
-        # from the client auth file, so they stay bounded.
+        # The consumer label exists only with client auth on, the tenant label
+        # only with METRICS_TENANT_LABEL: their values come from the client
+        # auth file, so they stay bounded, and the default label set is the
+        # one of the service we replace.
+        labels = ["upstream", "method", "status"]
+        if consumer_label:
+            labels.append("consumer")
+        if tenant_label:
+            labels.append("tenant")
         self.requests = Counter(
             "proxy_requests",
             "Requests handled, by upstream, method and status.",
-            ["upstream", "method", "status", "consumer"]
-            if consumer_label
-            else ["upstream", "method", "status"],
+            labels,
             registry=registry,
         )
         self.upstream_responses = Counter(
@@ -140,10 +147,16 @@ class ProxyMetrics:
         consumer: str | None = None,
         *,
         from_upstream: bool = False,
+        tenant: str | None = None,
     ) -> None:
         c = self._child
-        if self.consumer_label:
-            c(self.requests, upstream, method, status, consumer or "none").inc()
+        if self.consumer_label or self.tenant_label:
+            extra = []
+            if self.consumer_label:
+                extra.append(consumer or "none")
+            if self.tenant_label:
+                extra.append(tenant or "none")
+            c(self.requests, upstream, method, status, *extra).inc()
         else:
             c(self.requests, upstream, method, status).inc()
         c(self.duration, upstream, method).observe(duration)

@@ -112,6 +112,7 @@ class Observer:
                 error,
                 request.consumer,
                 from_upstream=request.from_upstream,
+                tenant=None if request.tenant is None else request.tenant.decode("latin-1"),
             )
         if request.quiet and not self._log_quiet:
             return
@@ -138,4 +139,6 @@ class Observer:
             access["error"] = error
         if request.consumer is not None:
             access["consumer"] = request.consumer
+        if request.tenant is not None:
+            access["tenant"] = request.tenant.decode("latin-1")
         self._access(access)

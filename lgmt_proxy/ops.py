@@ -67,9 +67,12 @@ class Ready(_Leaf):
 
 class Metrics(_Leaf):
     """The project's own registry in Prometheus text format, rendered in the
-    reactor thread (no exporter thread)."""
+    reactor thread (no exporter thread). It lists consumer names: with client
+    auth on, the main port serves it only to a consumer allowed ``GET
+    /metrics`` (`server.ClientConnection`); ``--admin-listen`` serves it to all."""
 
     quiet = True
+    consumers_only = True
 
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__()

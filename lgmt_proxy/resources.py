@@ -28,18 +28,30 @@ class NotFound(Resource):
 
     def __init__(self, message: str = "no route for this path", upstream: str = "none") -> None:
         super().__init__()
+        self._message = message
         self._body = json_error(message, upstream)
         self.upstream_name = upstream
 
+    def getChild(self, path: bytes, request: Any) -> IResource:
+        # Not a leaf only when a route nests under this one; a segment that
+        # is none of its children ends the walk here (a leaf, so a later
+        # segment cannot match a child: /a/x/c is not /a/c).
+        return NotFound(self._message, self.upstream_name)
+
     def render(self, request: Any) -> bytes:
         return _json(request, 404, self._body)
+
+    def nested(self) -> NotFound:
+        """An inner segment below this prefix that no longer route matches."""
+        return NotFound(self._message, self.upstream_name)
 
 
 _NO_ROUTE = NotFound()
 
 
 class Branch(Resource):
-    """An inner path segment (``/api`` of ``/api/prom``): 404 unless a child matches."""
+    """An inner path segment (``/api`` of ``/api/prom``) under no route: 404
+    unless a child matches."""
 
     def getChild(self, path: bytes, request: Any) -> IResource:
         return _NO_ROUTE
@@ -62,17 +74,28 @@ class ProxyResource(Resource):
         self.route = route
         self.upstream = upstream
         self.upstream_name = route.signal
+        self._rest: ProxyResource | None = None
 
     def getChild(self, path: bytes, request: Any) -> IResource:
         # Not a leaf only when a longer route nests under this one
-        # (ROUTES_FILE): anything else below stays with this route.
-        return self
+        # (ROUTES_FILE): a segment that is none of its children stays with
+        # this route, as a leaf, so a later segment cannot match a child
+        # (/a/x/c/d/e is /a's, not /a/b/c/d/e's).
+        rest = self._rest
+        if rest is None:
+            rest = self._rest = ProxyResource(self.route, self.upstream)
+        return rest
 
     def render(self, request: Any) -> bytes:
         # Only reachable from a plain twisted.web Site (not ProxyFactory).
         return _json(
             request, 500, json_error("proxy resource needs ProxyFactory", self.route.signal)
         )
+
+    def nested(self) -> ProxyResource:
+        """An inner segment below this prefix on the way to a longer route
+        (``/a/b`` between ``/a`` and ``/a/b/c``): still this route."""
+        return ProxyResource(self.route, self.upstream)
 
 
 def build_root(
@@ -81,29 +104,37 @@ def build_root(
     routes: tuple[Route, ...] = DEFAULT_ROUTES,
 ) -> Resource:
     """The root: route prefixes to proxies (or a 404 naming the signal that is
-    off), operations resources, and a JSON 404 for anything else."""
-    root = Branch()
+    off), operations resources, and a JSON 404 for anything else.
+
+    The longest whole-segment prefix wins at every depth: an inner segment
+    between two nested prefixes belongs to the shorter one (its ``nested``
+    copy), so with ``/a`` and ``/a/b/c``, ``/a/b`` and ``/a/b/x`` go to ``/a``.
+    """
+    leaves: dict[tuple[bytes, ...], ProxyResource | NotFound] = {}
     for route in routes:
         upstream = upstreams.get(route.signal)
-        leaf: IResource
         if upstream is None:
-            leaf = NotFound(f"signal {route.signal} is not configured", route.signal)
+            leaves[tuple(route.segments)] = NotFound(
+                f"signal {route.signal} is not configured", route.signal
+            )
         else:
-            leaf = ProxyResource(route, upstream)
-        *inner, last = route.segments
-        parent: Resource = root
-        for segment in inner:
-            child = parent.children.get(segment)
-            if child is None:
-                child = Branch()
-                parent.putChild(segment, child)
-            child.isLeaf = False  # type: ignore[union-attr]
-            parent = child  # type: ignore[assignment]
-        existing = parent.children.get(last)
-        if existing is not None and existing.children:  # type: ignore[union-attr]
-            leaf.children.update(existing.children)  # type: ignore[attr-defined]
-            leaf.isLeaf = False  # type: ignore[attr-defined]
-        parent.putChild(last, leaf)
+            leaves[tuple(route.segments)] = ProxyResource(route, upstream)
+    paths = {key[:n] for key in leaves for n in range(1, len(key) + 1)}
+    root = Branch()
+    nodes: dict[tuple[bytes, ...], Resource] = {(): root}
+    # Parents before children: each inner node knows its enclosing route.
+    for path in sorted(paths, key=len):
+        node: Resource | None = leaves.get(path)
+        if node is None:
+            enclosing = next(
+                (leaves[path[:n]] for n in range(len(path) - 1, 0, -1) if path[:n] in leaves),
+                None,
+            )
+            node = Branch() if enclosing is None else enclosing.nested()
+        parent = nodes[path[:-1]]
+        parent.isLeaf = False
+        parent.putChild(path[-1], node)
+        nodes[path] = node
     for name, resource in ops.items():
         root.putChild(name, resource)
     return root

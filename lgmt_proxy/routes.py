@@ -20,6 +20,9 @@ class Route:
     prefix: bytes
     upstream_prefix: bytes
     signal: str
+    #: ``X-Scope-OrgID`` is the authenticated consumer's tenant (ROUTES_FILE
+    #: ``tenant: from_consumer``), not a fixed one.
+    tenant_from_consumer: bool = False
 
     @property
     def segments(self) -> list[bytes]:

@@ -12,7 +12,8 @@ YAML (or JSON) or TOML (by the ``.toml`` suffix)::
           type: basic               # basic, bearer or none
           user: "team-a"            # basic only
           token_env: MIMIR_TOKEN    # or token_file: /var/run/secrets/mimir
-        tenant: team-a              # X-Scope-OrgID; omit to send none
+        tenant: team-a              # X-Scope-OrgID; omit to send none, or
+                                    # from_consumer: the consumer's (CLIENT_AUTH_FILE)
 
 Parsing is pure (the document and the environment are passed in); only
 `load_routes_file` reads files.
@@ -36,6 +37,8 @@ _NAME = "ROUTES_FILE"
 _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 _PREFIX = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)+$")
 _REWRITE = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)*$")
+#: ``tenant:`` value that sends each consumer's own tenant.
+FROM_CONSUMER = "from_consumer"
 _KEYS = {"name", "prefix", "upstream", "rewrite", "credentials", "tenant"}
 
 
@@ -151,6 +154,9 @@ def parse_routes(doc: Any, env: Mapping[str, str], *, allow_insecure: bool) -> l
             continue
         kind, user, token, token_file = _credentials(item.get("credentials"), where, env, problems)
         tenant = item.get("tenant")
+        from_consumer = tenant == FROM_CONSUMER
+        if from_consumer:
+            tenant = None
         if tenant is not None and (
             not isinstance(tenant, str | int)
             or not str(tenant)
@@ -163,13 +169,29 @@ def parse_routes(doc: Any, env: Mapping[str, str], *, allow_insecure: bool) -> l
             name, url, org_id=user, tenant_id=None if tenant is None else str(tenant), auth=kind
         )
         specs.append(
-            RouteSpec(Route(prefix.encode(), rewrite.encode(), name), signal, token, token_file)
+            RouteSpec(
+                Route(prefix.encode(), rewrite.encode(), name, from_consumer),
+                signal,
+                token,
+                token_file,
+            )
         )
     if problems:
         raise ConfigError(problems)
     # Longest prefix first, so /api/v1/push wins over /api/v1 whatever the order.
     specs.sort(key=lambda s: -len(s.route.prefix))
     return specs
+
+
+def tenant_problems(specs: list[RouteSpec], client_auth: bool) -> list[str]:
+    """``tenant: from_consumer`` needs consumers, hence CLIENT_AUTH_FILE."""
+    if client_auth:
+        return []
+    return [
+        f"{_NAME}: route {spec.signal.name}: tenant: {FROM_CONSUMER} needs CLIENT_AUTH_FILE"
+        for spec in specs
+        if spec.route.tenant_from_consumer
+    ]
 
 
 def load_routes_file(path: str, env: Mapping[str, str], *, allow_insecure: bool) -> list[RouteSpec]:

@@ -28,6 +28,7 @@ from twisted.web.resource import IResource, getChildForRequest
 from . import errors
 from .exchange import Exchange
 from .headers import RawHeaders, head_lines, response_headers
+from .policy import Policy, Refused, choose_tenant
 from .routes import MAX_TARGET, Refusal, Route, split_target, upstream_target
 from .tunnel import Tunnel
 
@@ -87,6 +88,7 @@ class Incoming:
         "started",
         "status",
         "target",
+        "tenant",
         "upgrade",
         "upstream_name",
         "version",
@@ -107,6 +109,8 @@ class Incoming:
         self.status = 0
         self.error: str | None = None
         self.consumer: str | None = None
+        #: The consumer's tenant sent on a ``from_consumer`` route.
+        self.tenant: bytes | None = None
         #: Counted in proxy_requests_in_flight (a proxy route).
         self.in_flight = False
         #: Counted in proxy_requests_total (a proxy route).
@@ -374,12 +378,24 @@ class ClientConnection(Protocol):
         if route is None:
             req.upstream_name = getattr(resource, "upstream_name", "none")
             req.quiet = bool(getattr(resource, "quiet", False))
+            if getattr(resource, "consumers_only", False) and factory.client_auth is not None:
+                # /metrics names the consumers: with client auth on, only for
+                # a consumer allowed it (else --admin-listen).
+                if not self._check_client(req, False):
+                    return
             self._when_complete(req, lambda: self._render_local(req, resource))
             return
         upstream: Upstream = resource.upstream  # type: ignore[attr-defined]
         req.upstream_name = route.signal
         req.counted = True
-        if factory.client_auth is not None and not self._check_client(req):
+        websocket = req.upgrade and req.method == b"GET" and _wants_websocket(req)
+        refused = factory.policy.check(req.method, req.headers, websocket=websocket)
+        if refused is not None:
+            self.refuse(refused.status, refused.message, list(refused.headers))
+            return
+        if factory.client_auth is not None and not self._check_client(
+            req, route.tenant_from_consumer
+        ):
             return
         req.in_flight = True
         factory.observer.started(req)
@@ -388,7 +404,7 @@ class ClientConnection(Protocol):
             req.note_error("body_limit")
             self.refuse(413, "request body too large")
             return
-        if req.upgrade and req.method == b"GET" and _wants_websocket(req):
+        if websocket:
             tunnel = Tunnel(self, req, route, upstream, factory)
             self._handler = tunnel
             self._when_complete(req, tunnel.start)
@@ -405,7 +421,7 @@ class ClientConnection(Protocol):
             factory.upstream_timeout,
             method=req.method,
             target=upstream_target(route, upstream.base_path, req.path, req.query),
-            headers=upstream.forward_headers(req.headers, self.client_host),
+            headers=upstream.forward_headers(req.headers, self.client_host, req.tenant),
             length=req.length,
             chunked=req.chunked,
             retry_safe=req.method in RETRY_SAFE and not has_body,
@@ -473,8 +489,9 @@ class ClientConnection(Protocol):
         req.on_body = discard
         req.on_complete = then
 
-    def _check_client(self, req: Incoming) -> bool:
-        """Client auth (only with CLIENT_AUTH_FILE): 401, 403 or 429, else True."""
+    def _check_client(self, req: Incoming, tenant_from_consumer: bool) -> bool:
+        """Client auth (only with CLIENT_AUTH_FILE): 401, 403 or 429, else
+        True; on a ``from_consumer`` route the consumer's tenant is chosen."""
         factory = self.factory
         assert factory.client_auth is not None
         auth = [v for n, v in req.headers if n.lower() == b"authorization"]
@@ -487,6 +504,13 @@ class ClientConnection(Protocol):
             method = req.method.decode("latin-1")
             self.refuse(403, f"consumer {consumer.name} may not {method} this path")
             return False
+        if tenant_from_consumer:
+            requested = [v for n, v in req.headers if n.lower() == b"x-scope-orgid"]
+            tenant = choose_tenant(consumer.tenants, requested)
+            if isinstance(tenant, Refused):
+                self.refuse(tenant.status, f"consumer {consumer.name}: {tenant.message}")
+                return False
+            req.tenant = tenant
         wait = factory.limiter.wait(consumer)
         if wait:
             retry = b"%d" % max(1, math.ceil(wait))
@@ -915,6 +939,7 @@ class ProxyFactory(Factory):
         limiter: RateLimiter | None = None,
         max_websockets: int = 100,
         websocket_idle_timeout: float = 600.0,
+        policy: Policy | None = None,
     ) -> None:
         self.resource = resource
         self.clock = clock
@@ -925,6 +950,8 @@ class ProxyFactory(Factory):
         self.client_idle_timeout = client_idle_timeout
         self.max_connections = max_connections
         self.client_auth = client_auth
+        #: Methods, ALLOWED_HOSTS and ALLOWED_ORIGINS for proxy routes.
+        self.policy = policy if policy is not None else Policy()
         if limiter is None:
             from .clientauth import RateLimiter
 

@@ -29,6 +29,7 @@ from .logs import StreamObserver, make_observer
 from .metrics import ProxyMetrics
 from .observe import Observer
 from .ops import Readiness, admin_root, ops_resources
+from .policy import Policy
 from .resources import build_root
 from .routes import DEFAULT_ROUTES, Route
 from .routesfile import RouteSpec
@@ -98,6 +99,7 @@ def build_site(
         client_auth=client_auth,
         max_websockets=config.max_websockets,
         websocket_idle_timeout=config.websocket_idle_timeout,
+        policy=Policy.build(config.allowed_origins, config.allowed_hosts),
     )
     return site, upstreams
 
@@ -218,7 +220,11 @@ class ProxyService(MultiService):
             log_level=config.log_level,
             schedule=lambda f: reactor.callLater(0, f),
         )
-        self.metrics = ProxyMetrics(self.registry, consumer_label=client_auth is not None)
+        self.metrics = ProxyMetrics(
+            self.registry,
+            consumer_label=client_auth is not None,
+            tenant_label=config.metrics_tenant_label,
+        )
         reloads = self.metrics.config_reloads
         self.token = token_source(token, config.token_file, reloads) if token is not None else None
         self._watched: list[WatchedFile[Any]] = (

@@ -55,7 +55,7 @@ def load(
     import attrs
 
     from .clientauth import load_client_auth
-    from .routesfile import load_routes_file
+    from .routesfile import load_routes_file, tenant_problems
     from .tokens import read_token_file
 
     config = parse_config(env)
@@ -84,6 +84,8 @@ def load(
         client_auth, problem = load_client_auth(config.client_auth_file)
         if problem:
             problems.extend(problem.splitlines())
+    if routes:
+        problems.extend(tenant_problems(routes, config.client_auth_file is not None))
     if problems:
         raise ConfigError(problems)
     return config, token, client_auth, routes

@@ -40,7 +40,7 @@ MAX_HEAD = 16384
 
 
 def handshake_bytes(req: Incoming, route: Route, upstream: Upstream, client_host: bytes) -> bytes:
-    headers = upstream.forward_headers(req.headers, client_host)
+    headers = upstream.forward_headers(req.headers, client_host, req.tenant)
     target = upstream_target(route, upstream.base_path, req.path, req.query)
     return (
         b"GET "

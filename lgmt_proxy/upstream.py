@@ -116,14 +116,17 @@ class Upstream:
         self._cached = (token, value)
         return value
 
-    def forward_headers(self, incoming: RawHeaders, client_address: bytes) -> RawHeaders:
+    def forward_headers(
+        self, incoming: RawHeaders, client_address: bytes, tenant: bytes | None = None
+    ) -> RawHeaders:
         """What this upstream gets for a client request's headers: the
-        contract's rules with this upstream's host, credentials and tenant."""
+        contract's rules with this upstream's host, credentials and tenant
+        (``tenant``: the consumer's, on a ``from_consumer`` route)."""
         return forward_request_headers(
             incoming,
             host=self.host_header,
             authorization=self.authorization(),
-            tenant=self.tenant,
+            tenant=self.tenant if tenant is None else tenant,
             client_address=client_address,
         )
 

@@ -202,9 +202,12 @@ class ProxyAuthTests(TestCase):
         self.assertEqual(len(self.up.seen), 2)
 
     async def test_ops_stay_open(self) -> None:
-        for path in ("/health", "/ready", "/metrics"):
+        for path in ("/health", "/ready"):
             response, _ = await call(self.proxy.url + path)
             self.assertEqual(response.code, 200, path)
+        # /metrics lists consumers: only for a consumer allowed it (issue 13).
+        response, _ = await call(self.proxy.url + "/metrics")
+        self.assertEqual(response.code, 401)
 
     async def test_reload_and_bad_file_keeps_old(self) -> None:
         new = DOC.replace("kubecost", "opencost")
