@@ -48,12 +48,10 @@ function response(status, headers, body)
 end
 
 function done(summary, latency, requests)
-   local bad = 0
+   local bad, e = 0, summary.errors
    for _, t in ipairs(threads) do bad = bad + (t:get("non2xx") or 0) end
-   local e = summary.errors
-   io.write(string.format(
-      'BENCH {"requests":%d,"duration_us":%d,"non2xx":%d,"err_connect":%d,"err_read":%d,' ..
-      '"err_write":%d,"err_timeout":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d}\n',
-      summary.requests, summary.duration, bad, e.connect, e.read, e.write, e.timeout,
-      latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+   io.write(string.format('BENCH {"requests":%d,"duration_us":%d,"non2xx":%d,"socket_errors":%d,' ..
+      '"p50_us":%d,"p90_us":%d,"p99_us":%d}\n', summary.requests, summary.duration, bad,
+      e.connect + e.read + e.write + e.timeout,
+      latency:percentile(50), latency:percentile(90), latency:percentile(99)))
 end

@@ -90,24 +90,16 @@ def free_port() -> int:
 
 
 def machine() -> dict[str, Any]:
-    model = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        model = next(
-            (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model
-        )
-    versions = {}
-    with contextlib.suppress(Exception):
-        out = subprocess.run([which("nginx"), "-v"], capture_output=True, text=True).stderr
-        versions["nginx"] = out.strip().split("/")[-1]
-        versions["wrk"] = subprocess.run(
-            [which("wrk"), "-v"], capture_output=True, text=True
-        ).stdout.split()[1]
+    with open("/proc/cpuinfo") as f:
+        model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    nginx = subprocess.run([which("nginx"), "-v"], capture_output=True, text=True).stderr
+    wrk = subprocess.run([which("wrk"), "-v"], capture_output=True, text=True).stdout
     return {
         "nproc": os.cpu_count(),
         "cpu_model": model,
         "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "kernel": os.uname().release,
-        "versions": versions,
+        "versions": {"nginx": nginx.strip().split("/")[-1], "wrk": [*wrk.split(), "?", "?"][1]},
     }
 
 
@@ -149,13 +141,16 @@ class Target:
 
     def cpu(self) -> float:
         """user + system CPU seconds of all its processes."""
-        return sum(p.cpu_times().user + p.cpu_times().system for p in self.processes())
+        return sum(sum(p.cpu_times()[:2]) for p in self.processes())
 
     def rss_kib(self) -> int:
         return sum(p.memory_info().rss for p in self.processes()) // 1024
 
     def fds(self) -> int:
         return sum(p.num_fds() for p in self.processes())
+
+    def usage(self, when: str) -> dict[str, float]:
+        return {f"rss_{when}_mib": self.rss_kib() / 1024, f"fds_{when}": self.fds()}
 
     def peak_kib(self, reset: bool = False) -> int:
         return sum(peak_rss_kib(p.pid, reset) for p in self.processes())
@@ -234,19 +229,13 @@ class LgmtProxy(Target):
         self.url = f"http://127.0.0.1:{self.port}"
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
-        keep = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
-        self.env = {k: os.environ[k] for k in keep if k in os.environ}
-        self.env.update(
-            GRAFANA_CLOUD_ACCESS_TOKEN=TOKEN,
-            MAX_REQUEST_BODY_BYTES="0",
-            LOG_LEVEL="info",
-            LOG_FORMAT="json",
-            **env,
-        )
+        self.env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TZ")}
+        self.env |= {"GRAFANA_CLOUD_ACCESS_TOKEN": TOKEN, "MAX_REQUEST_BODY_BYTES": "0", **env}
         for sig in ("PROMETHEUS", "LOKI", "TEMPO", "OTLP"):
-            self.env.update(
-                {f"GRAFANA_CLOUD_{sig}_URL": upstream, f"GRAFANA_CLOUD_{sig}_ORG_ID": ORG_ID}
-            )
+            self.env |= {
+                f"GRAFANA_CLOUD_{sig}_URL": upstream,
+                f"GRAFANA_CLOUD_{sig}_ORG_ID": ORG_ID,
+            }
 
     def start(self) -> None:
         # The access log goes to a file, as it would go to the container's pipe.
@@ -330,13 +319,8 @@ def nginx_proxy_conf(prefix: Path, port: int, upstream_port: int, io_buffer: str
     host = f"127.0.0.1:{upstream_port}"
     routes = "\n".join(
         f"        location {a} {{ proxy_pass http://grafana{b}; }}"
-        for a, b in (
-            ("/api/prom/", ""),
-            ("/prometheus/", "/api/prom/"),
-            ("/loki/", ""),
-            ("/tempo/", ""),
-            ("/otlp/", ""),
-        )
+        for a, b in [("/prometheus/", "/api/prom/")]
+        + [(p, "") for p in ("/api/prom/", "/loki/", "/tempo/", "/otlp/")]
     )
     return f"""{_common(prefix)}
     access_log {prefix / "access.log"} combined buffer=64k flush=1s;
@@ -406,49 +390,35 @@ class UpstreamLog:
 # -- wrk -----------------------------------------------------------------------------
 
 
-def wrk_command(
+def wrk(
     url: str,
-    connections: int,
+    conns: int,
     seconds: float,
     args: Sequence[str] = (),
     headers: Sequence[str] = (),
-) -> list[str]:
-    """One wrk thread (the proxies under test have one core each) running
-    bench.lua, which counts non-2xx answers and prints one ``BENCH {json}``."""
-    cmd = [
-        which("wrk"),
-        "-t1",
-        f"-c{connections}",
-        f"-d{seconds}s",
-        "--timeout",
-        "10s",
-        "--latency",
+    background: bool = False,
+) -> Any:
+    """Run wrk (one thread: the proxies under test have one core each) with
+    bench.lua, which counts non-2xx answers and prints one ``BENCH {json}``:
+    that result, or with ``background`` the process, for `parse_wrk`."""
+    cmd = f"{which('wrk')} -t1 -c{conns} -d{seconds}s --timeout 10s --latency".split()
+    cmd += [
+        *(a for h in headers for a in ("-H", h)),
+        "-s",
+        str(BENCH / "bench.lua"),
+        url,
+        "--",
+        *args,
     ]
-    cmd += [a for h in headers for a in ("-H", h)]
-    return [*cmd, "-s", str(BENCH / "bench.lua"), url, "--", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc if background else parse_wrk(*proc.communicate(timeout=seconds + 60))
 
 
 def parse_wrk(stdout: str, stderr: str) -> dict[str, Any]:
     match = re.search(r"^BENCH (\{.*\})$", stdout, re.M)
     if match is None:
         raise RuntimeError(f"wrk gave no result:\n{stdout}\n{stderr}")
-    result: dict[str, Any] = json.loads(match.group(1))
-    result["errors"] = sum(
-        result[k] for k in ("err_connect", "err_read", "err_write", "err_timeout")
-    )
-    return result
-
-
-def wrk(
-    url: str,
-    connections: int,
-    seconds: float,
-    args: Sequence[str] = (),
-    headers: Sequence[str] = (),
-) -> dict[str, Any]:
-    cmd = wrk_command(url, connections, seconds, args, headers)
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    return parse_wrk(out.stdout, out.stderr)
+    return dict(json.loads(match.group(1)))
 
 
 # -- socket clients ------------------------------------------------------------------
@@ -478,27 +448,26 @@ def _answer(sock: socket.socket, rate: float = 0.0) -> tuple[int, int]:
     return status, got
 
 
-def big_upload(port: int, size: int) -> dict[str, Any]:
-    """POST ``size`` bytes (Content-Length) in 1 MiB writes; status and time."""
+def big_transfer(port: int, way: str, size: int, rate: float) -> dict[str, Any]:
+    """POST ``size`` bytes (Content-Length, 1 MiB writes) for ``way`` "up",
+    else GET the big file reading at most ``rate`` bytes/s: a reader slower
+    than the proxy makes it hold the upstream back (or buffer)."""
     chunk, start = (b"0123456789abcdef" * (MiB // 16)), time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
-        sock.sendall(
-            f"POST {PUSH_PATH} HTTP/1.1\r\nHost: bench\r\nContent-Length: {size}\r\n\r\n".encode()
-        )
-        for left in range(size, 0, -MiB):
-            sock.sendall(chunk if left >= MiB else chunk[:left])
-        status, _ = _answer(sock)
-    return {"status": status, "bytes": size, "seconds": time.monotonic() - start}
-
-
-def big_download(port: int, rate: float) -> dict[str, Any]:
-    """GET the big file, reading at most ``rate`` bytes/s: a reader slower
-    than the proxy makes it hold the upstream back (or buffer)."""
-    start = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
-        sock.sendall(f"GET {BIG_PATH} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        if way == "up":
+            sock.sendall(
+                f"POST {PUSH_PATH} HTTP/1.1\r\nHost: bench\r\nContent-Length: {size}\r\n\r\n".encode()
+            )
+            for left in range(size, 0, -MiB):
+                sock.sendall(chunk if left >= MiB else chunk[:left])
+        else:
+            sock.sendall(f"GET {BIG_PATH} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
         status, got = _answer(sock, rate)
-    return {"status": status, "bytes": got, "seconds": time.monotonic() - start}
+    return {
+        "status": status,
+        "bytes": size if way == "up" else got,
+        "seconds": time.monotonic() - start,
+    }
 
 
 @contextlib.contextmanager

@@ -121,8 +121,7 @@ def main(argv: list[str]) -> int:
         bench.start()
         lgmt = bench.targets["lgmt"]
         b.wrk(lgmt.url + path, conns, 2, wrk_args)  # warm-up
-        cmd = b.wrk_command(lgmt.url + path, conns, args.seconds + 4, wrk_args)
-        wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wrk = b.wrk(lgmt.url + path, conns, args.seconds + 4, wrk_args, background=True)
         cpu0 = lgmt.cpu()
         record = [pyspy, "record", "--pid", str(lgmt.proc.pid), "--duration", str(args.seconds)]
         record += ["--rate", str(args.rate), "--format", "raw", "-o", str(out.with_suffix(".txt"))]

@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -130,7 +129,7 @@ class Bench:
             self.targets.pop(name).stop()
         self.start_proxies()
         for name in self.proxies():
-            b.big_upload(self.targets[name].port, MiB)
+            b.big_transfer(self.targets[name].port, "up", MiB, 0)
             with b.idle_connections(self.targets[name].port, 20):
                 pass
         time.sleep(0.5)
@@ -148,102 +147,74 @@ class Bench:
             if not t.alive():
                 raise RuntimeError(f"{t.label} exited with {t.proc and t.proc.returncode}")
 
-    def measured(
-        self,
-        name: str,
-        connections: int,
-        seconds: int,
-        path: str,
-        args: Sequence[str] = (),
-        headers: Sequence[str] = (),
-        min_body: int = 0,
-    ) -> dict[str, Any]:
+    def measured(self, name: str, conns: int, seconds: int, path: str, **kw: Any) -> dict[str, Any]:
         """One wrk run against a target: its latency, its CPU, and what the
-        upstream saw during it."""
+        upstream saw during it (``kw``: wrk ``args``, ``headers``; ``min_body``)."""
         self.check_alive()
-        target = self.targets[name]
+        target, min_body = self.targets[name], kw.pop("min_body", 0)
         time.sleep(0.2)  # let the previous run's tail settle
         self.log.mark()
         cpu0, t0 = target.cpu(), time.monotonic()
-        r = b.wrk(target.url + path, connections, seconds, args, headers)
+        r = b.wrk(target.url + path, conns, seconds, **kw)
         elapsed, cpu = time.monotonic() - t0, target.cpu() - cpu0
         time.sleep(0.3)  # requests cut by wrk's stop reach the upstream's log
-        requests, run_s = r["requests"], r["duration_us"] / 1e6
         return {
-            "requests": requests,
-            "rps": requests / run_s if run_s else math.nan,
+            **{k: r[k] for k in ("requests", "non2xx", "socket_errors")},
+            "rps": r["requests"] / (r["duration_us"] / 1e6),
             **{f"p{p}_ms": r[f"p{p}_us"] / 1000 for p in (50, 90, 99)},
-            "max_ms": r["max_us"] / 1000,
             "cpu_s": cpu,
             "cores": cpu / elapsed,
-            "cpu_us_per_request": cpu * 1e6 / requests if requests else math.nan,
-            "non2xx": r["non2xx"],
-            "socket_errors": r["errors"],
+            "cpu_us_per_request": cpu * 1e6 / r["requests"] if r["requests"] else math.nan,
             **self.log.window(name, min_body),
         }
 
-    def rounds(
-        self,
-        workload: str,
-        names: list[str],
-        connections: int,
-        path: str,
-        args: Sequence[str] = (),
-        **kw: Any,
-    ) -> Runs:
+    def rounds(self, workload: str, names: list[str], conns: int, path: str, **kw: Any) -> Runs:
         """A warm-up run per target (pools filled, nothing kept), then
-        alternating measured rounds; the median of each figure is the result."""
+        alternating measured rounds (order flipped every round)."""
         for name in names:
-            self.measured(name, connections, self.s.warmup, path, args, **kw)
+            self.measured(name, conns, self.s.warmup, path, **kw)
         runs: Runs = {n: [] for n in names}
         for r in range(self.s.rounds):
             for name in names if r % 2 == 0 else names[::-1]:
-                run = self.measured(name, connections, self.s.seconds, path, args, **kw)
-                runs[name].append(run)
-                log(
-                    f"{workload} round {r + 1}/{self.s.rounds} {name:9}: {run['rps']:8.0f} req/s  "
-                    f"p50 {run['p50_ms']:.3f} ms  p99 {run['p99_ms']:.3f} ms  "
-                    f"cpu {run['cpu_us_per_request']:.1f} us/req  non-2xx {run['non2xx']}"
-                )
+                runs[name].append(run := self.measured(name, conns, self.s.seconds, path, **kw))
+                note(f"{workload} round {r + 1}/{self.s.rounds} {name}", run)
         return runs
 
-    # -- workloads: each returns {"runs"?, "summary": {target: figures}, ...labels} --
+    # -- workloads: each returns {"summary": {target: figures}, "runs"?, labels...} --
 
     def get50(self) -> dict[str, Any]:
         runs = self.rounds("get50", self.proxies(), self.s.get_connections, b.GET_PATH)
         return {"connections": self.s.get_connections, "runs": runs, "summary": summarize(runs)}
 
     def auth(self) -> dict[str, Any]:
-        """get50 again, with a proxy whose CLIENT_AUTH_FILE lists N consumers,
-        driven with the last one's Bearer token: is authentication's cost
-        independent of the number of consumers?"""
-        n, c = self.s.auth_consumers, self.s.get_connections
-        token = b.client_auth_file(self.workdir / "consumers.yaml", n)
+        """get50 through a proxy whose CLIENT_AUTH_FILE lists N consumers,
+        with the last one's Bearer token, in the same rounds as lgmt-proxy
+        without client auth: does authentication cost grow with consumers?"""
+        n, c, path = self.s.auth_consumers, self.s.get_connections, self.workdir / "consumers.yaml"
+        header = f"Authorization: Bearer {b.client_auth_file(path, n)}"
         assert self.upstream is not None
-        proxy = b.LgmtProxy(
-            self.workdir,
-            self.twistd,
-            self.upstream.url,
-            "lgmt_auth",
-            CLIENT_AUTH_FILE=str(self.workdir / "consumers.yaml"),
+        self.add(
+            b.LgmtProxy(
+                self.workdir,
+                self.twistd,
+                self.upstream.url,
+                "lgmt_auth",
+                CLIENT_AUTH_FILE=str(path),
+            )
         )
-        self.add(proxy)
         try:
-            names = ["nginx", "lgmt", "lgmt_auth"]
             runs = self.rounds(
-                "auth", names, c, b.GET_PATH, headers=[f"Authorization: Bearer {token}"]
+                "auth", ["nginx", "lgmt", "lgmt_auth"], c, b.GET_PATH, headers=[header]
             )
         finally:
             self.targets.pop("lgmt_auth").stop()
         summary = summarize(runs)
-        with_auth, without = summary["lgmt_auth"], summary["lgmt"]
-        with_auth["no_auth_cpu_us_per_request"] = without["cpu_us_per_request"]
-        # Refused requests would cost less than authenticated ones: no figure then.
-        ok = with_auth["non2xx"] == 0 and with_auth["upstream_requests"] > 0
-        with_auth["auth_cost"] = (
-            ratio(with_auth["cpu_us_per_request"], without["cpu_us_per_request"])
-            if ok
-            else math.nan
+        on, off = summary["lgmt_auth"], summary["lgmt"]
+        on["no_auth_cpu_us_per_request"] = off["cpu_us_per_request"]
+        # Refused requests cost less than authenticated ones: no figure then.
+        ok = on["non2xx"] == 0 and on["upstream_requests"] > 0
+        on["auth_cost"] = (
+            ratio(on["cpu_us_per_request"], off["cpu_us_per_request"]) if ok else math.nan
         )
         return {"connections": c, "consumers": n, "runs": runs, "summary": summary}
 
@@ -260,18 +231,17 @@ class Bench:
     def push(self) -> dict[str, Any]:
         size, conns = self.s.push_bytes, self.s.push_connections
         runs = self.rounds(
-            "push", self.proxies(), conns, b.PUSH_PATH, [str(size), "1"], min_body=size
+            "push", self.proxies(), conns, b.PUSH_PATH, args=[str(size), "1"], min_body=size
         )
         for run in (run for target_runs in runs.values() for run in target_runs):
-            mib = run["requests"] * size / MiB
-            run["cpu_us_per_mib"] = run["cpu_s"] * 1e6 / mib if mib else math.nan
+            run["cpu_us_per_mib"] = run["cpu_us_per_request"] * MiB / size
             run["mib_per_s"] = run["rps"] * size / MiB
-        size_label = f"{size // MiB} MiB" if size % MiB == 0 else f"{size // 1024} KiB"
-        return {"size": size_label, "connections": conns, "runs": runs, "summary": summarize(runs)}
+        label = f"{size // MiB} MiB" if size % MiB == 0 else f"{size // 1024} KiB"
+        return {"size": label, "connections": conns, "runs": runs, "summary": summarize(runs)}
 
     def big(self) -> dict[str, Any]:
         """One big upload, then one download read at a bounded rate, through
-        fresh proxies: the peak RSS above where each started."""
+        fresh proxies: the peak RSS above where each one started."""
         size, summary = self.s.big_bytes, {}
         self.fresh_proxies()
         for name in self.proxies():
@@ -282,10 +252,7 @@ class Bench:
                 before = max(target.rss_kib(), target.peak_kib(reset=True))
                 self.log.mark()
                 cpu0 = target.cpu()
-                if way == "up":
-                    r = b.big_upload(target.port, size)
-                else:
-                    r = b.big_download(target.port, self.s.big_read_rate)
+                r = b.big_transfer(target.port, way, size, self.s.big_read_rate)
                 cpu, peak = target.cpu() - cpu0, target.peak_kib()
                 time.sleep(0.2)
                 seen = self.log.window(name, size if way == "up" else 0)
@@ -298,61 +265,47 @@ class Bench:
                 row[f"{way}_extra_peak_mib"] = max(0, peak - before) / 1024
                 row[f"{way}_mib_per_s"] = size / MiB / r["seconds"]
                 row[f"{way}_cpu_us_per_mib"] = cpu * 1e6 / (size / MiB)
-                log(
-                    f"big {way:4} {name:6}: {row[f'{way}_mib_per_s']:6.0f} MiB/s, peak RSS +{row[f'{way}_extra_peak_mib']:.1f} MiB, status {r['status']}"
-                )
-            summary[name] = row
+            summary[name] = note(f"big {name}", row)
         return {"mib": size // MiB, "rate": self.s.big_read_rate // MiB, "summary": summary}
 
     def idle(self) -> dict[str, Any]:
+        """Idle keep-alive connections held open by fresh proxies: the RSS
+        and fds each costs, and whether they come back after the close."""
         count, summary = self.s.idle_connections, {}
         self.fresh_proxies()
         for name in self.proxies():
             self.check_alive()
             target = self.targets[name]
             time.sleep(0.5)
-            rss0, fds0 = target.rss_kib(), target.fds()
+            row = target.usage("before")
             with b.idle_connections(target.port, count) as opened:
                 time.sleep(self.s.settle)
-                rss1, fds1 = target.rss_kib(), target.fds()
+                row |= target.usage("open")
             time.sleep(self.s.settle)
-            rss2, fds2 = target.rss_kib(), target.fds()
-            summary[name] = row = {
-                "non2xx": opened["non2xx"] + count - opened["opened"],
-                "kib_per_connection": (rss1 - rss0) / count,
-                **{
-                    f"rss_{k}_mib": v / 1024
-                    for k, v in (("before", rss0), ("open", rss1), ("after", rss2))
-                },
-                **{f"fds_{k}": v for k, v in (("before", fds0), ("open", fds1), ("after", fds2))},
-            }
-            log(
-                f"idle {name:6}: {row['kib_per_connection']:.1f} KiB per connection, RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} -> {rss2 / 1024:.1f} MiB, fds {fds0} -> {fds1} -> {fds2}"
-            )
+            row |= target.usage("after")
+            row["kib_per_connection"] = (row["rss_open_mib"] - row["rss_before_mib"]) * 1024 / count
+            row["non2xx"] = opened["non2xx"] + count - opened["opened"]
+            summary[name] = note(f"idle {name}", row)
         return {"connections": count, "summary": summary}
 
     def soak(self) -> dict[str, Any]:
         """Paced mixed load for a long time, RSS and fds sampled: do they grow?"""
         s, summary = self.s, {}
         args = [
-            str(s.soak_push_bytes),
-            str(s.soak_push_every),
-            str(s.soak_close_every),
-            str(s.soak_delay_ms),
-            b.PUSH_PATH,
+            str(v)
+            for v in (s.soak_push_bytes, s.soak_push_every, s.soak_close_every, s.soak_delay_ms)
         ]
         lengths = {"nginx": min(s.soak_seconds, s.soak_baseline_seconds), "lgmt": s.soak_seconds}
         for name, seconds in lengths.items():
             self.check_alive()
             target = self.targets[name]
-            log(f"soak {name}: {seconds} s, {s.soak_connections} paced connections")
             time.sleep(0.5)
             self.log.mark()
             cpu0, t0 = target.cpu(), time.monotonic()
-            cmd = b.wrk_command(target.url + b.GET_PATH, s.soak_connections, seconds, args)
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            url, conns = target.url + b.GET_PATH, s.soak_connections
+            proc = b.wrk(url, conns, seconds, [*args, b.PUSH_PATH], background=True)
             samples = []
-            while proc.poll() is None:
+            while proc.poll() is None:  # about 60 samples
                 samples.append(
                     {"t": time.monotonic() - t0, "rss_kib": target.rss_kib(), "fds": target.fds()}
                 )
@@ -361,31 +314,22 @@ class Bench:
             r = b.parse_wrk(*proc.communicate())
             cpu = target.cpu() - cpu0
             time.sleep(0.3)
-            summary[name] = row = {
+            summary[name] = note(f"soak {name}", {
                 **soak_growth(samples),
-                "requests": r["requests"],
+                **{k: r[k] for k in ("requests", "non2xx", "socket_errors")},
                 "rps": r["requests"] / (r["duration_us"] / 1e6),
                 "cpu_us_per_request": cpu * 1e6 / r["requests"] if r["requests"] else math.nan,
-                "non2xx": r["non2xx"],
-                "socket_errors": r["errors"],
-                "samples": samples,
                 **self.log.window(name),
-            }
-            log(
-                f"soak {name:6}: {row['requests']} requests, RSS {row['rss_first_mib']:.1f} -> {row['rss_last_mib']:.1f} MiB, fds {row['fds_first']} -> {row['fds_last']}, non-2xx {row['non2xx']}"
-            )
-        return {
-            "nginx_seconds": lengths["nginx"],
-            "lgmt_seconds": s.soak_seconds,
-            "summary": summary,
-        }
+            })  # fmt: skip
+            summary[name]["samples"] = samples
+        return {**{f"{k}_seconds": v for k, v in lengths.items()}, "summary": summary}
 
     def run(self, only: list[str]) -> dict[str, Any]:
         results = {}
-        for workload in WORKLOADS:
-            if workload in only and (workload != "soak" or self.s.soak_seconds > 0):
-                log(workload)
+        for workload in (w for w in WORKLOADS if w in only):
+            if workload != "soak" or self.s.soak_seconds > 0:
                 started = time.monotonic()
+                log(f"{workload} ...")
                 results[workload] = getattr(self, workload)()
                 results[workload]["wall_seconds"] = round(time.monotonic() - started, 1)
         return results
@@ -393,15 +337,15 @@ class Bench:
 
 # -- figures ---------------------------------------------------------------------------
 
-SUMMED = {
-    "requests",
-    "non2xx",
-    "socket_errors",
-    "bad_credentials",
-    "pushes_not_read_whole",
-    "upstream_requests",
-    "upstream_new_connections",
-}
+SUMMED = set("requests non2xx socket_errors bad_credentials pushes_not_read_whole".split())
+SUMMED |= {"upstream_requests", "upstream_new_connections"}
+
+
+def note(what: str, row: dict[str, Any]) -> dict[str, Any]:
+    """Log a run's or a target's figures (the numbers), and return them."""
+    figures = (f"{k} {v:,.4g}" for k, v in row.items() if not math.isnan(number(v)))
+    log(f"{what}: {', '.join(figures)}")
+    return row
 
 
 def summarize(runs: Runs) -> Summary:
@@ -409,10 +353,9 @@ def summarize(runs: Runs) -> Summary:
     and the upstream connection reuse (used per run / opened while measured)."""
     summary: Summary = {}
     for name, target_runs in runs.items():
+        keys = [k for k, v in target_runs[0].items() if isinstance(v, int | float)]
         row = {
-            k: (sum if k in SUMMED else statistics.median)(r[k] for r in target_runs)
-            for k, v in target_runs[0].items()
-            if isinstance(v, int | float)
+            k: (sum if k in SUMMED else statistics.median)(r[k] for r in target_runs) for k in keys
         }
         opened = row["upstream_new_connections"]
         per = f"{row['upstream_requests'] / opened:,.0f}" if opened else "all reused"
@@ -427,38 +370,20 @@ def soak_growth(samples: list[dict[str, float]]) -> dict[str, float]:
     2 fds between the thirds."""
     steady = samples[len(samples) // 5 :]
     third = max(1, len(steady) // 3)
-    if len(samples) < 4:
-        return {
-            k: math.nan
-            for k in (
-                "rss_first_mib",
-                "rss_last_mib",
-                "rss_slope_kib_per_min",
-                "fds_first",
-                "fds_last",
-                "grows",
-            )
-        }
-
-    def med(part: list[dict[str, float]], key: str) -> float:
-        return statistics.median(x[key] for x in part)
-
+    first, last = steady[:third], steady[-third:]
     row = {
-        "rss_first_mib": med(steady[:third], "rss_kib") / 1024,
-        "rss_last_mib": med(steady[-third:], "rss_kib") / 1024,
-        "fds_first": med(steady[:third], "fds"),
-        "fds_last": med(steady[-third:], "fds"),
+        "rss_first_mib": statistics.median(x["rss_kib"] for x in first) / 1024,
+        "rss_last_mib": statistics.median(x["rss_kib"] for x in last) / 1024,
+        "fds_first": statistics.median(x["fds"] for x in first),
+        "fds_last": statistics.median(x["fds"] for x in last),
     }
     try:
         xs, ys = [x["t"] for x in steady], [x["rss_kib"] for x in steady]
         row["rss_slope_kib_per_min"] = 60 * statistics.linear_regression(xs, ys).slope
     except statistics.StatisticsError:
         row["rss_slope_kib_per_min"] = math.nan
-    rss_growth, fd_growth = (
-        row["rss_last_mib"] - row["rss_first_mib"],
-        row["fds_last"] - row["fds_first"],
-    )
-    row["grows"] = float(rss_growth > 2.0 or fd_growth > 2)
+    growth = row["rss_last_mib"] - row["rss_first_mib"], row["fds_last"] - row["fds_first"]
+    row["grows"] = float(growth[0] > 2.0 or growth[1] > 2)
     return row
 
 
@@ -485,7 +410,6 @@ class Fig:
     check: str = ""
     on: str = "ratio"
     limit: float = math.nan
-    name: str = ""  # the check's name
     lgmt: str = "lgmt"  # the target shown as lgmt-proxy
     nginx: bool = True  # False: a figure of lgmt-proxy's alone
 
@@ -506,8 +430,7 @@ def _big(way: str, label: str) -> list[Fig]:
     k = f"{way}_"
     return [
         Fig("big", "extra peak RSS (MiB)", f"{{{k}extra_peak_mib:.1f}}", label=label, ratio=(k + "extra_peak_mib",),
-            need=(k + "extra_peak_mib",), target="< 64 MiB", check=k + "extra_peak_mib", on="lgmt", limit=64,
-            name=f"big {way}: extra RSS < 64 MiB"),
+            need=(k + "extra_peak_mib",), target="< 64 MiB", check=k + "extra_peak_mib", on="lgmt", limit=64),
         Fig("big", "throughput (MiB/s) / CPU per MiB (µs)", f"{{{k}mib_per_s:,.0f}} / {{{k}cpu_us_per_mib:,.0f}}",
             ratio=(k + "mib_per_s", k + "cpu_us_per_mib")),
     ]  # fmt: skip
@@ -516,8 +439,7 @@ def _big(way: str, label: str) -> list[Fig]:
 CPU = "CPU per request (µs)"
 FIGURES = [
     Fig("get50", CPU, "{cpu_us_per_request:,.1f}", label="small GET, {connections} conns", ratio=("cpu_us_per_request",),
-        need=("cpu_us_per_request", "rps"), target="≤ 5x", check="cpu_us_per_request", limit=5,
-        name="get50 CPU/request ≤ 5x nginx"),
+        need=("cpu_us_per_request", "rps"), target="≤ 5x", check="cpu_us_per_request", limit=5),
     Fig("get50", "throughput (req/s)", "{rps:,.0f}", ratio=("rps",)),
     _latency("get50"),
     Fig("get50", "CPU used (cores)", "{cores:.2f}"),
@@ -526,15 +448,15 @@ FIGURES = [
         ratio=("cpu_us_per_request",), need=("cpu_us_per_request",), lgmt="lgmt_auth"),
     Fig("auth", "CPU per request without client auth (µs); with / without, same rounds",
         "{no_auth_cpu_us_per_request:,.1f}; {auth_cost:.2f}x", nginx=False, need=("auth_cost",), target="≤ 1.5x",
-        check="auth_cost", on="lgmt", limit=1.5, name="auth: CPU/request ≤ 1.5x without auth", lgmt="lgmt_auth"),
+        check="auth_cost", on="lgmt", limit=1.5, lgmt="lgmt_auth"),
     Fig("get1", "latency p50 (ms)", "{p50_ms:.3f}", label="small GET, 1 conn", ratio=("p50_ms",), direct=True, need=("p50_ms",)),
     Fig("get1", "added p50 over direct (ms)", "{added_p50_ms:.3f}", ratio=("added_p50_ms",), target="≤ 2.5x",
-        check="added_p50_ms", limit=2.5, name="get1 added p50 ≤ 2.5x nginx's"),
+        check="added_p50_ms", limit=2.5),
     Fig("get1", "latency p99 (ms)", "{p99_ms:.3f}", ratio=("p99_ms",), direct=True),
     Fig("get1", CPU, "{cpu_us_per_request:,.1f}", ratio=("cpu_us_per_request",)),
     _conns("get1"),
     Fig("push", "CPU per MiB (µs)", "{cpu_us_per_mib:,.0f}", label="{size} push, {connections} conns", ratio=("cpu_us_per_mib",),
-        need=("cpu_us_per_mib",), target="≤ 1.5x", check="cpu_us_per_mib", limit=1.5, name="push CPU/MiB ≤ 1.5x nginx"),
+        need=("cpu_us_per_mib",), target="≤ 1.5x", check="cpu_us_per_mib", limit=1.5),
     Fig("push", "throughput (MiB/s)", "{mib_per_s:,.0f}", ratio=("mib_per_s",)),
     _latency("push"),
     _conns("push"),
@@ -548,8 +470,7 @@ FIGURES = [
     Fig("soak", "requests / req/s", "{requests:,.0f} / {rps:,.0f}", label="soak ({lgmt_seconds} s lgmt, {nginx_seconds} s nginx)"),
     Fig("soak", CPU, "{cpu_us_per_request:,.1f}", ratio=("cpu_us_per_request",), need=("cpu_us_per_request",)),
     Fig("soak", "RSS first → last third (MiB), slope (KiB/min)", "{rss_first_mib:.1f} → {rss_last_mib:.1f}, {rss_slope_kib_per_min:,.0f}",
-        need=("rss_first_mib", "rss_last_mib"), target="no growth", check="grows", on="lgmt", limit=0,
-        name="soak: no RSS/fd growth"),
+        need=("rss_first_mib", "rss_last_mib"), target="no growth", check="grows", on="lgmt", limit=0),
     Fig("soak", "open fds first → last third", "{fds_first:.0f} → {fds_last:.0f}", target="no growth"),
 ]  # fmt: skip
 TOTALS = ("non2xx", "socket_errors", "bad_credentials", "pushes_not_read_whole")
@@ -571,9 +492,7 @@ class _Values(dict[str, Any]):
 
 
 def number(value: Any) -> float:
-    return (
-        float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
-    )
+    return float(value) if isinstance(value, int | float) else math.nan
 
 
 def ratio(a: Any, b_: Any) -> float:
@@ -604,8 +523,9 @@ def evaluate(results: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, A
                 else number(lg.get(f.check))
             )
             ok = None if math.isnan(value) else value <= f.limit
-            checks.append({"target": f.name, "value": value, "limit": f.limit, "ok": ok})
-            missing += [f.name] if ok is None else []
+            name = f"{f.workload} {f.check}{' lgmt / nginx' * (f.on == 'ratio')} {f.target}"
+            checks.append({"target": name, "value": value, "limit": f.limit, "ok": ok})
+            missing += [name] if ok is None else []
             verdict = "n/a" if ok is None else ("**met**" if ok else "**MISSED**")
         cells = [
             f.cell.format_map(_Values(n)) if n and f.nginx else "",
@@ -681,53 +601,34 @@ def update_docs(table: str) -> None:
     log(f"wrote the results into {DOCS}")
 
 
+#: (option, type, help); a bool type is a flag.
+OPTIONS = [
+    ("--quick", bool, "CI smoke: 2 s per workload, small sizes, no soak"),
+    ("--only", str, f"these workloads, comma-separated: {','.join(WORKLOADS)}"),
+    ("--soak-seconds", int, "soak length (default 600; 0 skips it)"),
+    ("--rounds", int, "rounds per workload (default 4, --quick 1)"),
+    ("--seconds", int, "seconds per measured wrk run (default 10, --quick 2)"),
+    ("--big-mib", int, "size of the big transfer each way (default 512)"),
+    ("--idle-connections", int, "idle keep-alive connections (default 2000)"),
+    ("--consumers", int, "consumers in the auth workload's CLIENT_AUTH_FILE (default 10000)"),
+    ("--twistd", str, "twistd with lgmt-proxy installed (default .venv/bin/twistd)"),
+    ("--compare-twistd", str, "also run this build (another worktree's twistd) in the same rounds: A/B"),
+    ("--workdir", str, "where configs and logs go (default: a temp dir, removed)"),
+    ("--json", str, "also write the results here (always: bench/results/latest.json)"),
+    ("--update-docs", bool, "rewrite the results table in docs/performance.md"),
+    ("--strict", bool, "exit 1 when a target is missed"),
+]  # fmt: skip
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--quick", action="store_true", help="CI smoke: 2 s per workload, small sizes, no soak"
-    )
-    p.add_argument(
-        "--only",
-        action="append",
-        default=[],
-        metavar="WORKLOAD",
-        help=f"repeatable or comma-separated: {', '.join(WORKLOADS)}",
-    )
-    p.add_argument("--soak-seconds", type=int, help="soak length (default 600; 0 skips it)")
-    p.add_argument("--rounds", type=int, help="rounds per workload (default 4, --quick 1)")
-    p.add_argument(
-        "--seconds", type=int, help="seconds per measured wrk run (default 10, --quick 2)"
-    )
-    p.add_argument("--big-mib", type=int, help="size of the big transfer each way (default 512)")
-    p.add_argument(
-        "--idle-connections", type=int, help="idle keep-alive connections (default 2000)"
-    )
-    p.add_argument(
-        "--consumers",
-        type=int,
-        help="consumers in the auth workload's CLIENT_AUTH_FILE (default 10000)",
-    )
-    p.add_argument(
-        "--twistd",
-        default=str(b.ROOT / ".venv" / "bin" / "twistd"),
-        help="twistd with lgmt-proxy installed",
-    )
-    p.add_argument(
-        "--compare-twistd",
-        metavar="TWISTD",
-        help="also run this build (another worktree's .venv/bin/twistd) in the same rounds: A/B",
-    )
-    p.add_argument("--workdir", help="where configs and logs go (default: a temp dir, removed)")
-    p.add_argument("--json", help="also write the results here (always: bench/results/latest.json)")
-    p.add_argument(
-        "--update-docs",
-        action="store_true",
-        help="rewrite the results table in docs/performance.md",
-    )
-    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    return p.parse_args(argv)  # fmt: skip
+    for option, kind, text in OPTIONS:
+        p.add_argument(
+            option, help=text, **({"action": "store_true"} if kind is bool else {"type": kind})
+        )
+    return p.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
@@ -740,9 +641,10 @@ def main(argv: list[str]) -> int:
     ):  # fmt: skip
         if value is not None:
             setattr(s, key, value)
-    only = [w for item in args.only for w in item.split(",") if w] or list(WORKLOADS)
+    only = (args.only or ",".join(WORKLOADS)).split(",")
     if unknown := set(only) - set(WORKLOADS):
         sys.exit(f"bench: unknown workload {', '.join(unknown)}; one of {', '.join(WORKLOADS)}")
+    args.twistd = args.twistd or str(b.ROOT / ".venv" / "bin" / "twistd")
     for twistd in (args.twistd, args.compare_twistd or args.twistd):
         if not shutil.which(twistd):
             sys.exit(f"bench: no {twistd}: run `make venv` first (or pass --twistd)")
