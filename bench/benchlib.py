@@ -256,12 +256,11 @@ def client_auth_file(path: Path, consumers: int) -> str:
     """Write a CLIENT_AUTH_FILE of ``consumers`` consumers allowed everything;
     return the Bearer token of the last one (the worst case of a linear scan).
     Plain tokens in flow style keep 10,000 consumers under the 1 MiB limit."""
-    lines = ["allow: &all [{methods: '*', paths: ['/*']}]", "consumers:"]
-    lines += [
-        f"  - {{name: c{i}, token: bench-consumer-{i:06d}, allow: *all}}" for i in range(consumers)
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return f"bench-consumer-{consumers - 1:06d}"
+    token = "bench-consumer-{:06d}".format
+    lines = [f"  - {{name: c{i}, token: {token(i)}, allow: *all}}" for i in range(consumers)]
+    lines[0] = f"  - {{name: c0, token: {token(0)}, allow: &all [{{methods: '*', paths: ['/*']}}]}}"
+    path.write_text("consumers:\n" + "\n".join(lines) + "\n")
+    return token(consumers - 1)
 
 
 # -- nginx configurations --------------------------------------------------------
@@ -395,21 +394,14 @@ def wrk(
     conns: int,
     seconds: float,
     args: Sequence[str] = (),
-    headers: Sequence[str] = (),
+    opts: Sequence[str] = (),
     background: bool = False,
 ) -> Any:
     """Run wrk (one thread: the proxies under test have one core each) with
     bench.lua, which counts non-2xx answers and prints one ``BENCH {json}``:
     that result, or with ``background`` the process, for `parse_wrk`."""
-    cmd = f"{which('wrk')} -t1 -c{conns} -d{seconds}s --timeout 10s --latency".split()
-    cmd += [
-        *(a for h in headers for a in ("-H", h)),
-        "-s",
-        str(BENCH / "bench.lua"),
-        url,
-        "--",
-        *args,
-    ]
+    cmd = f"{which('wrk')} -t1 -c{conns} -d{seconds}s --timeout 10s --latency -s".split()
+    cmd += [str(BENCH / "bench.lua"), *opts, url, "--", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc if background else parse_wrk(*proc.communicate(timeout=seconds + 60))
 

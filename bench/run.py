@@ -85,38 +85,31 @@ class Bench:
     def __init__(self, s: Settings, workdir: Path, twistd: str, compare: str | None) -> None:
         self.s, self.workdir, self.twistd, self.compare = s, workdir, twistd, compare
         self.targets: dict[str, b.Target] = {}
-        self.upstream: b.Nginx | None = None
+        port, sink_port, big = b.free_port(), b.free_port(), workdir / "big.bin"
+        conf = b.upstream_conf(workdir / "upstream", port, sink_port, big)
+        self.upstream = b.Nginx("upstream", "upstream (nginx)", workdir, conf, port, "/health")
+        self.log = b.UpstreamLog(self.upstream.prefix / "access.log")
 
     def start(self) -> None:
-        up_port, sink_port = b.free_port(), b.free_port()
-        big = self.workdir / "big.bin"
-        with open(big, "wb") as f:
+        with open(self.workdir / "big.bin", "wb") as f:
             f.truncate(self.s.big_bytes)  # sparse: costs no disk
-        conf = b.upstream_conf(self.workdir / "upstream", up_port, sink_port, big)
-        self.upstream = b.Nginx(
-            "upstream", "upstream (nginx)", self.workdir, conf, up_port, "/health"
-        )
         self.upstream.start()  # stopped by `stop` even if what follows fails
-        self.log = b.UpstreamLog(self.upstream.prefix / "access.log")
         self.targets["direct"] = b.Direct(self.upstream.url)
         self.start_proxies()
 
     def start_proxies(self) -> None:
         """nginx, lgmt-proxy and the --compare-twistd build, each known to
         `stop` as soon as it is started so a failure leaves nothing running."""
-        assert self.upstream is not None
         port = b.free_port()
-        conf = b.nginx_proxy_conf(
-            self.workdir / "nginx",
-            port,
-            self.upstream.port,
-            os.environ.get("BENCH_NGINX_BUFFER", "64k"),
-        )
+        conf = b.nginx_proxy_conf(self.workdir / "nginx", port, self.upstream.port)
         self.add(b.Nginx("nginx", "nginx proxy", self.workdir, conf, port, "/ready"))
-        self.add(b.LgmtProxy(self.workdir, self.twistd, self.upstream.url))
+        self.add(self.lgmt("lgmt"))
         if self.compare:
-            self.add(b.LgmtProxy(self.workdir, self.compare, self.upstream.url, "lgmt_b"))
+            self.add(self.lgmt("lgmt_b", self.compare))
         log(", ".join(f"{t.label} {t.url}" for t in self.targets.values()))
+
+    def lgmt(self, name: str, twistd: str = "", **env: str) -> b.LgmtProxy:
+        return b.LgmtProxy(self.workdir, twistd or self.twistd, self.upstream.url, name, **env)
 
     def add(self, target: b.Target) -> None:
         self.targets[target.name] = target
@@ -136,8 +129,7 @@ class Bench:
 
     def stop(self) -> None:
         for target in [*self.targets.values(), self.upstream]:
-            if target is not None:
-                target.stop()
+            target.stop()
 
     def proxies(self) -> list[str]:
         return [n for n in ("nginx", "lgmt", "lgmt_b") if n in self.targets]
@@ -149,7 +141,7 @@ class Bench:
 
     def measured(self, name: str, conns: int, seconds: int, path: str, **kw: Any) -> dict[str, Any]:
         """One wrk run against a target: its latency, its CPU, and what the
-        upstream saw during it (``kw``: wrk ``args``, ``headers``; ``min_body``)."""
+        upstream saw during it (``kw``: wrk's ``args`` and ``opts``, ``min_body``)."""
         self.check_alive()
         target, min_body = self.targets[name], kw.pop("min_body", 0)
         time.sleep(0.2)  # let the previous run's tail settle
@@ -192,19 +184,10 @@ class Bench:
         without client auth: does authentication cost grow with consumers?"""
         n, c, path = self.s.auth_consumers, self.s.get_connections, self.workdir / "consumers.yaml"
         header = f"Authorization: Bearer {b.client_auth_file(path, n)}"
-        assert self.upstream is not None
-        self.add(
-            b.LgmtProxy(
-                self.workdir,
-                self.twistd,
-                self.upstream.url,
-                "lgmt_auth",
-                CLIENT_AUTH_FILE=str(path),
-            )
-        )
+        self.add(self.lgmt("lgmt_auth", CLIENT_AUTH_FILE=str(path)))
         try:
             runs = self.rounds(
-                "auth", ["nginx", "lgmt", "lgmt_auth"], c, b.GET_PATH, headers=[header]
+                "auth", ["nginx", "lgmt", "lgmt_auth"], c, b.GET_PATH, opts=["-H", header]
             )
         finally:
             self.targets.pop("lgmt_auth").stop()
@@ -545,26 +528,17 @@ def evaluate(results: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, A
     return rows, checks, missing
 
 
-#: What --compare-twistd prints: B (the other build) against A (lgmt-proxy).
-COMPARED = {
-    "get50": ("cpu_us_per_request", "rps", "p50_ms", "p99_ms"),
-    "get1": ("cpu_us_per_request", "added_p50_ms", "p99_ms"),
-    "push": ("cpu_us_per_mib", "mib_per_s", "p50_ms"),
-    "big": ("up_extra_peak_mib", "up_cpu_us_per_mib", "down_extra_peak_mib", "down_cpu_us_per_mib"),
-    "idle": ("kib_per_connection", "rss_before_mib"),
-}
-
-
 def compare_lines(results: dict[str, Any]) -> list[str]:
+    """--compare-twistd: each ratio figure of the other build (B) against
+    lgmt-proxy's (A)."""
     lines = []
-    for workload, keys in COMPARED.items():
-        s = results.get(workload, {}).get("summary", {})
-        if "lgmt_b" in s:
-            for k in keys:
-                a, b_ = number(s["lgmt"].get(k)), number(s["lgmt_b"].get(k))
-                lines.append(
-                    f"  A/B {workload:6} {k:22} A {a:>10,.3f}  B {b_:>10,.3f}  B/A {fx(ratio(b_, a))}"
-                )
+    for w, r in results.items():
+        a, b_ = r["summary"].get("lgmt", {}), r["summary"].get("lgmt_b")
+        for k in (k for f in FIGURES if f.workload == w and b_ for k in f.ratio):
+            va, vb = number(a.get(k)), number(b_.get(k))
+            lines.append(
+                f"  A/B {w:6} {k:22} A {va:>10,.3f}  B {vb:>10,.3f}  B/A {fx(ratio(vb, va))}"
+            )
     return lines
 
 
