@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark lgmt-proxy against nginx doing the same job, in one run.
 
-    python3 bench/run.py                      full run (about 7 min + the soak)
+    python3 bench/run.py                      full run (about 9 min + the soak)
     python3 bench/run.py --soak-seconds 120   shorter soak
     python3 bench/run.py --quick              CI smoke: seconds per workload, small sizes, no soak
     python3 bench/run.py --only get50,auth    some workloads
