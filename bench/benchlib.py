@@ -224,7 +224,8 @@ class LgmtProxy(Target):
     def __init__(
         self, workdir: Path, twistd: str, upstream: str, name: str = "lgmt", **env: str
     ) -> None:
-        self.name, self.twistd, self.port = name, twistd, free_port()
+        self.name, self.port = name, free_port()
+        self.twistd = os.path.abspath(shutil.which(twistd) or twistd)  # run from its own dir
         self.label = "lgmt-proxy" if name == "lgmt" else f"lgmt-proxy ({name}: {twistd})"
         self.url = f"http://127.0.0.1:{self.port}"
         self.dir = workdir / name
