@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,13 @@ class Bench:
     def stop(self) -> None:
         for target in [*self.targets.values(), self.upstream]:
             target.stop()
+
+    def one_by_one(self, names: list[str]) -> Iterator[tuple[str, b.Target]]:
+        """Each target in turn, checked alive and given half a second to settle."""
+        for name in names:
+            self.check_alive()
+            time.sleep(0.5)
+            yield name, self.targets[name]
 
     def proxies(self) -> list[str]:
         return [n for n in ("nginx", "lgmt", "lgmt_b") if n in self.targets]
@@ -227,10 +235,9 @@ class Bench:
         fresh proxies: the peak RSS above where each one started."""
         size, summary = self.s.big_bytes, {}
         self.fresh_proxies()
-        for name in self.proxies():
-            target, row = self.targets[name], {"non2xx": 0, "bad_credentials": 0}
+        for name, target in self.one_by_one(self.proxies()):
+            row = {"non2xx": 0, "bad_credentials": 0}
             for way in ("up", "down"):
-                self.check_alive()
                 time.sleep(0.5)
                 before = max(target.rss_kib(), target.peak_kib(reset=True))
                 self.log.mark()
@@ -239,11 +246,8 @@ class Bench:
                 cpu, peak = target.cpu() - cpu0, target.peak_kib()
                 time.sleep(0.2)
                 seen = self.log.window(name, size if way == "up" else 0)
-                row["non2xx"] += (
-                    r["status"] // 100 != 2
-                    or r["bytes"] != size
-                    or seen["pushes_not_read_whole"] > 0
-                )
+                ok = r["status"] // 100 == 2 and r["bytes"] == size
+                row["non2xx"] += not ok or seen["pushes_not_read_whole"] > 0
                 row["bad_credentials"] += seen["bad_credentials"]
                 row[f"{way}_extra_peak_mib"] = max(0, peak - before) / 1024
                 row[f"{way}_mib_per_s"] = size / MiB / r["seconds"]
@@ -256,10 +260,7 @@ class Bench:
         and fds each costs, and whether they come back after the close."""
         count, summary = self.s.idle_connections, {}
         self.fresh_proxies()
-        for name in self.proxies():
-            self.check_alive()
-            target = self.targets[name]
-            time.sleep(0.5)
+        for name, target in self.one_by_one(self.proxies()):
             row = target.usage("before")
             with b.idle_connections(target.port, count) as opened:
                 time.sleep(self.s.settle)
@@ -274,19 +275,16 @@ class Bench:
     def soak(self) -> dict[str, Any]:
         """Paced mixed load for a long time, RSS and fds sampled: do they grow?"""
         s, summary = self.s, {}
-        args = [
-            str(v)
-            for v in (s.soak_push_bytes, s.soak_push_every, s.soak_close_every, s.soak_delay_ms)
-        ]
+        mix = (s.soak_push_bytes, s.soak_push_every, s.soak_close_every, s.soak_delay_ms)
         lengths = {"nginx": min(s.soak_seconds, s.soak_baseline_seconds), "lgmt": s.soak_seconds}
-        for name, seconds in lengths.items():
-            self.check_alive()
-            target = self.targets[name]
-            time.sleep(0.5)
+        for name, target in self.one_by_one(list(lengths)):
+            seconds = lengths[name]
             self.log.mark()
             cpu0, t0 = target.cpu(), time.monotonic()
-            url, conns = target.url + b.GET_PATH, s.soak_connections
-            proc = b.wrk(url, conns, seconds, [*args, b.PUSH_PATH], background=True)
+            args = [*map(str, mix), b.PUSH_PATH]
+            proc = b.wrk(
+                target.url + b.GET_PATH, s.soak_connections, seconds, args, background=True
+            )
             samples = []
             while proc.poll() is None:  # about 60 samples
                 samples.append(
