@@ -1,27 +1,21 @@
 #!/usr/bin/env python3
 """Benchmark lgmt-proxy against nginx doing the same job, in one run.
 
-    python3 bench/run.py                      full run (about 6 min + the soak)
+    python3 bench/run.py                      full run (about 9 min + the soak)
     python3 bench/run.py --soak-seconds 120   shorter soak
     python3 bench/run.py --quick              CI smoke: seconds per workload, small sizes, no soak
-    python3 bench/run.py --only get50         one workload (repeatable, or comma-separated)
+    python3 bench/run.py --only get50,auth    some workloads
+    python3 bench/run.py --compare-twistd ../other/.venv/bin/twistd   A/B two builds
     python3 bench/run.py --update-docs        also rewrite the results in docs/performance.md
 
-What runs, all on 127.0.0.1 (see docs/performance.md for the why):
+All on 127.0.0.1: an nginx upstream standing in for Grafana Cloud, nginx as
+the same credential-injecting reverse proxy (the baseline) and lgmt-proxy
+(``.venv/bin/twistd -n lgmt-proxy``). Each workload alternates the targets
+(order flipped every round) so drift of a shared machine hits all alike. The
+headline figure is each proxy's own CPU time per request (user + system, of
+nginx's worker), also given as a ratio to nginx. The table is data: FIGURES,
+one row each (see docs/performance.md for what each workload does and why).
 
-- an nginx upstream standing in for Grafana Cloud (one worker): small JSON
-  answers to queries, pushes read whole before the 204, a big file;
-- nginx as the same credential-injecting reverse proxy (one worker, keep-alive
-  upstream pool, streaming both ways): the baseline;
-- lgmt-proxy (`.venv/bin/twistd -n --pidfile= lgmt-proxy`).
-
-Each workload alternates nginx and lgmt-proxy rounds (order flipped every
-round) so drift of a shared machine hits both alike. The headline figure is
-the proxy's own CPU time per request (utime+stime from /proc/<pid>/stat; for
-nginx its worker), and every figure is also given as a ratio to nginx.
-
-Needs wrk and nginx (Debian packages; installed with apt-get when missing
-and running as root). Standard library only: any Python 3.11 can run it.
 Exit status: 0 when every figure was produced (with --strict: and every
 target met), 1 otherwise.
 """
@@ -29,29 +23,34 @@ target met), 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
 import os
 import re
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchlib as b
+import benchlib as b  # re-executes under .venv/bin/python when psutil is missing
 from benchlib import MiB, log
 
-WORKLOADS = ("get50", "get1", "push", "big", "idle", "soak")
+WORKLOADS = ("get50", "auth", "get1", "push", "big", "idle", "soak")
 DOCS = b.ROOT / "docs" / "performance.md"
 RESULTS = b.BENCH / "results"
-START_MARK = "<!-- bench:results:start -->"
-END_MARK = "<!-- bench:results:end -->"
+MARKS = ("<!-- bench:results:start -->", "<!-- bench:results:end -->")
+Runs = dict[str, list[dict[str, Any]]]
+Summary = dict[str, dict[str, Any]]
 
 
 @dataclass
@@ -60,6 +59,7 @@ class Settings:
     seconds: int = 10  # per measured wrk run
     warmup: int = 2  # per target, before the first round of a workload
     get_connections: int = 50
+    auth_consumers: int = 10_000
     push_connections: int = 8
     push_bytes: int = MiB
     big_bytes: int = 512 * MiB
@@ -72,1072 +72,562 @@ class Settings:
     soak_push_every: int = 10
     soak_push_bytes: int = 64 * 1024
     soak_close_every: int = 50
-    quick: bool = False
+    settle: float = 1.0  # seconds for RSS to settle after idle connections open/close
 
     @classmethod
-    def quick_settings(cls) -> Settings:
-        return cls(
-            rounds=1,
-            seconds=2,
-            warmup=1,
-            big_bytes=32 * MiB,
-            idle_connections=200,
-            soak_seconds=0,
-            quick=True,
-        )
+    def quick(cls) -> Settings:
+        return cls(1, 2, 1, big_bytes=32 * MiB, idle_connections=200, soak_seconds=0, settle=0.5)
 
 
-# -- one bench run ---------------------------------------------------------------
+# -- one bench run -------------------------------------------------------------------
 
 
 class Bench:
-    def __init__(
-        self,
-        settings: Settings,
-        workdir: Path,
-        twistd: str,
-        compare_twistd: str | list[str] | None = None,
-    ) -> None:
-        self.s = settings
-        self.workdir = workdir
-        self.twistd = twistd
-        self.compare_twistd = compare_twistd
+    def __init__(self, s: Settings, workdir: Path, twistd: str, compare: str | None) -> None:
+        self.s, self.workdir, self.twistd, self.compare = s, workdir, twistd, compare
         self.targets: dict[str, b.Target] = {}
-        self.upstream: b.Nginx | None = None
-        self.results: dict[str, Any] = {}
-
-    # -- processes ----------------------------------------------------------
+        port, sink_port, big = b.free_port(), b.free_port(), workdir / "big.bin"
+        conf = b.upstream_conf(workdir / "upstream", port, sink_port, big)
+        self.upstream = b.Nginx("upstream", "upstream (nginx)", workdir, conf, port, "/health")
+        self.log = b.UpstreamLog(self.upstream.prefix / "access.log")
 
     def start(self) -> None:
-        up_port, sink_port = b.free_port(), b.free_port()
-        big = self.workdir / "big.bin"
-        with open(big, "wb") as f:
+        with open(self.workdir / "big.bin", "wb") as f:
             f.truncate(self.s.big_bytes)  # sparse: costs no disk
-        self.upstream = b.Nginx(
-            "upstream",
-            "upstream (nginx)",
-            self.workdir,
-            b.upstream_conf(self.workdir / "upstream", up_port, sink_port, big),
-            up_port,
-        )
-        self.upstream.start("/health")  # stopped by `stop` even if what follows fails
-        self.log = b.UpstreamLog(self.upstream.prefix / "access.log")
+        self.upstream.start()  # stopped by `stop` even if what follows fails
         self.targets["direct"] = b.Direct(self.upstream.url)
         self.start_proxies()
 
     def start_proxies(self) -> None:
-        assert self.upstream is not None
-        nginx_port, lgmt_port = b.free_port(), b.free_port()
-        nginx = b.Nginx(
-            "nginx",
-            "nginx proxy",
-            self.workdir,
-            b.nginx_proxy_conf(
-                self.workdir / "nginx",
-                nginx_port,
-                self.upstream.port,
-                os.environ.get("BENCH_NGINX_BUFFER", "64k"),
-            ),
-            nginx_port,
-        )
-        # Each process is known to `stop` as soon as it is started, so a
-        # failure further on leaves nothing running.
-        self.targets["nginx"] = nginx
-        nginx.start("/ready")
-        lgmt = b.LgmtProxy(self.workdir, self.twistd, self.upstream.url, lgmt_port)
-        self.targets["lgmt"] = lgmt
-        lgmt.start()
-        if self.compare_twistd:
-            other = b.LgmtProxy(
-                self.workdir, self.compare_twistd, self.upstream.url, b.free_port(), name="lgmt_b"
-            )
-            self.targets["lgmt_b"] = other
-            other.start()
-        log(
-            f"upstream {self.upstream.url}, nginx proxy {nginx.url} (worker {nginx.pids()}), "
-            f"lgmt-proxy {lgmt.url} (pid {lgmt.pids()})"
-        )
+        """nginx, lgmt-proxy and the --compare-twistd build, each known to
+        `stop` as soon as it is started so a failure leaves nothing running."""
+        port = b.free_port()
+        conf = b.nginx_proxy_conf(self.workdir / "nginx", port, self.upstream.port)
+        self.add(b.Nginx("nginx", "nginx proxy", self.workdir, conf, port, "/ready"))
+        self.add(self.lgmt("lgmt"))
+        if self.compare:
+            self.add(self.lgmt("lgmt_b", self.compare))
+        log(", ".join(f"{t.label} {t.url}" for t in self.targets.values()))
+
+    def lgmt(self, name: str, twistd: str = "", **env: str) -> b.LgmtProxy:
+        return b.LgmtProxy(self.workdir, twistd or self.twistd, self.upstream.url, name, **env)
+
+    def add(self, target: b.Target) -> None:
+        self.targets[target.name] = target
+        target.start()
 
     def fresh_proxies(self) -> None:
         """New proxy processes, warmed up with a little of every kind of
         request: memory figures then do not depend on what ran before."""
-        for name in ("nginx", "lgmt", "lgmt_b"):
-            if name in self.targets:
-                self.targets.pop(name).stop()
+        for name in self.proxies():
+            self.targets.pop(name).stop()
         self.start_proxies()
         for name in self.proxies():
-            target = self.targets[name]
-            port = int(target.url.rsplit(":", 1)[1])
-            b.big_upload(port, b.PUSH_PATH, MiB)
-            with b.idle_connections(port, 20, b.GET_PATH):
+            b.big_transfer(self.targets[name].port, "up", MiB, 0)
+            with b.idle_connections(self.targets[name].port, 20):
                 pass
         time.sleep(0.5)
-        self.log.mark()
 
     def stop(self) -> None:
-        for target in self.targets.values():
+        for target in [*self.targets.values(), self.upstream]:
             target.stop()
-        if self.upstream is not None:
-            self.upstream.stop()
 
-    def check_alive(self) -> None:
-        for name in self.proxies():
-            target = self.targets[name]
-            proc = getattr(target, "proc", None)
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{target.label} exited with {proc.returncode}")
-
-    # -- helpers -----------------------------------------------------------------
+    def one_by_one(self, names: list[str]) -> Iterator[tuple[str, b.Target]]:
+        """Each target in turn, checked alive and given half a second to settle."""
+        for name in names:
+            self.check_alive()
+            time.sleep(0.5)
+            yield name, self.targets[name]
 
     def proxies(self) -> list[str]:
-        """nginx, lgmt-proxy, and the build compared with it (--compare-twistd)."""
         return [n for n in ("nginx", "lgmt", "lgmt_b") if n in self.targets]
 
-    def orders(self, names: list[str]) -> list[list[str]]:
-        """Target order per round: flipped every round (ABBA...)."""
-        return [names if r % 2 == 0 else names[::-1] for r in range(self.s.rounds)]
+    def check_alive(self) -> None:
+        for t in self.targets.values():
+            if not t.alive():
+                raise RuntimeError(f"{t.label} exited with {t.proc and t.proc.returncode}")
 
-    def measured_wrk(
-        self,
-        target: b.Target,
-        *,
-        connections: int,
-        seconds: int,
-        script: str,
-        path: str,
-        args: list[str] | None = None,
-        min_body: int = 0,
-    ) -> dict[str, Any]:
-        """One wrk run against a target, with the target's CPU and what the
-        upstream saw during it."""
+    def measured(self, name: str, conns: int, seconds: int, path: str, **kw: Any) -> dict[str, Any]:
+        """One wrk run against a target: its latency, its CPU, and what the
+        upstream saw during it (``kw``: wrk's ``args`` and ``opts``, ``min_body``)."""
         self.check_alive()
+        target, min_body = self.targets[name], kw.pop("min_body", 0)
         time.sleep(0.2)  # let the previous run's tail settle
         self.log.mark()
-        cpu0 = target.cpu()
-        t0 = time.monotonic()
-        result = b.wrk(
-            target.url + path,
-            connections=connections,
-            seconds=seconds,
-            script=script,
-            args=args or [],
-        )
-        elapsed = time.monotonic() - t0
-        cpu = target.cpu() - cpu0
+        cpu0, t0 = target.cpu(), time.monotonic()
+        r = b.wrk(target.url + path, conns, seconds, **kw)
+        elapsed, cpu = time.monotonic() - t0, target.cpu() - cpu0
         time.sleep(0.3)  # requests cut by wrk's stop reach the upstream's log
-        upstream = self.log.window(target.name, min_body)
-        requests = result["requests"]
-        seconds_run = result["duration_us"] / 1e6
-        run = {
-            "requests": requests,
-            "rps": requests / seconds_run if seconds_run else 0.0,
-            "p50_ms": result["p50_us"] / 1000,
-            "p90_ms": result["p90_us"] / 1000,
-            "p99_ms": result["p99_us"] / 1000,
-            "max_ms": result["max_us"] / 1000,
+        return {
+            **{k: r[k] for k in ("requests", "non2xx", "socket_errors")},
+            "rps": r["requests"] / (r["duration_us"] / 1e6),
+            **{f"p{p}_ms": r[f"p{p}_us"] / 1000 for p in (50, 90, 99)},
             "cpu_s": cpu,
-            "cores": cpu / elapsed if elapsed else 0.0,
-            "cpu_us_per_request": cpu * 1e6 / requests if requests else float("nan"),
-            "non2xx": result["non2xx"],
-            "wrk_non2xx_line": result["wrk_non2xx_line"],
-            "socket_errors": result["errors"],
-            **upstream,
+            "cores": cpu / elapsed,
+            "cpu_us_per_request": cpu * 1e6 / r["requests"] if r["requests"] else math.nan,
+            **self.log.window(name, min_body),
         }
-        return run
 
-    def rounds(
-        self,
-        workload: str,
-        names: list[str],
-        *,
-        connections: int,
-        script: str,
-        path: str,
-        args: list[str] | None = None,
-        min_body: int = 0,
-    ) -> dict[str, list[dict[str, Any]]]:
-        runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-        for name in names:  # warm-up: pools filled, nothing measured
-            self.measured_wrk(
-                self.targets[name],
-                connections=connections,
-                seconds=self.s.warmup,
-                script=script,
-                path=path,
-                args=args,
-                min_body=min_body,
-            )
-        for r, order in enumerate(self.orders(names)):
-            for name in order:
-                run = self.measured_wrk(
-                    self.targets[name],
-                    connections=connections,
-                    seconds=self.s.seconds,
-                    script=script,
-                    path=path,
-                    args=args,
-                    min_body=min_body,
-                )
-                run["round"] = r + 1
-                runs[name].append(run)
-                log(
-                    f"{workload} round {r + 1}/{self.s.rounds} {name:6}: "
-                    f"{run['rps']:8.0f} req/s  p50 {run['p50_ms']:.3f} ms  "
-                    f"p99 {run['p99_ms']:.3f} ms  cpu {run['cpu_us_per_request']:.1f} us/req  "
-                    f"non-2xx {run['non2xx']}  upstream conns {run['upstream_connections']} "
-                    f"(new {run['upstream_new_connections']})"
-                )
+    def rounds(self, workload: str, names: list[str], conns: int, path: str, **kw: Any) -> Runs:
+        """A warm-up run per target (pools filled, nothing kept), then
+        alternating measured rounds (order flipped every round)."""
+        for name in names:
+            self.measured(name, conns, self.s.warmup, path, **kw)
+        runs: Runs = {n: [] for n in names}
+        for r in range(self.s.rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                runs[name].append(run := self.measured(name, conns, self.s.seconds, path, **kw))
+                note(f"{workload} round {r + 1}/{self.s.rounds} {name}", run)
         return runs
 
-    # -- workloads ----------------------------------------------------------------
+    # -- workloads: each returns {"summary": {target: figures}, "runs"?, labels...} --
 
     def get50(self) -> dict[str, Any]:
-        n = self.s.get_connections
-        log(f"get50: small GET, {n} connections, {self.s.rounds} rounds of {self.s.seconds}s")
-        runs = self.rounds(
-            "get50", self.proxies(), connections=n, script="get.lua", path=b.GET_PATH
+        runs = self.rounds("get50", self.proxies(), self.s.get_connections, b.GET_PATH)
+        return {"connections": self.s.get_connections, "runs": runs, "summary": summarize(runs)}
+
+    def auth(self) -> dict[str, Any]:
+        """get50 through a proxy whose CLIENT_AUTH_FILE lists N consumers,
+        with the last one's Bearer token, in the same rounds as lgmt-proxy
+        without client auth: does authentication cost grow with consumers?"""
+        n, c, path = self.s.auth_consumers, self.s.get_connections, self.workdir / "consumers.yaml"
+        header = f"Authorization: Bearer {b.client_auth_file(path, n)}"
+        self.add(self.lgmt("lgmt_auth", CLIENT_AUTH_FILE=str(path)))
+        try:
+            runs = self.rounds(
+                "auth", ["nginx", "lgmt", "lgmt_auth"], c, b.GET_PATH, opts=["-H", header]
+            )
+        finally:
+            self.targets.pop("lgmt_auth").stop()
+        summary = summarize(runs)
+        on, off = summary["lgmt_auth"], summary["lgmt"]
+        on["no_auth_cpu_us_per_request"] = off["cpu_us_per_request"]
+        # Refused requests cost less than authenticated ones: no figure then.
+        ok = on["non2xx"] == 0 and on["upstream_requests"] > 0
+        on["auth_cost"] = (
+            ratio(on["cpu_us_per_request"], off["cpu_us_per_request"]) if ok else math.nan
         )
-        return {"connections": n, "runs": runs, "summary": summarize(runs)}
+        return {"connections": c, "consumers": n, "runs": runs, "summary": summary}
 
     def get1(self) -> dict[str, Any]:
-        log(f"get1: small GET, 1 connection, {self.s.rounds} rounds of {self.s.seconds}s")
-        runs = self.rounds(
-            "get1", ["direct", *self.proxies()], connections=1, script="get.lua", path=b.GET_PATH
-        )
+        runs = self.rounds("get1", ["direct", *self.proxies()], 1, b.GET_PATH)
         summary = summarize(runs)
-        direct = summary["direct"]["p50_ms"]
-        for name in self.proxies():
-            # Added latency per round against the same round's direct run.
+        for name in self.proxies():  # added latency against the same round's direct run
             added = [
-                run["p50_ms"] - d["p50_ms"]
-                for run, d in zip(runs[name], runs["direct"], strict=True)
+                r["p50_ms"] - d["p50_ms"] for r, d in zip(runs[name], runs["direct"], strict=True)
             ]
-            summary[name]["added_p50_ms"] = b.median(added)
-            summary[name]["added_p50_ms_of_medians"] = summary[name]["p50_ms"] - direct
+            summary[name]["added_p50_ms"] = statistics.median(added)
         return {"connections": 1, "runs": runs, "summary": summary}
 
     def push(self) -> dict[str, Any]:
-        n, size = self.s.push_connections, self.s.push_bytes
-        log(f"push: {size // 1024} KiB POSTs, {n} connections, {self.s.rounds} rounds")
+        size, conns = self.s.push_bytes, self.s.push_connections
         runs = self.rounds(
-            "push",
-            self.proxies(),
-            connections=n,
-            script="push.lua",
-            path=b.PUSH_PATH,
-            args=[str(size)],
-            min_body=size,
+            "push", self.proxies(), conns, b.PUSH_PATH, args=[str(size), "1"], min_body=size
         )
-        for target_runs in runs.values():
-            for run in target_runs:
-                mib = run["requests"] * size / MiB
-                run["cpu_us_per_mib"] = run["cpu_s"] * 1e6 / mib if mib else float("nan")
-                run["mib_per_s"] = run["rps"] * size / MiB
-        return {"connections": n, "body_bytes": size, "runs": runs, "summary": summarize(runs)}
+        for run in (run for target_runs in runs.values() for run in target_runs):
+            run["cpu_us_per_mib"] = run["cpu_us_per_request"] * MiB / size
+            run["mib_per_s"] = run["rps"] * size / MiB
+        label = f"{size // MiB} MiB" if size % MiB == 0 else f"{size // 1024} KiB"
+        return {"size": label, "connections": conns, "runs": runs, "summary": summarize(runs)}
 
     def big(self) -> dict[str, Any]:
-        size = self.s.big_bytes
-        log(
-            f"big: {size // MiB} MiB up, then down (read at most "
-            f"{self.s.big_read_rate // MiB} MiB/s), through each proxy"
-        )
-        out: dict[str, Any] = {"bytes": size, "read_rate": self.s.big_read_rate, "summary": {}}
+        """One big upload, then one download read at a bounded rate, through
+        fresh proxies: the peak RSS above where each one started."""
+        size, summary = self.s.big_bytes, {}
         self.fresh_proxies()
-        for name in self.proxies():
-            self.check_alive()
-            target = self.targets[name]
-            port = int(target.url.rsplit(":", 1)[1])
-            row: dict[str, Any] = {}
-            for direction in ("up", "down"):
+        for name, target in self.one_by_one(self.proxies()):
+            row = {"non2xx": 0, "bad_credentials": 0}
+            for way in ("up", "down"):
                 time.sleep(0.5)
-                reset = target.reset_peak()
-                before_rss = target.rss_kib()
-                before_hwm = target.hwm_kib()
+                before = max(target.rss_kib(), target.peak_kib(reset=True))
                 self.log.mark()
                 cpu0 = target.cpu()
-                if direction == "up":
-                    r = b.big_upload(port, b.PUSH_PATH, size)
-                    ok = r["status"] == 204
-                else:
-                    r = b.big_download(port, b.BIG_PATH, self.s.big_read_rate)
-                    ok = r["status"] == 200 and r["bytes"] == size
-                cpu = target.cpu() - cpu0
-                peak = target.hwm_kib()
+                r = b.big_transfer(target.port, way, size, self.s.big_read_rate)
+                cpu, peak = target.cpu() - cpu0, target.peak_kib()
                 time.sleep(0.2)
-                seen = self.log.window(name, size if direction == "up" else 0)
-                baseline = before_rss if reset else max(before_rss, before_hwm)
-                row[direction] = {
-                    "status": r["status"],
-                    "ok": ok and seen["pushes_not_read_whole"] == 0,
-                    "seconds": r["seconds"],
-                    "mib_per_s": size / MiB / r["seconds"],
-                    "rss_before_mib": before_rss / 1024,
-                    "peak_mib": peak / 1024,
-                    "extra_peak_mib": max(0, peak - baseline) / 1024,
-                    "peak_reset": reset,
-                    "cpu_us_per_mib": cpu * 1e6 / (size / MiB),
-                    **seen,
-                }
-                log(
-                    f"big {direction:4} {name:6}: {row[direction]['mib_per_s']:7.0f} MiB/s, "
-                    f"peak RSS +{row[direction]['extra_peak_mib']:.1f} MiB "
-                    f"(from {before_rss / 1024:.1f}), status {r['status']}"
-                )
-            out["summary"][name] = row
-        return out
+                seen = self.log.window(name, size if way == "up" else 0)
+                ok = r["status"] // 100 == 2 and r["bytes"] == size
+                row["non2xx"] += not ok or seen["pushes_not_read_whole"] > 0
+                row["bad_credentials"] += seen["bad_credentials"]
+                row[f"{way}_extra_peak_mib"] = max(0, peak - before) / 1024
+                row[f"{way}_mib_per_s"] = size / MiB / r["seconds"]
+                row[f"{way}_cpu_us_per_mib"] = cpu * 1e6 / (size / MiB)
+            summary[name] = note(f"big {name}", row)
+        return {"mib": size // MiB, "rate": self.s.big_read_rate // MiB, "summary": summary}
 
     def idle(self) -> dict[str, Any]:
-        count = self.s.idle_connections
-        log(f"idle: {count} keep-alive connections held open")
-        out: dict[str, Any] = {"connections": count, "summary": {}}
+        """Idle keep-alive connections held open by fresh proxies: the RSS
+        and fds each costs, and whether they come back after the close."""
+        count, summary = self.s.idle_connections, {}
         self.fresh_proxies()
-        for name in self.proxies():
-            self.check_alive()
-            target = self.targets[name]
-            port = int(target.url.rsplit(":", 1)[1])
-            time.sleep(0.5)
-            rss0, fds0 = target.rss_kib(), target.fds()
-            settle = 0.5 if self.s.quick else 1.0
-            with b.idle_connections(port, count, b.GET_PATH) as opened:
-                time.sleep(settle)
-                rss1, fds1 = target.rss_kib(), target.fds()
-            time.sleep(settle)
-            rss2, fds2 = target.rss_kib(), target.fds()
-            row = {
-                "opened": opened["opened"],
-                "non2xx": opened["non2xx"],
-                "rss_before_mib": rss0 / 1024,
-                "rss_open_mib": rss1 / 1024,
-                "rss_after_close_mib": rss2 / 1024,
-                "kib_per_connection": (rss1 - rss0) / count,
-                "fds_before": fds0,
-                "fds_open": fds1,
-                "fds_after_close": fds2,
-            }
-            out["summary"][name] = row
-            log(
-                f"idle {name:6}: {row['kib_per_connection']:.1f} KiB per connection "
-                f"(RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} -> {rss2 / 1024:.1f} MiB after close), "
-                f"fds {fds0} -> {fds1} -> {fds2}"
-            )
-        return out
+        for name, target in self.one_by_one(self.proxies()):
+            row = target.usage("before")
+            with b.idle_connections(target.port, count) as opened:
+                time.sleep(self.s.settle)
+                row |= target.usage("open")
+            time.sleep(self.s.settle)
+            row |= target.usage("after")
+            row["kib_per_connection"] = (row["rss_open_mib"] - row["rss_before_mib"]) * 1024 / count
+            row["non2xx"] = opened["non2xx"] + count - opened["opened"]
+            summary[name] = note(f"idle {name}", row)
+        return {"connections": count, "summary": summary}
 
     def soak(self) -> dict[str, Any]:
-        s = self.s
-        rate = s.soak_connections * 1000 / s.soak_delay_ms
-        log(
-            f"soak: lgmt-proxy {s.soak_seconds}s (nginx {min(s.soak_seconds, s.soak_baseline_seconds)}s "
-            f"for the CPU ratio), {s.soak_connections} paced connections (at most {rate:.0f} req/s)"
-        )
-        out: dict[str, Any] = {
-            "seconds": s.soak_seconds,
-            "connections": s.soak_connections,
-            "delay_ms": s.soak_delay_ms,
-            "summary": {},
-        }
-        args = [
-            b.GET_PATH,
-            b.PUSH_PATH,
-            str(s.soak_delay_ms),
-            str(s.soak_push_every),
-            str(s.soak_push_bytes),
-            str(s.soak_close_every),
-        ]
-        for name, seconds in (
-            ("nginx", min(s.soak_seconds, s.soak_baseline_seconds)),
-            ("lgmt", s.soak_seconds),
-        ):
-            self.check_alive()
-            target = self.targets[name]
-            interval = max(1.0, seconds / 60)
-            time.sleep(0.5)
+        """Paced mixed load for a long time, RSS and fds sampled: do they grow?"""
+        s, summary = self.s, {}
+        mix = (s.soak_push_bytes, s.soak_push_every, s.soak_close_every, s.soak_delay_ms)
+        lengths = {"nginx": min(s.soak_seconds, s.soak_baseline_seconds), "lgmt": s.soak_seconds}
+        for name, target in self.one_by_one(list(lengths)):
+            seconds = lengths[name]
             self.log.mark()
-            cpu0 = target.cpu()
-            t0 = time.monotonic()
-            proc, cmd = b.wrk_popen(
-                target.url,
-                connections=s.soak_connections,
-                seconds=seconds,
-                script="soak.lua",
-                args=args,
+            cpu0, t0 = target.cpu(), time.monotonic()
+            args = [*map(str, mix), b.PUSH_PATH]
+            proc = b.wrk(
+                target.url + b.GET_PATH, s.soak_connections, seconds, args, background=True
             )
-            samples: list[dict[str, float]] = []
-            while proc.poll() is None:
+            samples = []
+            while proc.poll() is None:  # about 60 samples
                 samples.append(
-                    {
-                        "t": time.monotonic() - t0,
-                        "rss_kib": target.rss_kib(),
-                        "fds": target.fds(),
-                        "cpu_s": target.cpu() - cpu0,
-                    }
+                    {"t": time.monotonic() - t0, "rss_kib": target.rss_kib(), "fds": target.fds()}
                 )
-                deadline = time.monotonic() + interval
-                while proc.poll() is None and time.monotonic() < deadline:
-                    time.sleep(0.1)
-            stdout, stderr = proc.communicate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(max(1.0, seconds / 60))
+            r = b.parse_wrk(*proc.communicate())
             cpu = target.cpu() - cpu0
             time.sleep(0.3)
-            seen = self.log.window(name, 0)
-            result = b.parse_wrk(stdout, stderr, cmd)
-            row = soak_analysis(samples)
-            row.update(
-                seconds=seconds,
-                requests=result["requests"],
-                rps=result["requests"] / (result["duration_us"] / 1e6),
-                cpu_us_per_request=cpu * 1e6 / result["requests"]
-                if result["requests"]
-                else math.nan,
-                p99_ms=result["p99_us"] / 1000,
-                non2xx=result["non2xx"],
-                socket_errors=result["errors"],
-                samples=samples,
-                **seen,
-            )
-            out["summary"][name] = row
-            log(
-                f"soak {name:6}: {row['requests']} requests, RSS {row['rss_first_mib']:.1f} -> "
-                f"{row['rss_last_mib']:.1f} MiB (growth {row['rss_growth_mib']:+.2f}), fds "
-                f"{row['fds_first']} -> {row['fds_last']} (growth {row['fd_growth']:+.1f}), "
-                f"cpu {row['cpu_us_per_request']:.1f} us/req, non-2xx {row['non2xx']}"
-            )
-        return out
+            summary[name] = note(f"soak {name}", {
+                **soak_growth(samples),
+                **{k: r[k] for k in ("requests", "non2xx", "socket_errors")},
+                "rps": r["requests"] / (r["duration_us"] / 1e6),
+                "cpu_us_per_request": cpu * 1e6 / r["requests"] if r["requests"] else math.nan,
+                **self.log.window(name),
+            })  # fmt: skip
+            summary[name]["samples"] = samples
+        return {**{f"{k}_seconds": v for k, v in lengths.items()}, "summary": summary}
 
     def run(self, only: list[str]) -> dict[str, Any]:
-        for workload in WORKLOADS:
-            if workload not in only:
-                continue
-            if workload == "soak" and self.s.soak_seconds <= 0:
-                continue
-            started = time.monotonic()
-            self.results[workload] = getattr(self, workload)()
-            self.results[workload]["wall_seconds"] = round(time.monotonic() - started, 1)
-        return self.results
+        results = {}
+        for workload in (w for w in WORKLOADS if w in only):
+            if workload != "soak" or self.s.soak_seconds > 0:
+                started = time.monotonic()
+                log(f"{workload} ...")
+                results[workload] = getattr(self, workload)()
+                results[workload]["wall_seconds"] = round(time.monotonic() - started, 1)
+        return results
 
 
-# -- figures -------------------------------------------------------------------------
+# -- figures ---------------------------------------------------------------------------
 
-_SUMMED = {
-    "non2xx",
-    "wrk_non2xx_line",
-    "socket_errors",
-    "bad_credentials",
-    "pushes_not_read_whole",
-    "pushes_cut_by_client",
-    "upstream_new_connections",
-    "requests",
-    "upstream_requests",
-}
+SUMMED = set("requests non2xx socket_errors bad_credentials pushes_not_read_whole".split())
+SUMMED |= {"upstream_requests", "upstream_new_connections"}
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
-    """Per target: the median of each figure over the rounds (counts summed)."""
-    summary: dict[str, dict[str, float]] = {}
+def note(what: str, row: dict[str, Any]) -> dict[str, Any]:
+    """Log a run's or a target's figures (the numbers), and return them."""
+    figures = (f"{k} {v:,.4g}" for k, v in row.items() if not math.isnan(number(v)))
+    log(f"{what}: {', '.join(figures)}")
+    return row
+
+
+def summarize(runs: Runs) -> Summary:
+    """Per target: the median of each figure over the rounds, counts summed,
+    and the upstream connection reuse (used per run / opened while measured)."""
+    summary: Summary = {}
     for name, target_runs in runs.items():
-        keys = [k for k in target_runs[0] if isinstance(target_runs[0][k], int | float)]
-        row: dict[str, float] = {}
-        for key in keys:
-            values = [run[key] for run in target_runs]
-            row[key] = sum(values) if key in _SUMMED else b.median(values)
-        row["upstream_connections_max"] = max(r["upstream_connections"] for r in target_runs)
+        keys = [k for k, v in target_runs[0].items() if isinstance(v, int | float)]
+        row = {
+            k: (sum if k in SUMMED else statistics.median)(r[k] for r in target_runs) for k in keys
+        }
+        opened = row["upstream_new_connections"]
+        per = f"{row['upstream_requests'] / opened:,.0f}" if opened else "all reused"
+        row["conns"] = f"{row['upstream_connections']:,.0f} / {opened} ({per})"
         summary[name] = row
     return summary
 
 
-def soak_analysis(samples: list[dict[str, float]]) -> dict[str, Any]:
-    """Growth of RSS and open fds over the soak, after a warm-up (the first
-    fifth of the samples): median of the last third minus median of the first
-    third, and the least-squares slope per minute."""
-    if len(samples) < 4:
-        return {
-            "rss_first_mib": math.nan,
-            "rss_last_mib": math.nan,
-            "rss_growth_mib": math.nan,
-            "rss_slope_kib_per_min": math.nan,
-            "fds_first": math.nan,
-            "fds_last": math.nan,
-            "fd_growth": math.nan,
-            "grows": None,
-        }
+def soak_growth(samples: list[dict[str, float]]) -> dict[str, float]:
+    """RSS and fds in the first and the last third of the samples after a
+    warm-up fifth (medians), and the RSS slope; growth is more than 2 MiB or
+    2 fds between the thirds."""
     steady = samples[len(samples) // 5 :]
     third = max(1, len(steady) // 3)
     first, last = steady[:third], steady[-third:]
-    rss_first = b.median([x["rss_kib"] for x in first]) / 1024
-    rss_last = b.median([x["rss_kib"] for x in last]) / 1024
-    fds_first = b.median([x["fds"] for x in first])
-    fds_last = b.median([x["fds"] for x in last])
-    rss_growth = rss_last - rss_first
-    fd_growth = fds_last - fds_first
-    slope = b.slope_per_minute([(x["t"], x["rss_kib"]) for x in steady])
-    return {
-        "rss_first_mib": rss_first,
-        "rss_last_mib": rss_last,
-        "rss_max_mib": max(x["rss_kib"] for x in samples) / 1024,
-        "rss_growth_mib": rss_growth,
-        "rss_slope_kib_per_min": slope,
-        "fds_first": fds_first,
-        "fds_last": fds_last,
-        "fds_max": max(x["fds"] for x in samples),
-        "fd_growth": fd_growth,
-        # "Growth": more than 2 MiB of RSS or 2 fds between the first and the
-        # last third of the steady part.
-        "grows": rss_growth > 2.0 or fd_growth > 2,
+    row = {
+        "rss_first_mib": statistics.median(x["rss_kib"] for x in first) / 1024,
+        "rss_last_mib": statistics.median(x["rss_kib"] for x in last) / 1024,
+        "fds_first": statistics.median(x["fds"] for x in first),
+        "fds_last": statistics.median(x["fds"] for x in last),
     }
+    try:
+        xs, ys = [x["t"] for x in steady], [x["rss_kib"] for x in steady]
+        row["rss_slope_kib_per_min"] = 60 * statistics.linear_regression(xs, ys).slope
+    except statistics.StatisticsError:
+        row["rss_slope_kib_per_min"] = math.nan
+    growth = row["rss_last_mib"] - row["rss_first_mib"], row["fds_last"] - row["fds_first"]
+    row["grows"] = float(growth[0] > 2.0 or growth[1] > 2)
+    return row
 
 
-def conns(row: dict[str, float]) -> str:
-    """Connection reuse: connections a run used, those opened during all
-    measured rounds, and upstream requests per connection opened."""
-    opened = int(row["upstream_new_connections"])
-    per = f"{row['upstream_requests'] / opened:,.0f}" if opened else "all reused"
-    return f"{fmt(row['upstream_connections'], 0)} / {opened} ({per})"
+@dataclass(frozen=True)
+class Fig:
+    """One row of the results table.
+
+    ``cell`` formats one target's summary (``{key:spec}``; a missing or NaN
+    value shows as n/a). The first row of a workload names it with ``label``,
+    formatted from the workload's results. ``ratio`` keys are shown as
+    lgmt-proxy / nginx. ``need`` keys must be numbers for nginx and lgmt-proxy
+    or the figure counts as missing. ``limit`` makes ``target`` a check:
+    the lgmt / nginx ratio of ``check`` (``on="ratio"``) or lgmt-proxy's own
+    value (``on="lgmt"``) must be at most the limit."""
+
+    workload: str
+    figure: str
+    cell: str
+    label: str = ""
+    ratio: tuple[str, ...] = ()
+    direct: bool = False
+    need: tuple[str, ...] = ()
+    target: str = ""
+    check: str = ""
+    on: str = "ratio"
+    limit: float = math.nan
+    lgmt: str = "lgmt"  # the target shown as lgmt-proxy
+    nginx: bool = True  # False: a figure of lgmt-proxy's alone
 
 
-def latency_row(n: dict[str, float], lg: dict[str, float]) -> list[str]:
-    """The p50 / p99 row of a workload: nginx, lgmt-proxy and their ratios."""
+def _conns(w: str) -> Fig:
+    return Fig(
+        w, "upstream conns used per run / opened while measured (requests per opened)", "{conns}"
+    )
+
+
+def _latency(w: str) -> Fig:
+    return Fig(
+        w, "latency p50 / p99 (ms)", "{p50_ms:.2f} / {p99_ms:.2f}", ratio=("p50_ms", "p99_ms")
+    )
+
+
+def _big(way: str, label: str) -> list[Fig]:
+    k = f"{way}_"
     return [
-        "",
-        "latency p50 / p99 (ms)",
-        "",
-        f"{fmt(n['p50_ms'], 2)} / {fmt(n['p99_ms'], 2)}",
-        f"{fmt(lg['p50_ms'], 2)} / {fmt(lg['p99_ms'], 2)}",
-        f"{fx(ratio(lg['p50_ms'], n['p50_ms']))} / {fx(ratio(lg['p99_ms'], n['p99_ms']))}",
-        "",
-        "",
-    ]
+        Fig("big", "extra peak RSS (MiB)", f"{{{k}extra_peak_mib:.1f}}", label=label, ratio=(k + "extra_peak_mib",),
+            need=(k + "extra_peak_mib",), target="< 64 MiB", check=k + "extra_peak_mib", on="lgmt", limit=64),
+        Fig("big", "throughput (MiB/s) / CPU per MiB (µs)", f"{{{k}mib_per_s:,.0f}} / {{{k}cpu_us_per_mib:,.0f}}",
+            ratio=(k + "mib_per_s", k + "cpu_us_per_mib")),
+    ]  # fmt: skip
 
 
-def conns_row(n: dict[str, float], lg: dict[str, float]) -> list[str]:
-    """The upstream-connection reuse row of a workload."""
-    return [
-        "",
-        "upstream conns used per run / opened while measured (requests per opened)",
-        "",
-        conns(n),
-        conns(lg),
-        "",
-        "",
-        "",
-    ]
+CPU = "CPU per request (µs)"
+FIGURES = [
+    Fig("get50", CPU, "{cpu_us_per_request:,.1f}", label="small GET, {connections} conns", ratio=("cpu_us_per_request",),
+        need=("cpu_us_per_request", "rps"), target="≤ 5x", check="cpu_us_per_request", limit=5),
+    Fig("get50", "throughput (req/s)", "{rps:,.0f}", ratio=("rps",)),
+    _latency("get50"),
+    Fig("get50", "CPU used (cores)", "{cores:.2f}"),
+    _conns("get50"),
+    Fig("auth", CPU, "{cpu_us_per_request:,.1f}", label="small GET, {connections} conns, Bearer of the last of {consumers:,} consumers",
+        ratio=("cpu_us_per_request",), need=("cpu_us_per_request",), lgmt="lgmt_auth"),
+    Fig("auth", "CPU per request without client auth (µs); with / without, same rounds",
+        "{no_auth_cpu_us_per_request:,.1f}; {auth_cost:.2f}x", nginx=False, need=("auth_cost",), target="≤ 1.5x",
+        check="auth_cost", on="lgmt", limit=1.5, lgmt="lgmt_auth"),
+    Fig("get1", "latency p50 (ms)", "{p50_ms:.3f}", label="small GET, 1 conn", ratio=("p50_ms",), direct=True, need=("p50_ms",)),
+    Fig("get1", "added p50 over direct (ms)", "{added_p50_ms:.3f}", ratio=("added_p50_ms",), target="≤ 2.5x",
+        check="added_p50_ms", limit=2.5),
+    Fig("get1", "latency p99 (ms)", "{p99_ms:.3f}", ratio=("p99_ms",), direct=True),
+    Fig("get1", CPU, "{cpu_us_per_request:,.1f}", ratio=("cpu_us_per_request",)),
+    _conns("get1"),
+    Fig("push", "CPU per MiB (µs)", "{cpu_us_per_mib:,.0f}", label="{size} push, {connections} conns", ratio=("cpu_us_per_mib",),
+        need=("cpu_us_per_mib",), target="≤ 1.5x", check="cpu_us_per_mib", limit=1.5),
+    Fig("push", "throughput (MiB/s)", "{mib_per_s:,.0f}", ratio=("mib_per_s",)),
+    _latency("push"),
+    _conns("push"),
+    Fig("push", "pushes not read whole by the upstream", "{pushes_not_read_whole:.0f}", target="0"),
+    *_big("up", "{mib} MiB up (POST)"),
+    *_big("down", "{mib} MiB down (GET, read at ≤ {rate} MiB/s)"),
+    Fig("idle", "RSS per connection (KiB)", "{kib_per_connection:.1f}", label="{connections:,} idle keep-alive conns",
+        ratio=("kib_per_connection",), need=("kib_per_connection",)),
+    Fig("idle", "RSS before / open / after close (MiB)", "{rss_before_mib:.1f} / {rss_open_mib:.1f} / {rss_after_mib:.1f}"),
+    Fig("idle", "open fds before / open / after close", "{fds_before} / {fds_open} / {fds_after}"),
+    Fig("soak", "requests / req/s", "{requests:,.0f} / {rps:,.0f}", label="soak ({lgmt_seconds} s lgmt, {nginx_seconds} s nginx)"),
+    Fig("soak", CPU, "{cpu_us_per_request:,.1f}", ratio=("cpu_us_per_request",), need=("cpu_us_per_request",)),
+    Fig("soak", "RSS first → last third (MiB), slope (KiB/min)", "{rss_first_mib:.1f} → {rss_last_mib:.1f}, {rss_slope_kib_per_min:,.0f}",
+        need=("rss_first_mib", "rss_last_mib"), target="no growth", check="grows", on="lgmt", limit=0),
+    Fig("soak", "open fds first → last third", "{fds_first:.0f} → {fds_last:.0f}", target="no growth"),
+]  # fmt: skip
+TOTALS = ("non2xx", "socket_errors", "bad_credentials", "pushes_not_read_whole")
 
 
-def ratio(a: float, b_: float) -> float:
-    if not b_ or math.isnan(a) or math.isnan(b_):
-        return math.nan
-    return a / b_
+class _Values(dict[str, Any]):
+    """Figures for str.format_map: NaN, None and missing keys show as n/a."""
 
-
-def fmt(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        if math.isnan(value):
+    class NA:
+        def __format__(self, spec: str) -> str:
             return "n/a"
-        return f"{value:,.{digits}f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
+
+    def __missing__(self, key: str) -> Any:
+        return self.NA()
+
+    def __getitem__(self, key: str) -> Any:
+        v = super().__getitem__(key)
+        return self.NA() if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+def ratio(a: Any, b_: Any) -> float:
+    a, b_ = number(a), number(b_)
+    return a / b_ if b_ and not math.isnan(a + b_) else math.nan
 
 
 def fx(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.2f}x"
 
 
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("**met**" if ok else "**MISSED**")
-
-
 def evaluate(results: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]], list[str]]:
-    """The results table rows, the target checks, and the figures that are missing."""
-    rows: list[list[str]] = []
-    checks: list[dict[str, Any]] = []
-    missing: list[str] = []
-
-    def check(name: str, value: float, limit: float, unit: str, below: bool = True) -> str:
-        ok = None if math.isnan(value) else (value <= limit if below else value >= limit)
-        checks.append({"target": name, "value": value, "limit": limit, "unit": unit, "ok": ok})
-        if ok is None:
-            missing.append(name)
-        return verdict(ok)
-
-    def need(name: str, *values: float) -> None:
-        for v in values:
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                missing.append(name)
-                return
-
-    non2xx_total = 0
-    errors_total = 0
-    bad_total = 0
-
-    if "get50" in results:
-        s = results["get50"]["summary"]
-        n, lg = s["nginx"], s["lgmt"]
-        c = results["get50"]["connections"]
-        r = ratio(lg["cpu_us_per_request"], n["cpu_us_per_request"])
-        need("get50", n["cpu_us_per_request"], lg["cpu_us_per_request"], n["rps"], lg["rps"])
-        rows += [
-            [
-                f"small GET, {c} conns",
-                "CPU per request (µs)",
-                "",
-                fmt(n["cpu_us_per_request"]),
-                fmt(lg["cpu_us_per_request"]),
-                fx(r),
-                "≤ 5x",
-                check("get50 CPU/request ≤ 5x nginx", r, 5, "x"),
-            ],
-            [
-                "",
-                "throughput (req/s)",
-                "",
-                fmt(n["rps"], 0),
-                fmt(lg["rps"], 0),
-                fx(ratio(lg["rps"], n["rps"])),
-                "",
-                "",
-            ],
-            latency_row(n, lg),
-            ["", "CPU used (cores)", "", fmt(n["cores"], 2), fmt(lg["cores"], 2), "", "", ""],
-            conns_row(n, lg),
+    """The table rows, the target checks, and the figures that are missing."""
+    rows, checks, missing = [], [], []
+    for f in FIGURES:
+        if f.workload not in results:
+            continue
+        s = results[f.workload]["summary"]
+        d, n, lg = (s.get(k, {}) for k in ("direct", "nginx", f.lgmt))
+        label = f.label.format_map(_Values(results[f.workload]))
+        if any(math.isnan(number(t.get(k))) for k in f.need for t in (n, lg)[not f.nginx :]):
+            missing.append(f"{f.workload}: {f.figure}")
+        verdict = ""
+        if f.check:
+            value = (
+                ratio(lg.get(f.check), n.get(f.check))
+                if f.on == "ratio"
+                else number(lg.get(f.check))
+            )
+            ok = None if math.isnan(value) else value <= f.limit
+            name = f"{f.workload} {f.check}{' lgmt / nginx' * (f.on == 'ratio')} {f.target}"
+            checks.append({"target": name, "value": value, "limit": f.limit, "ok": ok})
+            missing += [name] if ok is None else []
+            verdict = "n/a" if ok is None else ("**met**" if ok else "**MISSED**")
+        cells = [
+            f.cell.format_map(_Values(n)) if n and f.nginx else "",
+            f.cell.format_map(_Values(lg)),
         ]
-        for t in (n, lg):
-            non2xx_total += int(t["non2xx"])
-            errors_total += int(t["socket_errors"])
-            bad_total += int(t["bad_credentials"])
-
-    if "get1" in results:
-        s = results["get1"]["summary"]
-        d, n, lg = s["direct"], s["nginx"], s["lgmt"]
-        need("get1", d["p50_ms"], n["p50_ms"], lg["p50_ms"])
-        rows += [
-            [
-                "small GET, 1 conn",
-                "latency p50 (ms)",
-                fmt(d["p50_ms"], 3),
-                fmt(n["p50_ms"], 3),
-                fmt(lg["p50_ms"], 3),
-                fx(ratio(lg["p50_ms"], n["p50_ms"])),
-                "",
-                "",
-            ],
-            [
-                "",
-                "added p50 over direct (ms)",
-                "",
-                fmt(n["added_p50_ms"], 3),
-                fmt(lg["added_p50_ms"], 3),
-                fx(ratio(lg["added_p50_ms"], n["added_p50_ms"])),
-                "≤ 2.5x",
-                check(
-                    "get1 added p50 ≤ 2.5x nginx's",
-                    ratio(lg["added_p50_ms"], n["added_p50_ms"]),
-                    2.5,
-                    "x",
-                ),
-            ],
-            [
-                "",
-                "latency p99 (ms)",
-                fmt(d["p99_ms"], 3),
-                fmt(n["p99_ms"], 3),
-                fmt(lg["p99_ms"], 3),
-                fx(ratio(lg["p99_ms"], n["p99_ms"])),
-                "",
-                "",
-            ],
-            [
-                "",
-                "CPU per request (µs)",
-                "",
-                fmt(n["cpu_us_per_request"]),
-                fmt(lg["cpu_us_per_request"]),
-                fx(ratio(lg["cpu_us_per_request"], n["cpu_us_per_request"])),
-                "",
-                "",
-            ],
-            conns_row(n, lg),
-        ]
-        for t in (d, n, lg):
-            non2xx_total += int(t["non2xx"])
-            errors_total += int(t["socket_errors"])
-        bad_total += int(n["bad_credentials"]) + int(lg["bad_credentials"])
-
-    if "push" in results:
-        p = results["push"]
-        s = p["summary"]
-        n, lg = s["nginx"], s["lgmt"]
-        size = p["body_bytes"]
-        r = ratio(lg["cpu_us_per_mib"], n["cpu_us_per_mib"])
-        need("push", n["cpu_us_per_mib"], lg["cpu_us_per_mib"])
-        label = f"{size // MiB} MiB push" if size % MiB == 0 else f"{size // 1024} KiB push"
-        rows += [
-            [
-                f"{label}, {p['connections']} conns",
-                "CPU per MiB (µs)",
-                "",
-                fmt(n["cpu_us_per_mib"], 0),
-                fmt(lg["cpu_us_per_mib"], 0),
-                fx(r),
-                "≤ 1.5x",
-                check("push CPU/MiB ≤ 1.5x nginx", r, 1.5, "x"),
-            ],
-            [
-                "",
-                "throughput (MiB/s)",
-                "",
-                fmt(n["mib_per_s"], 0),
-                fmt(lg["mib_per_s"], 0),
-                fx(ratio(lg["mib_per_s"], n["mib_per_s"])),
-                "",
-                "",
-            ],
-            latency_row(n, lg),
-            conns_row(n, lg),
-            [
-                "",
-                "pushes not read whole by the upstream",
-                "",
-                fmt(n["pushes_not_read_whole"], 0),
-                fmt(lg["pushes_not_read_whole"], 0),
-                "",
-                "0",
-                "",
-            ],
-        ]
-        for t in (n, lg):
-            non2xx_total += int(t["non2xx"])
-            errors_total += int(t["socket_errors"])
-            bad_total += int(t["bad_credentials"]) + int(t["pushes_not_read_whole"])
-
-    if "big" in results:
-        bg = results["big"]
-        s = bg["summary"]
-        mib = bg["bytes"] // MiB
-        rate = bg.get("read_rate", 0) // MiB
-        for direction, word in (
-            ("up", "up (POST)"),
-            ("down", f"down (GET, read at ≤ {rate} MiB/s)"),
-        ):
-            n, lg = s["nginx"][direction], s["lgmt"][direction]
-            need("big", n["extra_peak_mib"], lg["extra_peak_mib"])
-            rows += [
-                [
-                    f"{mib} MiB {word}",
-                    "extra peak RSS (MiB)",
-                    "",
-                    fmt(n["extra_peak_mib"]),
-                    fmt(lg["extra_peak_mib"]),
-                    fx(ratio(lg["extra_peak_mib"], n["extra_peak_mib"])),
-                    "< 64 MiB",
-                    check(
-                        f"{mib} MiB {direction}: extra RSS < 64 MiB",
-                        lg["extra_peak_mib"],
-                        64,
-                        "MiB",
-                    ),
-                ],
-                [
-                    "",
-                    "throughput (MiB/s) / CPU per MiB (µs)",
-                    "",
-                    f"{fmt(n['mib_per_s'], 0)} / {fmt(n['cpu_us_per_mib'], 0)}",
-                    f"{fmt(lg['mib_per_s'], 0)} / {fmt(lg['cpu_us_per_mib'], 0)}",
-                    f"{fx(ratio(lg['mib_per_s'], n['mib_per_s']))} / {fx(ratio(lg['cpu_us_per_mib'], n['cpu_us_per_mib']))}",
-                    "",
-                    "",
-                ],
-            ]
-            for t in (n, lg):
-                if not t["ok"]:
-                    non2xx_total += 1
-                bad_total += int(t["bad_credentials"])
-
-    if "idle" in results:
-        s = results["idle"]["summary"]
-        n, lg = s["nginx"], s["lgmt"]
-        c = results["idle"]["connections"]
-        need("idle", n["kib_per_connection"], lg["kib_per_connection"])
-        rows += [
-            [
-                f"{c:,} idle keep-alive conns",
-                "RSS per connection (KiB)",
-                "",
-                fmt(n["kib_per_connection"]),
-                fmt(lg["kib_per_connection"]),
-                fx(ratio(lg["kib_per_connection"], n["kib_per_connection"])),
-                "",
-                "",
-            ],
-            [
-                "",
-                "RSS before / open / after close (MiB)",
-                "",
-                f"{fmt(n['rss_before_mib'])} / {fmt(n['rss_open_mib'])} / {fmt(n['rss_after_close_mib'])}",
-                f"{fmt(lg['rss_before_mib'])} / {fmt(lg['rss_open_mib'])} / {fmt(lg['rss_after_close_mib'])}",
-                "",
-                "",
-                "",
-            ],
-            [
-                "",
-                "open fds before / open / after close",
-                "",
-                f"{n['fds_before']} / {n['fds_open']} / {n['fds_after_close']}",
-                f"{lg['fds_before']} / {lg['fds_open']} / {lg['fds_after_close']}",
-                "",
-                "",
-                "",
-            ],
-        ]
-        non2xx_total += int(n["non2xx"]) + int(lg["non2xx"])
-
-    if "soak" in results:
-        sk = results["soak"]
-        s = sk["summary"]
-        n, lg = s["nginx"], s["lgmt"]
-        need("soak", lg["rss_growth_mib"], lg["cpu_us_per_request"])
-        grows = lg["grows"]
-        ok = None if grows is None else not grows
-        checks.append(
-            {
-                "target": "soak: no RSS/fd growth",
-                "value": lg["rss_growth_mib"],
-                "limit": 2.0,
-                "unit": "MiB",
-                "ok": ok,
-            }
-        )
-        rows += [
-            [
-                f"soak ({lg['seconds']} s lgmt, {n['seconds']} s nginx)",
-                "requests / req/s",
-                "",
-                f"{fmt(n['requests'], 0)} / {fmt(n['rps'], 0)}",
-                f"{fmt(lg['requests'], 0)} / {fmt(lg['rps'], 0)}",
-                "",
-                "",
-                "",
-            ],
-            [
-                "",
-                "CPU per request (µs)",
-                "",
-                fmt(n["cpu_us_per_request"]),
-                fmt(lg["cpu_us_per_request"]),
-                fx(ratio(lg["cpu_us_per_request"], n["cpu_us_per_request"])),
-                "",
-                "",
-            ],
-            [
-                "",
-                "RSS first → last third (MiB), slope (KiB/min)",
-                "",
-                f"{fmt(n['rss_first_mib'])} → {fmt(n['rss_last_mib'])}, {fmt(n['rss_slope_kib_per_min'], 0)}",
-                f"{fmt(lg['rss_first_mib'])} → {fmt(lg['rss_last_mib'])}, {fmt(lg['rss_slope_kib_per_min'], 0)}",
-                "",
-                "no growth",
-                verdict(ok),
-            ],
-            [
-                "",
-                "open fds first → last third",
-                "",
-                f"{fmt(n['fds_first'], 0)} → {fmt(n['fds_last'], 0)}",
-                f"{fmt(lg['fds_first'], 0)} → {fmt(lg['fds_last'], 0)}",
-                "",
-                "no growth",
-                "",
-            ],
-        ]
-        for t in (n, lg):
-            non2xx_total += int(t["non2xx"])
-            errors_total += int(t["socket_errors"])
-            bad_total += int(t["bad_credentials"])
-
-    rows.append(
-        ["all", "non-2xx answers / socket errors / bad upstream requests", "", "", "", "", "0", ""]
-    )
-    rows[-1][4] = f"{non2xx_total} / {errors_total} / {bad_total}"
-    rows[-1][7] = check("zero non-2xx", float(non2xx_total), 0, "answers")
+        rows.append([
+            label, f.figure, f.cell.format_map(_Values(d)) if f.direct else "", *cells,
+            " / ".join(fx(ratio(lg.get(k), n.get(k))) for k in f.ratio), f.target, verdict,
+        ])  # fmt: skip
+    every = [t for r in results.values() for t in r["summary"].values()]
+    totals = [int(sum(number(t.get(k, 0)) for t in every)) for k in TOTALS]
+    ok = sum(totals) == 0
+    checks.append({"target": "zero non-2xx", "value": float(sum(totals)), "limit": 0, "ok": ok})
+    figure = "non-2xx answers / socket errors / bad upstream requests"
+    cell = f"{totals[0]} / {totals[1]} / {totals[2] + totals[3]}"
+    rows.append(["all", figure, "", "", cell, "", "0", "**met**" if ok else "**MISSED**"])
     return rows, checks, missing
 
 
 def compare_lines(results: dict[str, Any]) -> list[str]:
-    """A/B of the build given by --compare-twistd (B) against lgmt-proxy (A)."""
+    """--compare-twistd: each ratio figure of the other build (B) against
+    lgmt-proxy's (A)."""
     lines = []
-    figures = {
-        "get50": ["cpu_us_per_request", "rps", "p50_ms", "p99_ms"],
-        "get1": ["cpu_us_per_request", "added_p50_ms", "p99_ms"],
-        "push": ["cpu_us_per_mib", "mib_per_s", "p50_ms"],
-    }
-    for workload, keys in figures.items():
-        summary = results.get(workload, {}).get("summary", {})
-        if "lgmt_b" not in summary:
-            continue
-        a, b_ = summary["lgmt"], summary["lgmt_b"]
-        for key in keys:
+    for w, r in results.items():
+        a, b_ = r["summary"].get("lgmt", {}), r["summary"].get("lgmt_b")
+        for k in (k for f in FIGURES if f.workload == w and b_ for k in f.ratio):
+            va, vb = number(a.get(k)), number(b_.get(k))
             lines.append(
-                f"  A/B {workload:6} {key:20} A {fmt(a[key], 3):>10}  B {fmt(b_[key], 3):>10}  "
-                f"B/A {fx(ratio(b_[key], a[key]))}"
-            )
-    for workload in ("big", "idle"):
-        summary = results.get(workload, {}).get("summary", {})
-        if "lgmt_b" not in summary:
-            continue
-        if workload == "big":
-            for d in ("up", "down"):
-                a, b_ = summary["lgmt"][d], summary["lgmt_b"][d]
-                lines.append(
-                    f"  A/B big {d:4} extra peak MiB A {fmt(a['extra_peak_mib'], 1)} "
-                    f"B {fmt(b_['extra_peak_mib'], 1)}; CPU per MiB A {fmt(a['cpu_us_per_mib'], 0)} "
-                    f"B {fmt(b_['cpu_us_per_mib'], 0)}"
-                )
-        else:
-            a, b_ = summary["lgmt"], summary["lgmt_b"]
-            lines.append(
-                f"  A/B idle KiB per connection A {fmt(a['kib_per_connection'], 2)} "
-                f"B {fmt(b_['kib_per_connection'], 2)}"
+                f"  A/B {w:6} {k:22} A {va:>10,.3f}  B {vb:>10,.3f}  B/A {fx(ratio(vb, va))}"
             )
     return lines
 
 
-def markdown(results: dict[str, Any], meta: dict[str, Any], rows: list[list[str]]) -> str:
-    m = meta["machine"]
+def markdown(meta: dict[str, Any], rows: list[list[str]]) -> str:
+    m, v = meta["machine"], meta["machine"]["versions"]
     lines = [
         f"Run {meta['date']} on {m['nproc']} x {m['cpu_model']} ({m['mem_gib']} GiB, "
-        f"Linux {m['kernel']}), nginx {m['versions'].get('nginx', '?')}, "
-        f"wrk {m['versions'].get('wrk', '?')}, lgmt-proxy at {meta['git']}.",
+        f"Linux {m['kernel']}), nginx {v.get('nginx', '?')}, wrk {v.get('wrk', '?')}, "
+        f"lgmt-proxy at {meta['git']}.",
         f"Command: `{meta['command']}`; {meta['rounds']} alternating rounds of "
         f"{meta['seconds']} s per workload; medians of the rounds.",
         "",
         "| workload | figure | direct | nginx proxy | lgmt-proxy | lgmt / nginx | target | |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
+        *("| " + " | ".join(row) + " |" for row in rows),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def git_describe() -> str:
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(b.ROOT), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip()
-    except Exception:
-        return "unknown"
+    cmd = ["git", "-C", str(b.ROOT), "describe", "--always", "--dirty"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
 
 
 def update_docs(table: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else ""
-    block = f"{START_MARK}\n{table}{END_MARK}"
-    if START_MARK in text and END_MARK in text:
-        text = re.sub(
-            re.escape(START_MARK) + r".*?" + re.escape(END_MARK), lambda _: block, text, flags=re.S
-        )
+    start, end = MARKS
+    text, block = DOCS.read_text(), f"{start}\n{table}{end}"
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text += f"\n## Results\n\n{block}\n"
     DOCS.write_text(text)
     log(f"wrote the results into {DOCS}")
 
 
+#: (option, type, help); a bool type is a flag.
+OPTIONS = [
+    ("--quick", bool, "CI smoke: 2 s per workload, small sizes, no soak"),
+    ("--only", str, f"these workloads, comma-separated: {','.join(WORKLOADS)}"),
+    ("--soak-seconds", int, "soak length (default 600; 0 skips it)"),
+    ("--rounds", int, "rounds per workload (default 4, --quick 1)"),
+    ("--seconds", int, "seconds per measured wrk run (default 10, --quick 2)"),
+    ("--big-mib", int, "size of the big transfer each way (default 512)"),
+    ("--idle-connections", int, "idle keep-alive connections (default 2000)"),
+    ("--consumers", int, "consumers in the auth workload's CLIENT_AUTH_FILE (default 10000)"),
+    ("--twistd", str, "twistd with lgmt-proxy installed (default .venv/bin/twistd)"),
+    ("--compare-twistd", str, "also run this build (another worktree's twistd) in the same rounds: A/B"),
+    ("--workdir", str, "where configs and logs go (default: a temp dir, removed)"),
+    ("--json", str, "also write the results here (always: bench/results/latest.json)"),
+    ("--update-docs", bool, "rewrite the results table in docs/performance.md"),
+    ("--strict", bool, "exit 1 when a target is missed"),
+]  # fmt: skip
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="CI smoke: a few seconds per workload, small sizes, no soak",
-    )
-    p.add_argument(
-        "--only",
-        action="append",
-        default=[],
-        metavar="WORKLOAD",
-        help=f"run only these workloads (repeatable or comma-separated): {', '.join(WORKLOADS)}",
-    )
-    p.add_argument("--soak-seconds", type=int, help="soak length (default 600; 0 skips it)")
-    p.add_argument("--rounds", type=int, help="rounds per workload (default 4, --quick 1)")
-    p.add_argument(
-        "--seconds", type=int, help="seconds per measured wrk run (default 10, --quick 2)"
-    )
-    p.add_argument("--big-mib", type=int, help="size of the big transfer each way (default 512)")
-    p.add_argument(
-        "--idle-connections", type=int, help="idle keep-alive connections (default 2000)"
-    )
-    p.add_argument("--twistd", help="twistd with lgmt-proxy installed (default .venv/bin/twistd)")
-    p.add_argument(
-        "--compare-twistd",
-        metavar="TWISTD",
-        help="also run this lgmt-proxy build (another venv's twistd, or a wrapper) "
-        "in the same rounds, and print it against the first (A/B)",
-    )
-    p.add_argument(
-        "--compare-experiment",
-        metavar="NAME[,NAME]",
-        help="compare with lgmt-proxy plus these bench/experiments/ modules "
-        "(e.g. turn_flush,pool_lifo), run as B",
-    )
-    p.add_argument("--workdir", help="where configs and logs go (default: a new temp dir, removed)")
-    p.add_argument("--json", help="also write the results here (always: bench/results/latest.json)")
-    p.add_argument(
-        "--update-docs",
-        action="store_true",
-        help="rewrite the results table in docs/performance.md",
-    )
-    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    for option, kind, text in OPTIONS:
+        p.add_argument(
+            option, help=text, **({"action": "store_true"} if kind is bool else {"type": kind})
+        )
     return p.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    wall0 = time.monotonic()
-    s = Settings.quick_settings() if args.quick else Settings()
-    if args.soak_seconds is not None:
-        s.soak_seconds = args.soak_seconds
-    if args.rounds:
-        s.rounds = args.rounds
-    if args.seconds:
-        s.seconds = args.seconds
-    if args.big_mib:
-        s.big_bytes = args.big_mib * MiB
-    if args.idle_connections:
-        s.idle_connections = args.idle_connections
-    only = [w for item in args.only for w in item.split(",") if w] or list(WORKLOADS)
-    unknown = [w for w in only if w not in WORKLOADS]
-    if unknown:
-        print(
-            f"bench: unknown workload {', '.join(unknown)}; one of {', '.join(WORKLOADS)}",
-            file=sys.stderr,
-        )
-        return 2
-
-    twistd = args.twistd or str(b.ROOT / ".venv" / "bin" / "twistd")
-    if not Path(twistd).exists():
-        found = shutil.which("twistd")
-        if found is None:
-            print("bench: no twistd: run `make venv` first (or pass --twistd)", file=sys.stderr)
-            return 2
-        twistd = found
+    args, wall0 = parse_args(argv), time.monotonic()
+    s = Settings.quick() if args.quick else Settings()
+    for key, value in (
+        ("soak_seconds", args.soak_seconds), ("rounds", args.rounds), ("seconds", args.seconds),
+        ("big_bytes", args.big_mib and args.big_mib * MiB), ("idle_connections", args.idle_connections),
+        ("auth_consumers", args.consumers),
+    ):  # fmt: skip
+        if value is not None:
+            setattr(s, key, value)
+    only = (args.only or ",".join(WORKLOADS)).split(",")
+    if unknown := set(only) - set(WORKLOADS):
+        sys.exit(f"bench: unknown workload {', '.join(unknown)}; one of {', '.join(WORKLOADS)}")
+    args.twistd = args.twistd or str(b.ROOT / ".venv" / "bin" / "twistd")
+    for twistd in (args.twistd, args.compare_twistd or args.twistd):
+        if not shutil.which(twistd):
+            sys.exit(f"bench: no {twistd}: run `make venv` first (or pass --twistd)")
     b.ensure_tools()
-    limit = b.raise_fd_limit()
-    if limit < s.idle_connections + 200:
+    if (limit := b.raise_fd_limit()) < s.idle_connections + 200:
         log(f"open-file limit is {limit}: idle connections cut to {limit - 200}")
         s.idle_connections = max(10, limit - 200)
 
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="lgmt-bench-"))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lgmt-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    compare: str | list[str] | None = args.compare_twistd
-    if args.compare_experiment:
-        python = str(Path(twistd).parent / "python")
-        names = [n for n in args.compare_experiment.split(",") if n]
-        compare = [python, str(b.BENCH / "experiments" / "run_with.py"), *names, "--"]
-    bench = Bench(s, workdir, twistd, compare)
+    bench = Bench(s, workdir, args.twistd, args.compare_twistd)
     meta = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": b.machine(),
@@ -1152,41 +642,35 @@ def main(argv: list[str]) -> int:
         bench.start()
         results = bench.run(only)
     except Exception as e:
-        log(f"FAILED: {type(e).__name__}: {e}")
-        log(f"logs kept in {workdir}")
-        bench.stop()
+        log(f"FAILED: {type(e).__name__}: {e}\nlogs kept in {workdir}")
         return 1
-    bench.stop()
+    finally:
+        bench.stop()
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
-    meta["loadavg_end"] = os.getloadavg()
-    if git_describe() != meta["git"]:
-        meta["git_end"] = git_describe()
-        log(f"the working tree changed during the run: {meta['git']} -> {meta['git_end']}")
-    meta["wall_seconds"] = round(time.monotonic() - wall0, 1)
+    meta.update(loadavg_end=os.getloadavg(), wall_seconds=round(time.monotonic() - wall0, 1))
+    if (now := git_describe()) != meta["git"]:
+        log(f"the working tree changed during the run: {meta['git']} -> {now}")
 
     rows, checks, missing = evaluate(results)
-    table = markdown(results, meta, rows)
-    print()
-    print(table)
+    table = markdown(meta, rows)
+    print(f"\n{table}")
     for c in checks:
-        print(
-            f"  target {c['target']}: {fmt(c['value'], 3)} -> {'n/a' if c['ok'] is None else ('met' if c['ok'] else 'MISSED')}"
-        )
-    for line in compare_lines(results):
-        print(line)
-    print(f"  wall time {meta['wall_seconds']} s")
+        verdict = "n/a" if c["ok"] is None else ("met" if c["ok"] else "MISSED")
+        print(f"  target {c['target']}: {c['value']:.3f} -> {verdict}")
+    print("\n".join([*compare_lines(results), f"  wall time {meta['wall_seconds']} s"]))
 
     RESULTS.mkdir(exist_ok=True)
-    payload = {"meta": meta, "results": results, "checks": checks, "table": table}
+    payload = json.dumps(
+        {"meta": meta, "results": results, "checks": checks, "table": table}, indent=1, default=str
+    )
     for path in [RESULTS / "latest.json", *([Path(args.json)] if args.json else [])]:
-        path.write_text(json.dumps(payload, indent=1, default=str))
+        path.write_text(payload)
     (RESULTS / "latest.md").write_text(table)
     if args.update_docs:
         update_docs(table)
-
     if missing:
-        print(f"bench: figures missing: {', '.join(sorted(set(missing)))}", file=sys.stderr)
+        print(f"bench: figures missing: {'; '.join(sorted(set(missing)))}", file=sys.stderr)
         return 1
     if args.strict and any(c["ok"] is False for c in checks):
         print("bench: targets missed", file=sys.stderr)
