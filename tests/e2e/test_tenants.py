@@ -17,13 +17,12 @@ import uuid
 from typing import Any
 from urllib.parse import urlencode
 
-from twisted.internet.defer import Deferred
 from twisted.trial.unittest import FailTest, TestCase
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 
 from ..helpers import ProxyProcess, call, free_port, listen, spawn_proxy, upstream_site
-from .peers import _settle, need_binary, poll, start_prometheus, temp_dir
+from .peers import need_binary, poll, start_prometheus, temp_dir
 
 TOKEN_A = "team-a-token-0123456789"
 TOKEN_B = "platform-token-0123456789"
@@ -134,12 +133,7 @@ class TenantTests(TestCase):
             f"--admin-listen=tcp:{admin}:interface=127.0.0.1",
         )
 
-        async def stop() -> None:
-            if not proxy.ended.called:
-                proxy.signal("TERM")
-                await Deferred.fromCoroutine(_settle(proxy))
-
-        self.addCleanup(stop)
+        self.addCleanup(proxy.stop)
         if proxy.ended.called:
             raise FailTest(f"lgmt-proxy did not start:\n{proxy.output.decode()}")
 
