@@ -187,8 +187,8 @@ class Exchange:
             self._finish_body(conn)
         else:
             # Upload backpressure: a slow upstream pauses the client's socket.
-            assert conn.transport is not None
-            conn.transport.registerProducer(self._client.body_producer(), True)  # type: ignore[attr-defined]
+            assert conn.sender is not None
+            conn.sender.register_producer(self._client.body_producer())
             self._producing = True
             if pending:
                 self._client.resume_body()
@@ -202,8 +202,8 @@ class Exchange:
     def _stop_producing(self, conn: UpstreamConnection) -> None:
         if self._producing:
             self._producing = False
-            if conn.transport is not None:
-                conn.transport.unregisterProducer()  # type: ignore[attr-defined]
+            if conn.sender is not None:
+                conn.sender.unregister_producer()
 
     # -- the response (ResponseSink, called by the connection) --------------------------
 

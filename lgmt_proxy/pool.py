@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from .errors import InvalidResponse
 from .headers import RawHeaders
+from .sending import Sender, SendQueue
 
 _log = Logger(namespace="lgmt_proxy.pool")
 
@@ -74,11 +75,13 @@ class UpstreamConnection(Protocol):
         self._close_delimited = False
         self.closed = False
         self.got_bytes = False
+        self.sender: Sender | None = None
 
     # -- connecting -------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.connected_at_tcp = True
+        self.sender = self.pool.sends.sender(self.transport)
         if not self.pool.tls:
             self._became_ready()
 
@@ -109,13 +112,19 @@ class UpstreamConnection(Protocol):
         self.abort()
 
     def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        assert self.sender is not None
+        self.sender.write(data)
 
     def abort(self) -> None:
-        if not self.closed and self.transport is not None:
+        if not self.closed and self.sender is not None:
             self.closed = True
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.sender.abort()
+
+    def close(self) -> None:
+        """Close once what was written is sent."""
+        self.closed = True
+        if self.sender is not None:
+            self.sender.close()
 
     def reusable(self) -> bool:
         return self._complete and not self._dirty and not self.closed
@@ -224,6 +233,8 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
+        if self.sender is not None:
+            self.sender.connection_lost()
         self.pool.forget(self)
         ready, self.ready = self.ready, None
         if ready is not None:
@@ -266,9 +277,11 @@ class UpstreamPool:
         connect_timeout: float,
         idle_timeout: float,
         max_idle: int = MAX_IDLE,
+        sends: SendQueue | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.clock = clock
+        self.sends = sends if sends is not None else SendQueue(clock)
         self.tls = tls
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
@@ -301,6 +314,10 @@ class UpstreamPool:
             conn.abort()
             return
         conn.idle_since = self.clock.seconds()
+        if conn.transport is not None:
+            # Read while idle (stray bytes, the close), even if a slow client
+            # paused it at the end of the last response.
+            conn.transport.resumeProducing()  # type: ignore[attr-defined]
         self.idle.append(conn)
         if self._sweep is None:
             self._sweep = self.clock.callLater(self.idle_timeout, self._sweep_idle)
@@ -315,9 +332,7 @@ class UpstreamPool:
         keep = []
         for conn in self.idle:
             if now - conn.idle_since >= self.idle_timeout:
-                conn.closed = True
-                if conn.transport is not None:
-                    conn.transport.loseConnection()
+                conn.close()
             else:
                 keep.append(conn)
         self.idle = keep

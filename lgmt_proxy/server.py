@@ -30,6 +30,7 @@ from .exchange import Exchange
 from .headers import RawHeaders, head_lines, response_headers
 from .policy import Policy, Refused, choose_tenant
 from .routes import MAX_TARGET, Refusal, Route, split_target, upstream_target
+from .sending import Sender, SendQueue
 from .tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -198,6 +199,7 @@ class ClientConnection(Protocol):
         self._streaming: Any = None
         self.client_text = "unknown"
         self.client_host = b"unknown"
+        self.sender: Sender | None = None
 
     # -- connection ---------------------------------------------------------------
 
@@ -209,6 +211,7 @@ class ClientConnection(Protocol):
         if host:
             self.client_text = host
             self.client_host = host.encode()
+        self.sender = self.factory.sends.sender(self.transport)
         self.factory.connections.add(self)
         self._idle_since = self._last_read = self.clock.seconds()
         self._arm_idle(self.factory.client_idle_timeout)
@@ -259,6 +262,8 @@ class ClientConnection(Protocol):
         self._closing = True
         self._cancel_head_timer()
         self._cancel_idle()
+        if self.sender is not None:
+            self.sender.connection_lost()
         self.factory.connections.discard(self)
         tunnel, self._tunnel = self._tunnel, None
         if tunnel is not None:
@@ -608,8 +613,8 @@ class ClientConnection(Protocol):
             active.note_error("malformed")
             self.active = None
             self._observe(active)
-        transport.write(errors.error_response(status, message))
-        transport.loseConnection()
+        self._emit(errors.error_response(status, message))
+        self._lose()
 
     # -- the response of a proxied request (called by Exchange) ------------------------
 
@@ -665,12 +670,14 @@ class ClientConnection(Protocol):
         if req is None:
             return
         req.body_out += len(data)
-        transport = self.transport
-        assert transport is not None
+        sender = self.sender
+        assert sender is not None
         if self._chunked_out:
-            transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            sender.write(b"%x\r\n" % len(data))
+            sender.write(data)
+            sender.write(b"\r\n")
         else:
-            transport.write(data)
+            sender.write(data)
 
     def response_end(self) -> None:
         req = self.active
@@ -699,15 +706,15 @@ class ClientConnection(Protocol):
 
     def stream_from(self, producer: Any) -> None:
         """The upstream's transport produces the response: a slow client pauses it."""
-        assert self.transport is not None
+        assert self.sender is not None
         self._streaming = producer
-        self.transport.registerProducer(producer, True)  # type: ignore[attr-defined]
+        self.sender.register_producer(producer)
 
     def stop_streaming(self) -> None:
         if self._streaming is not None:
             self._streaming = None
-            if self.transport is not None:
-                self.transport.unregisterProducer()  # type: ignore[attr-defined]
+            if self.sender is not None:
+                self.sender.unregister_producer()
 
     def body_producer(self) -> Any:
         """The client's transport, to register on the upstream's (upload backpressure)."""
@@ -725,6 +732,8 @@ class ClientConnection(Protocol):
     def tunnel_open(self, tunnel: Tunnel) -> None:
         """The upstream switched protocols: every further byte is the tunnel's."""
         req = self.active
+        if self.sender is not None:
+            self.sender.hand_over()
         self._tunnel = tunnel
         self._upgrading = None
         self._response_started = True
@@ -795,8 +804,12 @@ class ClientConnection(Protocol):
 
     def _hang_up(self) -> None:
         self._closing = True
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self._lose()
+
+    def _lose(self) -> None:
+        """Close once what was written is sent."""
+        if self.sender is not None:
+            self.sender.close()
 
     def _next(self) -> None:
         if self._pipelined:
@@ -813,9 +826,8 @@ class ClientConnection(Protocol):
     # -- helpers -------------------------------------------------------------------------------
 
     def _emit(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is not None:
-            transport.write(data)
+        if self.sender is not None:
+            self.sender.write(data)
 
     def _hold_reading(self) -> None:
         if self.transport is not None:
@@ -824,9 +836,8 @@ class ClientConnection(Protocol):
     def abort(self) -> None:
         """Cut the connection: what was sent must not look complete."""
         self._closing = True
-        transport = self.transport
-        if transport is not None:
-            transport.abortConnection()  # type: ignore[attr-defined]
+        if self.sender is not None:
+            self.sender.abort()
 
     def close_when_done(self, quiet_for: float = 0.0) -> None:
         """Drain: close now if idle for ``quiet_for`` seconds, else after the
@@ -882,8 +893,7 @@ class ClientConnection(Protocol):
             self._arm_idle(left)
             return
         self._closing = True
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self._lose()
 
 
 def _parse_error_message(error: Exception) -> str:
@@ -940,9 +950,12 @@ class ProxyFactory(Factory):
         max_websockets: int = 100,
         websocket_idle_timeout: float = 600.0,
         policy: Policy | None = None,
+        sends: SendQueue | None = None,
     ) -> None:
         self.resource = resource
         self.clock = clock
+        #: Shared with the upstream pools: the sends of a reactor turn go out together.
+        self.sends = sends if sends is not None else SendQueue(clock)
         self.observer = observer
         self.upstream_timeout = upstream_timeout
         self.max_body = max_body

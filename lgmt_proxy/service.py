@@ -33,6 +33,7 @@ from .policy import Policy
 from .resources import build_root
 from .routes import DEFAULT_ROUTES, Route
 from .routesfile import RouteSpec
+from .sending import SendQueue
 from .server import ProxyFactory
 from .tokens import token_source
 from .upstream import Upstream, build_upstream
@@ -65,10 +66,11 @@ def build_site(
     built-in table of Grafana Cloud signals. ``endpoints`` replaces the
     endpoints the URLs name, by upstream (in-memory tests)."""
     endpoints = endpoints or {}
+    sends = SendQueue(reactor)
     if routes is None:
         upstreams = {
             name: build_upstream(
-                reactor, signal, config, token, trust, endpoint=endpoints.get(name)
+                reactor, signal, config, token, trust, endpoint=endpoints.get(name), sends=sends
             )
             for name, signal in config.signals.items()
         }
@@ -82,6 +84,7 @@ def build_site(
                 source,
                 trust,
                 endpoint=endpoints.get(spec.signal.name),
+                sends=sends,
             )
             for spec, source in routes
         }
@@ -100,6 +103,7 @@ def build_site(
         max_websockets=config.max_websockets,
         websocket_idle_timeout=config.websocket_idle_timeout,
         policy=Policy.build(config.allowed_origins, config.allowed_hosts),
+        sends=sends,
     )
     return site, upstreams
 

@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from .config import Config, Secret, SignalConfig
 from .headers import RawHeaders, forward_request_headers
 from .pool import UpstreamPool
+from .sending import SendQueue
 
 
 def load_pem_bundle(data: bytes) -> list[crypto.X509]:
@@ -142,8 +143,10 @@ def build_upstream(
     trust: object | None,
     *,
     endpoint: IStreamClientEndpoint | None = None,
+    sends: SendQueue | None = None,
 ) -> Upstream:
-    """``endpoint`` replaces the one the URL names (in-memory tests)."""
+    """``endpoint`` replaces the one the URL names (in-memory tests);
+    ``sends`` is shared with the listener (one send per connection per turn)."""
     if endpoint is None:
         endpoint = make_endpoint(
             reactor, signal, connect_timeout=config.upstream_connect_timeout, trust=trust
@@ -154,6 +157,7 @@ def build_upstream(
         tls=signal.scheme == "https",
         connect_timeout=config.upstream_connect_timeout,
         idle_timeout=config.upstream_idle_timeout,
+        sends=sends,
     )
     return Upstream(
         signal=signal,

@@ -1,0 +1,280 @@
+"""Sending on plain TCP connections: straight to the socket, gathered per
+reactor turn.
+
+Twisted's ``transport.write`` buffers and registers the socket with epoll for
+writing, sends on the next turn, then unregisters: two ``epoll_ctl`` calls per
+response, a fifth of the proxy's CPU per small request (docs/performance.md).
+Sending at once from inside each callback is worse on the 2-core bench: every
+send wakes the peer on its own. A `Sender` keeps what a turn writes and
+`SendQueue` sends it, for every connection written to, at the start of the
+next turn (one ``callLater(0)``), so the sends of a turn go out together and a
+socket is only registered for writing when the kernel took part of the bytes.
+
+What the kernel does not take waits in the sender's backlog; a duplicate of
+the socket's descriptor is watched for writability, because the transport
+itself is registered for reading and a second registration of the same
+descriptor would replace it. A producer registered with the sender (the other
+side's transport) is paused while the backlog is over `HIGH_WATER`.
+
+Transports that are not a plain socket (TLS, the in-memory transports of
+tests) are written through as before.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime, IWriteDescriptor
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+#: Backlog above which the registered producer is paused (Twisted's own
+#: transport buffer size).
+HIGH_WATER = 64 * 1024
+
+
+class SendQueue:
+    """The senders written to during this reactor turn, sent together at the
+    start of the next one."""
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        self.reactor = reactor
+        self._waiting: list[Sender] = []
+        self._call: IDelayedCall | None = None
+
+    def sender(self, transport: Any) -> Sender:
+        """A sender for ``transport``: direct for a plain TCP socket, else
+        through the transport."""
+        handle = getattr(transport, "getHandle", None)
+        sock = handle() if handle is not None else None
+        if isinstance(sock, socket.socket) and IReactorFDSet.providedBy(self.reactor):
+            # Sends are gathered per turn here, so Nagle's algorithm only
+            # delays (a body chunk after its head waits for a delayed ACK).
+            transport.setTcpNoDelay(True)
+            return Sender(transport, self, sock)
+        return Sender(transport, self, None)
+
+    def add(self, sender: Sender) -> None:
+        self._waiting.append(sender)
+        if self._call is None:
+            self._call = self.reactor.callLater(0, self.send_all)
+
+    def send_all(self) -> None:
+        self._call = None
+        waiting, self._waiting = self._waiting, []
+        for sender in waiting:
+            sender.flush()
+
+
+class Sender:
+    """The write side of one connection (see the module docstring). Every
+    write to the connection goes through it, or through the transport only
+    after `hand_over`."""
+
+    def __init__(self, transport: Any, queue: SendQueue, sock: socket.socket | None) -> None:
+        self.transport = transport
+        self.queue = queue
+        self.sock = sock
+        self._pending: list[bytes] | None = None
+        self._backlog = bytearray()
+        self._watch: _Writable | None = None
+        self._producer: Any = None
+        self._paused = False
+        self._close_when_sent = False
+        self.done = False
+
+    @property
+    def direct(self) -> bool:
+        return self.sock is not None
+
+    def write(self, data: bytes) -> None:
+        if self.done:
+            return
+        if self.sock is None:
+            self.transport.write(data)
+            return
+        pending = self._pending
+        if pending is None:
+            self._pending = [data]
+            self.queue.add(self)
+        else:
+            pending.append(data)
+
+    def flush(self) -> None:
+        """Send what this turn wrote (called by the queue; early before a close)."""
+        pending, self._pending = self._pending, None
+        if not pending or self.done:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        if self._backlog:
+            self._backlog += data
+            self._over_high_water()
+            return
+        self._send(data)
+
+    def _send(self, data: bytes | memoryview) -> bool:
+        """Send what the kernel takes, keep the rest; False if the connection broke."""
+        assert self.sock is not None
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.abort()
+            return False
+        if sent < len(data):
+            self._backlog += data[sent:]
+            self._watch_writable()
+            self._over_high_water()
+        return True
+
+    def _over_high_water(self) -> None:
+        if len(self._backlog) > HIGH_WATER and self._producer is not None and not self._paused:
+            self._paused = True
+            self._producer.pauseProducing()
+
+    def _watch_writable(self) -> None:
+        watch = self._watch
+        if watch is None:
+            assert self.sock is not None
+            watch = self._watch = _Writable(os.dup(self.sock.fileno()), self)
+        if not watch.watching:
+            watch.watching = True
+            self.queue.reactor.addWriter(watch)  # type: ignore[attr-defined]
+
+    def writable(self) -> None:
+        """The kernel has room again: send the backlog."""
+        backlog = self._backlog
+        if not backlog or self.done:
+            self._unwatch()
+            return
+        with memoryview(backlog) as view:
+            try:
+                sent = self.sock.send(view)  # type: ignore[union-attr]
+            except BlockingIOError:
+                return
+            except OSError:
+                self.abort()
+                return
+        del backlog[:sent]
+        if backlog:
+            return
+        self._unwatch()
+        if self._close_when_sent:
+            self.transport.loseConnection()
+            return
+        if self._paused:
+            self._paused = False
+            self._producer.resumeProducing()
+
+    def _unwatch(self) -> None:
+        watch = self._watch
+        if watch is not None and watch.watching:
+            watch.watching = False
+            self.queue.reactor.removeWriter(watch)  # type: ignore[attr-defined]
+
+    # -- producers ------------------------------------------------------------------
+
+    def register_producer(self, producer: Any) -> None:
+        """Pause ``producer`` (a streaming producer) while the backlog is high."""
+        if self.sock is None:
+            self.transport.registerProducer(producer, True)
+            return
+        self._producer = producer
+        self._paused = False
+        self._over_high_water()
+
+    def unregister_producer(self) -> None:
+        """The producer is done with this connection; if the backlog paused
+        it, it is resumed: nothing else would (it may be pooled for reuse)."""
+        if self.sock is None:
+            self.transport.unregisterProducer()
+            return
+        producer, self._producer = self._producer, None
+        if self._paused:
+            self._paused = False
+            producer.resumeProducing()
+
+    # -- ends -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close once everything written so far is sent."""
+        if self.done:
+            return
+        if self.sock is None:
+            self.transport.loseConnection()
+            return
+        self.flush()
+        if self._backlog:
+            self._close_when_sent = True
+            self.transport.pauseProducing()  # nothing more is read
+        elif not self.done:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Cut the connection; nothing unsent goes out."""
+        if self.done:
+            return
+        self.connection_lost()
+        self.transport.abortConnection()
+
+    def hand_over(self) -> None:
+        """From now on the transport is written directly (a WebSocket tunnel):
+        what is still unsent goes to it first, in order."""
+        if self.sock is None or self.done:
+            return
+        self.flush()
+        rest = bytes(self._backlog)
+        self._drop()
+        self.sock = None
+        if rest:
+            self.transport.write(rest)
+
+    def connection_lost(self) -> None:
+        """The connection is gone: drop what is unsent, close the duplicate."""
+        self.done = True
+        self._drop()
+
+    def _drop(self) -> None:
+        self._pending = None
+        self._backlog.clear()
+        self._producer = None
+        self._unwatch()
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
+
+    def __repr__(self) -> str:
+        mode = "direct" if self.sock is not None else "through the transport"
+        return f"<Sender {mode}, {len(self._backlog)} bytes waiting>"
+
+
+@implementer(IWriteDescriptor)
+class _Writable:
+    """A duplicate of a connection's descriptor, watched for writability only."""
+
+    def __init__(self, fd: int, sender: Sender) -> None:
+        self.fd = fd
+        self.sender = sender
+        self.watching = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doWrite(self) -> None:
+        self.sender.writable()
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The reactor dropped the descriptor (an error on it): the
+        # connection's own transport sees the same error on its next read.
+        self.watching = False
+
+    def logPrefix(self) -> str:
+        return "lgmt-proxy sender"
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
