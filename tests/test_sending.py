@@ -1,0 +1,181 @@
+"""`lgmt_proxy.sending` on real sockets (a connected pair) and a fake
+reactor: what goes out, when, in what order, and what happens when the
+kernel takes only part of it. The proxy's loopback tests (test_streaming,
+test_proxy) cover the same code through the whole data plane."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import TestCase
+
+from lgmt_proxy.sending import HIGH_WATER, Sender, SendQueue
+
+
+class FakeTransport:
+    """The calls a `Sender` makes on its transport, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def loseConnection(self) -> None:
+        self.calls.append("loseConnection")
+
+    def abortConnection(self) -> None:
+        self.calls.append("abortConnection")
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pauseProducing")
+
+
+class Producer:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.events.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.events.append("resume")
+
+
+def received(sock: socket.socket) -> bytes:
+    """Everything the kernel holds for ``sock`` now."""
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class SenderTests(TestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.queue = SendQueue(self.reactor)
+        ours, peer = socket.socketpair()
+        for s in (ours, peer):
+            s.setblocking(False)
+            self.addCleanup(s.close)
+        # Small kernel buffers: the backlog path is reached with little data.
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.peer = peer
+        self.transport = FakeTransport()
+        self.sender = Sender(self.transport, self.queue, ours)
+        self.addCleanup(self.sender.connection_lost)
+
+    def test_writes_of_a_turn_go_out_together_at_the_next(self) -> None:
+        self.sender.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        self.sender.write(b"body")
+        self.assertEqual(received(self.peer), b"", "sent before the turn ended")
+        self.reactor.advance(0)
+        self.assertEqual(received(self.peer), b"HTTP/1.1 200 OK\r\n\r\nbody")
+        self.assertEqual(self.reactor.getWriters(), [], "registered for writing without need")
+
+    def test_short_write_keeps_the_rest_in_order(self) -> None:
+        data = os.urandom(3 * HIGH_WATER)
+        for i in range(0, len(data), 1000):
+            self.sender.write(data[i : i + 1000])
+        self.reactor.advance(0)
+        got = received(self.peer)
+        self.assertLess(len(got), len(data), "the kernel took everything: no backlog to test")
+        self.assertEqual(len(self.reactor.getWriters()), 1, "backlog not watched for room")
+        self.sender.write(b"after")
+        self.reactor.advance(0)
+        while len(got) < len(data) + 5:
+            (watch,) = self.reactor.getWriters()
+            watch.doWrite()
+            got += received(self.peer)
+        self.assertEqual(got, data + b"after")
+        self.assertEqual(self.reactor.getWriters(), [], "still watching once drained")
+
+    def test_producer_paused_over_high_water_resumed_when_drained(self) -> None:
+        producer = Producer()
+        self.sender.register_producer(producer)
+        self.sender.write(os.urandom(HIGH_WATER // 2))
+        self.reactor.advance(0)
+        self.assertEqual(producer.events, [], "paused under the high-water mark")
+        self.sender.write(os.urandom(2 * HIGH_WATER))
+        self.reactor.advance(0)
+        self.assertEqual(producer.events, ["pause"])
+        while self.reactor.getWriters():
+            received(self.peer)
+            self.reactor.getWriters()[0].doWrite()
+        self.assertEqual(producer.events, ["pause", "resume"])
+
+    def test_unregistering_a_paused_producer_resumes_it(self) -> None:
+        # A pooled upstream connection left paused would never read again.
+        producer = Producer()
+        self.sender.register_producer(producer)
+        self.sender.write(os.urandom(3 * HIGH_WATER))
+        self.reactor.advance(0)
+        self.sender.unregister_producer()
+        self.assertEqual(producer.events, ["pause", "resume"])
+
+    def test_close_waits_for_the_backlog(self) -> None:
+        data = os.urandom(3 * HIGH_WATER)
+        self.sender.write(data)
+        self.sender.close()
+        self.assertIn("pauseProducing", self.transport.calls, "kept reading while closing")
+        self.assertNotIn("loseConnection", self.transport.calls, "closed with bytes unsent")
+        got = received(self.peer)
+        while self.reactor.getWriters():
+            self.reactor.getWriters()[0].doWrite()
+            got += received(self.peer)
+        self.assertEqual(got, data)
+        self.assertEqual(self.transport.calls[-1], "loseConnection")
+
+    def test_abort_drops_the_backlog_and_the_duplicate(self) -> None:
+        self.sender.write(os.urandom(3 * HIGH_WATER))
+        self.reactor.advance(0)
+        (watch,) = self.reactor.getWriters()
+        fd = watch.fileno()
+        self.sender.abort()
+        self.assertEqual(self.transport.calls, ["abortConnection"])
+        self.assertEqual(self.reactor.getWriters(), [])
+        with self.assertRaises(OSError):
+            os.fstat(fd)  # the duplicate descriptor is closed
+        self.sender.write(b"late")
+        self.reactor.advance(0)
+        self.assertEqual(self.transport.written, [])
+
+    def test_hand_over_writes_the_backlog_first(self) -> None:
+        data = os.urandom(3 * HIGH_WATER)
+        self.sender.write(data)
+        self.reactor.advance(0)
+        got = received(self.peer)
+        self.sender.hand_over()
+        self.assertEqual(got + b"".join(self.transport.written), data)
+        self.assertEqual(self.reactor.getWriters(), [])
+        self.sender.write(b"tunnel")
+        self.assertEqual(self.transport.written[-1], b"tunnel", "not written through after")
+
+    def test_a_broken_connection_is_aborted(self) -> None:
+        self.peer.close()
+        self.sender.write(b"x")
+        self.reactor.advance(0)
+        self.assertEqual(self.transport.calls, ["abortConnection"])
+
+
+class ThroughTransportTests(TestCase):
+    def test_not_a_socket_is_written_through(self) -> None:
+        reactor = MemoryReactorClock()
+        transport: Any = StringTransport()
+        sender = SendQueue(reactor).sender(transport)
+        self.assertFalse(sender.direct)
+        sender.write(b"now")
+        self.assertEqual(transport.value(), b"now")
+        sender.close()
+        self.assertTrue(transport.disconnecting)
