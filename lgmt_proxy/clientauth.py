@@ -23,7 +23,8 @@ before this runs); ``methods: "*"`` means the seven methods the proxy
 forwards. Clients present ``Authorization: Bearer <token>`` or Basic with the
 consumer's name as user. ``tenant`` is what a ``ROUTES_FILE`` route marked
 ``tenant: from_consumer`` sends as ``X-Scope-OrgID`` for this consumer.
-Parsing is pure; only `load_client_auth` touches the file.
+The format is ``schemas/client-auth.schema.json`` (see `schema`); parsing is
+pure; only `load_client_auth` touches the file.
 """
 
 from __future__ import annotations
@@ -151,8 +152,8 @@ def _digest(item: Mapping[str, Any]) -> bytes:
 
 
 def parse_client_auth(text: str | bytes) -> ClientAuth:
-    """Parse and validate a client auth document; raise ValueError listing every
-    problem (one per line, each naming where, never a token).
+    """Parse and validate a client auth document; raise `ConfigError` listing
+    every problem (one per line, each naming where, never a token).
 
     The shape is ``schemas/client-auth.schema.json``'s; what a schema cannot
     say (unique names and tokens) is checked here, on the consumers the

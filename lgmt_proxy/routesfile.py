@@ -15,8 +15,9 @@ YAML (or JSON) or TOML (by the ``.toml`` suffix)::
         tenant: team-a              # X-Scope-OrgID; omit to send none, or
                                     # from_consumer: the consumer's (CLIENT_AUTH_FILE)
 
-Parsing is pure (the document and the environment are passed in); only
-`load_routes_file` reads files.
+The format is ``schemas/routes.schema.json`` (see `schema`). Parsing is pure
+(the document and the environment are passed in); only `load_routes_file`
+reads files.
 """
 
 from __future__ import annotations

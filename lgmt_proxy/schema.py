@@ -249,6 +249,8 @@ class Schema:
         return fails
 
     def _descend(self, node: Any, value: Any, path: Path, out: list[Problem]) -> None:
+        # The value as a whole first (missing and unknown keys, allOf, if),
+        # then its parts: a file's problems read from the outside in.
         properties = node.get("properties", {})
         if isinstance(value, Mapping):
             for key in node.get("required", []):
@@ -260,17 +262,18 @@ class Schema:
                 unknown = sorted(str(k) for k in value if k not in properties)
                 if unknown:
                     out.append(Problem(path, f"unknown keys {', '.join(unknown)}"))
+        for sub in node.get("allOf", []):
+            self._check(sub, value, path, out)
+        if "if" in node:
+            branch = node.get("then" if self.valid(node["if"], value) else "else", True)
+            self._check(branch, value, path, out)
+        if isinstance(value, Mapping):
             for key, sub in properties.items():
                 if key in value:
                     self._check(sub, value[key], (*path, key), out)
         if isinstance(value, list) and "items" in node:
             for i, item in enumerate(value):
                 self._check(node["items"], item, (*path, i), out)
-        for sub in node.get("allOf", []):
-            self._check(sub, value, path, out)
-        if "if" in node:
-            branch = node.get("then" if self.valid(node["if"], value) else "else", True)
-            self._check(branch, value, path, out)
 
 
 @functools.cache
