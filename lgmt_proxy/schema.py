@@ -98,6 +98,11 @@ def _is_type(value: Any, name: str) -> bool:
     return name == "number" or float(value).is_integer()
 
 
+def _types(node: Mapping[str, Any]) -> list[str]:
+    types = node.get("type", [])
+    return [types] if isinstance(types, str) else list(types)
+
+
 def _python_pattern(pattern: str) -> re.Pattern[str]:
     # ECMA-262's final `$` is the end of the input; Python's `$` also
     # matches before a final newline, which would let "name\n" through.
@@ -134,8 +139,7 @@ class Schema:
                 raise ValueError(f"{at}: additionalProperties must be true or false here")
             if "pattern" in node:
                 patterns[node["pattern"]] = _python_pattern(node["pattern"])
-            types = node.get("type", [])
-            for name in [types] if isinstance(types, str) else types:
+            for name in _types(node):
                 if name not in _TYPE_WORDS:
                     raise ValueError(f"{at}: unknown type {name!r}")
             for key in ("not", "items", "if", "then", "else"):
@@ -176,10 +180,8 @@ class Schema:
         return not out
 
     def _accepts_type(self, node: Any, value: Any) -> bool:
-        types = self._node(node).get("type") if isinstance(self._node(node), dict) else None
-        if types is None:
-            return False
-        return any(_is_type(value, t) for t in ([types] if isinstance(types, str) else types))
+        node = self._node(node)
+        return isinstance(node, dict) and any(_is_type(value, t) for t in _types(node))
 
     def _check(self, node: Any, value: Any, path: Path, out: list[Problem]) -> None:
         node = self._node(node)
@@ -200,10 +202,8 @@ class Schema:
     def _local(self, node: Any, value: Any, path: Path, out: list[Problem]) -> list[str] | None:
         """Failures of the node's own keywords, or None when one anyOf/oneOf
         branch (the only one of the value's type) reported deeper problems."""
-        if "type" in node:
-            types = [node["type"]] if isinstance(node["type"], str) else node["type"]
-            if not any(_is_type(value, t) for t in types):
-                return ["must be " + " or ".join(_TYPE_WORDS[t] for t in types)]
+        if "type" in node and not any(_is_type(value, t) for t in _types(node)):
+            return ["must be " + " or ".join(_TYPE_WORDS[t] for t in _types(node))]
         fails = []
         if "enum" in node and value not in node["enum"]:
             fails.append("must be one of " + ", ".join(map(str, node["enum"])))
