@@ -16,7 +16,11 @@ setup(
     license_files=["LICENSE"],
     python_requires=">=3.11",
     packages=["lgmt_proxy", "twisted.plugins"],
-    package_data={"twisted.plugins": ["lgmt_proxy_plugin.py"]},
+    # The file formats' JSON Schemas: the code validates with them (schema.py).
+    package_data={
+        "lgmt_proxy": ["schemas/*.schema.json"],
+        "twisted.plugins": ["lgmt_proxy_plugin.py"],
+    },
     # Ranges: a lower bound the code runs on, up to the next major release.
     # The exact versions built, tested and shipped are pinned, with hashes, in
     # requirements.lock (`make lock` regenerates it from these ranges).

@@ -23,14 +23,14 @@ before this runs); ``methods: "*"`` means the seven methods the proxy
 forwards. Clients present ``Authorization: Bearer <token>`` or Basic with the
 consumer's name as user. ``tenant`` is what a ``ROUTES_FILE`` route marked
 ``tenant: from_consumer`` sends as ``X-Scope-OrgID`` for this consumer.
-Parsing is pure; only `load_client_auth` touches the file.
+The format is ``schemas/client-auth.schema.json`` (see `schema`); parsing is
+pure; only `load_client_auth` touches the file.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,15 +38,11 @@ from typing import Any
 import attrs
 import yaml
 
+from . import schema
 from .policy import ALLOWED_METHODS
 from .watch import read_bytes
 
 _NAME = "CLIENT_AUTH_FILE"
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-_CONSUMER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_METHODS = frozenset(m.decode() for m in ALLOWED_METHODS)
-#: Mimir's and Loki's tenant id characters (``|`` joins ids for federated queries).
-_TENANT = re.compile(r"^[A-Za-z0-9!._*'()|-]{1,150}$")
 
 
 @attrs.frozen
@@ -120,92 +116,49 @@ def _pattern(glob: str) -> re.Pattern[bytes]:
     return re.compile(b".*".join(parts))
 
 
-def _rules(raw: Any, where: str, problems: list[str]) -> tuple[Rule, ...]:
-    if not isinstance(raw, list) or not raw:
-        problems.append(f"{where}.allow: must be a non-empty list of {{methods, paths}}")
-        return ()
+def _rules(allow: list[Mapping[str, Any]]) -> tuple[Rule, ...]:
+    """One `Rule` per path; ``"*"`` (or a list holding it) means the seven
+    methods the proxy forwards, never any other."""
     rules = []
-    for i, item in enumerate(raw):
-        here = f"{where}.allow[{i}]"
-        if not isinstance(item, Mapping):
-            problems.append(f"{here}: must be a mapping with methods and paths")
-            continue
-        unknown = set(item) - {"methods", "paths"}
-        if unknown:
-            problems.append(f"{here}: unknown keys {', '.join(sorted(map(str, unknown)))}")
+    for item in allow:
         methods_raw = item.get("methods", "*")
         methods: frozenset[bytes]
-        if methods_raw == "*" or methods_raw == ["*"]:
+        if methods_raw == "*" or "*" in methods_raw:
             methods = ALLOWED_METHODS
-        elif (
-            isinstance(methods_raw, list)
-            and methods_raw
-            and all(isinstance(m, str) for m in methods_raw)
-        ):
-            bad = [m for m in methods_raw if m.upper() not in _METHODS]
-            if bad:
-                problems.append(f"{here}.methods: unknown {', '.join(bad)}")
-            methods = frozenset(m.upper().encode() for m in methods_raw)
         else:
-            problems.append(f"{here}.methods: must be a list of HTTP methods or '*'")
-            continue
-        paths = item.get("paths")
-        if isinstance(paths, str):
-            paths = [paths]
-        if (
-            not isinstance(paths, list)
-            or not paths
-            or not all(isinstance(p, str) and p.startswith("/") for p in paths)
-        ):
-            problems.append(f"{here}.paths: must be a list of paths starting with '/'")
-            continue
-        for path in paths:
+            methods = frozenset(m.upper().encode() for m in methods_raw)
+        paths = item["paths"]
+        for path in [paths] if isinstance(paths, str) else paths:
             rules.append(Rule(methods, _pattern(path)))
     return tuple(rules)
 
 
-def _rate(raw: Any, where: str, problems: list[str]) -> tuple[float | None, float]:
+def _rate(raw: Mapping[str, Any] | None) -> tuple[float | None, float]:
     if raw is None:
         return None, 1.0
-    if not isinstance(raw, Mapping):
-        problems.append(f"{where}.rate_limit: must be {{requests_per_second, burst}}")
-        return None, 1.0
-    rate = raw.get("requests_per_second")
-    burst = raw.get("burst", rate)
-    ok = all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-        for v in (rate, burst)
-    )
-    if not ok:
-        problems.append(
-            f"{where}.rate_limit: requests_per_second and burst must be positive numbers"
-        )
-        return None, 1.0
-    return float(rate), max(1.0, float(burst))  # type: ignore[arg-type]
+    rate = float(raw["requests_per_second"])
+    return rate, max(1.0, float(raw.get("burst", rate)))
 
 
-def _tenants(raw: Any, where: str, problems: list[str]) -> tuple[str, ...]:
-    if raw is None:
-        return ()
-    items = [raw] if isinstance(raw, str | int) and not isinstance(raw, bool) else raw
-    if (
-        not isinstance(items, list)
-        or not items
-        or not all(isinstance(t, str | int) and not isinstance(t, bool) for t in items)
-        or not all(_TENANT.match(str(t)) for t in items)
-    ):
-        problems.append(
-            f"{where}.tenant: a tenant id or a non-empty list of them "
-            "(1-150 letters, digits or !-_.*'()|)"
-        )
-        return ()
-    tenants = tuple(dict.fromkeys(str(t) for t in items))
-    return tenants
+def _tenants(raw: Any) -> tuple[str, ...]:
+    items = raw if isinstance(raw, list) else [] if raw is None else [raw]
+    return tuple(dict.fromkeys(str(t) for t in items))
+
+
+def _digest(item: Mapping[str, Any]) -> bytes:
+    if "token" in item:
+        return hashlib.sha256(item["token"].encode()).digest()
+    return bytes.fromhex(item["token_sha256"])
 
 
 def parse_client_auth(text: str | bytes) -> ClientAuth:
-    """Parse and validate a client auth document; raise ValueError listing every
-    problem (one per line, each naming where, never a token)."""
+    """Parse and validate a client auth document; raise `ConfigError` listing
+    every problem (one per line, each naming where, never a token).
+
+    The shape is ``schemas/client-auth.schema.json``'s; what a schema cannot
+    say (unique names and tokens) is checked here, on the consumers the
+    schema passed, so one run reports both kinds.
+    """
     from .config import ConfigError
 
     try:
@@ -214,55 +167,42 @@ def parse_client_auth(text: str | bytes) -> ClientAuth:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError([f"{_NAME}: not valid YAML or JSON{where}"]) from None
-    problems: list[str] = []
-    if (
-        not isinstance(doc, Mapping)
-        or not isinstance(doc.get("consumers"), list)
-        or not doc["consumers"]
-    ):
-        raise ConfigError([f"{_NAME}: must hold a non-empty 'consumers' list"])
+    found = schema.load("client-auth").problems(doc)
+    failed = {p.path for p in found}
+    bad = {p.path[1] for p in found if len(p.path) > 1}
+    items = doc.get("consumers") if isinstance(doc, Mapping) else None
+    items = items if isinstance(items, list) else []
+    named = {
+        i: item["name"]
+        for i, item in enumerate(items)
+        if isinstance(item, Mapping) and "name" in item and ("consumers", i, "name") not in failed
+    }
+
+    def label(path: schema.Path) -> schema.Path:
+        # "consumer kubecost" once the name is known good: easier to find.
+        if len(path) > 1 and path[1] in named:
+            return (f"consumer {named[path[1]]}", *path[2:])
+        return path
+
+    problems = [(p.path, p.message) for p in found]
     consumers = []
     names: set[str] = set()
     digests: set[bytes] = set()
-    for i, item in enumerate(doc["consumers"]):
-        where = f"{_NAME}: consumers[{i}]"
-        if not isinstance(item, Mapping):
-            problems.append(f"{where}: must be a mapping")
+    for i, item in enumerate(items):
+        if i in bad:
             continue
-        name = item.get("name")
-        if not isinstance(name, str) or not _CONSUMER_NAME.match(name):
-            problems.append(f"{where}.name: 1-64 letters, digits, '.', '_' or '-'")
-            continue
-        where = f"{_NAME}: consumer {name}"
+        name, digest = item["name"], _digest(item)
         if name in names:
-            problems.append(f"{where}: listed twice")
-        names.add(name)
-        unknown = set(item) - {"name", "token", "token_sha256", "allow", "rate_limit", "tenant"}
-        if unknown:
-            problems.append(f"{where}: unknown keys {', '.join(sorted(map(str, unknown)))}")
-        token, hashed = item.get("token"), item.get("token_sha256")
-        if (token is None) == (hashed is None):
-            problems.append(f"{where}: give exactly one of token and token_sha256")
-            continue
-        if token is not None:
-            if not isinstance(token, str) or len(token) < 16 or any(c.isspace() for c in token):
-                problems.append(f"{where}.token: at least 16 characters, no whitespace")
-                continue
-            digest = hashlib.sha256(token.encode()).digest()
-        else:
-            if not isinstance(hashed, str) or not _HEX64.match(hashed):
-                problems.append(f"{where}.token_sha256: must be 64 hex digits")
-                continue
-            digest = bytes.fromhex(hashed)
+            problems.append((("consumers", i), "listed twice"))
         if digest in digests:
-            problems.append(f"{where}: shares its token with another consumer")
+            problems.append((("consumers", i), "shares its token with another consumer"))
+        names.add(name)
         digests.add(digest)
-        rules = _rules(item.get("allow"), where, problems)
-        rate, burst = _rate(item.get("rate_limit"), where, problems)
-        tenants = _tenants(item.get("tenant"), where, problems)
+        rate, burst = _rate(item.get("rate_limit"))
+        rules, tenants = _rules(item["allow"]), _tenants(item.get("tenant"))
         consumers.append(Consumer(name, digest, rules, rate, burst, tenants))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError([schema.line(_NAME, label(path), m) for path, m in problems])
     return ClientAuth(tuple(consumers))
 
 
