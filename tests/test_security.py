@@ -112,10 +112,19 @@ class MethodTests(_Base):
         self.assertEqual([s.method for s in up.seen], SEVEN)
 
     async def test_trace_refused_for_a_consumer_allowed_every_method(self) -> None:
+        # Two controls: Policy.check refuses TRACE (405) before client auth
+        # runs, so the end-to-end answer proves only that one; the consumer's
+        # own rules must refuse it too (methods: "*" means the seven), which
+        # only Consumer.allows shows.
         auth = parse_client_auth(
             'consumers: [{name: ops, token: "ops-token-0123456789", '
             'allow: [{methods: "*", paths: ["/*"]}]}]'
         )
+        (consumer,) = auth.consumers
+        for method in (b"TRACE", b"CONNECT", b"PROPFIND", b"FOO"):
+            self.assertFalse(consumer.allows(method, b"/loki/x"), method)
+        for method in SEVEN:
+            self.assertTrue(consumer.allows(method, b"/loki/x"), method)
         proxy, up = self.start(client_auth=lambda: auth)
         raw = await self.raw(
             proxy, head(b"TRACE", b"/loki/x", b"Authorization: Bearer ops-token-0123456789")
@@ -128,7 +137,8 @@ class MethodTests(_Base):
 
 class HeaderTests(_Base):
     async def test_control_characters_in_values_400(self) -> None:
-        # llhttp (strict) refuses these itself; this pins that it still does.
+        # llhttp (strict) refuses these itself, the proxy adds no check of its
+        # own: this pins the parser's behaviour (a lenient parser fails it).
         proxy, up = self.start()
         for byte in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F]:
             raw = await self.raw(
