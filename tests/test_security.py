@@ -211,6 +211,85 @@ class HostTests(_Base):
         self.assertEqual(len(up.seen), 1)
 
 
+class CrossOriginTests(_Base):
+    """Plain HTTP from a browser page: upstreams answer
+    ``Access-Control-Allow-Origin: *``, so a query the proxy forwarded could
+    be read by any page, and a simple POST needs no preflight."""
+
+    def start_cors(self, **extra: str) -> tuple[ProxyFixture, Recorder]:
+        proxy, up = self.start(**extra)
+        up.headers.append((b"Access-Control-Allow-Origin", b"*"))
+        return proxy, up
+
+    async def test_foreign_origin_403_on_every_proxy_request(self) -> None:
+        proxy, up = self.start_cors(ALLOWED_ORIGINS="https://grafana.example.com")
+        for method, path, lines in (
+            (b"GET", b"/prometheus/api/v1/query?query=up", ()),
+            (b"POST", b"/loki/api/v1/push", (b"Content-Type: text/plain", b"Content-Length: 2")),
+            (b"OPTIONS", b"/prometheus/api/v1/query", (b"Access-Control-Request-Method: GET",)),
+        ):
+            for origin in (b"https://attacker.example", b"null", b"https://grafana.example.com:8"):
+                request = head(method, path, b"Origin: " + origin, *lines)
+                raw = await self.raw(proxy, request + (b"{}" if method == b"POST" else b""))
+                self.assertEqual(status_of(raw), 403, (method, origin))
+                self.assertIn("ALLOWED_ORIGINS", json_body(raw)["error"])
+                self.assertIsNone(header_of(raw, b"access-control-allow-origin"))
+        self.assertEqual(up.seen, [])
+
+    async def test_listed_origin_and_no_origin_pass(self) -> None:
+        proxy, up = self.start_cors(ALLOWED_ORIGINS="https://grafana.example.com")
+        path = b"/prometheus/api/v1/query?query=up"
+        for lines in ((b"Origin: https://Grafana.example.com",), ()):
+            raw = await self.raw(proxy, head(b"GET", path, *lines))
+            self.assertEqual(status_of(raw), 200, lines)
+            self.assertEqual(header_of(raw, b"access-control-allow-origin"), b"*")
+        self.assertEqual(
+            [s.header(b"origin") for s in up.seen], [[b"https://Grafana.example.com"], None]
+        )
+
+    async def test_ops_routes_answer_any_origin(self) -> None:
+        proxy, _ = self.start_cors()
+        for path in (b"/health", b"/ready", b"/metrics"):
+            raw = await self.raw(proxy, head(b"GET", path, b"Origin: https://attacker.example"))
+            self.assertEqual(status_of(raw), 200, path)
+
+    async def test_second_origin_403(self) -> None:
+        proxy, up = self.start_cors(ALLOWED_ORIGINS="https://grafana.example.com")
+        listed, foreign = (
+            b"Origin: https://grafana.example.com",
+            b"Origin: https://attacker.example",
+        )
+        for lines in ((foreign, listed), (listed, foreign), (listed, listed)):
+            raw = await self.raw(proxy, head(b"GET", b"/prometheus/api/v1/query", *lines))
+            self.assertEqual(status_of(raw), 403, lines)
+        self.assertEqual(up.seen, [])
+
+
+class DuplicateHostTests(_Base):
+    async def test_second_host_400_on_every_route(self) -> None:
+        proxy, up = self.start(ALLOWED_HOSTS="localhost")
+        port = proxy.port.getHost().port
+        for path in (b"/loki/x", b"/health", b"/ready", b"/metrics", b"/nowhere"):
+            for hosts in ((b"attacker.example", b"localhost"), (b"localhost", b"localhost")):
+                lines = b"".join(b"Host: " + h + b"\r\n" for h in hosts)
+                raw = await raw_request(
+                    port, b"GET " + path + b" HTTP/1.1\r\n" + lines + b"Connection: close\r\n\r\n"
+                )
+                self.assertEqual(status_of(raw), 400, (path, hosts))
+                self.assertIn("Host", json_body(raw)["error"])
+        self.assertEqual(up.seen, [])
+        raw = await raw_request(
+            port, b"GET /loki/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        self.assertEqual(status_of(raw), 200)
+
+    async def test_second_host_400_without_allowed_hosts(self) -> None:
+        proxy, up = self.start()
+        raw = await self.raw(proxy, head(b"GET", b"/loki/x", b"Host: other"))
+        self.assertEqual(status_of(raw), 400)
+        self.assertEqual(up.seen, [])
+
+
 class OriginTests(TestCase):
     timeout = 30
 
