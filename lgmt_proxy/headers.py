@@ -78,9 +78,12 @@ def forward_request_headers(
 ) -> RawHeaders:
     """The headers the upstream gets for a client request. The client's
     credentials (and their ``_`` look-alikes) are dropped even where none are
-    injected (None)."""
+    injected (None). The ``Connection``-listed filter sees the client's
+    headers only: what the proxy injects is added after it, once, so nothing
+    a client sends can remove or duplicate it (``Connection: host`` once
+    left the upstream without a ``Host``)."""
     listed: frozenset[bytes] | None = None
-    out: RawHeaders = [(b"Host", host)]
+    kept: RawHeaders = []
     forwarded: list[bytes] = []
     drop = _REQUEST_DROP
     for name, value in incoming:
@@ -93,9 +96,12 @@ def forward_request_headers(
             continue
         if b"_" in low and low.replace(b"_", b"-") in _INJECTED:
             continue
-        out.append((name, value))
+        kept.append((name, value))
     if listed:
-        out = [(n, v) for n, v in out if n.lower() not in listed]
+        kept = [(n, v) for n, v in kept if n.lower() not in listed]
+        if b"x-forwarded-for" in listed:
+            forwarded = []  # the client's hop-by-hop chain; the proxy's own entry stays
+    out: RawHeaders = [(b"Host", host), *kept]
     if authorization is not None:
         out.append((b"Authorization", authorization))
     if tenant is not None:

@@ -1,6 +1,7 @@
 """Pure request policy for proxy routes: which methods pass, which browser
-origins may open a WebSocket, which ``Host`` names are served, and which
-tenant a consumer's request carries.
+origins may send requests (WebSocket or not), which ``Host`` names are
+served, and which tenant a consumer's request carries; and, for every
+route, the one ``Host`` a request may have.
 
 Everything here is a function of the request head and the configuration
 passed in; `server.ClientConnection` asks once per proxied request and turns
@@ -28,6 +29,9 @@ class Refused:
     status: int
     message: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+_TWO_HOSTS = Refused(400, "more than one Host header")
 
 
 def normalise_origin(origin: str) -> str:
@@ -60,34 +64,52 @@ class Policy:
             frozenset(normalise_host(h).encode() for h in hosts),
         )
 
-    def check(self, method: bytes, headers: RawHeaders, *, websocket: bool) -> Refused | None:
+    def check(self, method: bytes, headers: RawHeaders) -> Refused | None:
         """Why a request on a proxy route is not forwarded, or None.
 
         TRACE would reflect the injected credentials (RFC 9110 section 9.3.8
         forbids them in it), so only the seven methods pass. A foreign
-        ``Host`` is a DNS-rebinding page; a browser's cross-origin WebSocket
-        is not subject to CORS, so ``Origin`` is checked here.
+        ``Host`` is a DNS-rebinding page. Every request with an unlisted
+        ``Origin`` is refused, not only WebSocket upgrades: upstreams answer
+        ``Access-Control-Allow-Origin: *`` (a page could read the results)
+        and a simple cross-origin POST needs no preflight (CSRF). Only
+        browsers send ``Origin``. A second ``Host`` or ``Origin`` is
+        refused, so the one checked is the only one there is.
         """
         if method not in ALLOWED_METHODS:
             return Refused(405, "method not allowed", ((b"Allow", _ALLOW),))
-        if not self.hosts and not websocket:
-            return None
-        host: bytes | None = None
-        origin: bytes | None = None
+        hosts: list[bytes] = []
+        origins: list[bytes] = []
         for name, value in headers:
             low = name.lower()
             if low == b"host":
-                host = value
+                hosts.append(value)
             elif low == b"origin":
-                origin = value
+                origins.append(value)
+        if len(hosts) > 1:
+            return _TWO_HOSTS
+        if len(origins) > 1:
+            return Refused(403, "more than one Origin header")
         if self.hosts and (
-            host is None or normalise_host(host.decode("latin-1")).encode() not in self.hosts
+            not hosts or normalise_host(hosts[0].decode("latin-1")).encode() not in self.hosts
         ):
             return Refused(421, "this host name is not served here (ALLOWED_HOSTS)")
-        if websocket and origin is not None:
-            if normalise_origin(origin.decode("latin-1")).encode() not in self.origins:
-                return Refused(403, "WebSocket from this origin is not allowed (ALLOWED_ORIGINS)")
+        if origins and normalise_origin(origins[0].decode("latin-1")).encode() not in self.origins:
+            return Refused(403, "requests from this origin are not allowed (ALLOWED_ORIGINS)")
         return None
+
+
+def duplicate_host(headers: RawHeaders) -> Refused | None:
+    """400 for a request with more than one ``Host`` (RFC 9112 section 3.2),
+    on any route: a check reading one and a log or upstream reading another
+    is how ``ALLOWED_HOSTS`` would be passed."""
+    seen = False
+    for name, _ in headers:
+        if name.lower() == b"host":
+            if seen:
+                return _TWO_HOSTS
+            seen = True
+    return None
 
 
 def choose_tenant(tenants: Sequence[str], requested: Sequence[bytes]) -> bytes | Refused:

@@ -28,7 +28,7 @@ from twisted.web.resource import IResource, getChildForRequest
 from . import errors
 from .exchange import Exchange
 from .headers import RawHeaders, head_lines, response_headers
-from .policy import Policy, Refused, choose_tenant
+from .policy import Policy, Refused, choose_tenant, duplicate_host
 from .routes import MAX_TARGET, Refusal, Route, split_target, upstream_target
 from .sending import Sender, SendQueue
 from .tunnel import Tunnel
@@ -374,6 +374,8 @@ class ClientConnection(Protocol):
             if req.method == b"CONNECT":
                 raise Refusal(400, "CONNECT is not supported: this is not a forward proxy")
             req.path, req.query = split_target(req.target)
+            if (two_hosts := duplicate_host(req.headers)) is not None:
+                raise Refusal(two_hosts.status, two_hosts.message)
         except Refusal as refusal:
             self.refuse(refusal.status, refusal.message)
             return
@@ -394,7 +396,7 @@ class ClientConnection(Protocol):
         req.upstream_name = route.signal
         req.counted = True
         websocket = req.upgrade and req.method == b"GET" and _wants_websocket(req)
-        refused = factory.policy.check(req.method, req.headers, websocket=websocket)
+        refused = factory.policy.check(req.method, req.headers)
         if refused is not None:
             self.refuse(refused.status, refused.message, list(refused.headers))
             return

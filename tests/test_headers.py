@@ -86,6 +86,61 @@ class RequestHeaderTests(TestCase):
         names = sorted(n.lower() for n, _ in out.getAllRawHeaders())
         self.assertEqual(names, [b"authorization", b"host", b"x-forwarded-for", b"x-scope-orgid"])
 
+    def test_connection_cannot_list_away_an_injected_header(self) -> None:
+        # The Connection-listed filter sees the client's headers only: each
+        # injected header arrives exactly once whatever Connection names.
+        injected = [b"Host", b"Authorization", b"X-Scope-OrgID", b"X-Forwarded-For"]
+        for listing in (b"close, host", b"Host", b", ".join(injected), b"keep-alive,x-scope-orgid"):
+            raw = forward_request_headers(
+                [(b"Connection", listing), (b"Host", b"proxy.local"), (b"Accept", b"*/*")],
+                host=b"up.example",
+                authorization=b"Basic b3JnOnRvaw==",
+                tenant=b"t1",
+                client_address=b"10.1.2.3",
+            )
+            names = sorted(n.lower() for n, _ in raw)
+            self.assertEqual(
+                names,
+                [b"accept", b"authorization", b"host", b"x-forwarded-for", b"x-scope-orgid"],
+                listing,
+            )
+            out = as_headers(raw)
+            self.assertEqual(out.getRawHeaders(b"host"), [b"up.example"], listing)
+            self.assertEqual(out.getRawHeaders(b"x-forwarded-for"), [b"10.1.2.3"], listing)
+
+    def test_client_headers_never_duplicate_an_injected_one(self) -> None:
+        spellings = [b"Host", b"HOST", b"host", b"Authorization", b"X-Scope-OrgID"]
+        spellings += [b"X_Scope_OrgID", b"x-scope_orgid", b"AUTHORIZATION", b"Host_"]
+        raw = forward_request_headers(
+            [(n, b"client") for n in spellings],
+            host=b"up.example",
+            authorization=b"Basic b3JnOnRvaw==",
+            tenant=b"t1",
+            client_address=b"10.1.2.3",
+        )
+        by_dash: dict[bytes, list[bytes]] = {}
+        for name, value in raw:
+            by_dash.setdefault(name.lower().replace(b"_", b"-"), []).append(value)
+        self.assertEqual(by_dash[b"host"], [b"up.example"])
+        self.assertEqual(by_dash[b"authorization"], [b"Basic b3JnOnRvaw=="])
+        self.assertEqual(by_dash[b"x-scope-orgid"], [b"t1"])
+        self.assertEqual(by_dash[b"x-forwarded-for"], [b"10.1.2.3"])
+        self.assertEqual(by_dash[b"host-"], [b"client"])  # not a look-alike: kept
+
+    def test_connection_listed_x_forwarded_for_keeps_the_proxys_entry(self) -> None:
+        out = fwd([(b"Connection", b"X-Forwarded-For"), (b"X-Forwarded-For", b"6.6.6.6")])
+        self.assertEqual(out.getRawHeaders(b"x-forwarded-for"), [b"10.1.2.3"])
+
+    def test_no_injected_credentials_none_from_the_client_either(self) -> None:
+        raw = forward_request_headers(
+            [(b"Connection", b"host"), (b"Authorization", b"Bearer c"), (b"X-Scope-OrgID", b"9")],
+            host=b"up.example",
+            authorization=None,
+            tenant=None,
+            client_address=b"10.1.2.3",
+        )
+        self.assertEqual(raw, [(b"Host", b"up.example"), (b"X-Forwarded-For", b"10.1.2.3")])
+
 
 class ResponseHeaderTests(TestCase):
     def test_end_to_end_kept_hop_by_hop_dropped(self) -> None:

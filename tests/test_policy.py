@@ -13,7 +13,14 @@ from twisted.web.resource import getChildForRequest
 from lgmt_proxy.clientauth import ClientAuth, Consumer, parse_client_auth
 from lgmt_proxy.config import ConfigError, parse_config
 from lgmt_proxy.headers import forward_request_headers
-from lgmt_proxy.policy import ALLOWED_METHODS, Policy, Refused, choose_tenant, normalise_host
+from lgmt_proxy.policy import (
+    ALLOWED_METHODS,
+    Policy,
+    Refused,
+    choose_tenant,
+    duplicate_host,
+    normalise_host,
+)
 from lgmt_proxy.resources import build_root
 from lgmt_proxy.routes import Route
 from lgmt_proxy.routesfile import parse_routes, tenant_problems
@@ -27,9 +34,9 @@ class MethodTests(TestCase):
     def test_seven_pass_others_405(self) -> None:
         policy = Policy()
         for method in SEVEN:
-            self.assertIsNone(policy.check(method, [], websocket=False), method)
+            self.assertIsNone(policy.check(method, []), method)
         for method in (b"TRACE", b"CONNECT", b"PROPFIND", b"QUERY", b"PURGE", b"get"):
-            refused = policy.check(method, [], websocket=False)
+            refused = policy.check(method, [])
             assert refused is not None, method
             self.assertEqual(refused.status, 405)
             self.assertIn(
@@ -64,31 +71,54 @@ class HostOriginTests(TestCase):
     def test_allowed_hosts(self) -> None:
         policy = Policy.build(hosts=["localhost", "Proxy.Example", "::1"])
         for host in (b"localhost", b"LOCALHOST:8085", b"proxy.example:1", b"[::1]:8085"):
-            self.assertIsNone(policy.check(b"GET", [(b"Host", host)], websocket=False), host)
+            self.assertIsNone(policy.check(b"GET", [(b"Host", host)]), host)
         for headers in ([(b"Host", b"attacker.example")], [(b"Host", b"localhost.evil")], []):
-            refused = policy.check(b"GET", headers, websocket=False)
+            refused = policy.check(b"GET", headers)
             assert refused is not None, headers
             self.assertEqual(refused.status, 421)
 
     def test_no_allowed_hosts_means_any(self) -> None:
-        self.assertIsNone(Policy().check(b"GET", [(b"Host", b"x.example")], websocket=False))
+        self.assertIsNone(Policy().check(b"GET", [(b"Host", b"x.example")]))
 
-    def test_websocket_origin(self) -> None:
+    def test_origin(self) -> None:
         policy = Policy.build(origins=["https://Grafana.example.com/"])
         foreign = [(b"Origin", b"https://attacker.example")]
-        refused = policy.check(b"GET", foreign, websocket=True)
+        refused = policy.check(b"GET", foreign)
         assert refused is not None
         self.assertEqual(refused.status, 403)
-        self.assertEqual(Policy().check(b"GET", foreign, websocket=True), refused)
-        null = Policy().check(b"GET", [(b"Origin", b"null")], websocket=True)
+        self.assertEqual(Policy().check(b"GET", foreign), refused)
+        null = Policy().check(b"GET", [(b"Origin", b"null")])
         assert null is not None
         self.assertEqual(null.status, 403)
-        # No Origin (logcli, Grafana's server side), a listed origin, or not a
-        # WebSocket (CORS applies there): forwarded.
-        self.assertIsNone(policy.check(b"GET", [], websocket=True))
+        # Every method, WebSocket or not: a page could read a query's answer
+        # (upstreams send Access-Control-Allow-Origin: *) or push (CSRF).
+        for method in SEVEN:
+            self.assertEqual(policy.check(method, foreign), refused, method)
+        # No Origin (logcli, Grafana's server side) or a listed origin: forwarded.
+        self.assertIsNone(policy.check(b"GET", []))
         listed = [(b"origin", b"https://grafana.example.com")]
-        self.assertIsNone(policy.check(b"GET", listed, websocket=True))
-        self.assertIsNone(policy.check(b"GET", foreign, websocket=False))
+        for method in SEVEN:
+            self.assertIsNone(policy.check(method, listed), method)
+
+    def test_one_host_one_origin(self) -> None:
+        policy = Policy.build(origins=["https://grafana.example.com"], hosts=["localhost"])
+        listed = (b"Origin", b"https://grafana.example.com")
+        foreign = (b"Origin", b"https://attacker.example")
+        for hosts in ([b"attacker.example", b"localhost"], [b"localhost", b"localhost"]):
+            headers = [(b"Host", h) for h in hosts]
+            for p in (policy, Policy()):
+                refused = p.check(b"GET", headers)
+                assert refused is not None, hosts
+                self.assertEqual(refused.status, 400, hosts)
+            self.assertEqual(duplicate_host(headers), refused)
+            self.assertEqual(duplicate_host([(b"HOST", hosts[0]), (b"host", hosts[1])]), refused)
+        self.assertIsNone(duplicate_host([(b"Host", b"localhost"), (b"X-Host", b"a")]))
+        self.assertIsNone(duplicate_host([]))
+        for origins in ([foreign, listed], [listed, listed], [listed, (b"origin", b"")]):
+            refused = policy.check(b"GET", [(b"Host", b"localhost"), *origins])
+            assert refused is not None, origins
+            self.assertEqual(refused.status, 403, origins)
+        self.assertIsNone(policy.check(b"GET", [(b"Host", b"localhost"), listed]))
 
 
 class TenantTests(TestCase):

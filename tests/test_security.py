@@ -112,10 +112,19 @@ class MethodTests(_Base):
         self.assertEqual([s.method for s in up.seen], SEVEN)
 
     async def test_trace_refused_for_a_consumer_allowed_every_method(self) -> None:
+        # Two controls: Policy.check refuses TRACE (405) before client auth
+        # runs, so the end-to-end answer proves only that one; the consumer's
+        # own rules must refuse it too (methods: "*" means the seven), which
+        # only Consumer.allows shows.
         auth = parse_client_auth(
             'consumers: [{name: ops, token: "ops-token-0123456789", '
             'allow: [{methods: "*", paths: ["/*"]}]}]'
         )
+        (consumer,) = auth.consumers
+        for method in (b"TRACE", b"CONNECT", b"PROPFIND", b"FOO"):
+            self.assertFalse(consumer.allows(method, b"/loki/x"), method)
+        for method in SEVEN:
+            self.assertTrue(consumer.allows(method, b"/loki/x"), method)
         proxy, up = self.start(client_auth=lambda: auth)
         raw = await self.raw(
             proxy, head(b"TRACE", b"/loki/x", b"Authorization: Bearer ops-token-0123456789")
@@ -128,7 +137,8 @@ class MethodTests(_Base):
 
 class HeaderTests(_Base):
     async def test_control_characters_in_values_400(self) -> None:
-        # llhttp (strict) refuses these itself; this pins that it still does.
+        # llhttp (strict) refuses these itself, the proxy adds no check of its
+        # own: this pins the parser's behaviour (a lenient parser fails it).
         proxy, up = self.start()
         for byte in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F]:
             raw = await self.raw(
@@ -199,6 +209,85 @@ class HostTests(_Base):
         raw = await self.raw(proxy, head(b"GET", b"/loki/x", b"X-A: 1").replace(b"proxy", b"x.y"))
         self.assertEqual(status_of(raw), 200)
         self.assertEqual(len(up.seen), 1)
+
+
+class CrossOriginTests(_Base):
+    """Plain HTTP from a browser page: upstreams answer
+    ``Access-Control-Allow-Origin: *``, so a query the proxy forwarded could
+    be read by any page, and a simple POST needs no preflight."""
+
+    def start_cors(self, **extra: str) -> tuple[ProxyFixture, Recorder]:
+        proxy, up = self.start(**extra)
+        up.headers.append((b"Access-Control-Allow-Origin", b"*"))
+        return proxy, up
+
+    async def test_foreign_origin_403_on_every_proxy_request(self) -> None:
+        proxy, up = self.start_cors(ALLOWED_ORIGINS="https://grafana.example.com")
+        for method, path, lines in (
+            (b"GET", b"/prometheus/api/v1/query?query=up", ()),
+            (b"POST", b"/loki/api/v1/push", (b"Content-Type: text/plain", b"Content-Length: 2")),
+            (b"OPTIONS", b"/prometheus/api/v1/query", (b"Access-Control-Request-Method: GET",)),
+        ):
+            for origin in (b"https://attacker.example", b"null", b"https://grafana.example.com:8"):
+                request = head(method, path, b"Origin: " + origin, *lines)
+                raw = await self.raw(proxy, request + (b"{}" if method == b"POST" else b""))
+                self.assertEqual(status_of(raw), 403, (method, origin))
+                self.assertIn("ALLOWED_ORIGINS", json_body(raw)["error"])
+                self.assertIsNone(header_of(raw, b"access-control-allow-origin"))
+        self.assertEqual(up.seen, [])
+
+    async def test_listed_origin_and_no_origin_pass(self) -> None:
+        proxy, up = self.start_cors(ALLOWED_ORIGINS="https://grafana.example.com")
+        path = b"/prometheus/api/v1/query?query=up"
+        for lines in ((b"Origin: https://Grafana.example.com",), ()):
+            raw = await self.raw(proxy, head(b"GET", path, *lines))
+            self.assertEqual(status_of(raw), 200, lines)
+            self.assertEqual(header_of(raw, b"access-control-allow-origin"), b"*")
+        self.assertEqual(
+            [s.header(b"origin") for s in up.seen], [[b"https://Grafana.example.com"], None]
+        )
+
+    async def test_ops_routes_answer_any_origin(self) -> None:
+        proxy, _ = self.start_cors()
+        for path in (b"/health", b"/ready", b"/metrics"):
+            raw = await self.raw(proxy, head(b"GET", path, b"Origin: https://attacker.example"))
+            self.assertEqual(status_of(raw), 200, path)
+
+    async def test_second_origin_403(self) -> None:
+        proxy, up = self.start_cors(ALLOWED_ORIGINS="https://grafana.example.com")
+        listed, foreign = (
+            b"Origin: https://grafana.example.com",
+            b"Origin: https://attacker.example",
+        )
+        for lines in ((foreign, listed), (listed, foreign), (listed, listed)):
+            raw = await self.raw(proxy, head(b"GET", b"/prometheus/api/v1/query", *lines))
+            self.assertEqual(status_of(raw), 403, lines)
+        self.assertEqual(up.seen, [])
+
+
+class DuplicateHostTests(_Base):
+    async def test_second_host_400_on_every_route(self) -> None:
+        proxy, up = self.start(ALLOWED_HOSTS="localhost")
+        port = proxy.port.getHost().port
+        for path in (b"/loki/x", b"/health", b"/ready", b"/metrics", b"/nowhere"):
+            for hosts in ((b"attacker.example", b"localhost"), (b"localhost", b"localhost")):
+                lines = b"".join(b"Host: " + h + b"\r\n" for h in hosts)
+                raw = await raw_request(
+                    port, b"GET " + path + b" HTTP/1.1\r\n" + lines + b"Connection: close\r\n\r\n"
+                )
+                self.assertEqual(status_of(raw), 400, (path, hosts))
+                self.assertIn("Host", json_body(raw)["error"])
+        self.assertEqual(up.seen, [])
+        raw = await raw_request(
+            port, b"GET /loki/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        self.assertEqual(status_of(raw), 200)
+
+    async def test_second_host_400_without_allowed_hosts(self) -> None:
+        proxy, up = self.start()
+        raw = await self.raw(proxy, head(b"GET", b"/loki/x", b"Host: other"))
+        self.assertEqual(status_of(raw), 400)
+        self.assertEqual(up.seen, [])
 
 
 class OriginTests(TestCase):

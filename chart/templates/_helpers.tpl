@@ -125,8 +125,10 @@ app.kubernetes.io/component: proxy
 {{- end }}
 {{- end }}
 {{- $routesFile := false }}
+{{- $clientAuth := .Values.clientAuth.existingSecret }}
 {{- range .Values.extraEnv }}
 {{- if eq .name "ROUTES_FILE" }}{{ $routesFile = true }}{{ end }}
+{{- if eq .name "CLIENT_AUTH_FILE" }}{{ $clientAuth = true }}{{ end }}
 {{- end }}
 {{- if and $routesFile (gt $on 0) }}
 {{- $problems = append $problems "upstreams: leave every url empty when extraEnv sets ROUTES_FILE (the route table replaces them)" }}
@@ -146,6 +148,11 @@ app.kubernetes.io/component: proxy
 {{- end }}
 {{- if and .Values.admin.enabled (eq (int .Values.admin.port) (int .Values.config.port)) }}
 {{- $problems = append $problems "admin.port: must differ from config.port (or set admin.enabled=false)" }}
+{{- end }}
+{{- /* With client auth, main-port /metrics names consumers and answers 401
+     to an unauthenticated scrape: only the admin port serves it openly. */}}
+{{- if and $clientAuth .Values.metrics.serviceMonitor.enabled (not .Values.admin.enabled) }}
+{{- $problems = append $problems "metrics.serviceMonitor: with client authentication (clientAuth.existingSecret or CLIENT_AUTH_FILE in extraEnv), /metrics on config.port answers 401 to the scrape; set admin.enabled=true (the default) so the ServiceMonitor scrapes the admin port" }}
 {{- end }}
 {{- if .Values.metrics.prometheusRule.enabled }}
 {{- $anyAlert := false }}
