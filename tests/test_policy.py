@@ -144,14 +144,27 @@ class TenantTests(TestCase):
             """
 consumers:
   - {name: a, token: aaaaaaaaaaaaaaaaaaaa, allow: [{paths: ["/*"]}], tenant: team-a}
-  - {name: b, token: bbbbbbbbbbbbbbbbbbbb, allow: [{paths: ["/*"]}], tenant: [t1, 42]}
+  - {name: b, token: bbbbbbbbbbbbbbbbbbbb, allow: [{paths: ["/*"]}], tenant: [t1, '0123']}
   - {name: c, token: cccccccccccccccccccc, allow: [{paths: ["/*"]}]}
 """
         )
-        self.assertEqual([c.tenants for c in auth.consumers], [("team-a",), ("t1", "42"), ()])
+        self.assertEqual([c.tenants for c in auth.consumers], [("team-a",), ("t1", "0123"), ()])
 
     def test_bad_tenants_listed(self) -> None:
-        for bad in ("[]", "''", "'a b'", "{x: 1}", "true", "'a\\x01'"):
+        # YAML reads 0123 as 83 and 1:30 as 90: unquoted numbers are refused,
+        # not sent as another tenant's id; . and .. are no tenant.
+        for bad in (
+            "[]",
+            "''",
+            "'a b'",
+            "{x: 1}",
+            "true",
+            "'a\\x01'",
+            "0123",
+            "[a, 1:30]",
+            "'.'",
+            "'..'",
+        ):
             with self.assertRaises(ConfigError) as caught:
                 parse_client_auth(
                     "consumers: [{name: a, token: aaaaaaaaaaaaaaaaaaaa, "
@@ -160,6 +173,20 @@ consumers:
             (line,) = caught.exception.problems
             self.assertIn("consumer a.tenant", line)
             self.assertNotIn("aaaaaaaaaaaaaaaaaaaa", line)
+
+    def test_route_tenant_must_be_a_string(self) -> None:
+        for bad in (123, ".", ".."):
+            with self.assertRaises(ConfigError) as caught:
+                parse_routes(
+                    {
+                        "routes": [
+                            {"name": "m", "prefix": "/m", "upstream": "https://m", "tenant": bad}
+                        ]
+                    },
+                    {},
+                    allow_insecure=False,
+                )
+            self.assertIn("routes[0].tenant", caught.exception.problems[0])
 
     def test_from_consumer_route(self) -> None:
         doc = {

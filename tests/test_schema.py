@@ -275,7 +275,8 @@ class MessageTests(TestCase):
                 "CLIENT_AUTH_FILE: consumer a.allow[0].paths[1]: must start with '/'",
                 "CLIENT_AUTH_FILE: consumer a.rate_limit.requests_per_second: "
                 "must be a positive number",
-                "CLIENT_AUTH_FILE: consumer a.tenant[1]: 1-150 letters, digits or !-_.*'()|",
+                "CLIENT_AUTH_FILE: consumer a.tenant[1]: a string of 1-150 letters, digits or "
+                "!-_.*'()|, not . or .. (quote numeric ids: YAML reads 0123 as 83)",
                 "CLIENT_AUTH_FILE: consumer b.token: at least 16 characters, no whitespace",
                 "CLIENT_AUTH_FILE: consumer b.allow: must be a non-empty list of {methods, paths}",
                 "CLIENT_AUTH_FILE: consumer c: listed twice",
@@ -309,7 +310,8 @@ class MessageTests(TestCase):
             caught.exception.problems,  # type: ignore[attr-defined]
             [
                 "ROUTES_FILE: routes[0].prefix: /health, /ready and /metrics belong to the proxy",
-                "ROUTES_FILE: routes[0].tenant: a non-empty string without control characters",
+                "ROUTES_FILE: routes[0].tenant: a non-empty string without control characters, "
+                "not . or .. (quote numeric ids: YAML reads 0123 as 83)",
                 "ROUTES_FILE: routes[1].credentials.user: basic needs a user without ':' or spaces",
                 "ROUTES_FILE: routes[1].upstream: must be https:// unless the host is loopback "
                 "or ALLOW_INSECURE_UPSTREAM=true (the token would travel in clear)",
