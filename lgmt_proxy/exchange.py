@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from . import errors
@@ -60,8 +59,7 @@ class Exchange:
         self,
         client: ClientSide,
         upstream: Upstream,
-        clock: IReactorTime,
-        timeout: float,
+        timer: IdleTimer,
         *,
         method: bytes,
         target: bytes,
@@ -73,8 +71,8 @@ class Exchange:
     ) -> None:
         self._client = client
         self._upstream = upstream
-        self._clock = clock
-        self._timeout = timeout
+        #: The client connection's, reused request after request.
+        self._idle_timer = timer
         self._method = method
         self._retry_safe = retry_safe
         self._log_failure = log_failure
@@ -102,7 +100,8 @@ class Exchange:
     # -- driven by the client side ------------------------------------------------------
 
     def start(self) -> None:
-        self._timer = IdleTimer(self._clock, self._timeout, self._idle)
+        self._timer = timer = self._idle_timer
+        timer.start(self._idle)
         conn = self._upstream.pool.take_idle()
         if conn is not None:
             self._attach(conn)

@@ -31,6 +31,7 @@ from .headers import RawHeaders, head_lines, response_headers
 from .policy import Policy, Refused, choose_tenant, duplicate_host
 from .routes import MAX_TARGET, Refusal, Route, split_target, upstream_target
 from .sending import Sender, SendQueue
+from .timers import IdleTimer
 from .tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -200,6 +201,9 @@ class ClientConnection(Protocol):
         self.client_text = "unknown"
         self.client_host = b"unknown"
         self.sender: Sender | None = None
+        #: UPSTREAM_TIMEOUT_SECONDS for each exchange in turn (one timer call
+        #: for many keep-alive requests).
+        self._upstream_timer = IdleTimer(self.clock, factory.upstream_timeout)
 
     # -- connection ---------------------------------------------------------------
 
@@ -264,6 +268,7 @@ class ClientConnection(Protocol):
         self._cancel_idle()
         if self.sender is not None:
             self.sender.connection_lost()
+        self._upstream_timer.cancel()
         self.factory.connections.discard(self)
         tunnel, self._tunnel = self._tunnel, None
         if tunnel is not None:
@@ -424,8 +429,7 @@ class ClientConnection(Protocol):
         exchange = Exchange(
             self,
             upstream,
-            factory.clock,
-            factory.upstream_timeout,
+            self._upstream_timer,
             method=req.method,
             target=upstream_target(route, upstream.base_path, req.path, req.query),
             headers=upstream.forward_headers(req.headers, self.client_host, req.tenant),

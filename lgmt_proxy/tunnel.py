@@ -263,11 +263,11 @@ class Tunnel:
             self.factory.observer.metrics.websocket(self.name, -1)
         timer, self._timer = self._timer, None
         if timer is not None:
-            timer.stop()
+            timer.cancel()
 
     def _arm(self, seconds: float) -> None:
         if self._timer is not None:
-            self._timer.stop()
+            self._timer.cancel()
         self._timer = IdleTimer(self._clock, seconds, self._idle)
 
     def _idle(self) -> None:

@@ -10,6 +10,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from lgmt_proxy.timers import IdleTimer
+
 from .memory import MemoryEndpoint, MemoryProxy, sent_requests
 
 GET = b"GET /loki/api/v1/labels HTTP/1.1\r\nHost: p\r\n\r\n"
@@ -70,6 +72,36 @@ class RequestFramingTests(TestCase):
         self.assertTrue(transport.disconnecting)
         # The upstream never got a complete body: its connection was cut.
         self.assertEqual(open_upstreams(proxy.endpoints["loki"]), [])
+
+    def test_each_keep_alive_request_gets_the_whole_upstream_timeout(self) -> None:
+        # One timer serves a connection's requests in turn: the second request
+        # still gets its full UPSTREAM_TIMEOUT_SECONDS from its own start, not
+        # what the first request's timer call had left.
+        proxy = MemoryProxy(UPSTREAM_TIMEOUT_SECONDS="10", CLIENT_IDLE_TIMEOUT_SECONDS="600")
+        client, transport = proxy.send(GET)
+        proxy.upstream("loki")[0].dataReceived(OK)
+        self.assertEqual(status(transport.value()), 200)
+        transport.clear()
+        proxy.clock.advance(7)
+        client.dataReceived(GET)  # the upstream never answers this one
+        proxy.clock.advance(9.9)
+        self.assertEqual(transport.value(), b"", "timed out before its own 10 s")
+        proxy.clock.advance(0.2)
+        self.assertEqual(status(transport.value()), 504, transport.value())
+
+        # A connection that closes leaves no timer call behind.
+        def timers() -> list[object]:
+            return [
+                c
+                for c in proxy.clock.getDelayedCalls()
+                if c.active() and isinstance(getattr(c.func, "__self__", None), IdleTimer)
+            ]
+
+        self.assertEqual(timers(), [], "the timed-out run left its call")
+        client, transport = proxy.send(GET)
+        self.assertEqual(len(timers()), 1)
+        client.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(timers(), [], "a closed connection's timer call is still pending")
 
     def test_head_written_once(self) -> None:
         proxy = MemoryProxy()
