@@ -63,9 +63,10 @@ def connection_listed(values: Iterable[bytes] | None) -> frozenset[bytes]:
     return frozenset(names)
 
 
-def values_of(headers: RawHeaders, name: bytes) -> list[bytes]:
-    """Every value of ``name`` (lower-case), in order."""
-    return [v for n, v in headers if n.lower() == name]
+def _also_listed(values: list[bytes] | None) -> frozenset[bytes]:
+    """What ``Connection`` lists beyond the hop-by-hop fields, dropped anyway
+    (``keep-alive`` and ``close``, nearly always: then nothing more to do)."""
+    return connection_listed(values) - HOP_BY_HOP if values else frozenset()
 
 
 def forward_request_headers(
@@ -82,7 +83,7 @@ def forward_request_headers(
     headers only: what the proxy injects is added after it, once, so nothing
     a client sends can remove or duplicate it (``Connection: host`` once
     left the upstream without a ``Host``)."""
-    listed: frozenset[bytes] | None = None
+    connection: list[bytes] | None = None
     kept: RawHeaders = []
     forwarded: list[bytes] = []
     drop = _REQUEST_DROP
@@ -91,12 +92,13 @@ def forward_request_headers(
         if low in drop:
             if low == b"x-forwarded-for":
                 forwarded.append(value)
-            elif low == b"connection" and listed is None:
-                listed = connection_listed(values_of(incoming, b"connection"))
+            elif low == b"connection":
+                connection = [value] if connection is None else [*connection, value]
             continue
         if b"_" in low and low.replace(b"_", b"-") in _INJECTED:
             continue
         kept.append((name, value))
+    listed = _also_listed(connection)
     if listed:
         kept = [(n, v) for n, v in kept if n.lower() not in listed]
         if b"x-forwarded-for" in listed:
@@ -114,15 +116,16 @@ def forward_request_headers(
 def response_headers(upstream: RawHeaders) -> RawHeaders:
     """An upstream response's end-to-end headers, for the client."""
     out: RawHeaders = []
-    listed: frozenset[bytes] | None = None
+    connection: list[bytes] | None = None
     drop = _RESPONSE_DROP
     for name, value in upstream:
         low = name.lower()
         if low in drop:
-            if low == b"connection" and listed is None:
-                listed = connection_listed(values_of(upstream, b"connection"))
+            if low == b"connection":
+                connection = [value] if connection is None else [*connection, value]
             continue
         out.append((name, value))
+    listed = _also_listed(connection)
     if listed:
         out = [(n, v) for n, v in out if n.lower() not in listed]
     return out

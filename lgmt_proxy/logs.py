@@ -6,6 +6,7 @@ cost about 4% of a small request's CPU.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -84,21 +85,41 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 _str = encode_basestring_ascii
 
 
+#: The fields every access line has, in order (`Observer` builds them so).
+_ACCESS_HEAD = (
+    '{"time":"%s","level":"info","msg":"request","method":%s,"path":%s,"upstream":%s,'
+    '"status":%d,"duration":%r,"bytes_in":%d,"bytes_out":%d,"client":%s,'
+    '"user_agent":%s,"request_id":%s'
+)
+_ACCESS_FIXED = 10
+
+
 def access_as_json(access: dict[str, Any], t: float) -> str:
     """One access-log line: the request's fields at the top level.
 
-    Strings go through the json module's C string encoder and numbers are
-    printed as they are: the whole-dict encoder cost about a tenth of a small
-    request's CPU. Anything else falls back to it."""
-    parts = ['{"time":"', _iso(t), '","level":"info","msg":"request"']
-    for key, value in access.items():
-        kind = type(value)
-        if kind is str:
-            text = _str(value)
-        elif kind is int or kind is float:
-            text = repr(value)
-        else:
-            text = _dumps(value)
+    The ten fields every line has go through one format string (strings via
+    the json module's C encoder); the few optional ones (error, consumer,
+    tenant) are appended. The whole-dict encoder cost about a tenth of a
+    small request's CPU; a loop over the fields half of that again."""
+    a = access
+    line = _ACCESS_HEAD % (
+        _iso(t),
+        _str(a["method"]),
+        _str(a["path"]),
+        _str(a["upstream"]),
+        a["status"],
+        a["duration"],
+        a["bytes_in"],
+        a["bytes_out"],
+        _str(a["client"]),
+        _str(a["user_agent"]),
+        _str(a["request_id"]),
+    )
+    if len(a) == _ACCESS_FIXED:
+        return line + "}"
+    parts = [line]
+    for key, value in itertools.islice(a.items(), _ACCESS_FIXED, None):
+        text = _str(value) if type(value) is str else _dumps(_safe(value))
         parts.append(f',"{key}":{text}')
     parts.append("}")
     return "".join(parts)
@@ -184,7 +205,13 @@ class StreamObserver:
         The same line `event_as_json` makes from an access event, without the
         trip through twisted.logger's publisher and filter (measured at
         several percent of a small request's CPU)."""
-        self._add(self._format_access(access, t))
+        try:
+            line = self._format_access(access, t)
+        except Exception as e:  # a bad field must never fail the request
+            line = json.dumps(
+                {"level": "error", "msg": f"unformattable access line: {type(e).__name__}"}
+            )
+        self._add(line)
 
     def _add(self, line: str) -> None:
         self._pending.append(line + "\n")

@@ -116,13 +116,7 @@ class Observer:
             )
         if request.quiet and not self._log_quiet:
             return
-        ua = rid = None
-        for name, value in request.headers:
-            low = name.lower()
-            if low == b"user-agent":
-                ua = value
-            elif low == b"x-request-id":
-                rid = value
+        ua = request.user_agent
         access = {
             "method": request.method.decode("latin-1"),
             "path": (request.path or request.target).decode("latin-1"),
@@ -133,7 +127,7 @@ class Observer:
             "bytes_out": request.body_out,
             "client": client,
             "user_agent": ua.decode("latin-1") if ua else "",
-            "request_id": request_id(rid),
+            "request_id": request_id(request.request_id),
         }
         if error is not None:
             access["error"] = error

@@ -87,12 +87,14 @@ class Incoming:
         "path",
         "query",
         "quiet",
+        "request_id",
         "started",
         "status",
         "target",
         "tenant",
         "upgrade",
         "upstream_name",
+        "user_agent",
         "version",
     )
 
@@ -130,6 +132,9 @@ class Incoming:
         self.upgrade = False
         #: The status came from the upstream (not a refusal or failure of ours).
         self.from_upstream = False
+        #: For the access log (noted while the head is read anyway).
+        self.user_agent: bytes | None = None
+        self.request_id: bytes | None = None
 
     def note_error(self, reason: str) -> None:
         if self.error is None:
@@ -336,6 +341,10 @@ class ClientConnection(Protocol):
                 req.expect_continue = value.strip().lower() == b"100-continue"
             elif low == b"upgrade":
                 req.upgrade = True
+            elif low == b"user-agent":
+                req.user_agent = value
+            elif low == b"x-request-id":
+                req.request_id = value
         if self.active is None:
             self._route_request(req)
         else:
