@@ -89,6 +89,12 @@ class Sender:
     def direct(self) -> bool:
         return self.sock is not None
 
+    @property
+    def backed_up(self) -> bool:
+        """Bytes the peer has not taken yet (it stopped reading); known for
+        direct sockets only."""
+        return bool(self._backlog)
+
     def write(self, data: bytes) -> None:
         if self.done:
             return

@@ -227,6 +227,42 @@ class FirstByteTests(TestCase):
         self.assertEqual(client.got, 4 * MiB)
 
 
+class _Deaf(protocol.Protocol):
+    """An upstream that accepts the connection and never reads from it."""
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+
+class StalledUpstreamTests(TestCase):
+    timeout = 60
+
+    async def test_upstream_that_stops_reading_gets_504_not_408(self) -> None:
+        # The client keeps sending; the proxy pauses it only because the
+        # upstream takes nothing: a timeout then is the upstream's (504).
+        port = listen(protocol.Factory.forProtocol(_Deaf))
+        self.addCleanup(port.stopListening)
+        proxy = ProxyFixture(
+            env_for(
+                f"http://127.0.0.1:{port.getHost().port}",
+                UPSTREAM_TIMEOUT_SECONDS="1",
+                MAX_REQUEST_BODY_BYTES="0",
+            )
+        )
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        client = await raw_connect(proxy.port.getHost().port)
+        total = 1024 * MiB
+        client.transport.write(
+            b"POST /api/prom/push HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n" % total
+        )
+        client.transport.registerProducer(_Pump(client.transport, total), False)
+        data = await client.closed
+        self.assertEqual(data.split(b"\r\n", 1)[0], b"HTTP/1.1 504 Gateway Timeout", data[:300])
+        self.assertEqual(
+            proxy.sample("proxy_upstream_errors_total", upstream="prometheus", reason="timeout"), 1
+        )
+
+
 class BigBodyTests(TestCase):
     """512 MiB each way through a real twistd process; its peak RSS is read
     from /proc. Set LGMT_STREAM_MIB to change the size."""
