@@ -50,9 +50,10 @@ class SendQueue:
         handle = getattr(transport, "getHandle", None)
         sock = handle() if handle is not None else None
         if isinstance(sock, socket.socket) and IReactorFDSet.providedBy(self.reactor):
-            # Sends are gathered per turn here, so Nagle's algorithm only
-            # delays (a body chunk after its head waits for a delayed ACK).
-            transport.setTcpNoDelay(True)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                # Sends are gathered per turn here, so Nagle's algorithm only
+                # delays (a body chunk after its head waits for a delayed ACK).
+                transport.setTcpNoDelay(True)
             return Sender(transport, self, sock)
         return Sender(transport, self, None)
 

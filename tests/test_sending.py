@@ -179,3 +179,26 @@ class ThroughTransportTests(TestCase):
         self.assertEqual(transport.value(), b"now")
         sender.close()
         self.assertTrue(transport.disconnecting)
+
+
+class UnixSocketTests(TestCase):
+    def test_unix_socket_sent_directly_without_tcp_options(self) -> None:
+        # A listener on a Unix socket (``--listen unix:...``) has no Nagle to
+        # turn off; it is still sent to directly.
+        reactor = MemoryReactorClock()
+        ours, peer = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(peer.close)
+
+        class UnixTransport(FakeTransport):
+            def getHandle(self) -> socket.socket:
+                return ours
+
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                raise OSError("not a TCP socket")
+
+        sender = SendQueue(reactor).sender(UnixTransport())
+        self.assertTrue(sender.direct)
+        sender.write(b"ok")
+        reactor.advance(0)
+        self.assertEqual(peer.recv(10), b"ok")
