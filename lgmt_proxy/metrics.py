@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import platform
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from itertools import accumulate
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -159,23 +160,21 @@ class _RequestSeries:
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
-        requests = CounterMetricFamily(
+        yield _tally(
+            CounterMetricFamily,
             "proxy_requests",
             "Requests handled, by upstream, method and status.",
-            labels=self.request_labels,
+            self.request_labels,
+            m.requests,
         )
-        for key, n in m.requests.items():
-            requests.add_metric(key, n)
-        yield requests
-        answers = CounterMetricFamily(
+        yield _tally(
+            CounterMetricFamily,
             "proxy_upstream_responses",
             "Responses that came from the upstream itself, by upstream and status "
             "(the proxy's own refusals and failures are not counted here).",
-            labels=["upstream", "status"],
+            ["upstream", "status"],
+            m.upstream_responses,
         )
-        for key, n in m.upstream_responses.items():
-            answers.add_metric(key, n)
-        yield answers
         duration = HistogramMetricFamily(
             "proxy_request_duration_seconds",
             "Whole-request duration, body streaming included.",
@@ -187,32 +186,43 @@ class _RequestSeries:
                 key, list(zip(self.bounds, cumulative, strict=True)), sum_value=counts[-1]
             )
         yield duration
-        failures = CounterMetricFamily(
+        yield _tally(
+            CounterMetricFamily,
             "proxy_upstream_errors",
             "Requests that failed, by upstream and reason.",
-            labels=["upstream", "reason"],
+            ["upstream", "reason"],
+            m.upstream_errors,
         )
-        for key, n in m.upstream_errors.items():
-            failures.add_metric(key, n)
-        yield failures
-        in_flight = GaugeMetricFamily(
-            "proxy_requests_in_flight", "Proxied requests in progress.", labels=["upstream"]
-        )
-        for upstream, n in m.in_flight.items():
-            in_flight.add_metric([upstream], n)
-        yield in_flight
-        for name, doc, tally in (
+        by_upstream = [
             (
+                GaugeMetricFamily,
+                "proxy_requests_in_flight",
+                "Proxied requests in progress.",
+                m.in_flight,
+            ),
+            (
+                CounterMetricFamily,
                 "proxy_request_body_bytes",
                 "Request body bytes received from clients.",
                 m.request_bytes,
             ),
-            ("proxy_response_body_bytes", "Response body bytes sent to clients.", m.response_bytes),
-        ):
-            family = CounterMetricFamily(name, doc, labels=["upstream"])
-            for upstream, n in tally.items():
-                family.add_metric([upstream], n)
-            yield family
+            (
+                CounterMetricFamily,
+                "proxy_response_body_bytes",
+                "Response body bytes sent to clients.",
+                m.response_bytes,
+            ),
+        ]
+        for kind, name, doc, tally in by_upstream:
+            yield _tally(kind, name, doc, ["upstream"], {(k,): n for k, n in tally.items()})
+
+
+def _tally(kind: Any, name: str, doc: str, labels: list[str], tally: Mapping[Any, float]) -> Metric:
+    """One counter or gauge family from a tally keyed by label values."""
+    family = kind(name, doc, labels=labels)
+    for key, value in tally.items():
+        family.add_metric(key, value)
+    return family
 
 
 def build_labels() -> tuple[str, str, str]:
