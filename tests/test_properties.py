@@ -77,7 +77,7 @@ class PropertyTests(TestCase):
             self.assertEqual(calls, [])
             return
         ((signal, _, uri, headers),) = calls
-        self.assertEqual(signal, route.signal)
+        self.assertEqual(signal, route.upstream_name)
         upstream_path, _, upstream_query = uri.partition(b"?")
         self.assertTrue(upstream_path.startswith(route.upstream_prefix), (target, uri))
         self.assertIsNone(_DOTS.search(unquote_to_bytes(upstream_path)), uri)
@@ -233,7 +233,7 @@ class FuzzTests(TestCase):
             self.assertEqual(errors.events, [])
             for signal, _, uri, _ in proxy.calls():
                 forwarded.append(uri)
-                self.assertEqual(signal, route.signal, (target, uri))
+                self.assertEqual(signal, route.upstream_name, (target, uri))
                 path = uri.partition(b"?")[0]
                 self.assertTrue(path.startswith(route.upstream_prefix + b"/"), (target, uri))
                 self.assertIsNone(_DOTS.search(unquote_to_bytes(path)), (target, uri))

@@ -55,7 +55,7 @@ class ParseTests(TestCase):
         (spec,) = load_routes_file(path, {"TEMPO_TOKEN": "tempo-secret"}, allow_insecure=False)
         self.assertEqual((spec.route.prefix, spec.route.upstream_prefix), (b"/tempo", b""))
         self.assertEqual(
-            (spec.signal.auth, spec.signal.tenant_id, spec.signal.host),
+            (spec.upstream.auth, spec.upstream.tenant, spec.upstream.host),
             ("bearer", "t", "tempo.example"),
         )
         assert spec.token is not None
@@ -93,7 +93,8 @@ class ParseTests(TestCase):
             ]
         }
         self.assertEqual(
-            [s.signal.name for s in parse_routes(doc, {}, allow_insecure=False)], ["long", "short"]
+            [s.upstream.name for s in parse_routes(doc, {}, allow_insecure=False)],
+            ["long", "short"],
         )
 
     def test_url_path(self) -> None:
@@ -109,11 +110,11 @@ class ParseTests(TestCase):
                 {"name": "tempo", "prefix": "/tempo", "upstream": "https://t/tempo", "rewrite": ""},
             ]
         }
-        specs = {s.signal.name: s for s in parse_routes(doc, {}, allow_insecure=False)}
+        specs = {s.upstream.name: s for s in parse_routes(doc, {}, allow_insecure=False)}
 
         def sent(name: str, path: bytes) -> bytes:
             spec = specs[name]
-            base = spec.signal.base_path.encode()
+            base = spec.upstream.base_path.encode()
             return upstream_target(spec.route, base, path, b"a=1")
 
         self.assertEqual(

@@ -468,7 +468,7 @@ class TenantTests(TestCase):
         )
         self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
         registry = CollectorRegistry()
-        proxy.site.observer.metrics = ProxyMetrics(
+        proxy.site.recorder.metrics = ProxyMetrics(
             registry, process_collectors=False, consumer_label=True, tenant_label=True
         )
         events: list[dict[str, Any]] = []
