@@ -24,8 +24,7 @@ from lgmt_proxy.policy import (
 from lgmt_proxy.resources import build_root
 from lgmt_proxy.routes import Route
 from lgmt_proxy.routesfile import parse_routes, tenant_problems
-
-from .helpers import env_for
+from tests.support.helpers import env_for
 
 SEVEN = [b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH"]
 

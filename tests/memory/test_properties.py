@@ -1,6 +1,6 @@
 """Property tests (hypothesis) and a fuzz run over the request parser, in
 memory: the real factory on MemoryReactorClock fed raw bytes through a
-StringTransport, its upstream connections on StringTransports too (tests/memory.py)."""
+StringTransport, its upstream connections on StringTransports too (tests/support/memory.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ from twisted.web.http_headers import Headers
 
 from lgmt_proxy.headers import HOP_BY_HOP, forward_request_headers
 from lgmt_proxy.routes import DEFAULT_ROUTES, Refusal, Route, split_target
-
-from .helpers import ORG, basic
-from .memory import MemoryProxy
+from tests.support.helpers import ORG, basic
+from tests.support.memory import MemoryProxy
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
