@@ -49,10 +49,11 @@ class Secret:
 
 
 @attrs.frozen
-class SignalConfig:
-    """One upstream (a Grafana Cloud signal, or a ROUTES_FILE route): where it
-    lives and who we are there. ``auth`` is basic (org id as user), bearer
-    or none; ``tenant_id`` None sends no ``X-Scope-OrgID``."""
+class UpstreamConfig:
+    """One upstream (a signal's, or a ROUTES_FILE route's): where it lives and
+    who we are there. ``auth`` is basic (``user`` and the token), bearer or
+    none; ``user`` is a signal's ORG_ID or a route's ``credentials.user``;
+    ``tenant`` None sends no ``X-Scope-OrgID``."""
 
     name: str
     url: str
@@ -62,26 +63,26 @@ class SignalConfig:
     #: The URL's path without trailing '/' ('' for none): where the service is
     #: mounted (`routes.upstream_target` says how it joins the upstream path).
     base_path: str
-    org_id: str
-    tenant_id: str | None
+    user: str
+    tenant: str | None
     auth: str = "basic"
 
 
-def signal_from_url(
-    name: str, url: str, *, org_id: str, tenant_id: str | None, auth: str = "basic"
-) -> SignalConfig:
-    """A `SignalConfig` from a URL that `url_problem` accepted."""
+def upstream_from_url(
+    name: str, url: str, *, user: str, tenant: str | None, auth: str = "basic"
+) -> UpstreamConfig:
+    """An `UpstreamConfig` from a URL that `url_problem` accepted."""
     parts = urlsplit(url)
     assert parts.hostname is not None
-    return SignalConfig(
+    return UpstreamConfig(
         name=name,
         url=url,
         scheme=parts.scheme,
         host=parts.hostname,
         port=parts.port or (443 if parts.scheme == "https" else 80),
         base_path=parts.path.rstrip("/"),
-        org_id=org_id,
-        tenant_id=tenant_id,
+        user=user,
+        tenant=tenant,
         auth=auth,
     )
 
@@ -90,7 +91,8 @@ def signal_from_url(
 class Config:
     """Everything the proxy needs, validated. The token is a `Secret`."""
 
-    signals: Mapping[str, SignalConfig]
+    #: The signals that are on, by name (none with ROUTES_FILE).
+    signals: Mapping[str, UpstreamConfig]
     token: Secret | None = None
     token_file: str | None = None
     port: int = 8085
@@ -225,7 +227,7 @@ def _parse_list(reader: _Reader, name: str, pattern: re.Pattern[str], what: str)
     return items
 
 
-def _parse_signal(reader: _Reader, signal: str, allow_insecure: bool) -> SignalConfig | None:
+def _parse_signal(reader: _Reader, signal: str, allow_insecure: bool) -> UpstreamConfig | None:
     prefix = f"GRAFANA_CLOUD_{signal.upper()}"
     url = reader.get(f"{prefix}_URL")
     org_id = reader.get(f"{prefix}_ORG_ID")
@@ -255,8 +257,8 @@ def _parse_signal(reader: _Reader, signal: str, allow_insecure: bool) -> SignalC
         return None
     if not ok or org_id is None:
         return None
-    return signal_from_url(
-        signal, url, org_id=org_id, tenant_id=tenant_id if tenant_id is not None else org_id
+    return upstream_from_url(
+        signal, url, user=org_id, tenant=tenant_id if tenant_id is not None else org_id
     )
 
 

@@ -267,7 +267,7 @@ class Exchange:
     def _fail(self, outcome: errors.Outcome, failure: Failure) -> None:
         self._end()
         if not failure.check(CancelledError) or self._timed_out:
-            self._log_failure(self._upstream.signal.name, outcome, failure)
+            self._log_failure(self._upstream.config.name, outcome, failure)
         self._client.response_failed(outcome)
 
     def _end(self) -> None:

@@ -85,7 +85,7 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 _str = encode_basestring_ascii
 
 
-#: The fields every access line has, in order (`Observer` builds them so).
+#: The fields every access line has, in order (`record.Recorder` builds them so).
 _ACCESS_HEAD = (
     '{"time":"%s","level":"info","msg":"request","method":%s,"path":%s,"upstream":%s,'
     '"status":%d,"duration":%r,"bytes_in":%d,"bytes_out":%d,"client":%s,'

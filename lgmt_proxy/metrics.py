@@ -38,7 +38,10 @@ class ProxyMetrics:
     families when scraped (`_RequestSeries`): prometheus_client's labelled
     children take a lock per increment and walk the buckets per observation,
     a tenth of a small request's CPU. Only the reactor thread touches them,
-    /metrics included, so no lock is needed."""
+    /metrics included, so no lock is needed.
+
+    The ``upstream`` label is the upstream's name: a signal's, or a
+    ROUTES_FILE route's (docs/architecture.md, Vocabulary)."""
 
     def __init__(
         self,
@@ -163,7 +166,7 @@ class _RequestSeries:
         yield _tally(
             CounterMetricFamily,
             "proxy_requests",
-            "Requests handled, by upstream, method and status.",
+            "Requests answered on proxy routes, by upstream, method and status.",
             self.request_labels,
             m.requests,
         )
@@ -189,7 +192,8 @@ class _RequestSeries:
         yield _tally(
             CounterMetricFamily,
             "proxy_upstream_errors",
-            "Requests that failed, by upstream and reason.",
+            "Requests that did not complete, by upstream and reason: upstream failures, "
+            "client aborts, bodies over the limit.",
             ["upstream", "reason"],
             m.upstream_errors,
         )

@@ -73,7 +73,7 @@ class ProxyResource(Resource):
         super().__init__()
         self.route = route
         self.upstream = upstream
-        self.upstream_name = route.signal
+        self.upstream_name = route.upstream_name
         self._rest: ProxyResource | None = None
 
     def getChild(self, path: bytes, request: Any) -> IResource:
@@ -89,7 +89,7 @@ class ProxyResource(Resource):
     def render(self, request: Any) -> bytes:
         # Only reachable from a plain twisted.web Site (not ProxyFactory).
         return _json(
-            request, 500, json_error("proxy resource needs ProxyFactory", self.route.signal)
+            request, 500, json_error("proxy resource needs ProxyFactory", self.route.upstream_name)
         )
 
     def nested(self) -> ProxyResource:
@@ -112,10 +112,10 @@ def build_root(
     """
     leaves: dict[tuple[bytes, ...], ProxyResource | NotFound] = {}
     for route in routes:
-        upstream = upstreams.get(route.signal)
+        upstream = upstreams.get(route.upstream_name)
         if upstream is None:
             leaves[tuple(route.segments)] = NotFound(
-                f"signal {route.signal} is not configured", route.signal
+                f"signal {route.upstream_name} is not configured", route.upstream_name
             )
         else:
             leaves[tuple(route.segments)] = ProxyResource(route, upstream)

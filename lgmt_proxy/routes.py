@@ -15,11 +15,13 @@ import attrs
 
 @attrs.frozen
 class Route:
-    """A path prefix (whole segments) and where it goes on its signal's URL."""
+    """A path prefix (whole segments), the upstream prefix it becomes, and
+    the name of the upstream it goes to (a signal's name for the built-in
+    table, the route's ``name`` for ROUTES_FILE)."""
 
     prefix: bytes
     upstream_prefix: bytes
-    signal: str
+    upstream_name: str
     #: ``X-Scope-OrgID`` is the authenticated consumer's tenant (ROUTES_FILE
     #: ``tenant: from_consumer``), not a fixed one.
     tenant_from_consumer: bool = False
@@ -85,7 +87,7 @@ def upstream_target(route: Route, base_path: bytes, path: bytes, query: bytes | 
     """The origin-form target sent upstream: the route's prefix swapped, the
     rest of the path and the query byte for byte.
 
-    ``base_path`` is the path of the signal's URL (where that service is
+    ``base_path`` is the path of the upstream's URL (where that service is
     mounted; ``b""`` for none). The upstream path (the route's upstream prefix
     plus the rest of the client's path) is sent as it is when it already
     starts with ``base_path`` on whole segments, since the Grafana Cloud portal

@@ -30,7 +30,7 @@ import attrs
 import yaml
 
 from . import schema
-from .config import ConfigError, Secret, SignalConfig, parse_token, signal_from_url, url_problem
+from .config import ConfigError, Secret, UpstreamConfig, parse_token, upstream_from_url, url_problem
 from .routes import Route
 from .watch import read_bytes
 
@@ -44,7 +44,7 @@ class RouteSpec:
     """One route of the file: where it matches, where it goes, what it sends."""
 
     route: Route
-    signal: SignalConfig
+    upstream: UpstreamConfig
     token: Secret | None = None
     token_file: str | None = None
 
@@ -109,15 +109,15 @@ def parse_routes(doc: Any, env: Mapping[str, str], *, allow_insecure: bool) -> l
         tenant = item.get("tenant")
         from_consumer = tenant == FROM_CONSUMER
         user = str(creds.get("user", ""))
-        signal = signal_from_url(
+        upstream = upstream_from_url(
             name,
             url,
-            org_id=user,
-            tenant_id=None if tenant is None or from_consumer else str(tenant),
+            user=user,
+            tenant=None if tenant is None or from_consumer else str(tenant),
             auth=creds["type"],
         )
         route = Route(prefix.encode(), item.get("rewrite", prefix).encode(), name, from_consumer)
-        specs.append(RouteSpec(route, signal, token, token_file))
+        specs.append(RouteSpec(route, upstream, token, token_file))
     if problems:
         problems.sort(key=lambda p: p[0][1] if len(p[0]) > 1 else -1)
         raise ConfigError([schema.line(_NAME, path, message) for path, message in problems])
@@ -131,7 +131,7 @@ def tenant_problems(specs: list[RouteSpec], client_auth: bool) -> list[str]:
     if client_auth:
         return []
     return [
-        f"{_NAME}: route {spec.signal.name}: tenant: {FROM_CONSUMER} needs CLIENT_AUTH_FILE"
+        f"{_NAME}: route {spec.upstream.name}: tenant: {FROM_CONSUMER} needs CLIENT_AUTH_FILE"
         for spec in specs
         if spec.route.tenant_from_consumer
     ]

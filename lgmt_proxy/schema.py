@@ -9,7 +9,7 @@ at the first), each one line at its path, worded by the schema's own
 ``errorMessage`` (the keyword VS Code's JSON and YAML servers show too), never
 the offending value (it may be a token). A keyword outside the subset makes
 loading fail, so a schema cannot say more than the proxy checks;
-tests/test_schema.py holds a real draft-07 validator to the same verdicts.
+tests/pure/test_schema.py holds a real draft-07 validator to the same verdicts.
 """
 
 from __future__ import annotations

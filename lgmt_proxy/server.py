@@ -36,7 +36,7 @@ from .tunnel import Tunnel
 
 if TYPE_CHECKING:
     from .clientauth import ClientAuth, RateLimiter
-    from .observe import Observer
+    from .record import Recorder
     from .upstream import Upstream
 
 _log = Logger(namespace="lgmt_proxy.server")
@@ -57,8 +57,9 @@ RETRY_SAFE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-class _Refused(Exception):
-    """Raised inside a parser callback to stop parsing a hostile head."""
+class _StopParsing(Exception):
+    """Raised inside a parser callback to stop parsing a hostile head
+    (``_refusal`` holds the answer `refuse_and_close` gives)."""
 
 
 class Incoming:
@@ -286,7 +287,7 @@ class ClientConnection(Protocol):
             if not self._response_started:
                 active.note_error("client_abort")
                 active.status = 499
-            self._observe(active)
+            self._record(active)
         self._pipelined.clear()
         self._parsing = None
 
@@ -302,7 +303,7 @@ class ClientConnection(Protocol):
         parsing.target += url
         if len(parsing.target) > MAX_TARGET:
             self._refusal = (414, "request target too long")
-            raise _Refused()
+            raise _StopParsing()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         parsing = self._parsing
@@ -314,10 +315,10 @@ class ClientConnection(Protocol):
         headers.append((name, value))
         if self._head_size > MAX_HEAD:
             self._refusal = (431, "request head too large")
-            raise _Refused()
+            raise _StopParsing()
         if len(headers) > MAX_HEADERS:
             self._refusal = (431, "too many request headers")
-            raise _Refused()
+            raise _StopParsing()
 
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
@@ -335,7 +336,7 @@ class ClientConnection(Protocol):
             elif low == b"transfer-encoding":
                 if value.strip().lower() != b"chunked":
                     self._refusal = (501, "only the chunked transfer coding is accepted")
-                    raise _Refused()
+                    raise _StopParsing()
                 req.chunked = True
             elif low == b"expect":
                 req.expect_continue = value.strip().lower() == b"100-continue"
@@ -391,7 +392,7 @@ class ClientConnection(Protocol):
             if (two_hosts := duplicate_host(req.headers)) is not None:
                 raise Refusal(two_hosts.status, two_hosts.message)
         except Refusal as refusal:
-            self.refuse(refusal.status, refusal.message)
+            self.refuse_after_body(refusal.status, refusal.message)
             return
         factory = self.factory
         resource = getChildForRequest(factory.resource, _Walk(req.path))
@@ -407,23 +408,23 @@ class ClientConnection(Protocol):
             self._when_complete(req, lambda: self._render_local(req, resource))
             return
         upstream: Upstream = resource.upstream  # type: ignore[attr-defined]
-        req.upstream_name = route.signal
+        req.upstream_name = route.upstream_name
         req.counted = True
         websocket = req.upgrade and req.method == b"GET" and _wants_websocket(req)
         refused = factory.policy.check(req.method, req.headers)
         if refused is not None:
-            self.refuse(refused.status, refused.message, list(refused.headers))
+            self.refuse_after_body(refused.status, refused.message, list(refused.headers))
             return
         if factory.client_auth is not None and not self._check_client(
             req, route.tenant_from_consumer
         ):
             return
         req.in_flight = True
-        factory.observer.started(req)
+        factory.recorder.started(req)
         limit = factory.max_body
         if limit and req.length is not None and req.length > limit:
             req.note_error("body_limit")
-            self.refuse(413, "request body too large")
+            self.refuse_after_body(413, "request body too large")
             return
         if websocket:
             tunnel = Tunnel(self, req, route, upstream, factory)
@@ -483,7 +484,7 @@ class ClientConnection(Protocol):
             if self._response_started:
                 self.abort()
             else:
-                self.refuse(413, "request body too large")
+                self.refuse_after_body(413, "request body too large")
             return
         exchange.body(data)
 
@@ -517,24 +518,24 @@ class ClientConnection(Protocol):
         auth = [v for n, v in req.headers if n.lower() == b"authorization"]
         consumer = factory.client_auth().authenticate(auth)
         if consumer is None:
-            self.refuse(401, "missing or invalid client credentials", _CHALLENGE)
+            self.refuse_after_body(401, "missing or invalid client credentials", _CHALLENGE)
             return False
         req.consumer = consumer.name
         if not consumer.allows(req.method, req.path):
             method = req.method.decode("latin-1")
-            self.refuse(403, f"consumer {consumer.name} may not {method} this path")
+            self.refuse_after_body(403, f"consumer {consumer.name} may not {method} this path")
             return False
         if tenant_from_consumer:
             requested = [v for n, v in req.headers if n.lower() == b"x-scope-orgid"]
             tenant = choose_tenant(consumer.tenants, requested)
             if isinstance(tenant, Refused):
-                self.refuse(tenant.status, f"consumer {consumer.name}: {tenant.message}")
+                self.refuse_after_body(tenant.status, f"consumer {consumer.name}: {tenant.message}")
                 return False
             req.tenant = tenant
         wait = factory.limiter.wait(consumer)
         if wait:
             retry = b"%d" % max(1, math.ceil(wait))
-            self.refuse(
+            self.refuse_after_body(
                 429, f"rate limit of consumer {consumer.name} exceeded", [(b"Retry-After", retry)]
             )
             return False
@@ -542,10 +543,25 @@ class ClientConnection(Protocol):
 
     # -- local answers --------------------------------------------------------------------
 
-    def refuse(
+    # A refusal is a JSON error the proxy answers itself. There are three
+    # ways to give one, by what can still be read of the request:
+    #
+    # - refuse_after_body: the request broke a rule (policy, client auth,
+    #   limits) and is framed: its body is read and dropped first, so the
+    #   connection can carry the next request (and closing with unread input
+    #   would reset it under the answer).
+    # - refuse_now: the active request is answered at once, nothing more is
+    #   waited for: the body is already in, or its handler (exchange, tunnel)
+    #   failed and the connection closes if the body is not (a failure of
+    #   the upstream side, a local resource that could not render).
+    # - refuse_and_close: the input cannot be framed (llhttp refused it, a
+    #   head limit, a head or body timeout): there may be no request at all
+    #   and no end to find, so the answer goes out and the connection closes.
+
+    def refuse_after_body(
         self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
     ) -> None:
-        """Answer the active request with a JSON error once its body is in."""
+        """Refuse the active request with a JSON error once its body is in."""
         req = self.active
         if req is None:
             return
@@ -553,13 +569,19 @@ class ClientConnection(Protocol):
 
         def answer() -> None:
             if self.active is req:
-                self._answer_error(req, status, message, headers or [])
+                self.refuse_now(status, message, headers)
 
         self._when_complete(req, answer)
 
-    def _answer_error(
-        self, req: Incoming, status: int, message: str, headers: list[tuple[bytes, bytes]]
+    def refuse_now(
+        self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
     ) -> None:
+        """Refuse the active request with a JSON error now (the connection
+        closes after unless the body is in); after the response head, cut
+        the connection instead."""
+        req = self.active
+        if req is None:
+            return
         if self._response_started:
             self.abort()
             return
@@ -572,7 +594,7 @@ class ClientConnection(Protocol):
             message,
             req.upstream_name,
             close=close,
-            headers=headers,
+            headers=headers or [],
             head_only=req.method == b"HEAD",
         )
         self._response_started = True
@@ -590,7 +612,7 @@ class ClientConnection(Protocol):
                 raise TypeError("a local resource must render bytes")
         except Exception:
             _log.failure("error rendering {path}", Failure(), path=req.path.decode("latin-1"))
-            self._answer_error(req, 500, "internal error", [])
+            self.refuse_now(500, "internal error")
             return
         req.status = local.code
         headers = list(local.responseHeaders.getAllRawHeaders())
@@ -607,7 +629,9 @@ class ClientConnection(Protocol):
         self._request_done(req)
 
     def refuse_and_close(self, status: int, message: str) -> None:
-        """Input that cannot be framed: answer (if nothing was yet) and hang up."""
+        """Refuse input that cannot be framed: answer (if nothing was yet) and
+        hang up. Unlike `refuse_now` it needs no parsed request (a head that
+        broke a limit has none) and never waits for a body it cannot delimit."""
         self._cancel_head_timer()
         transport = self.transport
         if self._closing or transport is None:
@@ -622,12 +646,12 @@ class ClientConnection(Protocol):
             self.abort()
             return
         if active is None:
-            self.factory.observer.refused(status, self.client_text, message)
+            self.factory.recorder.refused(status, self.client_text, message)
         else:
             active.status = status
             active.note_error("malformed")
             self.active = None
-            self._observe(active)
+            self._record(active)
         self._emit(errors.error_response(status, message))
         self._lose()
 
@@ -715,9 +739,9 @@ class ClientConnection(Protocol):
             self.abort()
             return
         if timed_out_body:
-            self._answer_error(req, 408, "client stopped sending the request body", [])
+            self.refuse_now(408, "client stopped sending the request body")
             return
-        self._answer_error(req, outcome.status, outcome.message, [])
+        self.refuse_now(outcome.status, outcome.message)
 
     def stream_from(self, producer: Any) -> None:
         """The upstream's transport produces the response: a slow client pauses it."""
@@ -764,13 +788,13 @@ class ClientConnection(Protocol):
             req.note_error(reason)
         self._handler = None
         self._close_after = True
-        self._answer_error(req, status, message, [])
+        self.refuse_now(status, message)
 
     def tunnel_closed(self) -> None:
         """After the switch: the session ended, log it."""
         req, self.active = self.active, None
         if req is not None:
-            self._observe(req)
+            self._record(req)
 
     def _upgraded(self, rest: bytes) -> None:
         """The parser stopped after a head asking to upgrade (or CONNECT)."""
@@ -796,7 +820,7 @@ class ClientConnection(Protocol):
         self.stop_streaming()
         self.active = None
         self._handler = None
-        self._observe(req)
+        self._record(req)
         transport = self.transport
         if transport is None:
             return
@@ -835,8 +859,8 @@ class ClientConnection(Protocol):
         self._idle_since = self.clock.seconds()
         self.resume_body()
 
-    def _observe(self, req: Incoming) -> None:
-        self.factory.observer.finished(req, self.client_text)
+    def _record(self, req: Incoming) -> None:
+        self.factory.recorder.finished(req, self.client_text)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -934,7 +958,7 @@ def _wants_websocket(req: Incoming) -> bool:
     return any(n.lower() == b"upgrade" and b"websocket" in v.lower() for n, v in req.headers)
 
 
-class _Refuse(Protocol):
+class _RefuseConnection(Protocol):
     """Answers a connection past MAX_CONNECTIONS with 503 and hangs up."""
 
     def connectionMade(self) -> None:
@@ -945,7 +969,7 @@ class _Refuse(Protocol):
 
 class ProxyFactory(Factory):
     """The main listener's factory: the resource tree (route table), limits,
-    the clock and the observer in one place."""
+    the clock and the recorder in one place."""
 
     noisy = False
 
@@ -954,7 +978,7 @@ class ProxyFactory(Factory):
         resource: IResource,
         *,
         clock: IReactorTime,
-        observer: Observer,
+        recorder: Recorder,
         upstream_timeout: float,
         max_body: int,
         client_header_timeout: float,
@@ -971,7 +995,7 @@ class ProxyFactory(Factory):
         self.clock = clock
         #: Shared with the upstream pools: the sends of a reactor turn go out together.
         self.sends = sends if sends is not None else SendQueue(clock)
-        self.observer = observer
+        self.recorder = recorder
         self.upstream_timeout = upstream_timeout
         self.max_body = max_body
         self.client_header_timeout = client_header_timeout
@@ -994,8 +1018,8 @@ class ProxyFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         if len(self.connections) >= self.max_connections:
-            self.observer.refused(503, getattr(addr, "host", "unknown"), "too many connections")
-            return _Refuse()
+            self.recorder.refused(503, getattr(addr, "host", "unknown"), "too many connections")
+            return _RefuseConnection()
         return ClientConnection(self)
 
     def log_upstream_failure(

@@ -27,9 +27,9 @@ from .config import SIGNALS, Config, Secret
 from .drain import drain_connections
 from .logs import StreamObserver, make_observer
 from .metrics import ProxyMetrics
-from .observe import Observer
 from .ops import Readiness, admin_root, ops_resources
 from .policy import Policy
+from .record import Recorder
 from .resources import build_root
 from .routes import DEFAULT_ROUTES, Route
 from .routesfile import RouteSpec
@@ -70,20 +70,20 @@ def build_site(
     if routes is None:
         upstreams = {
             name: build_upstream(
-                reactor, signal, config, token, trust, endpoint=endpoints.get(name), sends=sends
+                reactor, upstream, config, token, trust, endpoint=endpoints.get(name), sends=sends
             )
-            for name, signal in config.signals.items()
+            for name, upstream in config.signals.items()
         }
         table: tuple[Route, ...] = DEFAULT_ROUTES
     else:
         upstreams = {
-            spec.signal.name: build_upstream(
+            spec.upstream.name: build_upstream(
                 reactor,
-                spec.signal,
+                spec.upstream,
                 config,
                 source,
                 trust,
-                endpoint=endpoints.get(spec.signal.name),
+                endpoint=endpoints.get(spec.upstream.name),
                 sends=sends,
             )
             for spec, source in routes
@@ -93,7 +93,7 @@ def build_site(
     site = ProxyFactory(
         root,
         clock=reactor,
-        observer=Observer(metrics, reactor, access_sink, log_quiet=log_quiet),
+        recorder=Recorder(metrics, reactor, access_sink, log_quiet=log_quiet),
         upstream_timeout=config.upstream_timeout,
         max_body=config.max_request_body_bytes,
         client_header_timeout=config.client_header_timeout,
@@ -341,14 +341,17 @@ class ProxyService(MultiService):
             )
         _log.info("listening on {listen}", listen=self.listen)
         for name, up in self.upstreams.items():
-            s = up.signal
+            # The event's field names (signal, org_id, tenant_id) are what log
+            # queries match, so they stay; with ROUTES_FILE they hold the
+            # route's upstream name and Basic-auth user.
+            s = up.config
             _log.info(
                 "signal {signal} on: {url} (auth {auth}, org id {org_id}, tenant {tenant_id})",
                 signal=name,
                 url=s.url,
                 auth=s.auth if up.token is not None else "none",
-                org_id=s.org_id,
-                tenant_id=s.tenant_id,
+                org_id=s.user,
+                tenant_id=s.tenant,
             )
         off = [n for n in SIGNALS if n not in self.upstreams]
         if off and self.config.routes_file is None:

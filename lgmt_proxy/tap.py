@@ -73,7 +73,7 @@ def load(
             if spec.token_file is not None:
                 secret, problem = read_token_file(spec.token_file)
                 if problem:
-                    problems.append(f"ROUTES_FILE: route {spec.signal.name}: {problem}")
+                    problems.append(f"ROUTES_FILE: route {spec.upstream.name}: {problem}")
                 routes[i] = attrs.evolve(spec, token=secret)  # type: ignore[index]
     if config.token_file is not None:
         token, problem = read_token_file(config.token_file)
@@ -91,7 +91,7 @@ def load(
     return config, token, client_auth, routes
 
 
-def _fail(problems: list[str]) -> SystemExit:
+def _config_exit(problems: list[str]) -> SystemExit:
     for line in problems:
         print(f"lgmt-proxy: configuration error: {line}", file=sys.stderr)
     return SystemExit(2)
@@ -134,7 +134,7 @@ def makeService(options: Options) -> IService:
     try:
         config, token, client_auth, routes = load(env)
     except ConfigError as e:
-        raise _fail(e.problems) from None
+        raise _config_exit(e.problems) from None
     trust = None
     if config.upstream_ca_file:
         try:
@@ -142,7 +142,7 @@ def makeService(options: Options) -> IService:
                 trust = trust_root(f.read(), _system_bundle())
         except (OSError, ValueError) as e:
             reason = getattr(e, "strerror", None) or "no PEM certificate found"
-            raise _fail(
+            raise _config_exit(
                 [f"UPSTREAM_CA_FILE: cannot use {config.upstream_ca_file}: {reason}"]
             ) from None
     try:
@@ -158,4 +158,4 @@ def makeService(options: Options) -> IService:
             sandbox=sandbox_port is not None,
         )
     except ValueError as e:  # a bad endpoint string
-        raise _fail([f"--listen/--admin-listen: {e}"]) from None
+        raise _config_exit([f"--listen/--admin-listen: {e}"]) from None

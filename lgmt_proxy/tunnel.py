@@ -123,7 +123,7 @@ class Tunnel:
 
     @property
     def name(self) -> str:
-        return self.route.signal
+        return self.route.upstream_name
 
     def start(self) -> None:
         factory = self.factory
@@ -189,7 +189,7 @@ class Tunnel:
         upstream.registerProducer(client, True)
         client.resumeProducing()
         self._open = True
-        self.factory.observer.metrics.websocket(self.name, +1)
+        self.factory.recorder.metrics.websocket(self.name, +1)
         early, self._early = self._early, []
         for data in early:
             self.from_client(data)
@@ -260,7 +260,7 @@ class Tunnel:
             self.factory.websockets -= 1
         if self._open:
             self._open = False
-            self.factory.observer.metrics.websocket(self.name, -1)
+            self.factory.recorder.metrics.websocket(self.name, -1)
         timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()

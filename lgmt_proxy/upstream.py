@@ -25,7 +25,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
-from .config import Config, Secret, SignalConfig
+from .config import Config, Secret, UpstreamConfig
 from .headers import RawHeaders, forward_request_headers
 from .pool import UpstreamPool
 from .sending import SendQueue
@@ -57,21 +57,21 @@ def trust_root(ca_pem: bytes | None, system_pem: bytes | None = None) -> object 
 
 def make_endpoint(
     reactor: object,
-    signal: SignalConfig,
+    upstream: UpstreamConfig,
     *,
     connect_timeout: float,
     trust: object | None,
 ) -> IStreamClientEndpoint:
-    host = signal.host
+    host = upstream.host
     if isIPAddress(host):
         tcp: IStreamClientEndpoint = TCP4ClientEndpoint(
-            reactor, host, signal.port, timeout=connect_timeout
+            reactor, host, upstream.port, timeout=connect_timeout
         )
     elif isIPv6Address(host):
-        tcp = TCP6ClientEndpoint(reactor, host, signal.port, timeout=connect_timeout)
+        tcp = TCP6ClientEndpoint(reactor, host, upstream.port, timeout=connect_timeout)
     else:
-        tcp = HostnameEndpoint(reactor, host.encode("idna"), signal.port, timeout=connect_timeout)
-    if signal.scheme != "https":
+        tcp = HostnameEndpoint(reactor, host.encode("idna"), upstream.port, timeout=connect_timeout)
+    if upstream.scheme != "https":
         return tcp
     if trust is None:
         creator = ssl.optionsForClientTLS(host)
@@ -80,8 +80,8 @@ def make_endpoint(
     return wrapClientTLS(creator, tcp)
 
 
-def basic_authorization(org_id: str, token: Secret) -> bytes:
-    raw = f"{org_id}:{token.reveal()}".encode()
+def basic_authorization(user: str, token: Secret) -> bytes:
+    raw = f"{user}:{token.reveal()}".encode()
     return b"Basic " + base64.b64encode(raw)
 
 
@@ -93,7 +93,7 @@ class Upstream:
     request; the encoded header is cached per token value.
     """
 
-    signal: SignalConfig
+    config: UpstreamConfig
     pool: UpstreamPool
     endpoint: IStreamClientEndpoint
     token: Callable[[], Secret] | None
@@ -110,10 +110,10 @@ class Upstream:
         cached = self._cached
         if cached is not None and cached[0] is token:
             return cached[1]
-        if self.signal.auth == "bearer":
+        if self.config.auth == "bearer":
             value = b"Bearer " + token.reveal().encode()
         else:
-            value = basic_authorization(self.signal.org_id, token)
+            value = basic_authorization(self.config.user, token)
         self._cached = (token, value)
         return value
 
@@ -132,12 +132,12 @@ class Upstream:
         )
 
     def __repr__(self) -> str:
-        return f"<Upstream {self.signal.name} {self.signal.url}>"
+        return f"<Upstream {self.config.name} {self.config.url}>"
 
 
 def build_upstream(
     reactor: IReactorTime,
-    signal: SignalConfig,
+    upstream: UpstreamConfig,
     config: Config,
     token: Callable[[], Secret] | None,
     trust: object | None,
@@ -149,35 +149,35 @@ def build_upstream(
     ``sends`` is shared with the listener (one send per connection per turn)."""
     if endpoint is None:
         endpoint = make_endpoint(
-            reactor, signal, connect_timeout=config.upstream_connect_timeout, trust=trust
+            reactor, upstream, connect_timeout=config.upstream_connect_timeout, trust=trust
         )
     pool = UpstreamPool(
         endpoint,
         reactor,
-        tls=signal.scheme == "https",
+        tls=upstream.scheme == "https",
         connect_timeout=config.upstream_connect_timeout,
         idle_timeout=config.upstream_idle_timeout,
         sends=sends,
     )
     return Upstream(
-        signal=signal,
+        config=upstream,
         pool=pool,
         endpoint=endpoint,
         token=token,
-        host_header=_netloc(signal),
-        base_path=signal.base_path.encode(),
-        tenant=None if signal.tenant_id is None else signal.tenant_id.encode(),
+        host_header=_netloc(upstream),
+        base_path=upstream.base_path.encode(),
+        tenant=None if upstream.tenant is None else upstream.tenant.encode(),
     )
 
 
-def _netloc(signal: SignalConfig) -> bytes:
+def _netloc(upstream: UpstreamConfig) -> bytes:
     """``Host`` as the upstream expects it: IDNA host, port only when not default."""
-    if isIPv6Address(signal.host):
-        host = b"[" + signal.host.encode() + b"]"
+    if isIPv6Address(upstream.host):
+        host = b"[" + upstream.host.encode() + b"]"
     else:
-        host = signal.host.encode("idna")
-    default_port = 443 if signal.scheme == "https" else 80
-    return host if signal.port == default_port else b"%s:%d" % (host, signal.port)
+        host = upstream.host.encode("idna")
+    default_port = 443 if upstream.scheme == "https" else 80
+    return host if upstream.port == default_port else b"%s:%d" % (host, upstream.port)
 
 
 __all__ = ["Upstream", "build_upstream", "load_pem_bundle", "trust_root"]

@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 import attrs
 from twisted.trial.unittest import FailTest, SkipTest, TestCase
 
-from ..helpers import (
+from ..support.helpers import (
     ORG,
     TOKEN,
     ProxyProcess,
@@ -31,7 +31,7 @@ from ..helpers import (
     spawn_proxy,
     upstream_site,
 )
-from ..processes import ChildProcess
+from ..support.processes import ChildProcess
 from .upstream import FakeCloud
 
 INSTALL = "sudo bash scripts/install-e2e-peers .venv"

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 
 from twisted.trial.unittest import TestCase
 
-from ..helpers import ORG, call
+from ..support.helpers import ORG, call
 from .clients import python_logging_loki, winston_loki
 from .peers import fake_cloud_behind_proxy
 from .upstream import FakeCloud

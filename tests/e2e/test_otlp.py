@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 
 from twisted.trial.unittest import TestCase
 
-from ..helpers import ORG, basic, call
+from ..support.helpers import ORG, basic, call
 from .clients import OtlpRun, otlp_export
 from .peers import fake_cloud_behind_proxy
 from .upstream import FakeCloud, Otlp

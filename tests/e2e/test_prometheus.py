@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 
 from twisted.trial.unittest import FailTest, TestCase
 
-from ..helpers import ORG, TOKEN, basic, call
+from ..support.helpers import ORG, TOKEN, basic, call
 from .peers import need_binary, need_modules, poll, run, start_prometheus, start_proxy
 
 

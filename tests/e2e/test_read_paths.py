@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from ..helpers import ORG, basic, listen, upstream_site
+from ..support.helpers import ORG, basic, listen, upstream_site
 from .peers import start_proxy
 from .upstream import FakeCloud, LogLine, Span
 

@@ -21,7 +21,7 @@ from twisted.trial.unittest import FailTest, TestCase
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 
-from ..helpers import ProxyProcess, call, free_port, listen, spawn_proxy, upstream_site
+from ..support.helpers import ProxyProcess, call, free_port, listen, spawn_proxy, upstream_site
 from .peers import need_binary, poll, start_prometheus, temp_dir
 
 TOKEN_A = "team-a-token-0123456789"

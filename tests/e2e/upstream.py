@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import attrs
 from twisted.web.resource import Resource
 
-from ..helpers import ORG, TOKEN, Seen, basic
+from ..support.helpers import ORG, TOKEN, Seen, basic
 
 _LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
 

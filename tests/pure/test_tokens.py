@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 
 from prometheus_client import CollectorRegistry
-from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.config import ConfigError
 from lgmt_proxy.metrics import ProxyMetrics
 from lgmt_proxy.tap import load
 from lgmt_proxy.tokens import read_token_file, token_source
-
-from .helpers import ORG, ProxyFixture, Recorder, basic, call, env_for, listen, upstream_site
+from tests.support.helpers import (
+    env_for,
+)
 
 
 class TokenFileTests(TestCase):
@@ -90,32 +90,4 @@ class TokenFileTests(TestCase):
                 "proxy_config_reloads_total", {"file": "token", "result": "error"}
             ),
             1,
-        )
-
-
-class RotationThroughProxyTests(TestCase):
-    async def test_new_requests_use_new_token(self) -> None:
-        d = self.mktemp()
-        os.makedirs(d)
-        path = os.path.join(d, "token")
-        with open(path, "w") as f:
-            f.write("first-token")
-        up = Recorder()
-        port = listen(upstream_site(up))
-        self.addCleanup(port.stopListening)
-        token, _ = read_token_file(path)
-        assert token is not None
-        source = token_source(token, path)
-        # The file's token source, given to the proxy as the service gives it.
-        proxy = ProxyFixture(env_for(f"http://127.0.0.1:{port.getHost().port}"), token=source)
-        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
-        await call(proxy.url + "/tempo/api/search")
-        self.assertEqual(up.seen[-1].header(b"authorization"), [basic(ORG["tempo"], "first-token")])
-        with open(path + ".new", "w") as f:
-            f.write("second-token\n")
-        os.replace(path + ".new", path)
-        source.poll()
-        await call(proxy.url + "/tempo/api/search")
-        self.assertEqual(
-            up.seen[-1].header(b"authorization"), [basic(ORG["tempo"], "second-token")]
         )

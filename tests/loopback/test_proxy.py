@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from .helpers import (
+from tests.support.helpers import (
     ORG,
     TOKEN,
     ProxyFixture,

@@ -38,9 +38,9 @@ class DefaultsTests(TestCase):
 
     def test_tenant_defaults_to_org_id(self) -> None:
         s = parse_config(BASE).signals["prometheus"]
-        self.assertEqual((s.org_id, s.tenant_id), ("2668285", "2668285"))
+        self.assertEqual((s.user, s.tenant), ("2668285", "2668285"))
         s = parse_config({**BASE, "GRAFANA_CLOUD_PROMETHEUS_TENANT_ID": "t1"}).signals["prometheus"]
-        self.assertEqual(s.tenant_id, "t1")
+        self.assertEqual(s.tenant, "t1")
 
     def test_url_parts(self) -> None:
         s = parse_config(

@@ -11,8 +11,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.timers import IdleTimer
-
-from .memory import MemoryEndpoint, MemoryProxy, sent_requests
+from tests.support.memory import MemoryEndpoint, MemoryProxy, sent_requests
 
 GET = b"GET /loki/api/v1/labels HTTP/1.1\r\nHost: p\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

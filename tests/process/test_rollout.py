@@ -31,7 +31,15 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from .helpers import ProxyProcess, env_for, listen, sleep, spawn_proxy, twistd_path, upstream_site
+from tests.support.helpers import (
+    ProxyProcess,
+    env_for,
+    listen,
+    sleep,
+    spawn_proxy,
+    twistd_path,
+    upstream_site,
+)
 
 DELAY = 1.5
 GRACE = 5.0

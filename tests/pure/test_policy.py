@@ -24,8 +24,7 @@ from lgmt_proxy.policy import (
 from lgmt_proxy.resources import build_root
 from lgmt_proxy.routes import Route
 from lgmt_proxy.routesfile import parse_routes, tenant_problems
-
-from .helpers import env_for
+from tests.support.helpers import env_for
 
 SEVEN = [b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH"]
 
@@ -195,11 +194,11 @@ consumers:
                 {"name": "n", "prefix": "/n", "upstream": "https://n", "tenant": "fixed"},
             ]
         }
-        m, n = sorted(parse_routes(doc, {}, allow_insecure=False), key=lambda s: s.signal.name)
+        m, n = sorted(parse_routes(doc, {}, allow_insecure=False), key=lambda s: s.upstream.name)
         self.assertTrue(m.route.tenant_from_consumer)
-        self.assertIsNone(m.signal.tenant_id)
+        self.assertIsNone(m.upstream.tenant)
         self.assertFalse(n.route.tenant_from_consumer)
-        self.assertEqual(n.signal.tenant_id, "fixed")
+        self.assertEqual(n.upstream.tenant, "fixed")
         self.assertEqual(
             tenant_problems([m, n], client_auth=False),
             ["ROUTES_FILE: route m: tenant: from_consumer needs CLIENT_AUTH_FILE"],
@@ -259,7 +258,7 @@ class NestedRouteTests(TestCase):
 
         def routed(path: bytes) -> str | None:
             route = getattr(getChildForRequest(root, _Walk(path)), "route", None)
-            return None if route is None else route.signal
+            return None if route is None else route.upstream_name
 
         for path, want in (
             (b"/a", "a"),

@@ -1,6 +1,9 @@
 """The file formats' JSON Schemas (lgmt_proxy/schemas/): valid draft-07, what
 the proxy enforces (lgmt_proxy/schema.py agrees with a full validator, the
-one editors' verdicts resemble), what the docs show, and in the packages."""
+one editors' verdicts resemble), what the docs show, and in the packages.
+
+No reactor anywhere; ``PackagingTests`` alone runs a subprocess (it builds the
+wheel and the sdist to look inside them), kept here beside the schema checks."""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from lgmt_proxy.clientauth import parse_client_auth
 from lgmt_proxy.policy import ALLOWED_METHODS
 from lgmt_proxy.routesfile import parse_routes
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT / "lgmt_proxy" / "schemas"
 NAMES = ("client-auth", "routes")
 #: Which schema a document is for, by its top-level key.

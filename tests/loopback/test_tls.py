@@ -14,8 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.upstream import load_pem_bundle, trust_root
-
-from .helpers import ORG, ProxyFixture, Recorder, basic, call, env_for, upstream_site
+from tests.support.helpers import ORG, ProxyFixture, Recorder, basic, call, env_for, upstream_site
 
 
 def _name(cn: str) -> x509.Name:

@@ -1,4 +1,4 @@
-"""What happens at the end of every request: metrics and one access-log line."""
+"""Recording each request once, when it ends: metrics and one access-log line."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def request_id(value: bytes | None) -> str:
     return _new_id()
 
 
-class Observer:
+class Recorder:
     """Counts and logs each request exactly once, when it ends.
 
     Only requests on proxy routes are counted (as in the service we replace):

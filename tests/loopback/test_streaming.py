@@ -1,6 +1,10 @@
 """Bodies stream both ways with backpressure: first bytes pass before the last
 are sent, and 512 MiB each way through a real ``twistd`` process keeps its
-peak RSS well under 64 MiB above idle."""
+peak RSS well under 64 MiB above idle.
+
+Placed with the loopback tests (its dominant kind): ``BigBodyTests`` spawns
+``twistd`` (to measure a real process's RSS) and so is a process test; it
+shares this module's upstream and client protocols."""
 
 from __future__ import annotations
 
@@ -14,7 +18,15 @@ from twisted.internet.interfaces import IPullProducer
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 
-from .helpers import ProxyFixture, call, env_for, listen, raw_connect, sleep, spawn_proxy
+from tests.support.helpers import (
+    ProxyFixture,
+    call,
+    env_for,
+    listen,
+    raw_connect,
+    sleep,
+    spawn_proxy,
+)
 
 CHUNK = 256 * 1024
 MiB = 1024 * 1024

@@ -18,7 +18,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from .helpers import ORG, TOKEN, ProxyFixture, basic, call, env_for, listen, sleep
+from tests.support.helpers import ORG, TOKEN, ProxyFixture, basic, call, env_for, listen, sleep
 
 
 class NotOpened(Exception):

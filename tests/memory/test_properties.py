@@ -1,6 +1,6 @@
 """Property tests (hypothesis) and a fuzz run over the request parser, in
 memory: the real factory on MemoryReactorClock fed raw bytes through a
-StringTransport, its upstream connections on StringTransports too (tests/memory.py)."""
+StringTransport, its upstream connections on StringTransports too (tests/support/memory.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ from twisted.web.http_headers import Headers
 
 from lgmt_proxy.headers import HOP_BY_HOP, forward_request_headers
 from lgmt_proxy.routes import DEFAULT_ROUTES, Refusal, Route, split_target
-
-from .helpers import ORG, basic
-from .memory import MemoryProxy
+from tests.support.helpers import ORG, basic
+from tests.support.memory import MemoryProxy
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -77,7 +76,7 @@ class PropertyTests(TestCase):
             self.assertEqual(calls, [])
             return
         ((signal, _, uri, headers),) = calls
-        self.assertEqual(signal, route.signal)
+        self.assertEqual(signal, route.upstream_name)
         upstream_path, _, upstream_query = uri.partition(b"?")
         self.assertTrue(upstream_path.startswith(route.upstream_prefix), (target, uri))
         self.assertIsNone(_DOTS.search(unquote_to_bytes(upstream_path)), uri)
@@ -233,7 +232,7 @@ class FuzzTests(TestCase):
             self.assertEqual(errors.events, [])
             for signal, _, uri, _ in proxy.calls():
                 forwarded.append(uri)
-                self.assertEqual(signal, route.signal, (target, uri))
+                self.assertEqual(signal, route.upstream_name, (target, uri))
                 path = uri.partition(b"?")[0]
                 self.assertTrue(path.startswith(route.upstream_prefix + b"/"), (target, uri))
                 self.assertIsNone(_DOTS.search(unquote_to_bytes(path)), (target, uri))

@@ -24,8 +24,7 @@ from lgmt_proxy.ops import Readiness
 from lgmt_proxy.routesfile import parse_routes
 from lgmt_proxy.service import admin_site
 from lgmt_proxy.tap import load
-
-from .helpers import (
+from tests.support.helpers import (
     ORG,
     ProxyFixture,
     Recorder,
@@ -38,6 +37,7 @@ from .helpers import (
     status_of,
     upstream_site,
 )
+
 from .test_websocket import Client, EchoUpstream, NotOpened
 
 SEVEN = [b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH"]
@@ -468,7 +468,7 @@ class TenantTests(TestCase):
         )
         self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
         registry = CollectorRegistry()
-        proxy.site.observer.metrics = ProxyMetrics(
+        proxy.site.recorder.metrics = ProxyMetrics(
             registry, process_collectors=False, consumer_label=True, tenant_label=True
         )
         events: list[dict[str, Any]] = []

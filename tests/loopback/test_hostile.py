@@ -16,7 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import (
+from tests.support.helpers import (
     ProxyFixture,
     RawClient,
     Recorder,

@@ -1,4 +1,4 @@
-"""Child processes of the tests: the proxy under test (`tests.helpers.ProxyProcess`)
+"""Child processes of the tests: the proxy under test (`tests.support.helpers.ProxyProcess`)
 and the end-to-end peers (`tests.e2e.peers.Child`) share this one process protocol."""
 
 from __future__ import annotations

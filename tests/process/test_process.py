@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 from twisted.web.server import NOT_DONE_YET
 
-from .helpers import (
+from tests.support.helpers import (
     ORG,
     TOKEN,
     Recorder,

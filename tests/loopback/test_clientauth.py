@@ -1,128 +1,30 @@
-"""CLIENT_AUTH_FILE: who may use the proxy, for what, and how fast."""
+"""Client authentication (CLIENT_AUTH_FILE) end to end: a proxy on a loopback
+port in front of a loopback upstream (the parsing rules are in
+tests/pure/test_clientauth.py).
+"""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.clientauth import RateLimiter, load_client_auth, parse_client_auth
+from lgmt_proxy.clientauth import load_client_auth
 from lgmt_proxy.config import ConfigError
 from lgmt_proxy.watch import WatchedFile
-
-from .helpers import ORG, ProxyFixture, Recorder, basic, call, env_for, listen, upstream_site
-
-KUBECOST = "kubecost-token-0123456789"
-ALLOY = "alloy-token-abcdefghijklmn"
-
-DOC = f"""
-consumers:
-  - name: kubecost
-    token_sha256: {hashlib.sha256(KUBECOST.encode()).hexdigest()}
-    allow:
-      - methods: [GET, POST]
-        paths: ["/prometheus/api/v1/query*", "/prometheus/api/v1/series"]
-  - name: alloy
-    token: {ALLOY}
-    allow:
-      - methods: [POST]
-        paths: ["/api/prom/push", "/otlp/v1/*"]
-    rate_limit: {{requests_per_second: 1, burst: 2}}
-"""
-
-
-def bearer(token: str) -> dict[bytes, list[bytes]]:
-    return {b"Authorization": [b"Bearer " + token.encode()]}
-
-
-class ParseTests(TestCase):
-    def test_parse_and_authenticate(self) -> None:
-        auth = parse_client_auth(DOC)
-        self.assertEqual([c.name for c in auth.consumers], ["kubecost", "alloy"])
-        self.assertEqual(auth.authenticate([b"Bearer " + KUBECOST.encode()]).name, "kubecost")  # type: ignore[union-attr]
-        basic_alloy = b"Basic " + base64.b64encode(b"alloy:" + ALLOY.encode())
-        self.assertEqual(auth.authenticate([basic_alloy]).name, "alloy")  # type: ignore[union-attr]
-        wrong_user = b"Basic " + base64.b64encode(b"kubecost:" + ALLOY.encode())
-        for values in (
-            None,
-            [],
-            [b"Bearer nope"],
-            [b"Bearer"],
-            [wrong_user],
-            [b"Basic !!!"],
-            [b"Digest x"],
-            [b"Bearer " + KUBECOST.encode(), b"Bearer " + KUBECOST.encode()],
-        ):
-            self.assertIsNone(auth.authenticate(values), values)
-
-    def test_rules(self) -> None:
-        auth = parse_client_auth(DOC)
-        kubecost, alloy = auth.consumers
-        self.assertTrue(kubecost.allows(b"GET", b"/prometheus/api/v1/query"))
-        self.assertTrue(kubecost.allows(b"POST", b"/prometheus/api/v1/query_range"))
-        self.assertTrue(kubecost.allows(b"GET", b"/prometheus/api/v1/series"))
-        self.assertFalse(kubecost.allows(b"GET", b"/prometheus/api/v1/series/x"))
-        self.assertFalse(kubecost.allows(b"DELETE", b"/prometheus/api/v1/query"))
-        self.assertFalse(kubecost.allows(b"POST", b"/api/prom/push"))
-        self.assertTrue(alloy.allows(b"POST", b"/otlp/v1/traces"))
-        self.assertFalse(alloy.allows(b"GET", b"/otlp/v1/traces"))
-        self.assertFalse(alloy.allows(b"POST", b"/loki/api/v1/push"))
-
-    def test_json_accepted(self) -> None:
-        doc = json.dumps(
-            {
-                "consumers": [
-                    {
-                        "name": "a",
-                        "token": "x" * 16,
-                        "allow": [{"methods": "*", "paths": ["/loki/*"]}],
-                    }
-                ]
-            }
-        )
-        (consumer,) = parse_client_auth(doc).consumers
-        self.assertTrue(consumer.allows(b"PATCH", b"/loki/a/b"))
-
-    def test_problems_listed_without_tokens(self) -> None:
-        doc = """
-consumers:
-  - name: a
-    token: short-secret
-    allow: [{methods: [GET], paths: ["/loki/*"]}]
-  - name: b
-    token_sha256: nothex
-    allow: []
-  - name: a
-    token: another-long-secret-value
-    token_sha256: 0000000000000000000000000000000000000000000000000000000000000000
-    allow: [{methods: [FETCH], paths: ["loki"]}]
-"""
-        with self.assertRaises(ConfigError) as ctx:
-            parse_client_auth(doc)
-        text = "\n".join(ctx.exception.problems)
-        self.assertGreaterEqual(len(ctx.exception.problems), 4, text)
-        self.assertNotIn("short-secret", text)
-        self.assertNotIn("another-long-secret-value", text)
-        for bad in ("", "consumers: []", "[1, 2", "consumers: [1]"):
-            self.assertRaises(ConfigError, parse_client_auth, bad)
-
-    def test_rate_limiter(self) -> None:
-        clock = Clock()
-        limiter = RateLimiter(clock)
-        _, alloy = parse_client_auth(DOC).consumers
-        self.assertEqual([limiter.wait(alloy) for _ in range(2)], [0.0, 0.0])
-        self.assertAlmostEqual(limiter.wait(alloy), 1.0)
-        clock.advance(0.5)
-        self.assertAlmostEqual(limiter.wait(alloy), 0.5)
-        clock.advance(0.5)
-        self.assertEqual(limiter.wait(alloy), 0.0)
-        kubecost, _ = parse_client_auth(DOC).consumers
-        self.assertEqual([limiter.wait(kubecost) for _ in range(100)], [0.0] * 100)
+from tests.pure.test_clientauth import ALLOY, DOC, KUBECOST, bearer
+from tests.support.helpers import (
+    ORG,
+    ProxyFixture,
+    Recorder,
+    basic,
+    call,
+    env_for,
+    listen,
+    upstream_site,
+)
 
 
 class ProxyAuthTests(TestCase):

@@ -10,8 +10,7 @@ from treq.testing import StubTreq
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.ops import Readiness, admin_root
-
-from .memory import MemoryProxy
+from tests.support.memory import MemoryProxy
 
 
 class OpsResourceTests(TestCase):

@@ -1,0 +1,1 @@
+"""Real components on MemoryReactorClock and StringTransport: no sockets, no waiting."""

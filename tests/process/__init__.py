@@ -1,0 +1,1 @@
+"""twistd lgmt-proxy spawned as a child process (signals, exit status, rollouts)."""

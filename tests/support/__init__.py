@@ -1,0 +1,1 @@
+"""Shared test helpers (no tests): loopback fixtures, in-memory proxy, child processes."""
