@@ -208,6 +208,27 @@ class Prometheus:
         return f"http://127.0.0.1:{self.port}{self.prefix}"
 
 
+#: remote_write queue settings that deliver within about a second.
+FAST_QUEUE = {"batch_send_deadline": "1s", "min_backoff": "100ms", "max_backoff": "1s"}
+
+
+def agent_config(run_id: str, scrape_target: str, remote_write: list[Any]) -> dict[str, Any]:
+    """A Prometheus agent that scrapes ``scrape_target`` (job lgmt-proxy) every
+    second, labels its series with ``e2e_run``, and remote-writes them."""
+    return {
+        "global": {
+            "scrape_interval": "1s",
+            "scrape_timeout": "1s",
+            "evaluation_interval": "1s",
+            "external_labels": {"e2e_run": run_id},
+        },
+        "scrape_configs": [
+            {"job_name": "lgmt-proxy", "static_configs": [{"targets": [scrape_target]}]}
+        ],
+        "remote_write": remote_write,
+    }
+
+
 async def start_prometheus(
     case: TestCase,
     name: str,

@@ -14,7 +14,16 @@ from urllib.parse import urlencode
 from twisted.trial.unittest import FailTest, TestCase
 
 from ..support.helpers import ORG, TOKEN, basic, call
-from .peers import need_binary, need_modules, poll, run, start_prometheus, start_proxy
+from .peers import (
+    FAST_QUEUE,
+    agent_config,
+    need_binary,
+    need_modules,
+    poll,
+    run,
+    start_prometheus,
+    start_proxy,
+)
 
 
 async def _query(url: str, expr: str, headers: Any = None) -> tuple[int, Any]:
@@ -67,30 +76,11 @@ class PrometheusRemoteWriteTests(TestCase):
         agent = await start_prometheus(
             self,
             "agent",
-            {
-                "global": {
-                    "scrape_interval": "1s",
-                    "scrape_timeout": "1s",
-                    "evaluation_interval": "1s",
-                    "external_labels": {"e2e_run": run_id},
-                },
-                "scrape_configs": [
-                    {
-                        "job_name": "lgmt-proxy",
-                        "static_configs": [{"targets": [f"127.0.0.1:{proxy.port}"]}],
-                    },
-                ],
-                "remote_write": [
-                    {
-                        "url": f"{proxy.url}/api/prom/api/v1/write",
-                        "queue_config": {
-                            "batch_send_deadline": "1s",
-                            "min_backoff": "100ms",
-                            "max_backoff": "1s",
-                        },
-                    }
-                ],
-            },
+            agent_config(
+                run_id,
+                f"127.0.0.1:{proxy.port}",
+                [{"url": f"{proxy.url}/api/prom/api/v1/write", "queue_config": FAST_QUEUE}],
+            ),
         )
         expr = f'up{{job="lgmt-proxy",e2e_run="{run_id}"}}'
 

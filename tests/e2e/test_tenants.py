@@ -22,7 +22,7 @@ from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 
 from ..support.helpers import ProxyProcess, call, free_port, listen, spawn_proxy, upstream_site
-from .peers import need_binary, poll, start_prometheus, temp_dir
+from .peers import FAST_QUEUE, agent_config, need_binary, poll, start_prometheus, temp_dir
 
 TOKEN_A = "team-a-token-0123456789"
 TOKEN_B = "platform-token-0123456789"
@@ -142,34 +142,16 @@ class TenantTests(TestCase):
                 "url": f"{proxy.url}/api/prom/api/v1/write",
                 "authorization": {"type": "Bearer", "credentials": token},
                 "write_relabel_configs": [{"target_label": "via", "replacement": via}],
-                "queue_config": {
-                    "batch_send_deadline": "1s",
-                    "min_backoff": "100ms",
-                    "max_backoff": "1s",
-                },
+                "queue_config": FAST_QUEUE,
             }
             return q
 
         agent = await start_prometheus(
             self,
             "agent",
-            {
-                "global": {
-                    "scrape_interval": "1s",
-                    "scrape_timeout": "1s",
-                    "external_labels": {"e2e_run": run_id},
-                },
-                "scrape_configs": [
-                    {
-                        "job_name": "lgmt-proxy",
-                        "static_configs": [{"targets": [f"127.0.0.1:{admin}"]}],
-                    }
-                ],
-                "remote_write": [
-                    queue(TOKEN_A, "team-a"),
-                    queue(TOKEN_B, "platform"),
-                ],
-            },
+            agent_config(
+                run_id, f"127.0.0.1:{admin}", [queue(TOKEN_A, "team-a"), queue(TOKEN_B, "platform")]
+            ),
         )
         expr = f'up{{job="lgmt-proxy",e2e_run="{run_id}"}}'
 

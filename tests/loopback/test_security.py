@@ -8,11 +8,10 @@ import json
 import os
 from typing import Any
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory
+from autobahn.twisted.websocket import WebSocketServerFactory
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -38,7 +37,7 @@ from tests.support.helpers import (
     upstream_site,
 )
 
-from .test_websocket import Client, EchoUpstream, NotOpened
+from .test_websocket import EchoUpstream, NotOpened, open_websocket
 
 SEVEN = [b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH"]
 
@@ -305,15 +304,7 @@ class OriginTests(TestCase):
         return proxy, upstream
 
     async def open(self, proxy: ProxyFixture, origin: str | None) -> Any:
-        port = proxy.port.getHost().port
-        factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}/loki/api/v1/tail", origin=origin)
-        factory.protocol = Client
-        factory.opened = Deferred()
-        factory.closed = Deferred()
-        factory.messages = []
-        factory.waiting = []
-        await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
-        return factory
+        return await open_websocket(proxy, "/loki/api/v1/tail", origin=origin)
 
     async def test_cross_origin_upgrade_403_without_origin_101(self) -> None:
         proxy, upstream = self.start()

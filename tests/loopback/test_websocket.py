@@ -56,6 +56,21 @@ class Client(WebSocketClientProtocol):
             self.factory.closed.callback(code)
 
 
+async def open_websocket(proxy: ProxyFixture, path: str, **options: Any) -> Any:
+    """A `Client` connected through ``proxy``; ``options`` go to autobahn's
+    factory (``headers``, ``origin``). Its ``opened``/``closed`` Deferreds
+    say how the handshake went."""
+    port = proxy.port.getHost().port
+    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", **options)
+    factory.protocol = Client
+    factory.opened = Deferred()
+    factory.closed = Deferred()
+    factory.messages = []
+    factory.waiting = []
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    return factory
+
+
 class WebSocketTests(TestCase):
     timeout = 30
 
@@ -75,15 +90,7 @@ class WebSocketTests(TestCase):
     async def connect(
         self, proxy: ProxyFixture, path: str, headers: dict[str, str] | None = None
     ) -> Any:
-        port = proxy.port.getHost().port
-        factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", headers=headers or {})
-        factory.protocol = Client
-        factory.opened = Deferred()
-        factory.closed = Deferred()
-        factory.messages = []
-        factory.waiting = []
-        await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
-        return factory
+        return await open_websocket(proxy, path, headers=headers or {})
 
     async def test_tail_echo_with_injected_credentials(self) -> None:
         proxy, upstream = self.start()
