@@ -503,10 +503,14 @@ def evaluate(results: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, A
                 if f.on == "ratio"
                 else number(lg.get(f.check))
             )
-            ok = None if math.isnan(value) else value <= f.limit
+            # nginx adding no measurable latency (a 0 or negative difference
+            # at wrk's resolution) leaves a ratio undefined, not a figure missing.
+            base = number(n.get(f.check))
+            undefined = f.on == "ratio" and not math.isnan(base) and base <= 0
+            ok = None if undefined or math.isnan(value) else value <= f.limit
             name = f"{f.workload} {f.check}{' lgmt / nginx' * (f.on == 'ratio')} {f.target}"
             checks.append({"target": name, "value": value, "limit": f.limit, "ok": ok})
-            missing += [name] if ok is None else []
+            missing += [name] if ok is None and not undefined else []
             verdict = "n/a" if ok is None else ("**met**" if ok else "**MISSED**")
         cells = [
             f.cell.format_map(_Values(n)) if n and f.nginx else "",
