@@ -27,7 +27,7 @@ from twisted.web.resource import IResource, getChildForRequest
 
 from . import errors
 from .exchange import Exchange
-from .headers import RawHeaders, head_lines, response_headers
+from .headers import RawHeaders, response_head_lines
 from .policy import Policy, Refused, choose_tenant, duplicate_host
 from .routes import MAX_TARGET, Refusal, Route, split_target, upstream_target
 from .sending import Sender, SendQueue
@@ -665,7 +665,6 @@ class ClientConnection(Protocol):
             return
         req.status = status
         req.from_upstream = True
-        out = response_headers(headers)
         head_only = req.method == b"HEAD" or status in (204, 304)
         framing = b""
         self._chunked_out = False
@@ -689,7 +688,7 @@ class ClientConnection(Protocol):
         self._response_started = True
         self._emit(
             b"HTTP/1.1 %d %s\r\n%s%s\r\n"
-            % (status, reason or errors.reason(status), head_lines(out), framing)
+            % (status, reason or errors.reason(status), response_head_lines(headers), framing)
         )
 
     def _connection_header(self, req: Incoming) -> bytes:
