@@ -281,10 +281,11 @@ class Exchange:
         if self._over:
             return
         self._timed_out = True
-        # 408 when the client stopped sending; 504 when the upstream stopped
-        # reading (the client was only paused for it), where that is known.
+        # 408 when the client stopped sending; 504 when the upstream side
+        # held it up: still connecting (the body waits, the client paused) or
+        # not reading what was sent (known for plain sockets).
         conn = self._conn
-        upstream_stalled = conn is not None and conn.sender is not None and conn.sender.backed_up
+        upstream_stalled = conn is None or (conn.sender is not None and conn.sender.backed_up)
         body_stalled = not self._body_done and not upstream_stalled
         answered = self._answered
         self._end()

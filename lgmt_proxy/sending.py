@@ -27,8 +27,11 @@ import socket
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime, IWriteDescriptor
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+_log = Logger(namespace="lgmt_proxy.sending")
 
 #: Backlog above which the registered producer is paused (Twisted's own
 #: transport buffer size).
@@ -66,7 +69,13 @@ class SendQueue:
         self._call = None
         waiting, self._waiting = self._waiting, []
         for sender in waiting:
-            sender.flush()
+            try:
+                sender.flush()
+            except Exception:
+                # One connection's failure must not leave the others of this
+                # turn unsent (they would never be queued again).
+                _log.failure("sending on {sender}", Failure(), sender=sender)
+                sender.abort()
 
 
 class Sender:
@@ -85,6 +94,9 @@ class Sender:
         self._paused = False
         self._close_when_sent = False
         self.done = False
+        #: When the peer last took bytes (for closing a connection that
+        #: stopped taking them).
+        self.last_sent = 0.0
 
     @property
     def direct(self) -> bool:
@@ -131,9 +143,12 @@ class Sender:
         except OSError:
             self.abort()
             return False
+        if sent:
+            self.last_sent = self.queue.reactor.seconds()
         if sent < len(data):
             self._backlog += data[sent:]
-            self._watch_writable()
+            if not self._watch_writable():
+                return False
             self._over_high_water()
         return True
 
@@ -142,14 +157,22 @@ class Sender:
             self._paused = True
             self._producer.pauseProducing()
 
-    def _watch_writable(self) -> None:
+    def _watch_writable(self) -> bool:
+        """Watch for room in the kernel; False (and the connection cut) if
+        no descriptor is left for the watch (EMFILE)."""
         watch = self._watch
         if watch is None:
             assert self.sock is not None
-            watch = self._watch = _Writable(os.dup(self.sock.fileno()), self)
+            try:
+                fd = os.dup(self.sock.fileno())
+            except OSError:
+                self.abort()
+                return False
+            watch = self._watch = _Writable(fd, self)
         if not watch.watching:
             watch.watching = True
             self.queue.reactor.addWriter(watch)  # type: ignore[attr-defined]
+        return True
 
     def writable(self) -> None:
         """The kernel has room again: send the backlog."""
@@ -157,14 +180,19 @@ class Sender:
         if not backlog or self.done:
             self._unwatch()
             return
+        broken = False
         with memoryview(backlog) as view:
             try:
                 sent = self.sock.send(view)  # type: ignore[union-attr]
             except BlockingIOError:
                 return
             except OSError:
-                self.abort()
-                return
+                broken = True  # aborted once the view is released
+        if broken:
+            self.abort()
+            return
+        if sent:
+            self.last_sent = self.queue.reactor.seconds()
         del backlog[:sent]
         if backlog:
             return
@@ -202,7 +230,8 @@ class Sender:
         producer, self._producer = self._producer, None
         if self._paused:
             self._paused = False
-            producer.resumeProducing()
+            if producer is not None:
+                producer.resumeProducing()
 
     # -- ends -----------------------------------------------------------------------
 
@@ -247,7 +276,12 @@ class Sender:
     def _drop(self) -> None:
         self._pending = None
         self._backlog.clear()
-        self._producer = None
+        producer, self._producer = self._producer, None
+        if self._paused:
+            # Paused by this backlog, which is gone: nothing else would resume it.
+            self._paused = False
+            if producer is not None:
+                producer.resumeProducing()
         self._unwatch()
         watch, self._watch = self._watch, None
         if watch is not None:
@@ -274,9 +308,12 @@ class _Writable:
         self.sender.writable()
 
     def connectionLost(self, reason: Failure) -> None:
-        # The reactor dropped the descriptor (an error on it): the
-        # connection's own transport sees the same error on its next read.
+        # The reactor dropped the descriptor: an error or hang-up on the
+        # socket (a reset from the peer). The transport may not be reading
+        # (paused, or closing with this backlog), so it would never see it:
+        # cut the connection here.
         self.watching = False
+        self.sender.abort()
 
     def logPrefix(self) -> str:
         return "lgmt-proxy sender"

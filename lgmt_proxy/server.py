@@ -926,11 +926,22 @@ class ClientConnection(Protocol):
                 return
             self._arm_idle(timeout)
             return
-        left = max(self._idle_since, self._last_read) + timeout - self.clock.seconds()
+        now = self.clock.seconds()
+        left = max(self._idle_since, self._last_read) + timeout - now
         if left > 0:
             self._arm_idle(left)
             return
         self._closing = True
+        sender = self.sender
+        if sender is not None and sender.backed_up:
+            # The answer's tail is still unsent: the client gets an idle
+            # timeout from the last time it took any bytes, then is cut (a
+            # close would wait for it for ever).
+            left = sender.last_sent + timeout - now
+            if left <= 0:
+                self.abort()
+                return
+            self._arm_idle(left)
         self._lose()
 
 

@@ -5,6 +5,10 @@ a test here that failed on the twisted.web/Agent build."""
 
 from __future__ import annotations
 
+import socket
+from typing import Any
+
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -71,6 +75,21 @@ class RequestFramingTests(TestCase):
         self.assertTrue(transport.disconnecting)
         # The upstream never got a complete body: its connection was cut.
         self.assertEqual(open_upstreams(proxy.endpoints["loki"]), [])
+
+    def test_upload_held_while_connecting_times_out_504_not_408(self) -> None:
+        # The client sent part of its body and is paused while the upstream
+        # connection is still being made: the timeout is the upstream's.
+        proxy = MemoryProxy(
+            UPSTREAM_TIMEOUT_SECONDS="2",
+            UPSTREAM_CONNECT_TIMEOUT_SECONDS="30",
+            CLIENT_IDLE_TIMEOUT_SECONDS="600",
+        )
+        proxy.endpoints["loki"].hold = True
+        _, transport = proxy.send(
+            b"POST /loki/api/v1/push HTTP/1.1\r\nHost: p\r\nContent-Length: 10\r\n\r\nhalf"
+        )
+        proxy.clock.advance(2.1)
+        self.assertEqual(status(transport.value()), 504, transport.value())
 
     def test_each_keep_alive_request_gets_the_whole_upstream_timeout(self) -> None:
         # One timer serves a connection's requests in turn: the second request
@@ -288,3 +307,55 @@ class PipeliningTests(TestCase):
         last.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
         value = client.value()
         self.assertLess(value.index(b"first"), value.index(b"second"), value)
+
+
+class _SocketTransport(StringTransport):
+    """A client transport whose bytes go to a real socket (one end of a
+    pair), so the proxy's `Sender` writes to it directly, as on a real
+    connection."""
+
+    def __init__(self, sock: socket.socket, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sock = sock
+        self.aborted = False
+
+    def getHandle(self) -> socket.socket:
+        return self.sock
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+
+class StalledClientTests(TestCase):
+    def test_client_that_never_takes_the_answers_tail_is_cut(self) -> None:
+        # The answer is complete and the connection closing, its tail still
+        # in the proxy's backlog: a client that takes nothing for a whole
+        # CLIENT_IDLE_TIMEOUT_SECONDS is cut, not waited for for ever.
+        proxy = MemoryProxy(CLIENT_IDLE_TIMEOUT_SECONDS="5")
+        ours, peer = socket.socketpair()
+        for s in (ours, peer):
+            s.setblocking(False)
+            self.addCleanup(s.close)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        address = IPv4Address("TCP", "10.1.2.3", 4321)
+        transport = _SocketTransport(ours, peerAddress=address)
+        client = proxy.site.buildProtocol(address)
+        client.makeConnection(transport)
+        client.dataReceived(b"GET /loki/api/v1/query_range HTTP/1.0\r\nHost: p\r\n\r\n")
+        body = b"y" * (1024 * 1024)
+        proxy.upstream("loki")[0].dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        proxy.clock.advance(0)  # the turn's writes go out: most stay in the backlog
+        self.assertTrue(client.sender.backed_up)
+        self.assertFalse(transport.aborted)
+        proxy.clock.advance(4)
+        self.assertFalse(transport.aborted, "cut before its idle timeout")
+        proxy.clock.advance(2)
+        self.assertTrue(transport.aborted, "still waiting for a client that takes nothing")
+        client.connectionLost(Failure(ConnectionLost()))

@@ -9,7 +9,9 @@ import os
 import socket
 from typing import Any
 
+from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.sending import HIGH_WATER, Sender, SendQueue
@@ -202,3 +204,79 @@ class UnixSocketTests(TestCase):
         sender.write(b"ok")
         reactor.advance(0)
         self.assertEqual(peer.recv(10), b"ok")
+
+
+class FailureTests(TestCase):
+    """What the review of the write path found: each failure must end the
+    connection cleanly, whatever state the sender is in."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.queue = SendQueue(self.reactor)
+        self.socks = []
+        for _ in range(2):
+            ours, peer = socket.socketpair()
+            for s in (ours, peer):
+                s.setblocking(False)
+                self.addCleanup(s.close)
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            self.socks.append((ours, peer))
+
+    def sender(self, i: int = 0) -> tuple[Sender, FakeTransport]:
+        transport = FakeTransport()
+        sender = Sender(transport, self.queue, self.socks[i][0])
+        self.addCleanup(sender.connection_lost)
+        return sender, transport
+
+    def test_error_on_the_watched_descriptor_cuts_the_connection(self) -> None:
+        # A reset arrives as an error on the duplicate (registered for
+        # writing only) while the transport is not reading: the reactor calls
+        # connectionLost on the duplicate, and the connection must end.
+        sender, transport = self.sender()
+        sender.write(os.urandom(3 * HIGH_WATER))
+        sender.close()  # the transport stops reading
+        (watch,) = self.reactor.getWriters()
+        fd = watch.fileno()
+        self.reactor.removeWriter(watch)
+        watch.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(transport.calls[-1], "abortConnection")
+        with self.assertRaises(OSError):
+            os.fstat(fd)
+
+    def test_connection_lost_while_paused_resumes_the_producer(self) -> None:
+        sender, _ = self.sender()
+        producer = Producer()
+        sender.register_producer(producer)
+        sender.write(os.urandom(3 * HIGH_WATER))
+        self.reactor.advance(0)
+        self.assertEqual(producer.events, ["pause"])
+        sender.connection_lost()
+        self.assertEqual(producer.events, ["pause", "resume"])
+        sender.unregister_producer()  # the exchange lets go afterwards: no error
+
+    def test_send_error_while_draining_the_backlog_aborts(self) -> None:
+        sender, transport = self.sender()
+        sender.write(os.urandom(3 * HIGH_WATER))
+        self.reactor.advance(0)
+        (watch,) = self.reactor.getWriters()
+        peer = self.socks[0][1]
+        peer.close()  # unread data: the next send fails
+        watch.doWrite()
+        self.assertEqual(transport.calls, ["abortConnection"])
+        self.assertEqual(self.reactor.getWriters(), [])
+
+    def test_one_failing_sender_does_not_stall_the_others_of_its_turn(self) -> None:
+        first, first_transport = self.sender(0)
+        second, _ = self.sender(1)
+        first.write(b"one")
+        second.write(b"two")
+
+        def broken() -> None:
+            raise OSError("no descriptors left")
+
+        first.flush = broken  # type: ignore[method-assign]
+        self.reactor.advance(0)
+        self.assertEqual(self.socks[1][1].recv(10), b"two")
+        self.assertEqual(first_transport.calls, ["abortConnection"])
+        self.flushLoggedErrors(OSError)
