@@ -131,25 +131,6 @@ def response_headers(upstream: RawHeaders) -> RawHeaders:
     return out
 
 
-def response_head_lines(upstream: RawHeaders) -> bytes:
-    """``head_lines(response_headers(upstream))`` in one pass: the lines are
-    formatted as the headers are filtered, and only a ``Connection`` header
-    listing more than hop-by-hop fields sends it the long way."""
-    lines = []
-    connection: list[bytes] | None = None
-    drop = _RESPONSE_DROP
-    for name, value in upstream:
-        low = name.lower()
-        if low in drop:
-            if low == b"connection":
-                connection = [value] if connection is None else [*connection, value]
-            continue
-        lines.append(name + b": " + value + b"\r\n")
-    if _also_listed(connection):
-        return head_lines(response_headers(upstream))
-    return b"".join(lines)
-
-
 def head_lines(headers: RawHeaders) -> bytes:
     """``name: value\\r\\n`` for each header, joined."""
     return b"".join([n + b": " + v + b"\r\n" for n, v in headers])

@@ -27,7 +27,7 @@ from twisted.web.resource import IResource, getChildForRequest
 
 from . import errors
 from .exchange import Exchange
-from .headers import RawHeaders, response_head_lines
+from .headers import RawHeaders, head_lines, response_headers
 from .policy import Policy, Refused, choose_tenant, duplicate_host
 from .routes import MAX_TARGET, Refusal, Route, split_target, upstream_target
 from .sending import Sender, SendQueue
@@ -688,7 +688,12 @@ class ClientConnection(Protocol):
         self._response_started = True
         self._emit(
             b"HTTP/1.1 %d %s\r\n%s%s\r\n"
-            % (status, reason or errors.reason(status), response_head_lines(headers), framing)
+            % (
+                status,
+                reason or errors.reason(status),
+                head_lines(response_headers(headers)),
+                framing,
+            )
         )
 
     def _connection_header(self, req: Incoming) -> bytes:

@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.timers import IdleTimer
-from tests.support.memory import MemoryEndpoint, MemoryProxy, sent_requests
+from tests.support.memory import MemoryEndpoint, MemoryProxy, sent_requests, small_socket_pair
 
 GET = b"GET /loki/api/v1/labels HTTP/1.1\r\nHost: p\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -336,12 +336,7 @@ class StalledClientTests(TestCase):
         # in the proxy's backlog: a client that takes nothing for a whole
         # CLIENT_IDLE_TIMEOUT_SECONDS is cut, not waited for for ever.
         proxy = MemoryProxy(CLIENT_IDLE_TIMEOUT_SECONDS="5")
-        ours, peer = socket.socketpair()
-        for s in (ours, peer):
-            s.setblocking(False)
-            self.addCleanup(s.close)
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        ours, _peer = small_socket_pair(self)
         address = IPv4Address("TCP", "10.1.2.3", 4321)
         transport = _SocketTransport(ours, peerAddress=address)
         client = proxy.site.buildProtocol(address)

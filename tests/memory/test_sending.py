@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.sending import HIGH_WATER, Sender, SendQueue
+from tests.support.memory import small_socket_pair
 
 
 class FakeTransport:
@@ -66,14 +67,7 @@ class SenderTests(TestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.queue = SendQueue(self.reactor)
-        ours, peer = socket.socketpair()
-        for s in (ours, peer):
-            s.setblocking(False)
-            self.addCleanup(s.close)
-        # Small kernel buffers: the backlog path is reached with little data.
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.peer = peer
+        ours, self.peer = small_socket_pair(self)
         self.transport = FakeTransport()
         self.sender = Sender(self.transport, self.queue, ours)
         self.addCleanup(self.sender.connection_lost)
@@ -213,15 +207,7 @@ class FailureTests(TestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.queue = SendQueue(self.reactor)
-        self.socks = []
-        for _ in range(2):
-            ours, peer = socket.socketpair()
-            for s in (ours, peer):
-                s.setblocking(False)
-                self.addCleanup(s.close)
-            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            self.socks.append((ours, peer))
+        self.socks = [small_socket_pair(self) for _ in range(2)]
 
     def sender(self, i: int = 0) -> tuple[Sender, FakeTransport]:
         transport = FakeTransport()

@@ -3,13 +3,7 @@
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
-from lgmt_proxy.headers import (
-    HOP_BY_HOP,
-    forward_request_headers,
-    head_lines,
-    response_head_lines,
-    response_headers,
-)
+from lgmt_proxy.headers import HOP_BY_HOP, forward_request_headers, response_headers
 
 
 def fwd(pairs: list[tuple[bytes, bytes]]) -> Headers:
@@ -168,19 +162,3 @@ class ResponseHeaderTests(TestCase):
         self.assertEqual(out.getRawHeaders(b"content-encoding"), [b"gzip"])
         self.assertEqual(out.getRawHeaders(b"set-cookie"), [b"a=1", b"b=2"])
         self.assertEqual(out.getRawHeaders(b"retry-after"), [b"30"])
-
-
-class ResponseHeadLinesTests(TestCase):
-    def test_one_pass_matches_filter_then_format(self) -> None:
-        base = [(b"Content-Type", b"application/json"), (b"Set-Cookie", b"a=1"), (b"X-Hop", b"1")]
-        for extra in (
-            [],
-            [(b"Connection", b"keep-alive")],
-            [(b"Connection", b"close"), (b"Keep-Alive", b"timeout=5")],
-            [(b"Connection", b"X-Hop")],
-            [(b"connection", b"keep-alive"), (b"Connection", b"x-hop, close")],
-            [(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"3")],
-        ):
-            up = base + extra
-            self.assertEqual(response_head_lines(up), head_lines(response_headers(up)), extra)
-        self.assertNotIn(b"X-Hop", response_head_lines([*base, (b"Connection", b"x-hop")]))

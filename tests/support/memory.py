@@ -4,6 +4,7 @@ timer rules run without sockets (as treq's `RequestTraversalAgent` does)."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import httptools
@@ -153,3 +154,15 @@ class MemoryProxy:
     def sample(self, name: str, **labels: str) -> float:
         value = self.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
+
+
+def small_socket_pair(case: Any) -> tuple[socket.socket, socket.socket]:
+    """A connected, non-blocking pair (ours, the peer's) with small kernel
+    buffers, so a backlog builds with little data; closed after ``case``."""
+    ours, peer = socket.socketpair()
+    for s in (ours, peer):
+        s.setblocking(False)
+        case.addCleanup(s.close)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return ours, peer
