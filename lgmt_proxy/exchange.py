@@ -43,6 +43,7 @@ class ClientSide(Protocol):
 
     def stop_streaming(self) -> None: ...
 
+    @property
     def body_producer(self) -> Any: ...
 
     def pause_body(self) -> None: ...
@@ -187,7 +188,7 @@ class Exchange:
         else:
             # Upload backpressure: a slow upstream pauses the client's socket.
             assert conn.sender is not None
-            conn.sender.register_producer(self._client.body_producer())
+            conn.sender.register_producer(self._client.body_producer)
             self._producing = True
             if pending:
                 self._client.resume_body()

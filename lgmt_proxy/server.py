@@ -759,6 +759,7 @@ class ClientConnection(Protocol):
             if self.sender is not None:
                 self.sender.unregister_producer()
 
+    @property
     def body_producer(self) -> Any:
         """The client's transport, to register on the upstream's (upload backpressure)."""
         return self.transport

@@ -102,6 +102,7 @@ class Upstream:
     tenant: bytes | None
     _cached: tuple[Secret, bytes] | None = None
 
+    @property
     def authorization(self) -> bytes | None:
         """The ``Authorization`` value to inject (None: send none)."""
         if self.token is None:
@@ -126,7 +127,7 @@ class Upstream:
         return forward_request_headers(
             incoming,
             host=self.host_header,
-            authorization=self.authorization(),
+            authorization=self.authorization,
             tenant=self.tenant if tenant is None else tenant,
             client_address=client_address,
         )
