@@ -16,6 +16,22 @@ from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 
+
+@attrs.define(frozen=True, auto_exc=False)
+class Refusal(Exception):
+    """A request the proxy answers itself instead of forwarding: its status,
+    a short reason and any extra headers. Raised where a check runs deep (the
+    target's rules), returned where a check is a pure function (the policy);
+    equal by value either way."""
+
+    status: int
+    message: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.message}"
+
+
 #: Reason phrases of the statuses the proxy answers itself.
 REASONS = {
     100: b"Continue",

@@ -5,7 +5,7 @@ route, the one ``Host`` a request may have.
 
 Everything here is a function of the request head and the configuration
 passed in; `server.ClientConnection` asks once per proxied request and turns
-a `Refused` into a JSON answer. What llhttp already refuses (control bytes in
+a `Refusal` into a JSON answer. What llhttp already refuses (control bytes in
 header values, unknown method tokens) never reaches this module.
 """
 
@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
+from .errors import Refusal
 from .headers import RawHeaders
 
 #: The methods the contract forwards; client-auth ``methods: "*"`` means these.
@@ -22,16 +23,7 @@ ALLOWED_METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTI
 _ALLOW = b"GET, POST, PUT, DELETE, HEAD, OPTIONS, PATCH"
 
 
-@attrs.frozen
-class Refused:
-    """A request the policy will not forward: status, short reason, extra headers."""
-
-    status: int
-    message: str
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-
-
-_TWO_HOSTS = Refused(400, "more than one Host header")
+_TWO_HOSTS = Refusal(400, "more than one Host header")
 
 
 def normalise_origin(origin: str) -> str:
@@ -64,7 +56,7 @@ class Policy:
             frozenset(normalise_host(h).encode() for h in hosts),
         )
 
-    def check(self, method: bytes, headers: RawHeaders) -> Refused | None:
+    def check(self, method: bytes, headers: RawHeaders) -> Refusal | None:
         """Why a request on a proxy route is not forwarded, or None.
 
         TRACE would reflect the injected credentials (RFC 9110 section 9.3.8
@@ -77,7 +69,7 @@ class Policy:
         refused, so the one checked is the only one there is.
         """
         if method not in ALLOWED_METHODS:
-            return Refused(405, "method not allowed", ((b"Allow", _ALLOW),))
+            return Refusal(405, "method not allowed", ((b"Allow", _ALLOW),))
         hosts: list[bytes] = []
         origins: list[bytes] = []
         for name, value in headers:
@@ -89,17 +81,17 @@ class Policy:
         if len(hosts) > 1:
             return _TWO_HOSTS
         if len(origins) > 1:
-            return Refused(403, "more than one Origin header")
+            return Refusal(403, "more than one Origin header")
         if self.hosts and (
             not hosts or normalise_host(hosts[0].decode("latin-1")).encode() not in self.hosts
         ):
-            return Refused(421, "this host name is not served here (ALLOWED_HOSTS)")
+            return Refusal(421, "this host name is not served here (ALLOWED_HOSTS)")
         if origins and normalise_origin(origins[0].decode("latin-1")).encode() not in self.origins:
-            return Refused(403, "requests from this origin are not allowed (ALLOWED_ORIGINS)")
+            return Refusal(403, "requests from this origin are not allowed (ALLOWED_ORIGINS)")
         return None
 
 
-def duplicate_host(headers: RawHeaders) -> Refused | None:
+def duplicate_host(headers: RawHeaders) -> Refusal | None:
     """400 for a request with more than one ``Host`` (RFC 9112 section 3.2),
     on any route: a check reading one and a log or upstream reading another
     is how ``ALLOWED_HOSTS`` would be passed."""
@@ -112,12 +104,12 @@ def duplicate_host(headers: RawHeaders) -> Refused | None:
     return None
 
 
-def choose_tenant(tenants: Sequence[str], requested: Sequence[bytes]) -> bytes | Refused:
+def choose_tenant(tenants: Sequence[str], requested: Sequence[bytes]) -> bytes | Refusal:
     """The ``X-Scope-OrgID`` a consumer's request carries on a ``from_consumer``
     route: the one it asks for (its own ``X-Scope-OrgID``) if it is in its
     list, else the first of its list when it asks for none."""
     if not tenants:
-        return Refused(403, "this route needs a consumer with a tenant")
+        return Refusal(403, "this route needs a consumer with a tenant")
     if not requested:
         return tenants[0].encode()
     if len(requested) == 1:
@@ -125,4 +117,4 @@ def choose_tenant(tenants: Sequence[str], requested: Sequence[bytes]) -> bytes |
         for tenant in tenants:
             if tenant.encode() == wanted:
                 return wanted
-    return Refused(403, "X-Scope-OrgID names a tenant this consumer may not use")
+    return Refusal(403, "X-Scope-OrgID names a tenant this consumer may not use")

@@ -12,6 +12,8 @@ import re
 
 import attrs
 
+from .errors import Refusal
+
 
 @attrs.frozen
 class Route:
@@ -41,15 +43,6 @@ DEFAULT_ROUTES = (
     # Pyroscope: /pyroscope/ingest -> /ingest, /pyroscope/querier.v1... -> /querier.v1...
     Route(b"/pyroscope", b"", "profiles"),
 )
-
-
-class Refusal(Exception):
-    """A request target the proxy will not forward: status and a short reason."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 # A dot segment, literal or percent-encoded (%2e / %2E), and any encoded slash

@@ -26,10 +26,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, getChildForRequest
 
 from . import errors
+from .errors import Refusal
 from .exchange import Exchange
 from .headers import RawHeaders, head_lines, response_headers
-from .policy import Policy, Refused, choose_tenant, duplicate_host
-from .routes import MAX_TARGET, Refusal, Route, split_target, upstream_target
+from .policy import Policy, choose_tenant, duplicate_host
+from .routes import MAX_TARGET, Route, split_target, upstream_target
 from .sending import Sender, SendQueue
 from .timers import IdleTimer
 from .tunnel import Tunnel
@@ -390,7 +391,7 @@ class ClientConnection(Protocol):
                 raise Refusal(400, "CONNECT is not supported: this is not a forward proxy")
             req.path, req.query = split_target(req.target)
             if (two_hosts := duplicate_host(req.headers)) is not None:
-                raise Refusal(two_hosts.status, two_hosts.message)
+                raise Refusal(two_hosts.status, two_hosts.message)  # a fresh one to raise
         except Refusal as refusal:
             self.refuse_after_body(refusal.status, refusal.message)
             return
@@ -528,7 +529,7 @@ class ClientConnection(Protocol):
         if tenant_from_consumer:
             requested = [v for n, v in req.headers if n.lower() == b"x-scope-orgid"]
             tenant = choose_tenant(consumer.tenants, requested)
-            if isinstance(tenant, Refused):
+            if isinstance(tenant, Refusal):
                 self.refuse_after_body(tenant.status, f"consumer {consumer.name}: {tenant.message}")
                 return False
             req.tenant = tenant

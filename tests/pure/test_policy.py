@@ -12,11 +12,11 @@ from twisted.web.resource import getChildForRequest
 
 from lgmt_proxy.clientauth import ClientAuth, Consumer, parse_client_auth
 from lgmt_proxy.config import ConfigError, parse_config
+from lgmt_proxy.errors import Refusal
 from lgmt_proxy.headers import forward_request_headers
 from lgmt_proxy.policy import (
     ALLOWED_METHODS,
     Policy,
-    Refused,
     choose_tenant,
     duplicate_host,
     normalise_host,
@@ -134,8 +134,8 @@ class TenantTests(TestCase):
             ([], [b"a"]),
         ):
             refused = choose_tenant(tenants, requested)
-            self.assertIsInstance(refused, Refused, (tenants, requested))
-            assert isinstance(refused, Refused)
+            self.assertIsInstance(refused, Refusal, (tenants, requested))
+            assert isinstance(refused, Refusal)
             self.assertEqual(refused.status, 403)
 
     def test_consumer_tenants_parsed(self) -> None:
