@@ -36,7 +36,7 @@ class NotFound(Resource):
         # Not a leaf only when a route nests under this one; a segment that
         # is none of its children ends the walk here (a leaf, so a later
         # segment cannot match a child: /a/x/c is not /a/c).
-        return NotFound(self._message, self.upstream_name)
+        return self.nested()
 
     def render(self, request: Any) -> bytes:
         return _json(request, 404, self._body)
@@ -83,7 +83,7 @@ class ProxyResource(Resource):
         # (/a/x/c/d/e is /a's, not /a/b/c/d/e's).
         rest = self._rest
         if rest is None:
-            rest = self._rest = ProxyResource(self.route, self.upstream)
+            rest = self._rest = self.nested()
         return rest
 
     def render(self, request: Any) -> bytes:
