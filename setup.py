@@ -6,7 +6,7 @@ regenerate Twisted's plugin cache here; `make venv` and the Dockerfile do it
 after installing (``list(getPlugins(IPlugin))``).
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="lgmt-proxy",
@@ -15,10 +15,10 @@ setup(
     license="MIT",
     license_files=["LICENSE"],
     python_requires=">=3.11",
-    packages=["lgmt_proxy", "twisted.plugins"],
+    packages=[*find_packages(include=["lgmt_proxy", "lgmt_proxy.*"]), "twisted.plugins"],
     # The file formats' JSON Schemas: the code validates with them (schema.py).
     package_data={
-        "lgmt_proxy": ["schemas/*.schema.json"],
+        "lgmt_proxy.config": ["schemas/*.schema.json"],
         "twisted.plugins": ["lgmt_proxy_plugin.py"],
     },
     # Ranges: a lower bound the code runs on, up to the next major release.

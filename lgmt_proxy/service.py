@@ -22,22 +22,22 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from .clientauth import ClientAuth, load_client_auth
-from .config import SIGNALS, Config, Secret
-from .drain import drain_connections
-from .logs import StreamObserver, make_observer
-from .metrics import ProxyMetrics
-from .ops import Readiness, admin_root, ops_resources
-from .policy import Policy
-from .record import Recorder
-from .resources import build_root
-from .routes import DEFAULT_ROUTES, Route
-from .routesfile import RouteSpec
-from .sending import SendQueue
-from .server import ProxyFactory
-from .tokens import token_source
-from .upstream import Upstream, build_upstream
-from .watch import WatchedFile
+from lgmt_proxy.config.clientauth import ClientAuth, load_client_auth
+from lgmt_proxy.config.routesfile import RouteSpec
+from lgmt_proxy.config.settings import SIGNALS, Config, Secret
+from lgmt_proxy.config.tokens import token_source
+from lgmt_proxy.config.watch import WatchedFile
+from lgmt_proxy.dataplane.drain import drain_connections
+from lgmt_proxy.dataplane.resources import build_root
+from lgmt_proxy.dataplane.server import ProxyFactory
+from lgmt_proxy.dataplane.upstream import Upstream, build_upstream
+from lgmt_proxy.io.sending import SendQueue
+from lgmt_proxy.obs.logs import StreamObserver, make_observer
+from lgmt_proxy.obs.metrics import ProxyMetrics
+from lgmt_proxy.obs.ops import Readiness, admin_root, ops_resources
+from lgmt_proxy.obs.record import Recorder
+from lgmt_proxy.rules.policy import Policy
+from lgmt_proxy.rules.routes import DEFAULT_ROUTES, Route
 
 _log = Logger(namespace="lgmt_proxy")
 

@@ -14,9 +14,9 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .clientauth import ClientAuth
-from .config import Config, ConfigError, Secret, parse_config
-from .routesfile import RouteSpec
+from lgmt_proxy.config.clientauth import ClientAuth
+from lgmt_proxy.config.routesfile import RouteSpec
+from lgmt_proxy.config.settings import Config, ConfigError, Secret, parse_config
 
 
 class Options(usage.Options):
@@ -54,9 +54,9 @@ def load(
     """Parse the environment and read the files it names; `ConfigError` lists every problem."""
     import attrs
 
-    from .clientauth import load_client_auth
-    from .routesfile import load_routes_file, tenant_problems
-    from .tokens import read_token_file
+    from lgmt_proxy.config.clientauth import load_client_auth
+    from lgmt_proxy.config.routesfile import load_routes_file, tenant_problems
+    from lgmt_proxy.config.tokens import read_token_file
 
     config = parse_config(env)
     token = config.token
@@ -116,13 +116,13 @@ def _system_bundle() -> bytes | None:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from .service import ProxyService
-    from .upstream import trust_root
+    from lgmt_proxy.dataplane.upstream import trust_root
+    from lgmt_proxy.service import ProxyService
 
     env: dict[str, str] = dict(os.environ)
     sandbox_port: Any = None
     if options["sandbox"]:
-        from .sandbox import sandbox_env, sandbox_site
+        from lgmt_proxy.sandbox import sandbox_env, sandbox_site
 
         sandbox_port = reactor.listenTCP(0, sandbox_site(), interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
         env = {

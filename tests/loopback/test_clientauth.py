@@ -11,9 +11,9 @@ import os
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.clientauth import load_client_auth
-from lgmt_proxy.config import ConfigError
-from lgmt_proxy.watch import WatchedFile
+from lgmt_proxy.config.clientauth import load_client_auth
+from lgmt_proxy.config.settings import ConfigError
+from lgmt_proxy.config.watch import WatchedFile
 from tests.pure.test_clientauth import ALLOY, DOC, KUBECOST, bearer
 from tests.support.helpers import (
     ORG,

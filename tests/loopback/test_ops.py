@@ -15,7 +15,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.server import NOT_DONE_YET
 
-from lgmt_proxy.config import parse_config
+from lgmt_proxy.config.settings import parse_config
 from lgmt_proxy.service import ProxyService
 from tests.support.helpers import (
     TOKEN,

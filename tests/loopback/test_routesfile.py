@@ -10,8 +10,8 @@ import os
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
+from lgmt_proxy.config.tokens import token_source
 from lgmt_proxy.tap import load
-from lgmt_proxy.tokens import token_source
 from tests.pure.test_routesfile import YAML
 from tests.support.helpers import ProxyFixture, Recorder, call, listen, upstream_site
 

@@ -15,12 +15,12 @@ from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.clientauth import parse_client_auth
-from lgmt_proxy.config import ConfigError
-from lgmt_proxy.logs import ACCESS_NAMESPACE
-from lgmt_proxy.metrics import ProxyMetrics
-from lgmt_proxy.ops import Readiness
-from lgmt_proxy.routesfile import parse_routes
+from lgmt_proxy.config.clientauth import parse_client_auth
+from lgmt_proxy.config.routesfile import parse_routes
+from lgmt_proxy.config.settings import ConfigError
+from lgmt_proxy.obs.logs import ACCESS_NAMESPACE
+from lgmt_proxy.obs.metrics import ProxyMetrics
+from lgmt_proxy.obs.ops import Readiness
 from lgmt_proxy.service import admin_site
 from lgmt_proxy.tap import load
 from tests.support.helpers import (

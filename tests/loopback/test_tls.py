@@ -13,7 +13,7 @@ from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.upstream import load_pem_bundle, trust_root
+from lgmt_proxy.dataplane.upstream import load_pem_bundle, trust_root
 from tests.support.helpers import ORG, ProxyFixture, Recorder, basic, call, env_for, upstream_site
 
 

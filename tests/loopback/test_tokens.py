@@ -9,7 +9,7 @@ import os
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.tokens import read_token_file, token_source
+from lgmt_proxy.config.tokens import read_token_file, token_source
 from tests.support.helpers import (
     ORG,
     ProxyFixture,

@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.timers import IdleTimer
+from lgmt_proxy.io.timers import IdleTimer
 from tests.support.memory import MemoryEndpoint, MemoryProxy, sent_requests, small_socket_pair
 
 GET = b"GET /loki/api/v1/labels HTTP/1.1\r\nHost: p\r\n\r\n"

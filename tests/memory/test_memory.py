@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter
 from treq.testing import StubTreq
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.ops import Readiness, admin_root
+from lgmt_proxy.obs.ops import Readiness, admin_root
 from tests.support.memory import MemoryProxy
 
 

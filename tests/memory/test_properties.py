@@ -14,8 +14,8 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
-from lgmt_proxy.headers import HOP_BY_HOP, forward_request_headers
-from lgmt_proxy.routes import DEFAULT_ROUTES, Refusal, Route, split_target
+from lgmt_proxy.rules.headers import HOP_BY_HOP, forward_request_headers
+from lgmt_proxy.rules.routes import DEFAULT_ROUTES, Refusal, Route, split_target
 from tests.support.helpers import ORG, basic
 from tests.support.memory import MemoryProxy
 

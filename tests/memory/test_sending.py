@@ -1,4 +1,4 @@
-"""`lgmt_proxy.sending` on real sockets (a connected pair) and a fake
+"""`lgmt_proxy.io.sending` on real sockets (a connected pair) and a fake
 reactor: what goes out, when, in what order, and what happens when the
 kernel takes only part of it. The proxy's loopback tests (test_streaming,
 test_proxy) cover the same code through the whole data plane."""
@@ -14,7 +14,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.sending import HIGH_WATER, Sender, SendQueue
+from lgmt_proxy.io.sending import HIGH_WATER, Sender, SendQueue
 from tests.support.memory import small_socket_pair
 
 

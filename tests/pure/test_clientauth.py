@@ -9,8 +9,8 @@ import json
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.clientauth import RateLimiter, parse_client_auth
-from lgmt_proxy.config import ConfigError
+from lgmt_proxy.config.clientauth import RateLimiter, parse_client_auth
+from lgmt_proxy.config.settings import ConfigError
 
 KUBECOST = "kubecost-token-0123456789"
 ALLOY = "alloy-token-abcdefghijklmn"

@@ -2,7 +2,7 @@
 
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.config import ConfigError, Secret, parse_config
+from lgmt_proxy.config.settings import ConfigError, Secret, parse_config
 
 TOKEN = "glc_secret-token-value"
 BASE = {

@@ -78,7 +78,7 @@ def anchor_rows(markdown: str) -> list[tuple[str, str, list[str]]]:
 def config_variables() -> set[str]:
     """The literal variable names config.py reads: the first argument of
     ``env.get(...)`` and of the reader's get/number/integer/boolean/choice."""
-    tree = ast.parse((ROOT / "lgmt_proxy" / "config.py").read_text())
+    tree = ast.parse((ROOT / "lgmt_proxy" / "config" / "settings.py").read_text())
     names = set()
     for node in ast.walk(tree):
         if (

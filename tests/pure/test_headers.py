@@ -3,7 +3,7 @@
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
-from lgmt_proxy.headers import HOP_BY_HOP, forward_request_headers, response_headers
+from lgmt_proxy.rules.headers import HOP_BY_HOP, forward_request_headers, response_headers
 
 
 def fwd(pairs: list[tuple[bytes, bytes]]) -> Headers:

@@ -10,20 +10,20 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import getChildForRequest
 
-from lgmt_proxy.clientauth import ClientAuth, Consumer, parse_client_auth
-from lgmt_proxy.config import ConfigError, parse_config
-from lgmt_proxy.errors import Refusal
-from lgmt_proxy.headers import forward_request_headers
-from lgmt_proxy.policy import (
+from lgmt_proxy.config.clientauth import ClientAuth, Consumer, parse_client_auth
+from lgmt_proxy.config.routesfile import parse_routes, tenant_problems
+from lgmt_proxy.config.settings import ConfigError, parse_config
+from lgmt_proxy.dataplane.resources import build_root
+from lgmt_proxy.rules.errors import Refusal
+from lgmt_proxy.rules.headers import forward_request_headers
+from lgmt_proxy.rules.policy import (
     ALLOWED_METHODS,
     Policy,
     choose_tenant,
     duplicate_host,
     normalise_host,
 )
-from lgmt_proxy.resources import build_root
-from lgmt_proxy.routes import Route
-from lgmt_proxy.routesfile import parse_routes, tenant_problems
+from lgmt_proxy.rules.routes import Route
 from tests.support.helpers import env_for
 
 SEVEN = [b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH"]

@@ -4,9 +4,9 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import getChildForRequest
 from twisted.web.test.requesthelper import DummyRequest
 
-from lgmt_proxy.config import SIGNALS, parse_config
-from lgmt_proxy.resources import build_root
-from lgmt_proxy.routes import Refusal, split_target, upstream_target
+from lgmt_proxy.config.settings import SIGNALS, parse_config
+from lgmt_proxy.dataplane.resources import build_root
+from lgmt_proxy.rules.routes import Refusal, split_target, upstream_target
 
 # The resource tree as the site builds it; routing walks raw path segments.
 ROOT = build_root({name: object() for name in SIGNALS}, {})  # type: ignore[misc]

@@ -6,9 +6,9 @@ import os
 
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.config import ConfigError, parse_config
-from lgmt_proxy.routes import upstream_target
-from lgmt_proxy.routesfile import load_routes_file, parse_routes
+from lgmt_proxy.config.routesfile import load_routes_file, parse_routes
+from lgmt_proxy.config.settings import ConfigError, parse_config
+from lgmt_proxy.rules.routes import upstream_target
 
 YAML = """
 routes:

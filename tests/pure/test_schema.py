@@ -1,5 +1,5 @@
-"""The file formats' JSON Schemas (lgmt_proxy/schemas/): valid draft-07, what
-the proxy enforces (lgmt_proxy/schema.py agrees with a full validator, the
+"""The file formats' JSON Schemas (lgmt_proxy/config/schemas/): valid draft-07, what
+the proxy enforces (lgmt_proxy/config/schema.py agrees with a full validator, the
 one editors' verdicts resemble), what the docs show, and in the packages.
 
 No reactor anywhere; ``PackagingTests`` alone runs a subprocess (it builds the
@@ -25,13 +25,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy import schema
-from lgmt_proxy.clientauth import parse_client_auth
-from lgmt_proxy.policy import ALLOWED_METHODS
-from lgmt_proxy.routesfile import parse_routes
+from lgmt_proxy.config import schema
+from lgmt_proxy.config.clientauth import parse_client_auth
+from lgmt_proxy.config.routesfile import parse_routes
+from lgmt_proxy.rules.policy import ALLOWED_METHODS
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMAS = ROOT / "lgmt_proxy" / "schemas"
+SCHEMAS = ROOT / "lgmt_proxy" / "config" / "schemas"
 NAMES = ("client-auth", "routes")
 #: Which schema a document is for, by its top-level key.
 KEYS = {"consumers": "client-auth", "routes": "routes"}
@@ -238,7 +238,7 @@ class PackagingTests(TestCase):
         with tarfile.open(sdist) as t:
             in_sdist = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
         for name in NAMES:
-            member = f"lgmt_proxy/schemas/{name}.schema.json"
+            member = f"lgmt_proxy/config/schemas/{name}.schema.json"
             self.assertIn(member, in_wheel)
             self.assertIn(member, in_sdist)
 

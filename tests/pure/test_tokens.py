@@ -7,10 +7,10 @@ import os
 from prometheus_client import CollectorRegistry
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.config import ConfigError
-from lgmt_proxy.metrics import ProxyMetrics
+from lgmt_proxy.config.settings import ConfigError
+from lgmt_proxy.config.tokens import read_token_file, token_source
+from lgmt_proxy.obs.metrics import ProxyMetrics
 from lgmt_proxy.tap import load
-from lgmt_proxy.tokens import read_token_file, token_source
 from tests.support.helpers import (
     env_for,
 )

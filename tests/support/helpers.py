@@ -19,12 +19,12 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from lgmt_proxy.config import Config, parse_config
-from lgmt_proxy.metrics import ProxyMetrics
-from lgmt_proxy.ops import Readiness
-from lgmt_proxy.server import ProxyFactory
+from lgmt_proxy.config.settings import Config, parse_config
+from lgmt_proxy.config.tokens import token_source
+from lgmt_proxy.dataplane.server import ProxyFactory
+from lgmt_proxy.obs.metrics import ProxyMetrics
+from lgmt_proxy.obs.ops import Readiness
 from lgmt_proxy.service import build_site
-from lgmt_proxy.tokens import token_source
 
 from .processes import ChildProcess
 

@@ -16,11 +16,11 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from lgmt_proxy.config import parse_config
-from lgmt_proxy.metrics import ProxyMetrics
-from lgmt_proxy.ops import Readiness
+from lgmt_proxy.config.settings import parse_config
+from lgmt_proxy.config.tokens import token_source
+from lgmt_proxy.obs.metrics import ProxyMetrics
+from lgmt_proxy.obs.ops import Readiness
 from lgmt_proxy.service import build_site
-from lgmt_proxy.tokens import token_source
 
 from .helpers import ORG, env_for
 

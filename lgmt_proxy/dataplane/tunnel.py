@@ -24,14 +24,14 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import errors
-from .headers import head_lines
-from .routes import Route, upstream_target
-from .timers import IdleTimer
+from lgmt_proxy.io.timers import IdleTimer
+from lgmt_proxy.rules import errors
+from lgmt_proxy.rules.headers import head_lines
+from lgmt_proxy.rules.routes import Route, upstream_target
 
 if TYPE_CHECKING:
-    from .server import ClientConnection, Incoming, ProxyFactory
-    from .upstream import Upstream
+    from lgmt_proxy.dataplane.server import ClientConnection, Incoming, ProxyFactory
+    from lgmt_proxy.dataplane.upstream import Upstream
 
 _log = Logger(namespace="lgmt_proxy.tunnel")
 

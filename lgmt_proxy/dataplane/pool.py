@@ -27,9 +27,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .errors import InvalidResponse
-from .headers import RawHeaders
-from .sending import Sender, SendQueue
+from lgmt_proxy.io.sending import Sender, SendQueue
+from lgmt_proxy.rules.errors import InvalidResponse
+from lgmt_proxy.rules.headers import RawHeaders
 
 _log = Logger(namespace="lgmt_proxy.pool")
 

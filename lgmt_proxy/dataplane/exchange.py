@@ -19,11 +19,11 @@ from typing import Any, Protocol
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
-from . import errors
-from .headers import RawHeaders, head_lines
-from .pool import UpstreamConnection
-from .timers import IdleTimer
-from .upstream import Upstream
+from lgmt_proxy.dataplane.pool import UpstreamConnection
+from lgmt_proxy.dataplane.upstream import Upstream
+from lgmt_proxy.io.timers import IdleTimer
+from lgmt_proxy.rules import errors
+from lgmt_proxy.rules.headers import RawHeaders, head_lines
 
 
 class ClientSide(Protocol):

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .logs import ACCESS_NAMESPACE, StreamObserver
-from .metrics import ProxyMetrics, method_label
+from lgmt_proxy.obs.logs import ACCESS_NAMESPACE, StreamObserver
+from lgmt_proxy.obs.metrics import ProxyMetrics, method_label
 
 if TYPE_CHECKING:
-    from .server import Incoming
+    from lgmt_proxy.dataplane.server import Incoming
 
 _MAX_ID = 128
 

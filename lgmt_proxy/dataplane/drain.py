@@ -10,7 +10,7 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
-from .server import ProxyFactory
+from lgmt_proxy.dataplane.server import ProxyFactory
 
 _TICK = 0.05
 #: An idle connection is closed once it has been quiet this long: a client

@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import IResource, Resource
 
-from .errors import json_error
-from .metrics import WithoutCreated
-from .resources import Branch, _json
+from lgmt_proxy.dataplane.resources import Branch, _json
+from lgmt_proxy.obs.metrics import WithoutCreated
+from lgmt_proxy.rules.errors import json_error
 
 _OK = b'{"status":"ok"}\n'
 _DRAINING = b'{"status":"draining"}\n'

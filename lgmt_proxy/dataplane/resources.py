@@ -8,9 +8,9 @@ from typing import Any
 
 from twisted.web.resource import IResource, Resource
 
-from .errors import json_error
-from .routes import DEFAULT_ROUTES, Route
-from .upstream import Upstream
+from lgmt_proxy.dataplane.upstream import Upstream
+from lgmt_proxy.rules.errors import json_error
+from lgmt_proxy.rules.routes import DEFAULT_ROUTES, Route
 
 
 def _json(request: Any, status: int, body: bytes) -> bytes:

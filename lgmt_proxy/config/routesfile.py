@@ -29,10 +29,17 @@ from typing import Any
 import attrs
 import yaml
 
-from . import schema
-from .config import ConfigError, Secret, UpstreamConfig, parse_token, upstream_from_url, url_problem
-from .routes import Route
-from .watch import read_bytes
+from lgmt_proxy.config import schema
+from lgmt_proxy.config.settings import (
+    ConfigError,
+    Secret,
+    UpstreamConfig,
+    parse_token,
+    upstream_from_url,
+    url_problem,
+)
+from lgmt_proxy.config.watch import read_bytes
+from lgmt_proxy.rules.routes import Route
 
 _NAME = "ROUTES_FILE"
 #: ``tenant:`` value that sends each consumer's own tenant.

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-from .errors import Refusal
-from .headers import RawHeaders
+from lgmt_proxy.rules.errors import Refusal
+from lgmt_proxy.rules.headers import RawHeaders
 
 #: The methods the contract forwards; client-auth ``methods: "*"`` means these.
 ALLOWED_METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH"})

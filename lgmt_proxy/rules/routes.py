@@ -12,7 +12,7 @@ import re
 
 import attrs
 
-from .errors import Refusal
+from lgmt_proxy.rules.errors import Refusal
 
 
 @attrs.frozen

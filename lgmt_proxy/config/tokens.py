@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import Secret, parse_token
-from .watch import WatchedFile, read_bytes
+from lgmt_proxy.config.settings import Secret, parse_token
+from lgmt_proxy.config.watch import WatchedFile, read_bytes
 
 _NAME = "GRAFANA_CLOUD_ACCESS_TOKEN_FILE"
 

@@ -25,10 +25,10 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
-from .config import Config, Secret, UpstreamConfig
-from .headers import RawHeaders, forward_request_headers
-from .pool import UpstreamPool
-from .sending import SendQueue
+from lgmt_proxy.config.settings import Config, Secret, UpstreamConfig
+from lgmt_proxy.dataplane.pool import UpstreamPool
+from lgmt_proxy.io.sending import SendQueue
+from lgmt_proxy.rules.headers import RawHeaders, forward_request_headers
 
 
 def load_pem_bundle(data: bytes) -> list[crypto.X509]:

@@ -38,9 +38,9 @@ from typing import Any
 import attrs
 import yaml
 
-from . import schema
-from .policy import ALLOWED_METHODS
-from .watch import read_bytes
+from lgmt_proxy.config import schema
+from lgmt_proxy.config.watch import read_bytes
+from lgmt_proxy.rules.policy import ALLOWED_METHODS
 
 _NAME = "CLIENT_AUTH_FILE"
 
@@ -159,7 +159,7 @@ def parse_client_auth(text: str | bytes) -> ClientAuth:
     say (unique names and tokens) is checked here, on the consumers the
     schema passed, so one run reports both kinds.
     """
-    from .config import ConfigError
+    from lgmt_proxy.config.settings import ConfigError
 
     try:
         doc = yaml.safe_load(text)
@@ -208,7 +208,7 @@ def parse_client_auth(text: str | bytes) -> ClientAuth:
 
 def load_client_auth(path: str) -> tuple[ClientAuth | None, str | None]:
     """Read and parse the file; a problem line (the first) on failure."""
-    from .config import ConfigError
+    from lgmt_proxy.config.settings import ConfigError
 
     data, problem = read_bytes(path)
     if data is None:

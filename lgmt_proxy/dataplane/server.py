@@ -25,20 +25,20 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, getChildForRequest
 
-from . import errors
-from .errors import Refusal
-from .exchange import Exchange
-from .headers import RawHeaders, head_lines, response_headers
-from .policy import Policy, choose_tenant, duplicate_host
-from .routes import MAX_TARGET, Route, split_target, upstream_target
-from .sending import Sender, SendQueue
-from .timers import IdleTimer
-from .tunnel import Tunnel
+from lgmt_proxy.dataplane.exchange import Exchange
+from lgmt_proxy.dataplane.tunnel import Tunnel
+from lgmt_proxy.io.sending import Sender, SendQueue
+from lgmt_proxy.io.timers import IdleTimer
+from lgmt_proxy.rules import errors
+from lgmt_proxy.rules.errors import Refusal
+from lgmt_proxy.rules.headers import RawHeaders, head_lines, response_headers
+from lgmt_proxy.rules.policy import Policy, choose_tenant, duplicate_host
+from lgmt_proxy.rules.routes import MAX_TARGET, Route, split_target, upstream_target
 
 if TYPE_CHECKING:
-    from .clientauth import ClientAuth, RateLimiter
-    from .record import Recorder
-    from .upstream import Upstream
+    from lgmt_proxy.config.clientauth import ClientAuth, RateLimiter
+    from lgmt_proxy.dataplane.upstream import Upstream
+    from lgmt_proxy.obs.record import Recorder
 
 _log = Logger(namespace="lgmt_proxy.server")
 
@@ -1022,7 +1022,7 @@ class ProxyFactory(Factory):
         #: Methods, ALLOWED_HOSTS and ALLOWED_ORIGINS for proxy routes.
         self.policy = policy if policy is not None else Policy()
         if limiter is None:
-            from .clientauth import RateLimiter
+            from lgmt_proxy.config.clientauth import RateLimiter
 
             limiter = RateLimiter(clock)
         self.limiter = limiter

@@ -1,4 +1,4 @@
-"""The user file formats as JSON Schema (``lgmt_proxy/schemas/*.schema.json``),
+"""The user file formats as JSON Schema (``lgmt_proxy/config/schemas/*.schema.json``),
 and the validator that reads those files.
 
 The schema files are the single source: the code validates with them, the
@@ -279,5 +279,5 @@ class Schema:
 @functools.cache
 def load(name: str) -> Schema:
     """The shipped schema ``name`` (``client-auth``, ``routes``), read once."""
-    text = resources.files("lgmt_proxy").joinpath(f"schemas/{name}.schema.json").read_text()
+    text = resources.files("lgmt_proxy.config").joinpath(f"schemas/{name}.schema.json").read_text()
     return Schema.from_json(text)

@@ -1,0 +1,1 @@
+"""Settings and validation of the environment, watched files, the file formats."""

@@ -1,0 +1,1 @@
+"""The bytes' path: client connections, exchanges, upstream connections and pools, tunnels."""

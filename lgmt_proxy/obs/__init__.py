@@ -1,0 +1,1 @@
+"""What the proxy tells: metrics, access and application logs, the ops resources."""

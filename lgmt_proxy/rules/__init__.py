@@ -1,0 +1,1 @@
+"""Pure decisions: routes, policy, header rules, refusals and failure mapping (no reactor)."""
