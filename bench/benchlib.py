@@ -280,21 +280,18 @@ events {{ worker_connections 16384; }}
 http {{ {temp}"""
 
 
-def upstream_conf(prefix: Path, port: int, sink_port: int, big_file: Path) -> str:
+def upstream_conf(
+    prefix: Path, port: int, sink_port: int, big_file: Path, tls: TlsFiles, tls_port: int
+) -> str:
     """nginx standing in for Grafana Cloud: small JSON answers to queries;
     pushes read whole before the 204 (``proxy_pass`` with request buffering
     reads the body, then asks a tiny second server without forwarding it, and
-    ``$request_length`` proves every byte arrived); a big file. The access log
-    records nginx's connection serial (the connections a proxy opened) and
-    whether the injected credentials were right."""
-    return f"""{_common(prefix)}
-    map $http_authorization $auth_ok {{ "{AUTHORIZATION}" 1; default 0; }}
-    log_format bench '$connection\\t$status\\t$request_length\\t$request_method\\t$uri\\t$http_x_scope_orgid\\t$auth_ok';
-    access_log {prefix / "access.log"} bench;
-    keepalive_timeout 300s; keepalive_requests 10000000; sendfile on; tcp_nopush on;
-    upstream sink {{ server 127.0.0.1:{sink_port}; keepalive 32; }}
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
+    ``$request_length`` proves every byte arrived); a big file. The same
+    locations over plain HTTP on ``port`` and HTTPS on ``tls_port`` (as
+    Grafana Cloud answers: TLS 1.3, session tickets). The access log records
+    nginx's connection serial (the connections a proxy opened) and whether
+    the injected credentials were right."""
+    locations = f"""
         location /api/prom/api/v1/ {{ default_type application/json; return 200 '{SMALL_ANSWER}'; }}
         location = {PUSH_PATH} {{
             client_max_body_size 0; client_body_buffer_size 2m;
@@ -304,21 +301,44 @@ def upstream_conf(prefix: Path, port: int, sink_port: int, big_file: Path) -> st
         }}
         location = {BIG_PATH} {{ default_type application/octet-stream; alias {big_file}; }}
         location = /health {{ return 200 'ok'; }}
-        location / {{ return 404; }}
+        location / {{ return 404; }}"""
+    return f"""{_common(prefix)}
+    map $http_authorization $auth_ok {{ "{AUTHORIZATION}" 1; default 0; }}
+    log_format bench '$connection\\t$status\\t$request_length\\t$request_method\\t$uri\\t$http_x_scope_orgid\\t$auth_ok';
+    access_log {prefix / "access.log"} bench;
+    keepalive_timeout 300s; keepalive_requests 10000000; sendfile on; tcp_nopush on;
+    upstream sink {{ server 127.0.0.1:{sink_port}; keepalive 32; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;{locations}
+    }}
+    server {{
+        listen 127.0.0.1:{tls_port} ssl backlog=4096;
+        ssl_certificate {tls.cert}; ssl_certificate_key {tls.key};
+        ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:bench:1m;{locations}
     }}
     server {{ listen 127.0.0.1:{sink_port}; access_log off; location / {{ return 204; }} }}
 }}
 """
 
 
-def nginx_proxy_conf(prefix: Path, port: int, upstream_port: int, io_buffer: str = "64k") -> str:
+def nginx_proxy_conf(
+    prefix: Path, port: int, upstream_port: int, io_buffer: str = "64k", ca: Path | None = None
+) -> str:
     """nginx as the same credential-injecting reverse proxy: the same routes
     and injected headers, a keep-alive upstream pool, streaming both ways (no
     buffering: lgmt-proxy never spools) through one 64 KiB buffer per
-    direction (what Twisted reads at a time), a buffered access log."""
+    direction (what Twisted reads at a time), a buffered access log. With
+    ``ca``, the upstream is HTTPS, verified against that CA, sessions reused."""
     host = f"127.0.0.1:{upstream_port}"
+    scheme, verify = "http", ""
+    if ca is not None:
+        scheme = "https"
+        verify = (
+            f"proxy_ssl_trusted_certificate {ca}; proxy_ssl_verify on; "
+            "proxy_ssl_name localhost; proxy_ssl_session_reuse on;"
+        )
     routes = "\n".join(
-        f"        location {a} {{ proxy_pass http://grafana{b}; }}"
+        f"        location {a} {{ proxy_pass {scheme}://grafana{b}; }}"
         for a, b in [("/prometheus/", "/api/prom/")]
         + [(p, "") for p in ("/api/prom/", "/loki/", "/tempo/", "/otlp/")]
     )
@@ -334,13 +354,71 @@ def nginx_proxy_conf(prefix: Path, port: int, upstream_port: int, io_buffer: str
         proxy_set_header X-Forwarded-For $remote_addr;
         proxy_request_buffering off; proxy_buffering off;
         client_body_buffer_size {io_buffer}; proxy_buffer_size {io_buffer};
-        proxy_buffers 4 {io_buffer}; proxy_busy_buffers_size {io_buffer};
+        proxy_buffers 4 {io_buffer}; proxy_busy_buffers_size {io_buffer}; {verify}
 {routes}
         location = /ready {{ default_type application/json; return 200 '{{"status":"ok"}}'; }}
         location / {{ default_type application/json; return 404 '{{"error":"no route"}}'; }}
     }}
 }}
 """
+
+
+# -- TLS for the HTTPS upstream ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA made for one run and the upstream's certificate (for 127.0.0.1)
+    signed by it: the proxies trust the CA alone (UPSTREAM_CA_FILE)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls(directory: Path) -> TlsFiles:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(name: str, key: Any, issuer: Any, signer: Any, ca: bool) -> Any:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lgmt bench CA")])
+    ca = cert("lgmt bench CA", ca_key, ca_name, ca_key, True)
+    leaf = cert("127.0.0.1", leaf_key, ca_name, ca_key, False)
+    files = TlsFiles(directory / "ca.pem", directory / "upstream.pem", directory / "upstream.key")
+    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        leaf_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files
 
 
 # -- the upstream's access log -----------------------------------------------------

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as b  # re-executes under .venv/bin/python when psutil is missing
 from benchlib import MiB, log
 
-WORKLOADS = ("get50", "auth", "get1", "push", "big", "idle", "soak")
+#: The workloads run again with the upstream answering over HTTPS (as Grafana
+#: Cloud does): the same method, fresh proxies that talk TLS to the upstream.
+TLS_WORKLOADS = {"tls_get50": "get50", "tls_get1": "get1", "tls_push": "push", "tls_big": "big"}
+WORKLOADS = ("get50", "auth", "get1", "push", "big", *TLS_WORKLOADS, "idle", "soak")
 DOCS = b.ROOT / "docs" / "performance.md"
 RESULTS = b.BENCH / "results"
 MARKS = ("<!-- bench:results:start -->", "<!-- bench:results:end -->")
@@ -87,7 +90,8 @@ class Bench:
         self.s, self.workdir, self.twistd, self.compare = s, workdir, twistd, compare
         self.targets: dict[str, b.Target] = {}
         port, sink_port, big = b.free_port(), b.free_port(), workdir / "big.bin"
-        conf = b.upstream_conf(workdir / "upstream", port, sink_port, big)
+        self.tls_files, self.tls_port, self.tls = b.make_tls(workdir / "tls"), b.free_port(), False
+        conf = b.upstream_conf(workdir / "upstream", port, sink_port, big, self.tls_files, self.tls_port)
         self.upstream = b.Nginx("upstream", "upstream (nginx)", workdir, conf, port, "/health")
         self.log = b.UpstreamLog(self.upstream.prefix / "access.log")
 
@@ -101,8 +105,9 @@ class Bench:
     def start_proxies(self) -> None:
         """nginx, lgmt-proxy and the --compare-twistd build, each known to
         `stop` as soon as it is started so a failure leaves nothing running."""
-        port = b.free_port()
-        conf = b.nginx_proxy_conf(self.workdir / "nginx", port, self.upstream.port)
+        port, ca = b.free_port(), self.tls_files.ca if self.tls else None
+        upstream_port = self.tls_port if self.tls else self.upstream.port
+        conf = b.nginx_proxy_conf(self.workdir / "nginx", port, upstream_port, ca=ca)
         self.add(b.Nginx("nginx", "nginx proxy", self.workdir, conf, port, "/ready"))
         self.add(self.lgmt("lgmt"))
         if self.compare:
@@ -110,7 +115,34 @@ class Bench:
         log(", ".join(f"{t.label} {t.url}" for t in self.targets.values()))
 
     def lgmt(self, name: str, twistd: str = "", **env: str) -> b.LgmtProxy:
-        return b.LgmtProxy(self.workdir, twistd or self.twistd, self.upstream.url, name, **env)
+        upstream = self.upstream.url
+        if self.tls:
+            upstream = f"https://127.0.0.1:{self.tls_port}"
+            env = {"UPSTREAM_CA_FILE": str(self.tls_files.ca), **env}
+        return b.LgmtProxy(self.workdir, twistd or self.twistd, upstream, name, **env)
+
+    def over_tls(self, workload: str) -> dict[str, Any]:
+        """``workload`` again through fresh proxies whose upstream is HTTPS;
+        the direct target (get1's baseline) stays the plain upstream."""
+        self.tls = True
+        try:
+            self.restart_proxies()
+            return dict(getattr(self, workload)())
+        finally:
+            self.tls = False
+            self.restart_proxies()
+
+    def tls_get50(self) -> dict[str, Any]:
+        return self.over_tls("get50")
+
+    def tls_get1(self) -> dict[str, Any]:
+        return self.over_tls("get1")
+
+    def tls_push(self) -> dict[str, Any]:
+        return self.over_tls("push")
+
+    def tls_big(self) -> dict[str, Any]:
+        return self.over_tls("big")
 
     def add(self, target: b.Target) -> None:
         self.targets[target.name] = target
@@ -119,14 +151,17 @@ class Bench:
     def fresh_proxies(self) -> None:
         """New proxy processes, warmed up with a little of every kind of
         request: memory figures then do not depend on what ran before."""
-        for name in self.proxies():
-            self.targets.pop(name).stop()
-        self.start_proxies()
+        self.restart_proxies()
         for name in self.proxies():
             b.big_transfer(self.targets[name].port, "up", MiB, 0)
             with b.idle_connections(self.targets[name].port, 20):
                 pass
         time.sleep(0.5)
+
+    def restart_proxies(self) -> None:
+        for name in self.proxies():
+            self.targets.pop(name).stop()
+        self.start_proxies()
 
     def stop(self) -> None:
         for target in [*self.targets.values(), self.upstream]:
@@ -454,6 +489,13 @@ FIGURES = [
         need=("rss_first_mib", "rss_last_mib"), target="no growth", check="grows", on="lgmt", limit=0),
     Fig("soak", "open fds first → last third", "{fds_first:.0f} → {fds_last:.0f}", target="no growth"),
 ]  # fmt: skip
+FIGURES += [
+    replace(f, workload=tls, label=f.label and "HTTPS upstream: " + f.label)
+    for tls, plain in TLS_WORKLOADS.items()
+    for f in FIGURES
+    if f.workload == plain
+]
+FIGURES.sort(key=lambda f: WORKLOADS.index(f.workload))  # stable: rows keep their order
 TOTALS = ("non2xx", "socket_errors", "bad_credentials", "pushes_not_read_whole")
 
 
