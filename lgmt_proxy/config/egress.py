@@ -1,0 +1,181 @@
+"""Egress through an HTTP forward proxy: ``HTTPS_PROXY``, ``HTTP_PROXY`` and
+``NO_PROXY`` as curl and Go read them, parsed by pure functions.
+
+Many clusters reach the internet only through a forward proxy (Squid, a
+cloud egress proxy) named in these variables for every workload; ignoring
+them turns every request into a connect timeout. The upstream's host name is
+resolved by the proxy (``CONNECT host:port``), never by us.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from collections.abc import Mapping
+from urllib.parse import unquote, urlsplit
+
+import attrs
+
+from lgmt_proxy.config.settings import Secret
+
+#: Each scheme's variables, the upper-case name first (curl reads
+#: ``http_proxy`` in lower case only; Go and most tools read both).
+PROXY_VARIABLES = {
+    "https": ("HTTPS_PROXY", "https_proxy"),
+    "http": ("HTTP_PROXY", "http_proxy"),
+}
+NO_PROXY_VARIABLES = ("NO_PROXY", "no_proxy")
+
+
+@attrs.frozen
+class ForwardProxy:
+    """A forward proxy: where it is and the ``Proxy-Authorization`` value (a
+    `Secret`: never logged). ``display`` is the URL without credentials."""
+
+    scheme: str
+    host: str
+    port: int
+    authorization: Secret | None = attrs.field(default=None, eq=False)
+
+    @property
+    def display(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+def parse_proxy_url(text: str, credentials: str | None = None) -> ForwardProxy | str:
+    """A proxy URL (``http://[user:password@]host[:port]``, ``https://`` for
+    TLS to the proxy itself; a bare ``host:port`` is taken as ``http://``, as
+    curl does), or the problem with it (never quoting the credentials).
+    ``credentials`` (``user:password``, from a file) win over the URL's."""
+    text = text.strip()
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return "not a URL like http://proxy.example:3128"
+    if parts.scheme not in ("http", "https"):
+        return "must start with http:// or https://"
+    if not parts.hostname:
+        return "has no host"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "must be only a scheme, host and port"
+    if credentials is None and parts.username is not None:
+        credentials = unquote(parts.username) + ":" + unquote(parts.password or "")
+    authorization = None
+    if credentials is not None:
+        if ":" not in credentials or credentials.startswith(":"):
+            return "credentials must be user:password"
+        token = base64.b64encode(credentials.encode()).decode("ascii")
+        authorization = Secret(value="Basic " + token)
+    return ForwardProxy(
+        scheme=parts.scheme,
+        host=parts.hostname,
+        port=port or (443 if parts.scheme == "https" else 80),
+        authorization=authorization,
+    )
+
+
+@attrs.frozen
+class _Rule:
+    """One ``NO_PROXY`` entry: a domain (with its subdomains), an address or
+    a network, and an optional port."""
+
+    domain: str | None = None
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    port: int | None = None
+
+    def matches(self, host: str, address: object, port: int) -> bool:
+        if self.port is not None and self.port != port:
+            return False
+        if self.network is not None:
+            return address is not None and address in self.network
+        domain = self.domain
+        assert domain is not None
+        return host == domain or host.endswith("." + domain)
+
+
+@attrs.frozen
+class NoProxy:
+    """The hosts reached directly. ``*`` alone means every host."""
+
+    rules: tuple[_Rule, ...] = ()
+    everything: bool = False
+
+    def bypasses(self, host: str, port: int) -> bool:
+        if self.everything:
+            return True
+        host = host.lower().rstrip(".").strip("[]")
+        try:
+            address: object = ipaddress.ip_address(host)
+        except ValueError:
+            address = None
+        return any(rule.matches(host, address, port) for rule in self.rules)
+
+
+def parse_no_proxy(text: str) -> NoProxy:
+    """``NO_PROXY`` as curl documents it: comma-separated host names (each
+    with its subdomains; a leading ``.`` or ``*.`` changes nothing), IP
+    addresses and CIDR ranges, each with an optional ``:port``, or ``*``.
+    Entries that are none of these are ignored, as curl ignores them."""
+    rules: list[_Rule] = []
+    for raw in text.replace(" ", ",").split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return NoProxy(everything=True)
+        port: int | None = None
+        if entry.startswith("["):  # [v6]:port
+            inside, _, rest = entry[1:].partition("]")
+            entry = inside
+            if rest.startswith(":") and rest[1:].isdigit():
+                port = int(rest[1:])
+        elif entry.count(":") == 1:
+            entry, _, digits = entry.partition(":")
+            if not digits.isdigit():
+                continue
+            port = int(digits)
+        try:
+            network = ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            domain = entry.removeprefix("*").lstrip(".").rstrip(".")
+            if domain and "/" not in domain:
+                rules.append(_Rule(domain=domain, port=port))
+            continue
+        rules.append(_Rule(network=network, port=port))
+    return NoProxy(rules=tuple(rules))
+
+
+def proxy_from_environment(
+    environ: Mapping[str, str], credentials: str | None = None
+) -> tuple[dict[str, ForwardProxy], NoProxy, list[str]]:
+    """The forward proxy of each upstream scheme, the hosts that bypass it,
+    and one problem line per variable that is set but unusable."""
+    proxies: dict[str, ForwardProxy] = {}
+    problems: list[str] = []
+    for scheme, names in PROXY_VARIABLES.items():
+        for name in names:
+            value = environ.get(name, "").strip()
+            if not value:
+                continue
+            parsed = parse_proxy_url(value, credentials)
+            if isinstance(parsed, str):
+                problems.append(f"{name}: {parsed}")
+            else:
+                proxies[scheme] = parsed
+            break
+    no_proxy = next((environ[n] for n in NO_PROXY_VARIABLES if environ.get(n, "").strip()), "")
+    return proxies, parse_no_proxy(no_proxy), problems
+
+
+def choose_proxy(
+    proxies: Mapping[str, ForwardProxy], no_proxy: NoProxy, scheme: str, host: str, port: int
+) -> ForwardProxy | None:
+    """The proxy an upstream is reached through, or None for a direct connection."""
+    proxy = proxies.get(scheme)
+    if proxy is None or no_proxy.bypasses(host, port):
+        return None
+    return proxy

@@ -1,0 +1,137 @@
+"""HTTPS_PROXY, HTTP_PROXY and NO_PROXY read as curl documents them."""
+
+from __future__ import annotations
+
+import base64
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from lgmt_proxy.config.egress import (
+    ForwardProxy,
+    choose_proxy,
+    parse_no_proxy,
+    parse_proxy_url,
+    proxy_from_environment,
+)
+
+
+class ProxyURLTests(SynchronousTestCase):
+    def test_scheme_host_port(self) -> None:
+        proxy = parse_proxy_url("http://squid.internal:3128")
+        assert isinstance(proxy, ForwardProxy)
+        self.assertEqual((proxy.scheme, proxy.host, proxy.port), ("http", "squid.internal", 3128))
+        self.assertIsNone(proxy.authorization)
+
+    def test_bare_host_port_is_http_and_default_ports(self) -> None:
+        bare = parse_proxy_url("squid:3128")
+        assert isinstance(bare, ForwardProxy)
+        self.assertEqual((bare.scheme, bare.port), ("http", 3128))
+        self.assertEqual(parse_proxy_url("http://squid").port, 80)  # type: ignore[union-attr]
+        self.assertEqual(parse_proxy_url("https://squid").port, 443)  # type: ignore[union-attr]
+
+    def test_userinfo_becomes_a_hidden_proxy_authorization(self) -> None:
+        proxy = parse_proxy_url("http://team%40corp:p%3Ass@squid:3128")
+        assert isinstance(proxy, ForwardProxy)
+        assert proxy.authorization is not None
+        expected = "Basic " + base64.b64encode(b"team@corp:p:ss").decode()
+        self.assertEqual(proxy.authorization.reveal(), expected)
+        self.assertEqual(proxy.display, "http://squid:3128")
+        for text in (repr(proxy), str(proxy), proxy.display):
+            self.assertNotIn("p:ss", text)
+            self.assertNotIn(expected, text)
+
+    def test_credentials_from_a_file_win(self) -> None:
+        proxy = parse_proxy_url("http://a:b@squid:3128", credentials="c:d")
+        assert isinstance(proxy, ForwardProxy) and proxy.authorization is not None
+        self.assertEqual(proxy.authorization.reveal(), "Basic " + base64.b64encode(b"c:d").decode())
+
+    def test_problems_are_short_and_never_quote_credentials(self) -> None:
+        self.assertEqual(parse_proxy_url("socks5://h:1080"), "must start with http:// or https://")
+        self.assertEqual(parse_proxy_url("http://:3128"), "has no host")
+        self.assertEqual(
+            parse_proxy_url("http://h:99999"), "not a URL like http://proxy.example:3128"
+        )
+        self.assertEqual(
+            parse_proxy_url("http://h:3128/path"), "must be only a scheme, host and port"
+        )
+        problem = parse_proxy_url("http://h:1", credentials="no-colon-secret")
+        self.assertEqual(problem, "credentials must be user:password")
+
+    def test_ipv6_proxy(self) -> None:
+        proxy = parse_proxy_url("http://[fd00::1]:3128")
+        assert isinstance(proxy, ForwardProxy)
+        self.assertEqual(proxy.host, "fd00::1")
+        self.assertEqual(proxy.display, "http://[fd00::1]:3128")
+
+
+class NoProxyTests(SynchronousTestCase):
+    def test_domain_matches_itself_and_subdomains_only(self) -> None:
+        rules = parse_no_proxy("example.com")
+        self.assertTrue(rules.bypasses("example.com", 443))
+        self.assertTrue(rules.bypasses("www.example.com", 443))
+        self.assertTrue(rules.bypasses("WWW.Example.COM.", 443))
+        self.assertFalse(rules.bypasses("notexample.com", 443))
+        self.assertFalse(rules.bypasses("example.com.other", 443))
+
+    def test_leading_dot_or_star_dot_is_the_same_domain(self) -> None:
+        for entry in (".example.com", "*.example.com"):
+            rules = parse_no_proxy(entry)
+            self.assertTrue(rules.bypasses("example.com", 443), entry)
+            self.assertTrue(rules.bypasses("a.example.com", 443), entry)
+
+    def test_star_alone_bypasses_everything(self) -> None:
+        self.assertTrue(parse_no_proxy("foo, *").bypasses("anything.example", 1))
+        self.assertFalse(parse_no_proxy("*.x").bypasses("y", 1))
+
+    def test_addresses_and_cidr_ranges(self) -> None:
+        rules = parse_no_proxy("10.0.0.0/8, 192.168.1.5, ::1, fd00::/8")
+        self.assertTrue(rules.bypasses("10.1.2.3", 443))
+        self.assertTrue(rules.bypasses("192.168.1.5", 443))
+        self.assertFalse(rules.bypasses("192.168.1.6", 443))
+        self.assertTrue(rules.bypasses("::1", 443))
+        self.assertTrue(rules.bypasses("[fd00::5]", 443))
+        self.assertFalse(rules.bypasses("11.0.0.1", 443))
+        # A name is not resolved to be matched against a range.
+        self.assertFalse(rules.bypasses("ten.example", 443))
+
+    def test_ports(self) -> None:
+        rules = parse_no_proxy("internal.example:8443, [::1]:9000, 127.0.0.1:80")
+        self.assertTrue(rules.bypasses("internal.example", 8443))
+        self.assertFalse(rules.bypasses("internal.example", 443))
+        self.assertTrue(rules.bypasses("::1", 9000))
+        self.assertFalse(rules.bypasses("::1", 9001))
+        self.assertTrue(rules.bypasses("127.0.0.1", 80))
+        self.assertFalse(rules.bypasses("127.0.0.1", 81))
+
+    def test_empty_and_junk_entries_are_ignored(self) -> None:
+        rules = parse_no_proxy(" , ,host:notaport, a/b")
+        self.assertEqual(rules.rules, ())
+        self.assertFalse(rules.bypasses("host", 1))
+
+
+class EnvironmentTests(SynchronousTestCase):
+    def test_each_scheme_its_variable_upper_case_first(self) -> None:
+        proxies, no_proxy, problems = proxy_from_environment(
+            {
+                "HTTPS_PROXY": "http://secure:3128",
+                "https_proxy": "http://ignored:1",
+                "http_proxy": "http://plain:3128",
+                "no_proxy": "svc.cluster.local",
+            }
+        )
+        self.assertEqual(problems, [])
+        self.assertEqual(proxies["https"].host, "secure")
+        self.assertEqual(proxies["http"].host, "plain")
+        self.assertIsNone(choose_proxy(proxies, no_proxy, "https", "mimir.svc.cluster.local", 443))
+        chosen = choose_proxy(proxies, no_proxy, "https", "prometheus.grafana.net", 443)
+        self.assertEqual(chosen, proxies["https"])
+
+    def test_unset_means_direct(self) -> None:
+        proxies, no_proxy, problems = proxy_from_environment({})
+        self.assertEqual((proxies, problems), ({}, []))
+        self.assertIsNone(choose_proxy(proxies, no_proxy, "https", "x.grafana.net", 443))
+
+    def test_a_bad_value_is_a_problem_naming_the_variable(self) -> None:
+        _, _, problems = proxy_from_environment({"HTTPS_PROXY": "socks5://u:secret@h:1"})
+        self.assertEqual(problems, ["HTTPS_PROXY: must start with http:// or https://"])
+        self.assertNotIn("secret", problems[0])
