@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.abstract import isIPv6Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.posixbase import PosixReactorBase
@@ -216,10 +216,10 @@ async def close_listening(
     in the same turn. Only connects after that are refused, which a client
     can safely retry elsewhere. Without a held socket, just stop."""
     if held is None:
-        await port.stopListening()
+        await maybeDeferred(port.stopListening)  # None if it was not listening
         return
     try:
-        await port.stopListening()
+        await maybeDeferred(port.stopListening)
         adopted = adopt_queued(held, factory, reactor)
     finally:
         held.close()
