@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -13,9 +14,11 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -108,15 +111,67 @@ def build_site(
     return site, upstreams
 
 
+#: At most this many queued connections are taken over when a listener
+#: closes: twice Linux's default cap on an accept queue (net.core.somaxconn,
+#: 4096), so a flood of connects cannot hold the reactor in the loop.
+ACCEPT_AT_CLOSE = 8192
+
+
+class HeldSockets:
+    """The reactor a `Listener`'s endpoint listens with. A TCP listening
+    socket is bound here and lent to the reactor (`adoptStreamPort` takes
+    its own copy), so it stays ours: stopping the port closes the reactor's
+    copy only. A port from the reactor's own ``listenTCP`` shuts its socket
+    down when it stops, which resets every connection in the accept queue.
+    Anything else (``unix:``, ``ssl:``, a memory reactor in tests) goes to
+    the reactor as it is."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        #: The socket under each port listenTCP returned, by the port's id.
+        self.held: dict[int, socket.socket] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.reactor, name)
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        if not isinstance(self.reactor, PosixReactorBase):  # no real sockets to hold
+            return self.reactor.listenTCP(port, factory, backlog, interface)
+        family = socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted does
+            address: Any = (interface, port)
+            try:
+                if family == socket.AF_INET6:  # the scope id of fe80::1%eth0, as Twisted does
+                    address = socket.getaddrinfo(
+                        interface, port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST
+                    )[0][4]
+                sock.bind(address)
+            except OSError as e:
+                raise CannotListenError(interface, port, e) from None
+            sock.listen(backlog)
+            sock.setblocking(False)
+            listening = self.reactor.adoptStreamPort(sock.fileno(), family, factory)
+        except BaseException:
+            sock.close()
+            raise
+        self.held[id(listening)] = sock
+        return listening
+
+
 class Listener(Service):
-    """Listens on an endpoint while running. Unlike Twisted's
+    """Listens on an endpoint description while running. Unlike Twisted's
     `StreamServerEndpointService`, a port that cannot be bound raises
     `CannotListenError` out of ``privilegedStartService`` (twistd binds
-    there), so the service can print one plain line and exit 1."""
+    there), so the service can print one plain line and exit 1. Stopping
+    it answers what the kernel had already queued (`close_listening`)."""
 
-    def __init__(self, endpoint: Any, factory: Any) -> None:
-        self.endpoint = endpoint
+    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
+        self.sockets = HeldSockets(reactor)
+        self.endpoint = serverFromString(self.sockets, description)
         self.factory = factory
+        self.reactor = reactor
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
@@ -142,7 +197,58 @@ class Listener(Service):
         port, self.port = self.port, None
         if port is None:
             return succeed(None)
-        return port.stopListening()  # type: ignore[no-any-return]
+        held = self.sockets.held.pop(id(port), None)
+        return Deferred.fromCoroutine(close_listening(port, held, self.factory, self.reactor))
+
+
+async def close_listening(
+    port: Any, held: socket.socket | None, factory: Any, reactor: Any
+) -> None:
+    """Stop listening without resetting a connection the kernel completed.
+
+    Closing a listening socket resets every connection still in its accept
+    queue, and their clients may have sent a request already (a POST they
+    must not retry: a reset cannot be told from a request lost mid-way). So
+    the reactor stops reading the port and closes its copy of the socket
+    (a reactor turn later), while ``held`` keeps it listening; then
+    everything queued is accepted and handed to the reactor with ``factory``
+    (MAX_CONNECTIONS applies as to any connection), and ``held`` is closed
+    in the same turn. Only connects after that are refused, which a client
+    can safely retry elsewhere. Without a held socket, just stop."""
+    if held is None:
+        await maybeDeferred(port.stopListening)  # None if it was not listening
+        return
+    try:
+        await maybeDeferred(port.stopListening)
+        adopted = adopt_queued(held, factory, reactor)
+    finally:
+        held.close()
+    if adopted:
+        _log.info("listener closed: {n} queued connections taken over", n=adopted)
+
+
+def adopt_queued(
+    listening: socket.socket, factory: Any, reactor: Any, limit: int = ACCEPT_AT_CLOSE
+) -> int:
+    """Accept every connection queued on ``listening`` (until it would
+    block) and give each to the reactor. Returns how many were taken."""
+    listening.setblocking(False)
+    adopted = 0
+    for _ in range(limit):
+        try:
+            conn, _address = listening.accept()
+        except BlockingIOError:
+            break
+        except ConnectionAbortedError:
+            continue  # the client gave up while queued
+        except OSError as e:  # out of descriptors: what is left is reset
+            _log.warn("listener closed: cannot accept queued connections: {e}", e=e.strerror)
+            break
+        with conn:  # the reactor holds its own duplicate
+            conn.setblocking(False)
+            reactor.adoptStreamConnection(conn.fileno(), conn.family, factory)
+        adopted += 1
+    return adopted
 
 
 class _QuietSite(Site):
@@ -271,13 +377,12 @@ class ProxyService(MultiService):
         if admin_listen and admin_listen.isdigit():
             # A bare port: every address, IPv6 and IPv4, like PORT.
             admin_listen = default_listen(int(admin_listen))
-        self._main = Listener(serverFromString(reactor, self.listen), self.site)
+        self._main = Listener(self.listen, self.site, reactor)
         self._main.setServiceParent(self)
         self._admin: Listener | None = None
         if admin_listen:
             self._admin = Listener(
-                serverFromString(reactor, admin_listen),
-                admin_site(self.readiness, self.registry, reactor),
+                admin_listen, admin_site(self.readiness, self.registry, reactor), reactor
             )
             self._admin.setServiceParent(self)
         if self.client_auth is not None:

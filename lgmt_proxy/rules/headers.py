@@ -39,11 +39,19 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"x-forwarded-for",
 }
 
-#: The headers the proxy injects (and ``Authorization``/``X-Scope-OrgID`` in
-#: any case): a client's name for one of them spelled with ``_`` for ``-`` is
-#: dropped too, since upstreams that map ``_`` to ``-`` (CGI/WSGI style)
-#: would see it beside the injected one.
-_INJECTED = frozenset({b"authorization", b"x-scope-orgid", b"host", b"x-forwarded-for"})
+#: Every request header the proxy treats specially: framing
+#: (``Content-Length``, ``Transfer-Encoding``), hop-by-hop, ``Host``, the
+#: ``Forwarded`` family and the injected credentials. A client header whose
+#: name reads as one of these once ``_`` is read as ``-`` (``Transfer_Encoding``,
+#: ``X_Scope_OrgID``) is dropped: an upstream or gateway that maps ``_`` to
+#: ``-`` (CGI/WSGI style) would take it for framing or beside the injected
+#: one. Only dashed names have such look-alikes, so only they are kept here.
+_LOOK_ALIKE_OF = frozenset(
+    name
+    for name in _REQUEST_DROP
+    | {b"forwarded", b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-port"}
+    if b"-" in name
+)
 
 #: Response headers never copied back: hop-by-hop, plus ``Content-Length``
 #: which the proxy sets from the upstream's framing itself.
@@ -78,11 +86,12 @@ def forward_request_headers(
     client_address: bytes,
 ) -> RawHeaders:
     """The headers the upstream gets for a client request. The client's
-    credentials (and their ``_`` look-alikes) are dropped even where none are
-    injected (None). The ``Connection``-listed filter sees the client's
-    headers only: what the proxy injects is added after it, once, so nothing
-    a client sends can remove or duplicate it (``Connection: host`` once
-    left the upstream without a ``Host``)."""
+    credentials are dropped even where none are injected (None), and so are
+    ``_`` look-alikes of every header treated specially (``_LOOK_ALIKE_OF``).
+    The ``Connection``-listed filter sees the client's headers only: what
+    the proxy injects is added after it, once, so nothing a client sends can
+    remove or duplicate it (``Connection: host`` once left the upstream
+    without a ``Host``)."""
     connection: list[bytes] | None = None
     kept: RawHeaders = []
     forwarded: list[bytes] = []
@@ -95,7 +104,7 @@ def forward_request_headers(
             elif low == b"connection":
                 connection = [value] if connection is None else [*connection, value]
             continue
-        if b"_" in low and low.replace(b"_", b"-") in _INJECTED:
+        if b"_" in low and low.replace(b"_", b"-") in _LOOK_ALIKE_OF:
             continue
         kept.append((name, value))
     listed = _also_listed(connection)

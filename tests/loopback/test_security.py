@@ -173,6 +173,40 @@ class HeaderTests(_Base):
         self.assertEqual(by_dash[b"authorization"], [basic(ORG["loki"])])
         self.assertEqual(by_dash[b"x-forwarded-for"], [b"127.0.0.1"])
 
+    async def test_framing_and_hop_by_hop_look_alikes_never_reach_the_upstream(self) -> None:
+        # Issue 20 item 15: an upstream mapping _ to - (CGI, WSGI, some
+        # gateways) would read these as framing, hop-by-hop or forwarding
+        # headers; only the custom underscore header passes.
+        proxy, up = self.start()
+        raw = await self.raw(
+            proxy,
+            head(
+                b"POST",
+                b"/loki/api/v1/push",
+                b"Content-Length: 5",
+                b"Transfer_Encoding: chunked",
+                b"Content_Length: 0",
+                b"Keep_Alive: timeout=5",
+                b"Proxy_Connection: keep-alive",
+                b"Proxy_Authorization: Basic c3RvbGVuOmNyZWRz",
+                b"X_Forwarded_Host: evil.example",
+                b"X_Forwarded_Proto: http",
+                b"X_Custom_Header: kept",
+            )
+            + b"hello",
+        )
+        self.assertEqual(status_of(raw), 200)
+        (seen,) = up.seen
+        self.assertEqual(seen.body, b"hello")
+        underscored = sorted(n.lower() for n, _ in seen.headers if b"_" in n)
+        self.assertEqual(underscored, [b"x_custom_header"])
+        by_dash = {name.lower().replace(b"_", b"-"): values for name, values in seen.headers}
+        for name in (b"transfer-encoding", b"keep-alive", b"proxy-authorization"):
+            self.assertNotIn(name, by_dash)
+        for name in (b"proxy-connection", b"x-forwarded-host", b"x-forwarded-proto"):
+            self.assertNotIn(name, by_dash)
+        self.assertEqual(by_dash[b"content-length"], [b"5"])
+
 
 class HostTests(_Base):
     async def test_foreign_host_421_ops_exempt(self) -> None:

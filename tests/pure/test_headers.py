@@ -142,6 +142,92 @@ class RequestHeaderTests(TestCase):
         self.assertEqual(raw, [(b"Host", b"up.example"), (b"X-Forwarded-For", b"10.1.2.3")])
 
 
+#: Every header the proxy treats specially that has a ``-`` in its name, so
+#: a ``_`` spelling that a CGI/WSGI-style upstream would read as it.
+SPECIAL_DASHED = [
+    b"Content-Length",
+    b"Transfer-Encoding",
+    b"Keep-Alive",
+    b"Proxy-Connection",
+    b"Proxy-Authorization",
+    b"Proxy-Authenticate",
+    b"X-Forwarded-For",
+    b"X-Forwarded-Host",
+    b"X-Forwarded-Proto",
+    b"X-Scope-OrgID",
+]
+
+
+class UnderscoreLookAlikeTests(TestCase):
+    """Issue 20 item 15: a ``_`` spelling of a framing, hop-by-hop,
+    forwarding or injected header never reaches the upstream; other
+    underscore names (custom headers) do."""
+
+    def test_every_special_header_look_alike_dropped(self) -> None:
+        spellings = []
+        for name in SPECIAL_DASHED:
+            spellings += [name.replace(b"-", b"_"), name.upper().replace(b"-", b"_")]
+            first, _, rest = name.partition(b"-")
+            spellings.append(first + b"_" + rest)  # one dash only: Proxy_Connection
+            spellings.append(name.lower().replace(b"-", b"_", 1))
+        raw = forward_request_headers(
+            [(n, b"1") for n in spellings] + [(b"Accept", b"*/*")],
+            host=b"up.example",
+            authorization=b"Basic b3JnOnRvaw==",
+            tenant=b"t1",
+            client_address=b"10.1.2.3",
+        )
+        self.assertEqual(
+            sorted(n for n, _ in raw),
+            [b"Accept", b"Authorization", b"Host", b"X-Forwarded-For", b"X-Scope-OrgID"],
+        )
+        self.assertFalse([n for n, _ in raw if b"_" in n])
+
+    def test_framing_look_alikes_dropped_with_a_body(self) -> None:
+        out = fwd(
+            [
+                (b"Transfer_Encoding", b"chunked"),
+                (b"Content_Length", b"0"),
+                (b"content_length", b"5"),
+                (b"X_Forwarded_Host", b"evil.example"),
+                (b"X_Forwarded_Proto", b"http"),
+                (b"Content-Type", b"application/x-protobuf"),
+            ]
+        )
+        names = sorted(n.lower() for n, _ in out.getAllRawHeaders())
+        self.assertEqual(
+            names,
+            [b"authorization", b"content-type", b"host", b"x-forwarded-for", b"x-scope-orgid"],
+        )
+
+    def test_other_underscore_names_kept(self) -> None:
+        # Custom headers may use _ (nothing the proxy sends or reads): they
+        # pass, as in the service we replace; so do near-misses of the
+        # special names, which no _-to-- mapping turns into one.
+        kept = [
+            (b"X_Custom_Header", b"a"),
+            (b"X_Grafana_Org", b"b"),
+            (b"Content_Length_", b"c"),
+            (b"_Transfer-Encoding", b"d"),
+            (b"Host_", b"e"),
+            (b"Connection_", b"f"),
+            (b"X-Forwarded_Server", b"g"),
+        ]
+        raw = forward_request_headers(
+            kept,
+            host=b"up.example",
+            authorization=None,
+            tenant=None,
+            client_address=b"10.1.2.3",
+        )
+        self.assertEqual([p for p in raw if b"_" in p[0]], kept)
+
+    def test_underscores_in_values_are_not_names(self) -> None:
+        out = fwd([(b"X-Note", b"Transfer_Encoding"), (b"X-Other", b"Content_Length: 1")])
+        self.assertEqual(out.getRawHeaders(b"x-note"), [b"Transfer_Encoding"])
+        self.assertEqual(out.getRawHeaders(b"x-other"), [b"Content_Length: 1"])
+
+
 class ResponseHeaderTests(TestCase):
     def test_end_to_end_kept_hop_by_hop_dropped(self) -> None:
         up = [(n, b"x") for n in HOP_BY_HOP]
