@@ -64,11 +64,12 @@ class Tinyproxy:
         conf = self.dir / "tinyproxy.conf"
         conf.write_text("\n".join(lines) + "\n")
         script = f'mount --bind "{hosts}" /etc/hosts && exec tinyproxy -d -c "{conf}"'
-        self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-            stdout=open(self.dir / "stdout.log", "wb"),  # noqa: SIM115 (closed with the process)
-            stderr=subprocess.STDOUT,
-        )
+        with open(self.dir / "stdout.log", "wb") as out:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         self._wait_listening()
 
     @property
