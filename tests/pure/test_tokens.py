@@ -30,16 +30,20 @@ class TokenFileTests(TestCase):
     def test_read_strips_newline(self) -> None:
         token, problem = read_token_file(self.write("t", "abc123\n"))
         assert token is not None
-        self.assertEqual((token.reveal(), problem), ("abc123", None))
+        self.assertEqual((token.reveal(), problem), ("abc123", []))
 
     def test_problems_never_show_content(self) -> None:
-        token, problem = read_token_file(self.write("t", "two words-secret\n"))
-        assert problem is not None
+        token, problems = read_token_file(self.write("t", "two words-secret\n"))
         self.assertIsNone(token)
-        self.assertNotIn("words-secret", problem)
-        _, problem = read_token_file(os.path.join(self.dir, "missing"))
-        assert problem is not None
-        self.assertTrue(problem.startswith("GRAFANA_CLOUD_ACCESS_TOKEN_FILE:"))
+        self.assertEqual(
+            problems, ["GRAFANA_CLOUD_ACCESS_TOKEN_FILE: contains whitespace or control characters"]
+        )
+        missing = os.path.join(self.dir, "missing")
+        _, problems = read_token_file(missing)
+        self.assertEqual(
+            problems,
+            [f"GRAFANA_CLOUD_ACCESS_TOKEN_FILE: cannot read {missing}: No such file or directory"],
+        )
 
     def test_load_reads_the_file(self) -> None:
         env = env_for("https://x.grafana.net")
