@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import IService
@@ -87,7 +87,10 @@ def load(
     return config, token, client_auth, routes
 
 
-def _config_exit(problems: list[str]) -> SystemExit:
+def _config_exit(problems: list[str], warnings: Sequence[str] = ()) -> SystemExit:
+    # A likely typo first: it is often why a variable is missing.
+    for line in warnings:
+        print(f"lgmt-proxy: warning: {line}", file=sys.stderr)
     for line in problems:
         print(f"lgmt-proxy: configuration error: {line}", file=sys.stderr)
     return SystemExit(2)
@@ -132,7 +135,7 @@ def makeService(options: Options) -> IService:
     try:
         config, token, client_auth, routes = load(env)
     except ConfigError as e:
-        raise _config_exit(e.problems) from None
+        raise _config_exit(e.problems, typos) from None
     trust = None
     if config.upstream_ca_file:
         try:
