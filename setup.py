@@ -26,8 +26,6 @@ setup(
     # requirements.lock (`make lock` regenerates it from these ranges).
     install_requires=[
         "twisted[tls]>=24.7.0,<27",
-        "treq>=24.9.1,<27",
-        "txaio>=23.1.1,<27",
         "prometheus-client>=0.20.0,<1",
         "attrs>=23.2.0,<27",
         "service-identity>=24.1.0,<27",
@@ -37,5 +35,8 @@ setup(
         "httptools>=0.6.4,<1",
         # CLIENT_AUTH_FILE is YAML (JSON is read by the same parser).
         "PyYAML>=6.0.1,<7",
+        # CLIENT_AUTH_FILE and ROUTES_FILE are checked against their JSON
+        # Schemas (lgmt_proxy/config/schema.py): every error, with its path.
+        "jsonschema>=4.26.0,<5",
     ],
 )

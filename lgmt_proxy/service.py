@@ -7,7 +7,7 @@ import gc
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -27,7 +27,7 @@ from twisted.web.server import Site
 
 from lgmt_proxy.config.clientauth import ClientAuth, load_client_auth
 from lgmt_proxy.config.routesfile import RouteSpec
-from lgmt_proxy.config.settings import SIGNALS, Config, Secret
+from lgmt_proxy.config.settings import SIGNALS, Config, Secret, UpstreamConfig
 from lgmt_proxy.config.tokens import token_source
 from lgmt_proxy.config.watch import WatchedFile
 from lgmt_proxy.dataplane.drain import drain_connections
@@ -291,6 +291,21 @@ def default_listen(port: int) -> str:
     return f"tcp:{port}:backlog=1024"
 
 
+def upstream_fields(
+    upstream: UpstreamConfig, *, has_token: bool, from_consumer: bool
+) -> dict[str, str]:
+    """The start-up line's fields for one upstream, as users read them: ``-``
+    where nothing is sent (no Basic user on a bearer or none route, no
+    ``X-Scope-OrgID``), ``from_consumer`` where each consumer's own is."""
+    auth = upstream.auth if has_token else "none"
+    return {
+        "url": upstream.url,
+        "auth": auth,
+        "org_id": upstream.user if auth == "basic" and upstream.user else "-",
+        "tenant_id": "from_consumer" if from_consumer else upstream.tenant or "-",
+    }
+
+
 def _freeze_startup_objects() -> None:
     """Move everything built at start-up out of the cyclic collector's way:
     full collections then only walk what requests allocate (the process-wide
@@ -316,9 +331,12 @@ class ProxyService(MultiService):
         stdout: IO[str] = sys.stdout,
         sandbox: bool = False,
         handle_sigterm: bool = True,
+        warnings: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.config = config
+        #: Said at start-up, not fatal (unknown variables: likely typos).
+        self._warnings = tuple(warnings)
         self.reactor = reactor
         self.sandbox = sandbox
         self._handle_sigterm = handle_sigterm
@@ -341,12 +359,17 @@ class ProxyService(MultiService):
             [self.token] if config.token_file and self.token else []
         )
         route_sources: list[tuple[RouteSpec, Callable[[], Secret] | None]] | None = None
+        self._from_consumer = {
+            s.upstream.name for s in routes or [] if s.route.tenant_from_consumer
+        }
         if routes is not None:
             route_sources = []
             for spec in routes:
                 source = None
                 if spec.token is not None:
-                    source = token_source(spec.token, spec.token_file, reloads)
+                    source = token_source(
+                        spec.token, spec.token_file, reloads, name=spec.token_file_key
+                    )
                     if spec.token_file:
                         self._watched.append(source)
                 route_sources.append((spec, source))
@@ -431,6 +454,10 @@ class ProxyService(MultiService):
         self._announce()
 
     def _announce(self) -> None:
+        for text in self._warnings:
+            # Not a `warning` field: Twisted's legacy observer takes those for
+            # Python warnings.
+            _log.warn("{text}", text=text)
         if self.client_auth is not None:
             names = ", ".join(c.name for c in self.client_auth().consumers)
             _log.info("client authentication on: consumers {names}", names=names)
@@ -449,14 +476,14 @@ class ProxyService(MultiService):
             # The event's field names (signal, org_id, tenant_id) are what log
             # queries match, so they stay; with ROUTES_FILE they hold the
             # route's upstream name and Basic-auth user.
-            s = up.config
             _log.info(
                 "signal {signal} on: {url} (auth {auth}, org id {org_id}, tenant {tenant_id})",
                 signal=name,
-                url=s.url,
-                auth=s.auth if up.token is not None else "none",
-                org_id=s.user,
-                tenant_id=s.tenant,
+                **upstream_fields(
+                    up.config,
+                    has_token=up.token is not None,
+                    from_consumer=name in self._from_consumer,
+                ),
             )
         off = [n for n in SIGNALS if n not in self.upstreams]
         if off and self.config.routes_file is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import IService
@@ -16,7 +16,13 @@ from twisted.python import usage
 
 from lgmt_proxy.config.clientauth import ClientAuth
 from lgmt_proxy.config.routesfile import RouteSpec
-from lgmt_proxy.config.settings import Config, ConfigError, Secret, parse_config
+from lgmt_proxy.config.settings import (
+    Config,
+    ConfigError,
+    Secret,
+    parse_config,
+    unknown_variables,
+)
 
 
 class Options(usage.Options):
@@ -52,8 +58,6 @@ def load(
     env: Mapping[str, str],
 ) -> tuple[Config, Secret | None, ClientAuth | None, list[RouteSpec] | None]:
     """Parse the environment and read the files it names; `ConfigError` lists every problem."""
-    import attrs
-
     from lgmt_proxy.config.clientauth import load_client_auth
     from lgmt_proxy.config.routesfile import load_routes_file, tenant_problems
     from lgmt_proxy.config.tokens import read_token_file
@@ -69,21 +73,13 @@ def load(
             )
         except ConfigError as e:
             problems.extend(e.problems)
-        for i, spec in enumerate(routes or []):
-            if spec.token_file is not None:
-                secret, problem = read_token_file(spec.token_file)
-                if problem:
-                    problems.append(f"ROUTES_FILE: route {spec.upstream.name}: {problem}")
-                routes[i] = attrs.evolve(spec, token=secret)  # type: ignore[index]
     if config.token_file is not None:
-        token, problem = read_token_file(config.token_file)
-        if problem:
-            problems.append(problem)
+        token, found = read_token_file(config.token_file)
+        problems.extend(found)
     client_auth = None
     if config.client_auth_file is not None:
-        client_auth, problem = load_client_auth(config.client_auth_file)
-        if problem:
-            problems.extend(problem.splitlines())
+        client_auth, found = load_client_auth(config.client_auth_file)
+        problems.extend(found)
     if routes:
         problems.extend(tenant_problems(routes, config.client_auth_file is not None))
     if problems:
@@ -91,7 +87,10 @@ def load(
     return config, token, client_auth, routes
 
 
-def _config_exit(problems: list[str]) -> SystemExit:
+def _config_exit(problems: list[str], warnings: Sequence[str] = ()) -> SystemExit:
+    # A likely typo first: it is often why a variable is missing.
+    for line in warnings:
+        print(f"lgmt-proxy: warning: {line}", file=sys.stderr)
     for line in problems:
         print(f"lgmt-proxy: configuration error: {line}", file=sys.stderr)
     return SystemExit(2)
@@ -120,6 +119,8 @@ def makeService(options: Options) -> IService:
     from lgmt_proxy.service import ProxyService
 
     env: dict[str, str] = dict(os.environ)
+    # Read before the sandbox replaces anything: these are the user's own.
+    typos = unknown_variables(env)
     sandbox_port: Any = None
     if options["sandbox"]:
         from lgmt_proxy.sandbox import sandbox_env, sandbox_site
@@ -134,7 +135,7 @@ def makeService(options: Options) -> IService:
     try:
         config, token, client_auth, routes = load(env)
     except ConfigError as e:
-        raise _config_exit(e.problems) from None
+        raise _config_exit(e.problems, typos) from None
     trust = None
     if config.upstream_ca_file:
         try:
@@ -156,6 +157,7 @@ def makeService(options: Options) -> IService:
             admin_listen=options["admin-listen"],
             trust=trust,
             sandbox=sandbox_port is not None,
+            warnings=typos,
         )
     except ValueError as e:  # a bad endpoint string
         raise _config_exit([f"--listen/--admin-listen: {e}"]) from None

@@ -82,9 +82,11 @@ app.kubernetes.io/component: proxy
 {{- if .Values.admin.enabled }}admin{{ else }}http{{ end }}
 {{- end }}
 
-{{/* A value as written. Helm reads every number in a values file as a float64,
-     which toString prints as 1.329819e+06: a whole number is printed as its
-     digits instead (1329819), anything else as toString. */}}
+{{/* A value as YAML read it. Helm reads every number in a values file as a
+     float64, which toString prints as 1.329819e+06: a whole number is printed
+     as its digits instead (1329819), anything else as toString. What was
+     typed is gone by then: an unquoted 0123 arrives as 83 (octal), 0x1F as
+     31, 1e3 as 1000; lgmt-proxy.validate refuses what can still be told. */}}
 {{- define "lgmt-proxy.str" -}}
 {{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) }}
 {{- int64 . | toString }}
@@ -105,7 +107,7 @@ app.kubernetes.io/component: proxy
 {{- range $signal, $u := .Values.upstreams }}
 {{- if $u.url }}
 {{- $on = add1 $on }}
-{{- if not $u.orgId }}
+{{- if and (not $u.orgId) (not (kindIs "bool" $u.orgId)) }}
 {{- $problems = append $problems (printf "upstreams.%s.orgId: required because upstreams.%s.url is set" $signal $signal) }}
 {{- end }}
 {{- if and (not $.Values.config.allowInsecureUpstream) (not (hasPrefix "https://" $u.url)) }}
@@ -113,7 +115,10 @@ app.kubernetes.io/component: proxy
 {{- end }}
 {{- range $field := list "orgId" "tenantId" }}
 {{- $id := index $u $field }}
-{{- if kindIs "float64" $id }}
+{{- if kindIs "bool" $id }}
+{{- /* yes/no/on/off/true/false: YAML 1.1 booleans (with --skip-schema-validation). */}}
+{{- $problems = append $problems (printf "upstreams.%s.%s: YAML reads this unquoted value as the boolean %v, not an id: quote it (%s: \"...\")" $signal $field $id $field) }}
+{{- else if kindIs "float64" $id }}
 {{- /* 2^53: above it a float64 no longer holds every whole number. */}}
 {{- if or (ne (float64 (int64 $id)) $id) (ge $id 9007199254740992.0) (lt $id 0.0) }}
 {{- $problems = append $problems (printf "upstreams.%s.%s: %v is not an id Helm can read exactly as a number: quote it (%s: \"...\")" $signal $field $id $field) }}

@@ -36,7 +36,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
-import yaml
 
 from lgmt_proxy.config import schema
 from lgmt_proxy.config.watch import read_bytes
@@ -151,9 +150,10 @@ def _digest(item: Mapping[str, Any]) -> bytes:
     return bytes.fromhex(item["token_sha256"])
 
 
-def parse_client_auth(text: str | bytes) -> ClientAuth:
+def parse_client_auth(text: str | bytes, *, path: str | None = None) -> ClientAuth:
     """Parse and validate a client auth document; raise `ConfigError` listing
-    every problem (one per line, each naming where, never a token).
+    every problem (one per line, each naming where, never a token), in the
+    file's order. ``path`` is named in a syntax error.
 
     The shape is ``schemas/client-auth.schema.json``'s; what a schema cannot
     say (unique names and tokens) is checked here, on the consumers the
@@ -161,12 +161,10 @@ def parse_client_auth(text: str | bytes) -> ClientAuth:
     """
     from lgmt_proxy.config.settings import ConfigError
 
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError([f"{_NAME}: not valid YAML or JSON{where}"]) from None
+    data = text.encode() if isinstance(text, str) else text
+    doc, problem = schema.read_document(data)
+    if problem:
+        raise ConfigError([f"{_NAME}: {path + ': ' if path else ''}{problem}"])
     found = schema.load("client-auth").problems(doc)
     failed = {p.path for p in found}
     bad = {p.path[1] for p in found if len(p.path) > 1}
@@ -202,21 +200,22 @@ def parse_client_auth(text: str | bytes) -> ClientAuth:
         rules, tenants = _rules(item["allow"]), _tenants(item.get("tenant"))
         consumers.append(Consumer(name, digest, rules, rate, burst, tenants))
     if problems:
-        raise ConfigError([schema.line(_NAME, label(path), m) for path, m in problems])
+        ordered = schema.in_document_order(doc, problems)
+        raise ConfigError([schema.line(_NAME, label(path), m) for path, m in ordered])
     return ClientAuth(tuple(consumers))
 
 
-def load_client_auth(path: str) -> tuple[ClientAuth | None, str | None]:
-    """Read and parse the file; a problem line (the first) on failure."""
+def load_client_auth(path: str) -> tuple[ClientAuth | None, list[str]]:
+    """Read and parse the file: the consumers, or every problem line."""
     from lgmt_proxy.config.settings import ConfigError
 
     data, problem = read_bytes(path)
     if data is None:
-        return None, f"{_NAME}: {problem}"
+        return None, [f"{_NAME}: {problem}"]
     try:
-        return parse_client_auth(data), None
+        return parse_client_auth(data, path=path), []
     except ConfigError as e:
-        return None, "\n".join(e.problems)
+        return None, e.problems
 
 
 class RateLimiter:

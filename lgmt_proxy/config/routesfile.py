@@ -22,12 +22,10 @@ reads files.
 
 from __future__ import annotations
 
-import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-import yaml
 
 from lgmt_proxy.config import schema
 from lgmt_proxy.config.settings import (
@@ -38,12 +36,16 @@ from lgmt_proxy.config.settings import (
     upstream_from_url,
     url_problem,
 )
+from lgmt_proxy.config.tokens import read_token
 from lgmt_proxy.config.watch import read_bytes
 from lgmt_proxy.rules.routes import Route
 
 _NAME = "ROUTES_FILE"
 #: ``tenant:`` value that sends each consumer's own tenant.
 FROM_CONSUMER = "from_consumer"
+
+#: Reads a token file: the token, or what is wrong with the file.
+TokenReader = Callable[[str], tuple[Secret | None, str | None]]
 
 
 @attrs.frozen
@@ -55,30 +57,49 @@ class RouteSpec:
     token: Secret | None = None
     token_file: str | None = None
 
+    @property
+    def token_file_key(self) -> str:
+        """What a problem with the token file starts with, at start and on reload."""
+        return f"{_NAME}: route {self.upstream.name}: credentials.token_file"
+
 
 def _token(
-    creds: Mapping[str, Any], env: Mapping[str, str]
-) -> tuple[Secret | None, str | None, str | None]:
-    """``(token, token_file, problem)``: a ``token_env`` is read here, from
-    the environment passed in; a ``token_file`` later, by the token source."""
+    creds: Mapping[str, Any], env: Mapping[str, str], read: TokenReader | None
+) -> tuple[Secret | None, str | None, tuple[str, str] | None]:
+    """``(token, token_file, (key, problem))``: a ``token_env`` is read from
+    the environment passed in, a ``token_file`` by ``read`` (when given)."""
     if "token_file" in creds:
-        return None, creds["token_file"], None
+        path = creds["token_file"]
+        if read is None:
+            return None, path, None
+        token, problem = read(path)
+        return token, path, ("token_file", problem) if problem else None
     if "token_env" not in creds:
         return None, None, None
     name = creds["token_env"]
     value = env.get(name)
     if value is None:
-        return None, None, f"{name} is not set"
-    token, problem = parse_token(value, name)
-    return token, None, problem
+        return None, None, ("token_env", f"{name} is not set")
+    token, problem = parse_token(value)
+    return token, None, ("token_env", f"{name}: {problem}") if problem else None
 
 
-def parse_routes(doc: Any, env: Mapping[str, str], *, allow_insecure: bool) -> list[RouteSpec]:
-    """Validate a parsed routes document; `ConfigError` lists every problem.
+def parse_routes(
+    doc: Any,
+    env: Mapping[str, str],
+    *,
+    allow_insecure: bool,
+    read_token_file: TokenReader | None = None,
+) -> list[RouteSpec]:
+    """Validate a parsed routes document; `ConfigError` lists every problem,
+    in the file's order.
 
     The shape is ``schemas/routes.schema.json``'s; what a schema cannot say
     (unique names and prefixes, the upstream URL's rules, the token's
-    environment variable) is checked here, on the fields the schema passed.
+    environment variable, the token file when ``read_token_file`` is given)
+    is checked here, on the fields the schema passed. A route whose name is
+    good and unique is called by it (``route mimir: upstream: ...``), any
+    other by its place (``routes[2].name: ...``).
     """
     found = schema.load("routes").problems(doc)
     failed = {p.path for p in found}
@@ -88,10 +109,11 @@ def parse_routes(doc: Any, env: Mapping[str, str], *, allow_insecure: bool) -> l
 
     problems = [(p.path, p.message) for p in found]
     items = doc.get("routes") if isinstance(doc, Mapping) else None
+    items = items if isinstance(items, list) else []
     specs: list[RouteSpec] = []
-    names: set[str] = set()
+    names: dict[str, int] = {}
     prefixes: set[str] = set()
-    for i, item in enumerate(items if isinstance(items, list) else []):
+    for i, item in enumerate(items):
         at: schema.Path = ("routes", i)
         if not ok(*at):
             continue
@@ -100,17 +122,18 @@ def parse_routes(doc: Any, env: Mapping[str, str], *, allow_insecure: bool) -> l
             problems.append(((*at, "name"), f"{name} is used twice"))
         if ok(*at, "prefix") and prefix in prefixes:
             problems.append(((*at, "prefix"), f"{prefix} is used twice"))
-        names.add(name)
+        names[name] = names.get(name, 0) + 1
         prefixes.add(prefix)
         problem = ok(*at, "upstream") and url_problem(url, allow_insecure)
         if problem:
             problems.append(((*at, "upstream"), problem))
         creds = item.get("credentials", {"type": "none"})
-        token, token_file, problem = None, None, None
+        token, token_file, bad = None, None, None
         if ok(*at, "credentials"):
-            token, token_file, problem = _token(creds, env)
-        if problem:
-            problems.append(((*at, "credentials", "token_env"), problem))
+            readable = ok(*at, "credentials", "token_file")
+            token, token_file, bad = _token(creds, env, read_token_file if readable else None)
+        if bad:
+            problems.append(((*at, "credentials", bad[0]), bad[1]))
         if problems:
             continue
         tenant = item.get("tenant")
@@ -126,8 +149,21 @@ def parse_routes(doc: Any, env: Mapping[str, str], *, allow_insecure: bool) -> l
         route = Route(prefix.encode(), item.get("rewrite", prefix).encode(), name, from_consumer)
         specs.append(RouteSpec(route, upstream, token, token_file))
     if problems:
-        problems.sort(key=lambda p: p[0][1] if len(p[0]) > 1 else -1)
-        raise ConfigError([schema.line(_NAME, path, message) for path, message in problems])
+        named = {
+            i: item["name"]
+            for i, item in enumerate(items)
+            if ok("routes", i, "name")
+            and isinstance(item, Mapping)
+            and names.get(item["name"]) == 1
+        }
+
+        def text(path: schema.Path, message: str) -> str:
+            if len(path) > 1 and path[1] in named:
+                rest = schema.where(path[2:])
+                return f"{_NAME}: route {named[path[1]]}: {rest + ': ' if rest else ''}{message}"
+            return schema.line(_NAME, path, message)
+
+        raise ConfigError([text(*p) for p in schema.in_document_order(doc, problems)])
     # Longest prefix first, so /api/v1/push wins over /api/v1 whatever the order.
     specs.sort(key=lambda s: -len(s.route.prefix))
     return specs
@@ -145,15 +181,11 @@ def tenant_problems(specs: list[RouteSpec], client_auth: bool) -> list[str]:
 
 
 def load_routes_file(path: str, env: Mapping[str, str], *, allow_insecure: bool) -> list[RouteSpec]:
+    """Read, parse and check the file and the token files it names."""
     data, problem = read_bytes(path)
     if data is None:
         raise ConfigError([f"{_NAME}: {problem}"])
-    try:
-        if path.endswith(".toml"):
-            doc = tomllib.loads(data.decode("utf-8"))
-        else:
-            doc = yaml.safe_load(data)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError):
-        kind = "TOML" if path.endswith(".toml") else "YAML or JSON"
-        raise ConfigError([f"{_NAME}: {path} is not valid {kind}"]) from None
-    return parse_routes(doc, env, allow_insecure=allow_insecure)
+    doc, problem = schema.read_document(data, toml=path.endswith(".toml"))
+    if problem:
+        raise ConfigError([f"{_NAME}: {path}: {problem}"])
+    return parse_routes(doc, env, allow_insecure=allow_insecure, read_token_file=read_token)

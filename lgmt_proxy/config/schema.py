@@ -1,15 +1,16 @@
 """The user file formats as JSON Schema (``lgmt_proxy/config/schemas/*.schema.json``),
-and the validator that reads those files.
+validated by ``jsonschema`` and told to users in our own words.
 
 The schema files are the single source: the code validates with them, the
-docs link to them, editors load them. This is a small interpreter of the
-draft-07 subset they use, not a library, because what users get from it is
-the point: every problem in the file (a library such as fastjsonschema stops
-at the first), each one line at its path, worded by the schema's own
-``errorMessage`` (the keyword VS Code's JSON and YAML servers show too), never
-the offending value (it may be a token). A keyword outside the subset makes
-loading fail, so a schema cannot say more than the proxy checks;
-tests/pure/test_schema.py holds a real draft-07 validator to the same verdicts.
+docs link to them, editors load them. ``jsonschema``'s `Draft7Validator`
+finds every error with its path (`iter_errors`); this module turns each into
+one line at that path, worded by the schema's own ``errorMessage`` (the
+keyword VS Code's JSON and YAML servers show too) or by our wording of the
+keyword, never the offending value (it may be a token). A keyword we have no
+wording for makes loading fail, so a schema cannot make the proxy echo a
+value. Two departures from stock draft-07, both to read files as editors do:
+a pattern's final ``$`` is ECMA-262's (the end of the input, not before a
+final newline), and a number must be finite (YAML has ``.inf``).
 """
 
 from __future__ import annotations
@@ -18,11 +19,16 @@ import functools
 import json
 import math
 import re
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
 import attrs
+import jsonschema
+import yaml
+from jsonschema import Draft7Validator
+from jsonschema.exceptions import ValidationError
 
 Path = tuple[str | int, ...]
 
@@ -31,24 +37,13 @@ _ANNOTATIONS = frozenset(
     {"$schema", "$id", "$comment", "title", "description", "default", "examples",
      "definitions", "errorMessage", "markdownDescription"}
 )  # fmt: skip
-#: Keywords checked against the value itself; the others descend into it.
-_LOCAL = frozenset(
+#: Keywords we word (or that only descend into the value): the schemas may use these.
+_WORDED = frozenset(
     {"type", "enum", "const", "pattern", "minLength", "maxLength", "minimum",
-     "exclusiveMinimum", "minItems", "maxProperties", "not", "anyOf", "oneOf"}
+     "exclusiveMinimum", "minItems", "maxProperties", "not", "anyOf", "oneOf",
+     "$ref", "properties", "required", "additionalProperties", "items", "allOf",
+     "if", "then", "else"}
 )  # fmt: skip
-_STRUCTURAL = frozenset(
-    {
-        "$ref",
-        "properties",
-        "required",
-        "additionalProperties",
-        "items",
-        "allOf",
-        "if",
-        "then",
-        "else",
-    }
-)
 _TYPE_WORDS = {
     "object": "a mapping",
     "array": "a list",
@@ -79,28 +74,56 @@ def line(file: str, path: Path, message: str) -> str:
     return f"{file}: {where(path)}: {message}" if path else f"{file}: {message}"
 
 
-def _is_type(value: Any, name: str) -> bool:
-    if name == "object":
-        return isinstance(value, Mapping)
-    if name == "array":
-        return isinstance(value, list)
-    if name == "string":
-        return isinstance(value, str)
-    if name == "boolean":
-        return isinstance(value, bool)
-    if name == "null":
-        return value is None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    # YAML has .inf and .nan; JSON numbers are finite.
-    if not math.isfinite(value):
-        return False
-    return name == "number" or float(value).is_integer()
+def in_document_order(doc: Any, found: Iterable[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    """``(path, message)`` pairs in the order of the file, top to bottom: a
+    value's own problems, then a key it lacks, then its parts as written.
+    Problems at one path keep their order (stable sort)."""
+
+    def key(path: Path) -> tuple[int, ...]:
+        out = []
+        node = doc
+        for part in path:
+            if isinstance(node, Mapping):
+                keys = list(node)
+                out.append(keys.index(part) if part in node else -1)
+            elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                out.append(part)
+            else:
+                out.append(-1)
+                node = None
+                continue
+            node = node[part] if out[-1] >= 0 else None
+        return tuple(out)
+
+    return sorted(found, key=lambda p: key(p[0]))
 
 
-def _types(node: Mapping[str, Any]) -> list[str]:
-    types = node.get("type", [])
-    return [types] if isinstance(types, str) else list(types)
+def read_document(data: bytes, *, toml: bool = False) -> tuple[Any, str | None]:
+    """The document a file holds (YAML, which reads JSON too, or TOML), or
+    the parser's own reason where it stopped: ``line 4, column 7: not valid
+    YAML or JSON: mapping values are not allowed here``."""
+    kind = "TOML" if toml else "YAML or JSON"
+    try:
+        if toml:
+            return tomllib.loads(data.decode("utf-8")), None
+        return yaml.safe_load(data), None
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 text (byte {e.start + 1})"
+    except tomllib.TOMLDecodeError as e:
+        found = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", str(e), re.S)
+        if found is None:
+            return None, f"not valid {kind}: {e}"
+        reason, row, column = found.groups()
+        return None, f"line {row}, column {column}: not valid {kind}: {reason}"
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        reason = e.problem or e.context or "cannot be parsed"
+        if e.problem and e.context:
+            reason += f" ({e.context})"
+        return None, f"{at}not valid {kind}: {reason}"
+    except yaml.YAMLError as e:
+        return None, f"not valid {kind}: {str(e).splitlines()[0]}"
 
 
 def _python_pattern(pattern: str) -> re.Pattern[str]:
@@ -111,37 +134,88 @@ def _python_pattern(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
+_compiled = functools.lru_cache(maxsize=None)(_python_pattern)
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, node: Any) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not _compiled(pattern).search(instance):
+        yield ValidationError("does not match")
+
+
+def _finite(kind: str) -> Any:
+    stock = Draft7Validator.TYPE_CHECKER
+
+    def check(checker: Any, instance: Any) -> bool:
+        return bool(stock.is_type(instance, kind) and math.isfinite(instance))
+
+    return check
+
+
+_Validator = jsonschema.validators.extend(
+    Draft7Validator,
+    validators={"pattern": _pattern},
+    type_checker=Draft7Validator.TYPE_CHECKER.redefine_many(
+        {"number": _finite("number"), "integer": _finite("integer")}
+    ),
+)
+
+
+def _wording(error: ValidationError) -> str:
+    """Our words for a failed keyword of a node without an ``errorMessage``."""
+    kw, value = error.validator, error.validator_value
+    if kw == "type":
+        return "must be " + " or ".join(
+            _TYPE_WORDS[t] for t in ([value] if isinstance(value, str) else value)
+        )
+    words = {
+        "enum": lambda: "must be one of " + ", ".join(map(str, value)),
+        "const": lambda: f"must be {value}",
+        "pattern": lambda: "is not in the expected form",
+        "minLength": lambda: f"must be at least {value} characters",
+        "maxLength": lambda: f"must be at most {value} characters",
+        "minimum": lambda: f"must be at least {value}",
+        "exclusiveMinimum": lambda: f"must be more than {value}",
+        "minItems": lambda: f"must have at least {value} item(s)",
+        "maxProperties": lambda: f"must have at most {value} key(s)",
+        "not": lambda: "is not allowed",
+        "anyOf": lambda: "matches none of the allowed forms",
+        "oneOf": lambda: (
+            "is ambiguous" if not error.context else "matches none of the allowed forms"
+        ),
+        "false": lambda: "not allowed here",
+    }
+    return words.get(str(kw), lambda: "not allowed here")()
+
+
 @attrs.frozen
 class Schema:
     """A loaded schema file; `problems` lists what a document breaks."""
 
     root: Mapping[str, Any]
-    patterns: Mapping[str, re.Pattern[str]]
+    validator: Any
 
     @classmethod
     def from_json(cls, text: str) -> Schema:
         root = json.loads(text)
-        patterns: dict[str, re.Pattern[str]] = {}
+        try:
+            _Validator.check_schema(root)
+        except jsonschema.SchemaError as e:
+            raise ValueError(f"not a draft-07 schema: {e.message}") from None
 
         def walk(node: Any, at: str) -> None:
             if isinstance(node, bool):
                 return
             if not isinstance(node, dict):
                 raise ValueError(f"{at}: a schema must be an object or a boolean")
-            unknown = set(node) - _ANNOTATIONS - _LOCAL - _STRUCTURAL
+            unknown = set(node) - _ANNOTATIONS - _WORDED
             if unknown:
-                raise ValueError(f"{at}: keywords outside the supported subset: {sorted(unknown)}")
+                raise ValueError(f"{at}: keywords without our wording: {sorted(unknown)}")
             if "$ref" in node and set(node) - _ANNOTATIONS - {"$ref"}:
                 raise ValueError(f"{at}: draft-07 ignores keywords beside $ref")
             if "$ref" in node:
-                cls._resolve(root, node["$ref"])
+                _resolve(root, node["$ref"])
             if not isinstance(node.get("additionalProperties", False), bool):
                 raise ValueError(f"{at}: additionalProperties must be true or false here")
-            if "pattern" in node:
-                patterns[node["pattern"]] = _python_pattern(node["pattern"])
-            for name in _types(node):
-                if name not in _TYPE_WORDS:
-                    raise ValueError(f"{at}: unknown type {name!r}")
             for key in ("not", "items", "if", "then", "else"):
                 if key in node:
                     walk(node[key], f"{at}/{key}")
@@ -153,127 +227,83 @@ class Schema:
                     walk(sub, f"{at}/{key}/{i}")
 
         walk(root, "#")
-        return cls(root, patterns)
+        return cls(root, _Validator(root))
 
-    @staticmethod
-    def _resolve(root: Mapping[str, Any], ref: str) -> Any:
-        if not ref.startswith("#/"):
-            raise ValueError(f"$ref {ref!r}: only references inside the file")
-        node: Any = root
-        for part in ref[2:].split("/"):
-            node = node[part]
-        return node
+    def problems(self, value: Any) -> list[Problem]:
+        """Every problem of a document, one per path and wording, in the
+        document's order."""
+        found = list(dict.fromkeys(self._explain(list(self.validator.iter_errors(value)))))
+        return [Problem(p, m) for p, m in in_document_order(value, found)]
 
     def _node(self, node: Any) -> Any:
         while isinstance(node, dict) and "$ref" in node:
-            node = self._resolve(self.root, node["$ref"])
+            node = _resolve(self.root, node["$ref"])
         return node
 
-    def problems(self, value: Any) -> list[Problem]:
-        out: list[Problem] = []
-        self._check(self.root, value, (), out)
-        return out
-
-    def valid(self, node: Any, value: Any) -> bool:
-        out: list[Problem] = []
-        self._check(node, value, (), out)
-        return not out
-
-    def _accepts_type(self, node: Any, value: Any) -> bool:
-        node = self._node(node)
-        return isinstance(node, dict) and any(_is_type(value, t) for t in _types(node))
-
-    def _check(self, node: Any, value: Any, path: Path, out: list[Problem]) -> None:
-        node = self._node(node)
-        if node is True:
-            return
-        if node is False:
-            out.append(Problem(path, "not allowed here"))
-            return
-        fails = self._local(node, value, path, out)
-        if fails is None:  # a branch of anyOf/oneOf said it more precisely
-            return
-        if fails:
-            message = node.get("errorMessage")
-            out.extend(Problem(path, m) for m in ([message] if message else fails))
-            return
-        self._descend(node, value, path, out)
-
-    def _local(self, node: Any, value: Any, path: Path, out: list[Problem]) -> list[str] | None:
-        """Failures of the node's own keywords, or None when one anyOf/oneOf
-        branch (the only one of the value's type) reported deeper problems."""
-        if "type" in node and not any(_is_type(value, t) for t in _types(node)):
-            return ["must be " + " or ".join(_TYPE_WORDS[t] for t in _types(node))]
-        fails = []
-        if "enum" in node and value not in node["enum"]:
-            fails.append("must be one of " + ", ".join(map(str, node["enum"])))
-        if "const" in node and value != node["const"]:
-            fails.append(f"must be {node['const']}")
-        if isinstance(value, str):
-            if "pattern" in node and not self.patterns[node["pattern"]].search(value):
-                fails.append("is not in the expected form")
-            if len(value) < node.get("minLength", 0):
-                fails.append(f"must be at least {node['minLength']} characters")
-            if len(value) > node.get("maxLength", math.inf):
-                fails.append(f"must be at most {node['maxLength']} characters")
-        if _is_type(value, "number"):
-            if value < node.get("minimum", -math.inf):
-                fails.append(f"must be at least {node['minimum']}")
-            if value <= node.get("exclusiveMinimum", -math.inf):
-                fails.append(f"must be more than {node['exclusiveMinimum']}")
-        if isinstance(value, list) and len(value) < node.get("minItems", 0):
-            fails.append(f"must have at least {node['minItems']} item(s)")
-        if isinstance(value, Mapping) and len(value) > node.get("maxProperties", math.inf):
-            fails.append(f"must have at most {node['maxProperties']} key(s)")
-        if "not" in node and self.valid(node["not"], value):
-            fails.append("is not allowed")
-        for key in ("anyOf", "oneOf"):
-            if key not in node:
+    def _explain(self, errors: Sequence[ValidationError]) -> Iterator[tuple[Path, str]]:
+        # A value of the wrong type: that is all there is to say about it.
+        wrong = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
+        for error in errors:
+            path: Path = tuple(error.absolute_path)
+            if any(path[:n] in wrong for n in range(len(path))) or (
+                path in wrong and error.validator != "type"
+            ):
                 continue
-            branches = node[key]
-            results = []
-            for branch in branches:
-                found: list[Problem] = []
-                self._check(branch, value, path, found)
-                results.append(found)
-            passed = sum(not r for r in results)
-            if passed == 1 or (passed > 1 and key == "anyOf"):
-                continue
-            typed = [
-                r for b, r in zip(branches, results, strict=True) if self._accepts_type(b, value)
-            ]
-            if passed == 0 and len(typed) == 1 and all(p.path != path for p in typed[0]):
-                out.extend(typed[0])
-                return None
-            fails.append("matches none of the allowed forms" if passed == 0 else "is ambiguous")
-        return fails
+            yield from self._explain_one(error, path)
 
-    def _descend(self, node: Any, value: Any, path: Path, out: list[Problem]) -> None:
-        # The value as a whole first (missing and unknown keys, allOf, if),
-        # then its parts: a file's problems read from the outside in.
-        properties = node.get("properties", {})
-        if isinstance(value, Mapping):
-            for key in node.get("required", []):
-                if key not in value:
-                    message = self._node(properties.get(key, {}))
-                    message = message.get("errorMessage") if isinstance(message, dict) else None
-                    out.append(Problem((*path, key), message or "is required"))
-            if node.get("additionalProperties", True) is False:
-                unknown = sorted(str(k) for k in value if k not in properties)
-                if unknown:
-                    out.append(Problem(path, f"unknown keys {', '.join(unknown)}"))
-        for sub in node.get("allOf", []):
-            self._check(sub, value, path, out)
-        if "if" in node:
-            branch = node.get("then" if self.valid(node["if"], value) else "else", True)
-            self._check(branch, value, path, out)
-        if isinstance(value, Mapping):
-            for key, sub in properties.items():
-                if key in value:
-                    self._check(sub, value[key], (*path, key), out)
-        if isinstance(value, list) and "items" in node:
-            for i, item in enumerate(value):
-                self._check(node["items"], item, (*path, i), out)
+    def _explain_one(self, error: ValidationError, path: Path) -> Iterator[tuple[Path, str]]:
+        node = error.schema if isinstance(error.schema, Mapping) else {}
+        kw = error.validator
+        if kw == "required":
+            properties = node.get("properties", {})
+            for key in error.validator_value:
+                if isinstance(error.instance, Mapping) and key not in error.instance:
+                    sub = self._node(properties.get(key, {}))
+                    message = sub.get("errorMessage") if isinstance(sub, Mapping) else None
+                    yield (*path, key), message or "is required"
+            return
+        if kw == "additionalProperties":
+            known = node.get("properties", {})
+            unknown = sorted(str(k) for k in error.instance if k not in known)
+            yield path, f"unknown keys {', '.join(unknown)}"
+            return
+        if kw in ("anyOf", "oneOf") and error.context:
+            deeper = self._only_branch(error)
+            if deeper is not None:
+                yield from self._explain(deeper)
+                return
+        message = node.get("errorMessage")
+        yield path, message if isinstance(message, str) else _wording(error)
+
+    def _only_branch(self, error: ValidationError) -> list[ValidationError] | None:
+        """The errors of the one branch that takes the value's type, when they
+        are all inside the value: then they say it more precisely than the
+        choice's own message (``tenant[1]: ...`` rather than "a tenant id or
+        a list of them")."""
+        by_branch: dict[int, list[ValidationError]] = {}
+        for sub in error.context or ():
+            by_branch.setdefault(int(sub.schema_path[0]), []).append(sub)
+        typed = [
+            i
+            for i, branch in enumerate(error.validator_value)
+            if "type" in self._node(branch)
+            and not any(e.validator == "type" and not e.relative_path for e in by_branch.get(i, []))
+        ]
+        if len(typed) != 1:
+            return None
+        found = by_branch.get(typed[0], [])
+        if not found or any(not e.relative_path for e in found):
+            return None
+        return found
+
+
+def _resolve(root: Mapping[str, Any], ref: str) -> Any:
+    if not ref.startswith("#/"):
+        raise ValueError(f"$ref {ref!r}: only references inside the file")
+    node: Any = root
+    for part in ref[2:].split("/"):
+        node = node[part]
+    return node
 
 
 @functools.cache

@@ -7,6 +7,7 @@ without touching ``os.environ``; the token file is read by the caller
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import re
@@ -131,13 +132,15 @@ def _has_control(value: str) -> bool:
     return any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
 
 
-def parse_token(raw: str, name: str) -> tuple[Secret | None, str | None]:
-    """Validate a token (from the environment or a file): trailing newline allowed."""
+def parse_token(raw: str) -> tuple[Secret | None, str | None]:
+    """Validate a token (from the environment or a file): trailing newline
+    allowed. The problem says what is wrong, never the value; the caller puts
+    in front what the user wrote (the variable, the file's key)."""
     value = raw.strip()
     if not value:
-        return None, f"{name}: is empty"
+        return None, "is empty"
     if _has_control(value) or any(c.isspace() for c in value):
-        return None, f"{name}: contains whitespace or control characters"
+        return None, "contains whitespace or control characters"
     return Secret(value), None
 
 
@@ -289,6 +292,45 @@ def url_problem(url: str, allow_insecure: bool) -> str | None:
     return None
 
 
+#: Every variable `parse_config` reads (tests/pure/test_config.py holds the two to each other).
+KNOWN_VARIABLES = frozenset(
+    [f"GRAFANA_CLOUD_{s.upper()}_{k}" for s in SIGNALS for k in ("URL", "ORG_ID", "TENANT_ID")]
+    + ["GRAFANA_CLOUD_ACCESS_TOKEN", "GRAFANA_CLOUD_ACCESS_TOKEN_FILE", "PORT",
+       "UPSTREAM_CONNECT_TIMEOUT_SECONDS", "UPSTREAM_TIMEOUT_SECONDS",
+       "UPSTREAM_IDLE_TIMEOUT_SECONDS", "UPSTREAM_CA_FILE", "ALLOW_INSECURE_UPSTREAM",
+       "MAX_REQUEST_BODY_BYTES", "MAX_CONNECTIONS", "MAX_WEBSOCKETS",
+       "SHUTDOWN_DELAY_SECONDS", "SHUTDOWN_GRACE_SECONDS", "LOG_LEVEL", "LOG_FORMAT",
+       "CLIENT_HEADER_TIMEOUT_SECONDS", "CLIENT_IDLE_TIMEOUT_SECONDS", "CLIENT_AUTH_FILE",
+       "ROUTES_FILE", "WEBSOCKET_IDLE_TIMEOUT_SECONDS", "ALLOWED_ORIGINS", "ALLOWED_HOSTS",
+       "METRICS_TENANT_LABEL"]
+)  # fmt: skip
+#: The beginnings of our variables' names: another name beginning so is likely a typo.
+OUR_PREFIXES = ("GRAFANA_CLOUD_", "UPSTREAM_", "CLIENT_", "MAX_", "SHUTDOWN_", "LOG_",
+                "ALLOW_", "ALLOWED_", "ROUTES_", "WEBSOCKET_", "METRICS_")  # fmt: skip
+#: What Kubernetes' service links define (``<SERVICE>_SERVICE_HOST``,
+#: ``<SERVICE>_PORT_80_TCP``...): a Service named ``upstream`` is not a typo.
+_SERVICE_LINK = re.compile(
+    r".*_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+)
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """A warning for each variable named like ours that we do not read, with
+    the closest name we do: ``GRAFANA_CLOUD_PROMETEUS_URL is not a known
+    variable; did you mean GRAFANA_CLOUD_PROMETHEUS_URL?``. Not an error: the
+    environment may hold another program's variables."""
+    found = []
+    for name in sorted(env):
+        if name in KNOWN_VARIABLES or not name.startswith(OUR_PREFIXES):
+            continue
+        if _SERVICE_LINK.fullmatch(name):
+            continue
+        close = difflib.get_close_matches(name, sorted(KNOWN_VARIABLES), n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else " (docs/configuration.md lists them)"
+        found.append(f"{name} is not a known variable{hint}")
+    return found
+
+
 def parse_config(env: Mapping[str, str]) -> Config:
     """Parse and validate the environment; raise `ConfigError` listing every problem.
 
@@ -331,9 +373,9 @@ def parse_config(env: Mapping[str, str]) -> Config:
                 "GRAFANA_CLOUD_ACCESS_TOKEN: required (or GRAFANA_CLOUD_ACCESS_TOKEN_FILE)"
             )
         else:
-            token, problem = parse_token(raw_token, "GRAFANA_CLOUD_ACCESS_TOKEN")
+            token, problem = parse_token(raw_token)
             if problem:
-                r.problems.append(problem)
+                r.problems.append(f"GRAFANA_CLOUD_ACCESS_TOKEN: {problem}")
 
     config = Config(
         signals=signals,

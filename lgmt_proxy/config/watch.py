@@ -1,12 +1,14 @@
 """Files that are re-read when they change: the token file and the client
 auth file. Kubernetes updates a mounted Secret by swapping a symlink, so the
 path is stat'ed (following links) and re-read when device, inode, mtime or
-size differ. A bad new file keeps the old value in force."""
+size differ. A bad new file keeps the old value in force; its problems are
+logged as the same lines a bad file prints at start-up, one per problem, and
+a file fixed after that says it is in force again."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from twisted.logger import Logger
@@ -52,7 +54,7 @@ class WatchedFile(Generic[T]):
         path: str | None,
         *,
         kind: str,
-        load: Callable[[str], tuple[T | None, str | None]],
+        load: Callable[[str], tuple[T | None, Sequence[str]]],
         reloads: Any = None,
         same: Callable[[T, T], bool] = lambda a, b: a == b,
     ) -> None:
@@ -63,6 +65,8 @@ class WatchedFile(Generic[T]):
         self._reloads = reloads
         self._same = same
         self._stamp = stamp(path) if path else None
+        #: The last reload failed: the next good one says the file is back.
+        self._failing = False
 
     def __call__(self) -> T:
         return self._value
@@ -75,16 +79,27 @@ class WatchedFile(Generic[T]):
         if now == self._stamp:
             return
         self._stamp = now
-        value, problem = self._load(path)
+        value, problems = self._load(path)
         if value is None:
             _log.error(
-                "{kind} file changed but cannot be used, keeping the previous one: {problem}",
+                "{kind} file {path} changed but cannot be used, the previous one stays "
+                "in force: {count} problem(s) follow",
                 kind=self._kind,
-                problem=problem,
+                path=path,
+                count=len(problems),
             )
+            for problem in problems:
+                _log.error("{problem}", kind=self._kind, path=path, problem=problem)
+            self._failing = True
             self._count("error")
             return
-        if not self._same(value, self._value):
+        if self._failing:
+            # Fixed: say so even when it holds what was in force before the error.
+            self._failing = False
+            self._value = value
+            _log.info("{kind} file {path} is valid again and in force", kind=self._kind, path=path)
+            self._count("success")
+        elif not self._same(value, self._value):
             self._value = value
             _log.info("{kind} reloaded from {path}", kind=self._kind, path=path)
             self._count("success")

@@ -5,15 +5,21 @@ from a file (the parsing rules are in tests/pure/test_routesfile.py).
 from __future__ import annotations
 
 import base64
+import io
+import json
 import os
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from lgmt_proxy.config.settings import unknown_variables
 from lgmt_proxy.config.tokens import token_source
+from lgmt_proxy.service import ProxyService
 from lgmt_proxy.tap import load
 from tests.pure.test_routesfile import YAML
-from tests.support.helpers import ProxyFixture, Recorder, call, listen, upstream_site
+from tests.support.helpers import ProxyFixture, Recorder, call, listen, sleep, upstream_site
 
 
 class ProxyTests(TestCase):
@@ -76,3 +82,59 @@ class ProxyTests(TestCase):
             ),
             1,
         )
+
+
+class StartupLineTests(TestCase):
+    """What the start-up lines say about each route: never Python's None."""
+
+    timeout = 30
+
+    async def test_routes_and_unknown_variables(self) -> None:
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        token_file = os.path.join(d, "bearer")
+        with open(token_file, "w") as f:
+            f.write("bearer-token-1\n")
+        routes_path = os.path.join(d, "routes.yaml")
+        with open(routes_path, "w") as f:
+            f.write(
+                YAML.format(a="https://a.example", b="https://b.example", token_file=token_file)
+            )
+        env = {
+            "ROUTES_FILE": routes_path,
+            "MIMIR_TOKEN": "mimir-secret",
+            "SHUTDOWN_DELAY_SECONDS": "0",
+        }
+        config, _, _, specs = load(env)
+        out = io.StringIO()
+        svc = ProxyService(
+            config,
+            reactor,
+            token=None,
+            routes=specs,
+            listen="tcp:0:interface=127.0.0.1",
+            stdout=out,
+            handle_sigterm=False,
+            warnings=unknown_variables({"GRAFANA_CLOUD_PROMETEUS_URL": "https://p"}),
+        )
+        globalLogPublisher.addObserver(svc.log_observer)
+        self.addCleanup(globalLogPublisher.removeObserver, svc.log_observer)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        await sleep(0.05)
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        said = [x["msg"] for x in lines if x.get("logger") == "lgmt_proxy"]
+        self.assertIn(
+            "GRAFANA_CLOUD_PROMETEUS_URL is not a known variable; "
+            "did you mean GRAFANA_CLOUD_PROMETHEUS_URL?",
+            said,
+        )
+        self.assertEqual(
+            sorted(m for m in said if m.startswith("signal ")),
+            [
+                "signal mimir-push on: https://a.example (auth basic, org id team-a, tenant team-a)",
+                "signal mimir-query on: https://b.example (auth bearer, org id -, tenant team-b)",
+                "signal public on: https://b.example (auth none, org id -, tenant -)",
+            ],
+        )
+        self.assertNotIn("None", out.getvalue())

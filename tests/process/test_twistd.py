@@ -110,3 +110,36 @@ async def run_twistd(
     code = await protocol.ended
     output = (protocol.out + protocol.err).decode("utf-8", "replace")
     return output, code, protocol.timed_out
+
+
+class TypoTests(TestCase):
+    """A mistyped variable of ours is named, with the closest known one, also
+    when the configuration error it causes stops the start."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        if not TWISTD.exists():
+            self.fail(f"{TWISTD} is missing: install the project (make venv)")
+
+    async def test_typo_named_before_the_error(self) -> None:
+        env = {
+            "GRAFANA_CLOUD_PROMETEUS_URL": "https://prometheus.example",
+            "GRAFANA_CLOUD_PROMETHEUS_ORG_ID": "1",
+            "GRAFANA_CLOUD_ACCESS_TOKEN": "supersecret-value",
+        }
+        output, code, timed_out = await run_twistd(["-n", "--pidfile=", "lgmt-proxy"], env, 20)
+        self.assertFalse(timed_out, output)
+        self.assertEqual(code, 2, output)
+        lines = output.splitlines()
+        self.assertEqual(
+            lines[0],
+            "lgmt-proxy: warning: GRAFANA_CLOUD_PROMETEUS_URL is not a known variable; "
+            "did you mean GRAFANA_CLOUD_PROMETHEUS_URL?",
+            output,
+        )
+        self.assertIn(
+            "lgmt-proxy: configuration error: GRAFANA_CLOUD_PROMETHEUS_URL: required because "
+            "GRAFANA_CLOUD_PROMETHEUS_ORG_ID is set",
+            lines,
+        )

@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.config.clientauth import RateLimiter, parse_client_auth
+from lgmt_proxy.config.clientauth import RateLimiter, load_client_auth, parse_client_auth
 from lgmt_proxy.config.settings import ConfigError
+from lgmt_proxy.config.watch import WatchedFile
 
 KUBECOST = "kubecost-token-0123456789"
 ALLOY = "alloy-token-abcdefghijklmn"
@@ -118,3 +120,95 @@ consumers:
         self.assertEqual(limiter.wait(alloy), 0.0)
         kubecost, _ = parse_client_auth(DOC).consumers
         self.assertEqual([limiter.wait(kubecost) for _ in range(100)], [0.0] * 100)
+
+
+class SyntaxErrorTests(TestCase):
+    def test_path_line_column_and_the_parsers_reason(self) -> None:
+        text = "consumers:\n  - name: a\n    allow: [{paths: /x}\n    token: t\n"
+        with self.assertRaises(ConfigError) as caught:
+            parse_client_auth(text, path="/etc/lgmt/clients.yaml")
+        self.assertEqual(
+            caught.exception.problems,
+            [
+                "CLIENT_AUTH_FILE: /etc/lgmt/clients.yaml: line 4, column 5: not valid YAML or "
+                "JSON: expected ',' or ']', but got '<scalar>' (while parsing a flow sequence)"
+            ],
+        )
+
+
+class ReloadTests(TestCase):
+    """A watched file's problems on reload are the start-up lines, and a file
+    fixed after an error says it is in force again and counts a success."""
+
+    def setUp(self) -> None:
+        from prometheus_client import CollectorRegistry
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from lgmt_proxy.obs.metrics import ProxyMetrics
+
+        d = self.mktemp()
+        os.makedirs(d)
+        self.path = os.path.join(d, "clients.yaml")
+        self.write(DOC)
+        self.registry = CollectorRegistry()
+        metrics = ProxyMetrics(self.registry, process_collectors=False)
+        auth, problems = load_client_auth(self.path)
+        assert auth is not None, problems
+        self.source = WatchedFile(
+            auth,
+            self.path,
+            kind="client_auth",
+            load=load_client_auth,
+            reloads=metrics.config_reloads,
+        )
+        self.logged: list[tuple[str, str]] = []
+
+        def observe(event: dict[str, object]) -> None:
+            if event.get("log_namespace") == "lgmt_proxy.watch":
+                self.logged.append((str(event["log_level"].name), formatEvent(event)))  # type: ignore[attr-defined]
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def write(self, text: str) -> None:
+        with open(self.path + ".new", "w") as f:
+            f.write(text)
+        os.replace(self.path + ".new", self.path)
+
+    def count(self, result: str) -> float | None:
+        return self.registry.get_sample_value(
+            "proxy_config_reloads_total", {"file": "client_auth", "result": result}
+        )
+
+    def test_problems_as_at_startup_then_back_in_force(self) -> None:
+        from lgmt_proxy.tap import load
+        from tests.support.helpers import env_for
+
+        broken = DOC.replace("name: kubecost", "name: kube cost").replace("[POST]", "[FETCH]")
+        self.write(broken)
+        with self.assertRaises(ConfigError) as caught:
+            load(env_for("https://x.grafana.net", CLIENT_AUTH_FILE=self.path))
+        at_start = caught.exception.problems
+        self.assertEqual(len(at_start), 2, at_start)
+        self.source.poll()
+        self.assertEqual(
+            self.logged,
+            [
+                (
+                    "error",
+                    f"client_auth file {self.path} changed but cannot be used, the previous "
+                    "one stays in force: 2 problem(s) follow",
+                ),
+                *[("error", line) for line in at_start],
+            ],
+        )
+        self.assertEqual((self.count("error"), self.count("success")), (1, None))
+        self.assertEqual(self.source().consumers[0].name, "kubecost")
+        # Fixed back to exactly what stayed in force: said and counted all the same.
+        del self.logged[:]
+        self.write(DOC + "\n")
+        self.source.poll()
+        self.assertEqual(
+            self.logged, [("info", f"client_auth file {self.path} is valid again and in force")]
+        )
+        self.assertEqual((self.count("error"), self.count("success")), (1, 1))

@@ -2,7 +2,13 @@
 
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.config.settings import ConfigError, Secret, parse_config
+from lgmt_proxy.config.settings import (
+    KNOWN_VARIABLES,
+    ConfigError,
+    Secret,
+    parse_config,
+    unknown_variables,
+)
 
 TOKEN = "glc_secret-token-value"
 BASE = {
@@ -177,4 +183,83 @@ class ErrorTests(TestCase):
         self.assertEqual(
             parse_config({**BASE, "CLIENT_AUTH_FILE": "/etc/c.yaml"}).client_auth_file,
             "/etc/c.yaml",
+        )
+
+
+class _Recording(dict[str, str]):
+    """An environment that notes every name asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: set[str] = set()
+
+    def get(self, key: str, default: object = None) -> object:  # type: ignore[override]
+        self.asked.add(key)
+        return super().get(key, default)
+
+
+class UnknownVariableTests(TestCase):
+    def test_known_are_those_parse_config_reads(self) -> None:
+        env = _Recording()
+        self.assertRaises(ConfigError, parse_config, env)
+        self.assertEqual(env.asked, set(KNOWN_VARIABLES))
+
+    def test_typos_get_the_closest_name(self) -> None:
+        env = {
+            **BASE,
+            "GRAFANA_CLOUD_PROMETEUS_URL": "https://p",
+            "UPSTREAM_TIMEOUT": "30",
+            "CLIENT_AUTH": "/x",
+            "LOG_LEVLE": "debug",
+            "GRAFANA_CLOUD_SOMETHING_ELSE_ENTIRELY_X": "1",
+            # Not ours: other programs' variables, Kubernetes' service links.
+            "PATH": "/bin",
+            "HOME": "/root",
+            "UPSTREAM_SERVICE_HOST": "10.0.0.1",
+            "UPSTREAM_PORT_8080_TCP_ADDR": "10.0.0.1",
+            "CLIENT_PORT": "tcp://10.0.0.2:80",
+        }
+        self.assertEqual(
+            unknown_variables(env),
+            [
+                "CLIENT_AUTH is not a known variable; did you mean CLIENT_AUTH_FILE?",
+                "GRAFANA_CLOUD_PROMETEUS_URL is not a known variable; "
+                "did you mean GRAFANA_CLOUD_PROMETHEUS_URL?",
+                "GRAFANA_CLOUD_SOMETHING_ELSE_ENTIRELY_X is not a known variable "
+                "(docs/configuration.md lists them)",
+                "LOG_LEVLE is not a known variable; did you mean LOG_LEVEL?",
+                "UPSTREAM_TIMEOUT is not a known variable; did you mean UPSTREAM_TIMEOUT_SECONDS?",
+            ],
+        )
+        self.assertEqual(unknown_variables(BASE), [])
+        parse_config(env)  # a warning, never an error
+
+
+class StartupFieldsTests(TestCase):
+    """The start-up line of an upstream: `-` where nothing is sent, never None."""
+
+    def test_fields(self) -> None:
+        from lgmt_proxy.config.settings import upstream_from_url
+        from lgmt_proxy.service import upstream_fields
+
+        signal = parse_config(BASE).signals["prometheus"]
+        self.assertEqual(
+            upstream_fields(signal, has_token=True, from_consumer=False),
+            {
+                "url": "https://prometheus-prod-56.grafana.net",
+                "auth": "basic",
+                "org_id": "2668285",
+                "tenant_id": "2668285",
+            },
+        )
+        bearer = upstream_from_url("q", "https://q", user="", tenant=None, auth="bearer")
+        fields = upstream_fields(bearer, has_token=True, from_consumer=True)
+        self.assertEqual(
+            (fields["auth"], fields["org_id"], fields["tenant_id"]),
+            ("bearer", "-", "from_consumer"),
+        )
+        none = upstream_from_url("o", "https://o", user="", tenant=None, auth="none")
+        fields = upstream_fields(none, has_token=False, from_consumer=False)
+        self.assertEqual(
+            (fields["auth"], fields["org_id"], fields["tenant_id"]), ("none", "-", "-")
         )

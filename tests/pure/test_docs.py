@@ -3,7 +3,8 @@
 - Every row of the "Code anchors" table in docs/architecture.md names a file
   that exists and symbols defined in it (the maintenance rule: anchors change
   in the same commit as the code).
-- Every variable config.py reads is described in docs/configuration.md.
+- Every variable config.py reads is described in docs/configuration.md, and
+  the defaults there and in the README's table are the code's.
 
 The installed ``twistd lgmt-proxy`` is checked in tests/process/test_twistd.py.
 """
@@ -157,3 +158,67 @@ class ConfigurationDocTests(TestCase):
             self.assertIn(f"`GRAFANA_CLOUD_<SIGNAL>_{signal_variable}`", text)
         for option in ("--listen", "--admin-listen", "--sandbox"):
             self.assertIn(f"`{option}", text)
+
+
+def code_defaults() -> dict[str, object]:
+    """What settings.py's reader falls back to, by variable: the second
+    argument of ``number``/``integer``/``boolean``/``choice``."""
+    tree = ast.parse((ROOT / "lgmt_proxy" / "config" / "settings.py").read_text())
+    found: dict[str, object] = {}
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in {"number", "integer", "boolean", "choice"}
+            and len(node.args) >= 2
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[1], ast.Constant)
+        ):
+            found[node.args[0].value] = node.args[1].value
+    return found
+
+
+def documented_defaults(markdown: str) -> dict[str, str]:
+    """``variable -> default`` from the rows of a variable table whose first
+    cell names variables (`A` / `B` rows give one default each)."""
+    found = {}
+    for line in markdown.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = _cells(line)
+        if len(cells) < 3:
+            continue
+        names = [n for n in _BACKTICKED.findall(cells[0]) if re.fullmatch(r"[A-Z][A-Z0-9_]+", n)]
+        values = [v.strip() for v in cells[1].split(" / ")]
+        if len(names) != len(values):
+            continue
+        for name, value in zip(names, values, strict=True):
+            ticked = _BACKTICKED.match(value)
+            found[name] = ticked.group(1) if ticked else value.split(" ")[0] if value else ""
+    return found
+
+
+def same_default(text: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return text.lower() == str(value).lower()
+    if isinstance(value, int | float):
+        try:
+            return float(text) == float(value)
+        except ValueError:
+            return False
+    return text == value
+
+
+class DefaultsDocTests(TestCase):
+    """The README's table and configuration.md give the defaults the code has
+    (the README once said 30 for UPSTREAM_TIMEOUT_SECONDS; the code has 300)."""
+
+    def test_defaults_match_the_code(self) -> None:
+        code = code_defaults()
+        self.assertEqual(code["UPSTREAM_TIMEOUT_SECONDS"], 300.0)
+        for doc in (ROOT / "README.md", CONFIGURATION):
+            documented = documented_defaults(doc.read_text())
+            checked = {n: d for n, d in documented.items() if n in code and d}
+            self.assertGreaterEqual(len(checked), 12, (doc.name, checked))
+            wrong = {n: (d, code[n]) for n, d in checked.items() if not same_default(d, code[n])}
+            self.assertEqual(wrong, {}, doc.name)

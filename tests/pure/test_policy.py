@@ -185,7 +185,7 @@ consumers:
                     {},
                     allow_insecure=False,
                 )
-            self.assertIn("routes[0].tenant", caught.exception.problems[0])
+            self.assertIn("route m: tenant", caught.exception.problems[0])
 
     def test_from_consumer_route(self) -> None:
         doc = {

@@ -1,6 +1,7 @@
 """The file formats' JSON Schemas (lgmt_proxy/config/schemas/): valid draft-07, what
-the proxy enforces (lgmt_proxy/config/schema.py agrees with a full validator, the
-one editors' verdicts resemble), what the docs show, and in the packages.
+the proxy enforces (lgmt_proxy/config/schema.py, jsonschema under our wording,
+reports a problem exactly when stock draft-07 does: its wording never drops or
+invents one), what the docs show, and in the packages.
 
 No reactor anywhere; ``PackagingTests`` alone runs a subprocess (it builds the
 wheel and the sdist to look inside them), kept here beside the schema checks."""
@@ -69,7 +70,7 @@ ROUTES = {
 }
 #: Values put anywhere in the documents above. No .inf/.nan (JSON has none;
 #: schema.py refuses them) and no trailing newline (ECMA-262's `$`, which
-#: schema.py follows, refuses it; jsonschema's Python `$` would not).
+#: schema.py follows, refuses it; stock jsonschema's Python `$` would not).
 VALUES = st.sampled_from(
     [None, True, 0, -1, 1, 2.5, "", "*", "GET", "get", "TRACE", "/x", "x", "a b", "none",
      "basic", "bearer", "team-a", "/metrics", "/a/../b", "/a/", "t" * 20, "0" * 64, "a:b",
@@ -158,13 +159,18 @@ class SchemaFileTests(TestCase):
             self.assertRaises((ValueError, KeyError), schema.Schema.from_json, text)
 
     def test_methods_are_the_seven_in_any_case(self) -> None:
-        method = {"$ref": "#/definitions/method"}
         client_auth = schema.load("client-auth")
+
+        def valid(method: str) -> bool:
+            rule = {"methods": [method], "paths": "/"}
+            doc = {"consumers": [{"name": "a", "token": "t" * 20, "allow": [rule]}]}
+            return not client_auth.problems(doc)
+
         for m in ALLOWED_METHODS:
             for spelling in (m.decode(), m.decode().lower(), m.decode().title()):
-                self.assertTrue(client_auth.valid(method, spelling), spelling)
+                self.assertTrue(valid(spelling), spelling)
         for bad in ("TRACE", "CONNECT", "GETX", " GET", "GET\n", ""):
-            self.assertFalse(client_auth.valid(method, bad), bad)
+            self.assertFalse(valid(bad), bad)
 
     def test_end_of_input_is_ecma_262s(self) -> None:
         problems = schema.load("client-auth").problems(
@@ -177,7 +183,7 @@ class SchemaFileTests(TestCase):
 
 
 class AgreementTests(TestCase):
-    """schema.py's verdict is jsonschema's on the documents around the good ones."""
+    """schema.py's verdict is stock draft-07's on the documents around the good ones."""
 
     def check(self, name: str, doc: Any) -> None:
         problems = schema.load(name).problems(doc)
@@ -312,19 +318,20 @@ class MessageTests(TestCase):
         self.assertEqual(
             caught.exception.problems,  # type: ignore[attr-defined]
             [
+                # In the file's order; a route with a good, unique name is called by it.
                 "ROUTES_FILE: routes[0].prefix: /health, /ready and /metrics belong to the proxy",
                 "ROUTES_FILE: routes[0].tenant: a non-empty string without control characters, "
                 "not . or .. (quote numeric ids: YAML reads 0123 as 83)",
-                "ROUTES_FILE: routes[1].credentials.user: basic needs a user without ':' or spaces",
-                "ROUTES_FILE: routes[1].upstream: must be https:// unless the host is loopback "
+                "ROUTES_FILE: route b: upstream: must be https:// unless the host is loopback "
                 "or ALLOW_INSECURE_UPSTREAM=true (the token would travel in clear)",
-                "ROUTES_FILE: routes[1].credentials.token_env: NOPE is not set",
-                "ROUTES_FILE: routes[2].credentials.user: bearer takes no user",
-                "ROUTES_FILE: routes[2].credentials: give exactly one of token_env and token_file",
-                "ROUTES_FILE: routes[2].prefix: /b is used twice",
+                "ROUTES_FILE: route b: credentials.token_env: NOPE is not set",
+                "ROUTES_FILE: route b: credentials.user: basic needs a user without ':' or spaces",
+                "ROUTES_FILE: route c: prefix: /b is used twice",
+                "ROUTES_FILE: route c: credentials: give exactly one of token_env and token_file",
+                "ROUTES_FILE: route c: credentials.user: bearer takes no user",
+                "ROUTES_FILE: routes[3].name: a is used twice",
                 "ROUTES_FILE: routes[3].prefix: "
                 "a path of whole segments like /api/v1/push (no trailing /)",
                 "ROUTES_FILE: routes[3].rewrite: a path like /api/v1/push, or '' to drop the prefix",
-                "ROUTES_FILE: routes[3].name: a is used twice",
             ],
         )

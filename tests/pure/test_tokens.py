@@ -30,16 +30,20 @@ class TokenFileTests(TestCase):
     def test_read_strips_newline(self) -> None:
         token, problem = read_token_file(self.write("t", "abc123\n"))
         assert token is not None
-        self.assertEqual((token.reveal(), problem), ("abc123", None))
+        self.assertEqual((token.reveal(), problem), ("abc123", []))
 
     def test_problems_never_show_content(self) -> None:
-        token, problem = read_token_file(self.write("t", "two words-secret\n"))
-        assert problem is not None
+        token, problems = read_token_file(self.write("t", "two words-secret\n"))
         self.assertIsNone(token)
-        self.assertNotIn("words-secret", problem)
-        _, problem = read_token_file(os.path.join(self.dir, "missing"))
-        assert problem is not None
-        self.assertTrue(problem.startswith("GRAFANA_CLOUD_ACCESS_TOKEN_FILE:"))
+        self.assertEqual(
+            problems, ["GRAFANA_CLOUD_ACCESS_TOKEN_FILE: contains whitespace or control characters"]
+        )
+        missing = os.path.join(self.dir, "missing")
+        _, problems = read_token_file(missing)
+        self.assertEqual(
+            problems,
+            [f"GRAFANA_CLOUD_ACCESS_TOKEN_FILE: cannot read {missing}: No such file or directory"],
+        )
 
     def test_load_reads_the_file(self) -> None:
         env = env_for("https://x.grafana.net")
@@ -91,3 +95,30 @@ class TokenFileTests(TestCase):
             ),
             1,
         )
+
+    def test_route_token_file_reload_named_by_its_key(self) -> None:
+        # A route's token file is not GRAFANA_CLOUD_ACCESS_TOKEN_FILE, on reload either.
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        logged: list[str] = []
+
+        def observe(event: dict[str, object]) -> None:
+            if event.get("log_namespace") == "lgmt_proxy.watch":
+                logged.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        path = self.write("q", "first-token\n")
+        token, _ = read_token_file(path)
+        assert token is not None
+        key = "ROUTES_FILE: route q: credentials.token_file"
+        source = token_source(token, path, name=key)
+        os.unlink(path)
+        source.poll()
+        self.assertEqual(
+            logged[1:], [f"{key}: cannot read {path}: No such file or directory"], logged
+        )
+        self.write("q", "first-token\n")
+        source.poll()
+        self.assertEqual(logged[2:], [f"token file {path} is valid again and in force"])
+        self.assertEqual(source().reveal(), "first-token")
