@@ -292,14 +292,16 @@ def default_listen(port: int) -> str:
 
 
 def upstream_fields(
-    upstream: UpstreamConfig, *, has_token: bool, from_consumer: bool
+    upstream: UpstreamConfig, *, has_token: bool, from_consumer: bool, via: str = "direct"
 ) -> dict[str, str]:
     """The start-up line's fields for one upstream, as users read them: ``-``
     where nothing is sent (no Basic user on a bearer or none route, no
-    ``X-Scope-OrgID``), ``from_consumer`` where each consumer's own is."""
+    ``X-Scope-OrgID``), ``from_consumer`` where each consumer's own is;
+    ``via`` is the forward proxy's URL without its credentials, or direct."""
     auth = upstream.auth if has_token else "none"
     return {
         "url": upstream.url,
+        "via": via,
         "auth": auth,
         "org_id": upstream.user if auth == "basic" and upstream.user else "-",
         "tenant_id": "from_consumer" if from_consumer else upstream.tenant or "-",
@@ -477,12 +479,14 @@ class ProxyService(MultiService):
             # queries match, so they stay; with ROUTES_FILE they hold the
             # route's upstream name and Basic-auth user.
             _log.info(
-                "signal {signal} on: {url} (auth {auth}, org id {org_id}, tenant {tenant_id})",
+                "signal {signal} on: {url} via {via} (auth {auth}, org id {org_id}, "
+                "tenant {tenant_id})",
                 signal=name,
                 **upstream_fields(
                     up.config,
                     has_token=up.token is not None,
                     from_consumer=name in self._from_consumer,
+                    via=up.proxy.display if up.proxy is not None else "direct",
                 ),
             )
         off = [n for n in SIGNALS if n not in self.upstreams]

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -82,9 +83,33 @@ def load(
         problems.extend(found)
     if routes:
         problems.extend(tenant_problems(routes, config.client_auth_file is not None))
+    if config.egress.credentials_file is not None:
+        config, found = _with_proxy_credentials(config)
+        problems.extend(found)
     if problems:
         raise ConfigError(problems)
     return config, token, client_auth, routes
+
+
+def _with_proxy_credentials(config: Config) -> tuple[Config, list[str]]:
+    """The forward proxies with the credentials of UPSTREAM_PROXY_CREDENTIALS_FILE
+    (``user:password``, read once at start-up; never quoted in a problem)."""
+    from lgmt_proxy.config.watch import read_bytes
+
+    path = config.egress.credentials_file
+    assert path is not None
+    name = "UPSTREAM_PROXY_CREDENTIALS_FILE"
+    data, problem = read_bytes(path)
+    if data is None:
+        return config, [f"{name}: {problem}"]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return config, [f"{name}: {path} is not UTF-8 text"]
+    egress = config.egress.with_credentials(text)
+    if isinstance(egress, str):
+        return config, [f"{name}: {path}: {egress}"]
+    return attrs.evolve(config, egress=egress), []
 
 
 def _config_exit(problems: list[str], warnings: Sequence[str] = ()) -> SystemExit:

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
-from lgmt_proxy.config.settings import Secret
+from lgmt_proxy.config.secret import Secret
 
 #: Each scheme's variables, the upper-case name first (curl reads
 #: ``http_proxy`` in lower case only; Go and most tools read both).
@@ -66,10 +66,10 @@ def parse_proxy_url(text: str, credentials: str | None = None) -> ForwardProxy |
         credentials = unquote(parts.username) + ":" + unquote(parts.password or "")
     authorization = None
     if credentials is not None:
-        if ":" not in credentials or credentials.startswith(":"):
-            return "credentials must be user:password"
-        token = base64.b64encode(credentials.encode()).decode("ascii")
-        authorization = Secret(value="Basic " + token)
+        found = proxy_authorization(credentials)
+        if isinstance(found, str):
+            return found
+        authorization = found
     return ForwardProxy(
         scheme=parts.scheme,
         host=parts.hostname,
@@ -105,13 +105,19 @@ class NoProxy:
     everything: bool = False
 
     def bypasses(self, host: str, port: int) -> bool:
+        """Reached directly: listed, or loopback (as Go's proxy rules say:
+        a proxy elsewhere cannot reach our own loopback)."""
         if self.everything:
             return True
         host = host.lower().rstrip(".").strip("[]")
         try:
-            address: object = ipaddress.ip_address(host)
+            address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(
+                host
+            )
         except ValueError:
             address = None
+        if host == "localhost" or (address is not None and address.is_loopback):
+            return True
         return any(rule.matches(host, address, port) for rule in self.rules)
 
 
@@ -149,11 +155,46 @@ def parse_no_proxy(text: str) -> NoProxy:
     return NoProxy(rules=tuple(rules))
 
 
-def proxy_from_environment(
-    environ: Mapping[str, str], credentials: str | None = None
-) -> tuple[dict[str, ForwardProxy], NoProxy, list[str]]:
-    """The forward proxy of each upstream scheme, the hosts that bypass it,
-    and one problem line per variable that is set but unusable."""
+@attrs.frozen
+class Egress:
+    """How upstreams are reached: the forward proxy of each upstream scheme
+    (``https``, ``http``), the hosts that bypass it, and the file holding
+    the proxies' credentials (read by ``tap.py``, applied by `with_credentials`)."""
+
+    proxies: Mapping[str, ForwardProxy] = attrs.field(factory=dict)
+    no_proxy: NoProxy = attrs.field(factory=NoProxy)
+    credentials_file: str | None = None
+
+    def proxy_for(self, scheme: str, host: str, port: int) -> ForwardProxy | None:
+        """The proxy an upstream is reached through, or None: direct."""
+        proxy = self.proxies.get(scheme)
+        if proxy is None or self.no_proxy.bypasses(host, port):
+            return None
+        return proxy
+
+    def with_credentials(self, credentials: str) -> Egress | str:
+        """Every proxy with ``credentials`` (``user:password``, from the
+        credentials file) in place of its URL's, or the problem with them."""
+        authorization = proxy_authorization(credentials)
+        if isinstance(authorization, str):
+            return authorization
+        proxies = {s: attrs.evolve(p, authorization=authorization) for s, p in self.proxies.items()}
+        return attrs.evolve(self, proxies=proxies)
+
+
+def proxy_authorization(credentials: str) -> Secret | str:
+    """``Proxy-Authorization: Basic`` for ``user:password``, or the problem."""
+    credentials = credentials.strip()
+    if ":" not in credentials or credentials.startswith(":"):
+        return "credentials must be user:password"
+    return Secret(value="Basic " + base64.b64encode(credentials.encode()).decode("ascii"))
+
+
+def parse_egress(
+    environ: Mapping[str, str], credentials_file: str | None = None
+) -> tuple[Egress, list[str]]:
+    """The `Egress` the environment asks for, and one problem line per
+    variable that is set but unusable (never quoting a credential)."""
     proxies: dict[str, ForwardProxy] = {}
     problems: list[str] = []
     for scheme, names in PROXY_VARIABLES.items():
@@ -161,21 +202,18 @@ def proxy_from_environment(
             value = environ.get(name, "").strip()
             if not value:
                 continue
-            parsed = parse_proxy_url(value, credentials)
+            parsed = parse_proxy_url(value)
             if isinstance(parsed, str):
                 problems.append(f"{name}: {parsed}")
             else:
                 proxies[scheme] = parsed
             break
-    no_proxy = next((environ[n] for n in NO_PROXY_VARIABLES if environ.get(n, "").strip()), "")
-    return proxies, parse_no_proxy(no_proxy), problems
-
-
-def choose_proxy(
-    proxies: Mapping[str, ForwardProxy], no_proxy: NoProxy, scheme: str, host: str, port: int
-) -> ForwardProxy | None:
-    """The proxy an upstream is reached through, or None for a direct connection."""
-    proxy = proxies.get(scheme)
-    if proxy is None or no_proxy.bypasses(host, port):
-        return None
-    return proxy
+    no_proxy = ""
+    for name in NO_PROXY_VARIABLES:
+        if value := environ.get(name, "").strip():
+            no_proxy = value
+            break
+    egress = Egress(
+        proxies=proxies, no_proxy=parse_no_proxy(no_proxy), credentials_file=credentials_file
+    )
+    return egress, problems

@@ -16,6 +16,9 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from lgmt_proxy.config.egress import Egress, parse_egress
+from lgmt_proxy.config.secret import Secret
+
 #: The signals of the contract, in the order their routes are listed, plus
 #: profiles (Pyroscope), Grafana Cloud's fifth signal, off unless configured.
 SIGNALS = ("prometheus", "loki", "tempo", "otlp", "profiles")
@@ -32,21 +35,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-@attrs.frozen(repr=False)
-class Secret:
-    """A value that must never be printed: ``repr`` and ``str`` hide it."""
-
-    _value: str = attrs.field(alias="value")
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
 
 
 @attrs.frozen
@@ -117,6 +105,8 @@ class Config:
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
     metrics_tenant_label: bool = False
+    #: HTTPS_PROXY, HTTP_PROXY, NO_PROXY (config/egress.py).
+    egress: Egress = attrs.field(factory=Egress)
 
 
 def _is_loopback(host: str) -> bool:
@@ -302,7 +292,8 @@ KNOWN_VARIABLES = frozenset(
        "SHUTDOWN_DELAY_SECONDS", "SHUTDOWN_GRACE_SECONDS", "LOG_LEVEL", "LOG_FORMAT",
        "CLIENT_HEADER_TIMEOUT_SECONDS", "CLIENT_IDLE_TIMEOUT_SECONDS", "CLIENT_AUTH_FILE",
        "ROUTES_FILE", "WEBSOCKET_IDLE_TIMEOUT_SECONDS", "ALLOWED_ORIGINS", "ALLOWED_HOSTS",
-       "METRICS_TENANT_LABEL"]
+       "METRICS_TENANT_LABEL", "UPSTREAM_PROXY_CREDENTIALS_FILE",
+       "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"]
 )  # fmt: skip
 #: The beginnings of our variables' names: another name beginning so is likely a typo.
 OUR_PREFIXES = ("GRAFANA_CLOUD_", "UPSTREAM_", "CLIENT_", "MAX_", "SHUTDOWN_", "LOG_",
@@ -377,6 +368,8 @@ def parse_config(env: Mapping[str, str]) -> Config:
             if problem:
                 r.problems.append(f"GRAFANA_CLOUD_ACCESS_TOKEN: {problem}")
 
+    egress, egress_problems = parse_egress(env, r.get("UPSTREAM_PROXY_CREDENTIALS_FILE"))
+    r.problems.extend(egress_problems)
     config = Config(
         signals=signals,
         token=token,
@@ -406,6 +399,7 @@ def parse_config(env: Mapping[str, str]) -> Config:
             r, "ALLOWED_HOSTS", _HOST, "a host name or IP address (no port, no scheme)"
         ),
         metrics_tenant_label=r.boolean("METRICS_TENANT_LABEL", False),
+        egress=egress,
     )
     if r.problems:
         raise ConfigError(r.problems)

@@ -38,6 +38,8 @@ class ProxyRefused(ConnectError):
 
     def __init__(self, status: int) -> None:
         self.status = status
+        #: What `errors.classify` looks for (rules/ imports nothing of the data plane).
+        self.proxy_status = status
         super().__init__(string=f"forward proxy answered CONNECT with {status or 'no HTTP'}")
 
 

@@ -25,7 +25,9 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
+from lgmt_proxy.config.egress import ForwardProxy
 from lgmt_proxy.config.settings import Config, Secret, UpstreamConfig
+from lgmt_proxy.dataplane.forward import ConnectEndpoint
 from lgmt_proxy.dataplane.pool import UpstreamPool
 from lgmt_proxy.io.sending import SendQueue
 from lgmt_proxy.rules.headers import RawHeaders, forward_request_headers
@@ -55,29 +57,41 @@ def trust_root(ca_pem: bytes | None, system_pem: bytes | None = None) -> object 
     return ssl.trustRootFromCertificates([ssl.Certificate(c) for c in certs])
 
 
+def _tcp(reactor: object, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
+
+
+def _client_tls(host: str, trust: object | None) -> object:
+    if trust is None:
+        return ssl.optionsForClientTLS(host)
+    return ssl.optionsForClientTLS(host, trustRoot=trust)  # type: ignore[arg-type]
+
+
 def make_endpoint(
     reactor: object,
     upstream: UpstreamConfig,
     *,
     connect_timeout: float,
     trust: object | None,
+    proxy: ForwardProxy | None = None,
 ) -> IStreamClientEndpoint:
-    host = upstream.host
-    if isIPAddress(host):
-        tcp: IStreamClientEndpoint = TCP4ClientEndpoint(
-            reactor, host, upstream.port, timeout=connect_timeout
-        )
-    elif isIPv6Address(host):
-        tcp = TCP6ClientEndpoint(reactor, host, upstream.port, timeout=connect_timeout)
+    """TCP to the upstream, or through ``proxy`` (``CONNECT``: the proxy
+    resolves the upstream's name), then TLS verified against the upstream's
+    own name for an https upstream (TLS to an https proxy as well)."""
+    if proxy is None:
+        tcp = _tcp(reactor, upstream.host, upstream.port, connect_timeout)
     else:
-        tcp = HostnameEndpoint(reactor, host.encode("idna"), upstream.port, timeout=connect_timeout)
+        to_proxy = _tcp(reactor, proxy.host, proxy.port, connect_timeout)
+        if proxy.scheme == "https":
+            to_proxy = wrapClientTLS(_client_tls(proxy.host, trust), to_proxy)  # type: ignore[arg-type]
+        tcp = ConnectEndpoint(to_proxy, upstream.host, upstream.port, proxy.authorization)
     if upstream.scheme != "https":
         return tcp
-    if trust is None:
-        creator = ssl.optionsForClientTLS(host)
-    else:
-        creator = ssl.optionsForClientTLS(host, trustRoot=trust)  # type: ignore[arg-type]
-    return wrapClientTLS(creator, tcp)
+    return wrapClientTLS(_client_tls(upstream.host, trust), tcp)  # type: ignore[arg-type]
 
 
 def basic_authorization(user: str, token: Secret) -> bytes:
@@ -100,6 +114,8 @@ class Upstream:
     host_header: bytes
     base_path: bytes
     tenant: bytes | None
+    #: The forward proxy its connections go through (None: direct).
+    proxy: ForwardProxy | None = None
     _cached: tuple[Secret, bytes] | None = None
 
     @property
@@ -148,9 +164,14 @@ def build_upstream(
 ) -> Upstream:
     """``endpoint`` replaces the one the URL names (in-memory tests);
     ``sends`` is shared with the listener (one send per connection per turn)."""
+    proxy = config.egress.proxy_for(upstream.scheme, upstream.host, upstream.port)
     if endpoint is None:
         endpoint = make_endpoint(
-            reactor, upstream, connect_timeout=config.upstream_connect_timeout, trust=trust
+            reactor,
+            upstream,
+            connect_timeout=config.upstream_connect_timeout,
+            trust=trust,
+            proxy=proxy,
         )
     pool = UpstreamPool(
         endpoint,
@@ -168,6 +189,7 @@ def build_upstream(
         host_header=_netloc(upstream),
         base_path=upstream.base_path.encode(),
         tenant=None if upstream.tenant is None else upstream.tenant.encode(),
+        proxy=proxy,
     )
 
 

@@ -63,7 +63,7 @@ def reason(status: int) -> bytes:
 @attrs.frozen
 class Outcome:
     """An answer for a failure; ``reason`` labels proxy_upstream_errors_total
-    (connect, timeout, tls or reset here; client_abort and body_limit are set
+    (connect, timeout, tls, reset or proxy here; client_abort and body_limit are set
     by the client side itself)."""
 
     status: int
@@ -106,6 +106,11 @@ def classify(failure: Failure) -> Outcome:
     for exc in found:
         if isinstance(exc, InvalidResponse):
             return INVALID_RESPONSE
+        if (status := getattr(exc, "proxy_status", None)) is not None:
+            # The forward proxy refused CONNECT (407, 403, 502...).
+            return Outcome(
+                502, "proxy", f"forward proxy refused the connection ({status or 'not HTTP'})"
+            )
         if isinstance(exc, ierror.TimeoutError):
             return CONNECT_TIMEOUT
         if isinstance(exc, CancelledError | ierror.ConnectingCancelledError):

@@ -132,9 +132,9 @@ class StartupLineTests(TestCase):
         self.assertEqual(
             sorted(m for m in said if m.startswith("signal ")),
             [
-                "signal mimir-push on: https://a.example (auth basic, org id team-a, tenant team-a)",
-                "signal mimir-query on: https://b.example (auth bearer, org id -, tenant team-b)",
-                "signal public on: https://b.example (auth none, org id -, tenant -)",
+                "signal mimir-push on: https://a.example via direct (auth basic, org id team-a, tenant team-a)",
+                "signal mimir-query on: https://b.example via direct (auth bearer, org id -, tenant team-b)",
+                "signal public on: https://b.example via direct (auth none, org id -, tenant -)",
             ],
         )
         self.assertNotIn("None", out.getvalue())

@@ -247,6 +247,7 @@ class StartupFieldsTests(TestCase):
             upstream_fields(signal, has_token=True, from_consumer=False),
             {
                 "url": "https://prometheus-prod-56.grafana.net",
+                "via": "direct",
                 "auth": "basic",
                 "org_id": "2668285",
                 "tenant_id": "2668285",

@@ -8,10 +8,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lgmt_proxy.config.egress import (
     ForwardProxy,
-    choose_proxy,
+    parse_egress,
     parse_no_proxy,
     parse_proxy_url,
-    proxy_from_environment,
 )
 
 
@@ -88,20 +87,25 @@ class NoProxyTests(SynchronousTestCase):
         self.assertTrue(rules.bypasses("10.1.2.3", 443))
         self.assertTrue(rules.bypasses("192.168.1.5", 443))
         self.assertFalse(rules.bypasses("192.168.1.6", 443))
-        self.assertTrue(rules.bypasses("::1", 443))
         self.assertTrue(rules.bypasses("[fd00::5]", 443))
         self.assertFalse(rules.bypasses("11.0.0.1", 443))
         # A name is not resolved to be matched against a range.
         self.assertFalse(rules.bypasses("ten.example", 443))
 
     def test_ports(self) -> None:
-        rules = parse_no_proxy("internal.example:8443, [::1]:9000, 127.0.0.1:80")
+        rules = parse_no_proxy("internal.example:8443, [fd00::1]:9000, 10.1.1.1:80")
         self.assertTrue(rules.bypasses("internal.example", 8443))
         self.assertFalse(rules.bypasses("internal.example", 443))
-        self.assertTrue(rules.bypasses("::1", 9000))
-        self.assertFalse(rules.bypasses("::1", 9001))
-        self.assertTrue(rules.bypasses("127.0.0.1", 80))
-        self.assertFalse(rules.bypasses("127.0.0.1", 81))
+        self.assertTrue(rules.bypasses("fd00::1", 9000))
+        self.assertFalse(rules.bypasses("fd00::1", 9001))
+        self.assertTrue(rules.bypasses("10.1.1.1", 80))
+        self.assertFalse(rules.bypasses("10.1.1.1", 81))
+
+    def test_loopback_is_always_direct(self) -> None:
+        rules = parse_no_proxy("")
+        for host in ("localhost", "127.0.0.1", "127.8.9.1", "::1", "[::1]"):
+            self.assertTrue(rules.bypasses(host, 8080), host)
+        self.assertFalse(rules.bypasses("localhost.example", 8080))
 
     def test_empty_and_junk_entries_are_ignored(self) -> None:
         rules = parse_no_proxy(" , ,host:notaport, a/b")
@@ -111,7 +115,7 @@ class NoProxyTests(SynchronousTestCase):
 
 class EnvironmentTests(SynchronousTestCase):
     def test_each_scheme_its_variable_upper_case_first(self) -> None:
-        proxies, no_proxy, problems = proxy_from_environment(
+        egress, problems = parse_egress(
             {
                 "HTTPS_PROXY": "http://secure:3128",
                 "https_proxy": "http://ignored:1",
@@ -120,18 +124,29 @@ class EnvironmentTests(SynchronousTestCase):
             }
         )
         self.assertEqual(problems, [])
-        self.assertEqual(proxies["https"].host, "secure")
-        self.assertEqual(proxies["http"].host, "plain")
-        self.assertIsNone(choose_proxy(proxies, no_proxy, "https", "mimir.svc.cluster.local", 443))
-        chosen = choose_proxy(proxies, no_proxy, "https", "prometheus.grafana.net", 443)
-        self.assertEqual(chosen, proxies["https"])
+        self.assertEqual(egress.proxies["https"].host, "secure")
+        self.assertEqual(egress.proxies["http"].host, "plain")
+        self.assertIsNone(egress.proxy_for("https", "mimir.svc.cluster.local", 443))
+        chosen = egress.proxy_for("https", "prometheus.grafana.net", 443)
+        self.assertEqual(chosen, egress.proxies["https"])
+        self.assertEqual(egress.proxy_for("http", "x.example", 80), egress.proxies["http"])
 
     def test_unset_means_direct(self) -> None:
-        proxies, no_proxy, problems = proxy_from_environment({})
-        self.assertEqual((proxies, problems), ({}, []))
-        self.assertIsNone(choose_proxy(proxies, no_proxy, "https", "x.grafana.net", 443))
+        egress, problems = parse_egress({})
+        self.assertEqual((dict(egress.proxies), problems), ({}, []))
+        self.assertIsNone(egress.proxy_for("https", "x.grafana.net", 443))
+
+    def test_credentials_file_applies_to_every_proxy(self) -> None:
+        egress, _ = parse_egress({"HTTPS_PROXY": "http://u:old@s:1", "HTTP_PROXY": "http://s:2"})
+        updated = egress.with_credentials("team:n3w\n")
+        assert not isinstance(updated, str)
+        want = "Basic " + base64.b64encode(b"team:n3w").decode()
+        for proxy in updated.proxies.values():
+            assert proxy.authorization is not None
+            self.assertEqual(proxy.authorization.reveal(), want)
+        self.assertEqual(egress.with_credentials("nocolon"), "credentials must be user:password")
 
     def test_a_bad_value_is_a_problem_naming_the_variable(self) -> None:
-        _, _, problems = proxy_from_environment({"HTTPS_PROXY": "socks5://u:secret@h:1"})
+        _, problems = parse_egress({"HTTPS_PROXY": "socks5://u:secret@h:1"})
         self.assertEqual(problems, ["HTTPS_PROXY: must start with http:// or https://"])
         self.assertNotIn("secret", problems[0])

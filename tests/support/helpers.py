@@ -137,6 +137,12 @@ class ProxyFixture:
         value = self.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
 
+    def metrics_text(self) -> str:
+        """The /metrics exposition, as a scrape reads it."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
+
 
 class RawClient(protocol.Protocol):
     """Sends raw bytes, collects everything until the server closes; ``reason``

@@ -1,0 +1,112 @@
+"""Egress through a real forward proxy (tinyproxy): HTTPS upstreams whose
+name only the proxy can resolve, NO_PROXY, a proxy that refuses, a proxy
+that is down, proxy credentials that never show."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from lgmt_proxy.dataplane.upstream import trust_root
+from tests.loopback.test_tls import make_ca, make_leaf, pem
+from tests.support.forwardproxy import PROXY_ONLY_NAME, Tinyproxy
+from tests.support.helpers import (
+    ORG,
+    ProxyFixture,
+    Recorder,
+    basic,
+    call,
+    env_for,
+    free_port,
+    upstream_site,
+)
+
+PROXY_PASSWORD = "pr0xy-s3cret-value"
+
+
+class EgressTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        ca_key, ca = make_ca("egress test CA")
+        key_pem, cert_pem = make_leaf(ca_key, ca, PROXY_ONLY_NAME)
+        server = ssl.PrivateCertificate.loadPEM(key_pem + cert_pem)
+        self.recorder = Recorder()
+        self.upstream_port = reactor.listenSSL(  # type: ignore[attr-defined]
+            0, upstream_site(self.recorder), server.options(), interface="127.0.0.1"
+        )
+        self.addCleanup(self.upstream_port.stopListening)
+        self.trust = trust_root(pem(ca))
+        self.upstream_url = f"https://{PROXY_ONLY_NAME}:{self.upstream_port.getHost().port}"
+
+    def tinyproxy(self, credentials: tuple[str, str] | None = None) -> Tinyproxy:
+        proxy = Tinyproxy(self.mktemp(), credentials)
+        self.addCleanup(proxy.stop)
+        return proxy
+
+    def proxy(self, **env: str) -> ProxyFixture:
+        fixture = ProxyFixture(env_for(self.upstream_url, **env), trust=self.trust)
+        self.addCleanup(lambda: Deferred.fromCoroutine(fixture.close()))
+        return fixture
+
+    async def test_query_and_push_reach_a_name_only_the_proxy_resolves(self) -> None:
+        tiny = self.tinyproxy()
+        proxy = self.proxy(HTTPS_PROXY=tiny.url)
+        response, body = await call(proxy.url + "/prometheus/api/v1/query?query=up")
+        self.assertEqual(response.code, 200, body)
+        response, body = await call(proxy.url + "/api/prom/push", b"POST", body=b"x" * 300_000)
+        self.assertEqual(response.code, 200, body)
+        first, push = self.recorder.seen
+        self.assertEqual(first.uri, b"/api/prom/api/v1/query?query=up")
+        self.assertEqual(first.header(b"authorization"), [basic(ORG["prometheus"])])
+        self.assertEqual(push.body, b"x" * 300_000)
+        # TLS was verified against the upstream's own name, inside the tunnel.
+        self.assertEqual(first.header(b"host"), [self.upstream_url[8:].encode()])
+        connects = [r for r in tiny.requests() if r.startswith("CONNECT")]
+        target = f"CONNECT {PROXY_ONLY_NAME}:{self.upstream_port.getHost().port} HTTP/1.1"
+        self.assertIn(target, connects)
+        # Pooled and reused like a direct connection: one tunnel for both.
+        self.assertEqual(len(connects), 1, connects)
+
+    async def test_no_proxy_goes_direct(self) -> None:
+        tiny = self.tinyproxy()
+        proxy = self.proxy(HTTPS_PROXY=tiny.url, NO_PROXY="example.org,.lgmt-egress.test")
+        response, body = await call(proxy.url + "/loki/api/v1/labels")
+        # Direct, so we resolve the name ourselves, and cannot.
+        self.assertEqual(response.code, 502)
+        self.assertEqual(json.loads(body)["error"], "upstream host name did not resolve")
+        self.assertEqual(tiny.requests(), [])
+        self.assertEqual(self.recorder.seen, [])
+
+    async def test_credentials_required_refused_then_accepted(self) -> None:
+        tiny = self.tinyproxy(credentials=("team", PROXY_PASSWORD))
+        refused = self.proxy(HTTPS_PROXY=tiny.url)
+        response, body = await call(refused.url + "/tempo/api/echo")
+        self.assertEqual(response.code, 502)
+        self.assertEqual(json.loads(body)["error"], "forward proxy refused the connection (407)")
+        self.assertEqual(
+            refused.sample("proxy_upstream_errors_total", upstream="tempo", reason="proxy"), 1
+        )
+        self.assertEqual(self.recorder.seen, [])
+
+        accepted = self.proxy(HTTPS_PROXY=f"http://team:{PROXY_PASSWORD}@127.0.0.1:{tiny.port}")
+        response, body = await call(accepted.url + "/tempo/api/echo")
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual(len(self.recorder.seen), 1)
+        # The upstream never sees the proxy's credentials.
+        self.assertIsNone(self.recorder.seen[0].header(b"proxy-authorization"))
+        exposition = accepted.metrics_text()
+        self.assertNotIn(PROXY_PASSWORD, exposition)
+        self.assertNotIn(PROXY_PASSWORD, repr(accepted.config))
+
+    async def test_proxy_down_is_a_connect_failure(self) -> None:
+        proxy = self.proxy(HTTPS_PROXY=f"http://127.0.0.1:{free_port()}")
+        response, body = await call(proxy.url + "/otlp/v1/traces", b"POST", body=b"{}")
+        self.assertEqual(response.code, 502)
+        self.assertEqual(json.loads(body)["error"], "upstream refused the connection")
+        self.assertEqual(
+            proxy.sample("proxy_upstream_errors_total", upstream="otlp", reason="connect"), 1
+        )
