@@ -61,11 +61,12 @@ class ProxyMetrics:
         # only with METRICS_TENANT_LABEL: their values come from the client
         # auth file, so they stay bounded, and the default label set is the
         # one of the service we replace.
-        labels = ["upstream", "method", "status"]
+        who = []
         if consumer_label:
-            labels.append("consumer")
+            who.append("consumer")
         if tenant_label:
-            labels.append("tenant")
+            who.append("tenant")
+        labels = ["upstream", "method", "status", *who]
         #: (upstream, method, status[, consumer][, tenant]) -> requests
         self.requests: dict[tuple[str, ...], int] = {}
         #: (upstream, status) -> responses from the upstream itself
@@ -75,9 +76,11 @@ class ProxyMetrics:
         #: (upstream, reason) -> failed requests
         self.upstream_errors: dict[tuple[str, str], int] = {}
         self.in_flight: dict[str, int] = {}
-        self.request_bytes: dict[str, int] = {}
-        self.response_bytes: dict[str, int] = {}
-        registry.register(_RequestSeries(self, labels))
+        #: (upstream[, consumer][, tenant]) -> body bytes: who sends what is
+        #: what Grafana Cloud bills.
+        self.request_bytes: dict[tuple[str, ...], int] = {}
+        self.response_bytes: dict[tuple[str, ...], int] = {}
+        registry.register(_RequestSeries(self, labels, ["upstream", *who]))
         self.config_reloads = Counter(
             "proxy_config_reloads",
             "Reloads of watched files (token, client auth), by file and result.",
@@ -128,8 +131,10 @@ class ProxyMetrics:
             if self.tenant_label:
                 extra.append(tenant or "none")
             key: tuple[str, ...] = (upstream, method, status, *extra)
+            bytes_key: tuple[str, ...] = (upstream, *extra)
         else:
             key = (upstream, method, status)
+            bytes_key = (upstream,)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
         durations = self.durations
@@ -140,9 +145,9 @@ class ProxyMetrics:
         counts[bisect_left(BUCKETS, duration)] += 1
         counts[-1] += duration
         if body_in:
-            self.request_bytes[upstream] = self.request_bytes.get(upstream, 0) + body_in
+            self.request_bytes[bytes_key] = self.request_bytes.get(bytes_key, 0) + body_in
         if body_out:
-            self.response_bytes[upstream] = self.response_bytes.get(upstream, 0) + body_out
+            self.response_bytes[bytes_key] = self.response_bytes.get(bytes_key, 0) + body_out
         if error is not None:
             errors = self.upstream_errors
             errors[(upstream, error)] = errors.get((upstream, error), 0) + 1
@@ -156,9 +161,12 @@ class _RequestSeries:
     types and labels as prometheus_client's own Counter/Histogram/Gauge made
     them (the service we replace exported the same)."""
 
-    def __init__(self, metrics: ProxyMetrics, request_labels: list[str]) -> None:
+    def __init__(
+        self, metrics: ProxyMetrics, request_labels: list[str], bytes_labels: list[str]
+    ) -> None:
         self.metrics = metrics
         self.request_labels = request_labels
+        self.bytes_labels = bytes_labels
         self.bounds = [floatToGoString(b) for b in BUCKETS] + ["+Inf"]
 
     def collect(self) -> Iterator[Metric]:
@@ -197,28 +205,27 @@ class _RequestSeries:
             ["upstream", "reason"],
             m.upstream_errors,
         )
-        by_upstream = [
-            (
-                GaugeMetricFamily,
-                "proxy_requests_in_flight",
-                "Proxied requests in progress.",
-                m.in_flight,
-            ),
-            (
-                CounterMetricFamily,
-                "proxy_request_body_bytes",
-                "Request body bytes received from clients.",
-                m.request_bytes,
-            ),
-            (
-                CounterMetricFamily,
-                "proxy_response_body_bytes",
-                "Response body bytes sent to clients.",
-                m.response_bytes,
-            ),
-        ]
-        for kind, name, doc, tally in by_upstream:
-            yield _tally(kind, name, doc, ["upstream"], {(k,): n for k, n in tally.items()})
+        yield _tally(
+            GaugeMetricFamily,
+            "proxy_requests_in_flight",
+            "Proxied requests in progress.",
+            ["upstream"],
+            {(k,): n for k, n in m.in_flight.items()},
+        )
+        yield _tally(
+            CounterMetricFamily,
+            "proxy_request_body_bytes",
+            "Request body bytes received from clients (by consumer with client auth on).",
+            self.bytes_labels,
+            m.request_bytes,
+        )
+        yield _tally(
+            CounterMetricFamily,
+            "proxy_response_body_bytes",
+            "Response body bytes sent to clients (by consumer with client auth on).",
+            self.bytes_labels,
+            m.response_bytes,
+        )
 
 
 def _tally(kind: Any, name: str, doc: str, labels: list[str], tally: Mapping[Any, float]) -> Metric:

@@ -103,6 +103,32 @@ class ProxyAuthTests(TestCase):
         self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"1"])
         self.assertEqual(len(self.up.seen), 2)
 
+    async def test_body_bytes_by_consumer(self) -> None:
+        """Which team pushes the most (issue 21): body bytes carry the consumer."""
+        await call(
+            self.proxy.url + "/otlp/v1/traces",
+            method=b"POST",
+            body=b"x" * 700,
+            headers=bearer(ALLOY),
+        )
+        await call(
+            self.proxy.url + "/prometheus/api/v1/query",
+            method=b"POST",
+            body=b"query=up",
+            headers=bearer(KUBECOST),
+        )
+        sample = self.proxy.sample
+        self.assertEqual(
+            sample("proxy_request_body_bytes_total", upstream="otlp", consumer="alloy"), 700
+        )
+        self.assertEqual(
+            sample("proxy_request_body_bytes_total", upstream="prometheus", consumer="kubecost"), 8
+        )
+        self.assertGreater(
+            sample("proxy_response_body_bytes_total", upstream="otlp", consumer="alloy"), 0
+        )
+        self.assertEqual(sample("proxy_request_body_bytes_total", upstream="otlp"), 0)
+
     async def test_ops_stay_open(self) -> None:
         for path in ("/health", "/ready"):
             response, _ = await call(self.proxy.url + path)
