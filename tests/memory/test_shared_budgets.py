@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.limits.budget import BYTES, Budget, Limits, Verdict
+from lgmt_proxy.limits.keeper import BudgetKeeper
 from lgmt_proxy.limits.local import LocalLimiter
 from lgmt_proxy.limits.resp import RedisError
 from lgmt_proxy.limits.shared import SCRIPT_SHA, SharedLimiter
@@ -126,3 +127,22 @@ class SharedLimiterTests(TestCase):
         self.assertTrue(self.decided(self.limiter.check("team-a", Limits(), 10**9)).allowed)
         self.assertTrue(self.decided(self.limiter.check("team-a", LIMITS, 1001)).too_large)
         self.assertEqual(self.pool.sent, [])
+
+
+class KeeperTests(TestCase):
+    def test_local_is_synchronous_shared_is_not(self) -> None:
+        clock = Clock()
+        local = LocalLimiter(clock)
+        keeper = BudgetKeeper(local)
+        self.assertIsInstance(keeper.check("team-a", LIMITS, 10), Verdict)
+        keeper.charge("team-a", LIMITS, 5000)
+        self.assertFalse(local.check("team-a", LIMITS, None).allowed)
+        pool = FakePool()
+        metrics = ProxyMetrics(CollectorRegistry(), process_collectors=False)
+        shared = SharedLimiter(clock, pool, local, metrics, timeout=0.05, where="redis")
+        keeper = BudgetKeeper(local, shared)
+        self.assertIsInstance(keeper.check("team-a", LIMITS, 10), Deferred)
+        self.assertIsInstance(keeper.check("team-a", Limits(), 10), Verdict)
+        keeper.charge("team-a", LIMITS, 10)
+        self.assertEqual(pool.sent[-1][0][5], b"charge")
+        clock.advance(1)
