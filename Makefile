@@ -47,10 +47,11 @@ runtime: $(RUNTIME)
 # --no-build-isolation: the locked setuptools builds it, nothing unhashed is
 # fetched. editable_mode=compat (a plain path entry) is what lets Twisted find
 # the plugin in twisted/plugins/ (the default mode's import hook hides it);
-# its deprecation warning is filtered by its exact text, and the pinned
-# setuptools keeps the mode: a setuptools without it fails loudly ("Invalid
-# editable mode"), after `make lock` moved it. The plugin cache is then
-# refreshed once, so that twistd does not try to write it at every start.
+# its deprecation warning (a dozen lines at every install) is filtered by its
+# exact text: the locked setuptools has the mode, and a release without it,
+# should `make lock` ever pick one, fails loudly ("Invalid editable mode"). The
+# plugin cache is then refreshed once, so that twistd need not write it at
+# every start.
 $(RUNTIME): setup.py requirements.lock requirements-build.lock
 	@py='$(PYTHON)'; \
 	if ! "$$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
