@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.abstract import isIPv6Address
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.posixbase import PosixReactorBase
@@ -192,6 +193,16 @@ class Listener(Service):
         if outcome:
             self.port = outcome[0]
 
+    @property
+    def address(self) -> str:
+        """Where the port is bound (port 0 resolved): a URL for TCP."""
+        host = self.port.getHost()
+        if isinstance(host, IPv6Address):
+            return f"http://[{host.host}]:{host.port}"
+        if isinstance(host, IPv4Address):
+            return f"http://{host.host}:{host.port}"
+        return str(host)
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
         port, self.port = self.port, None
@@ -342,6 +353,9 @@ class ProxyService(MultiService):
         self.reactor = reactor
         self.sandbox = sandbox
         self._handle_sigterm = handle_sigterm
+        self._hurried = False
+        self._cut = 0
+        self._waiting: Deferred[None] | None = None
         self.registry = CollectorRegistry()
         self.readiness = Readiness()
         self.log_observer, self._sink = make_observer(
@@ -473,7 +487,7 @@ class ProxyService(MultiService):
                 "SANDBOX MODE: every signal goes to a built-in loopback echo upstream; "
                 "nothing reaches Grafana Cloud"
             )
-        _log.info("listening on {listen}", listen=self.listen)
+        _log.info("listening on {address}", address=self._main.address, listen=self.listen)
         for name, up in self.upstreams.items():
             # The event's field names (signal, org_id, tenant_id) are what log
             # queries match, so they stay; with ROUTES_FILE they hold the
@@ -494,17 +508,42 @@ class ProxyService(MultiService):
             _log.info("signals off (their routes answer 404): {off}", off=", ".join(off))
 
     def _install_sigterm(self) -> None:
-        # twistd re-raises SIGTERM after stopping (exit status -15); stopping
-        # the reactor ourselves makes a drained shutdown exit 0.
+        # twistd re-raises SIGTERM or SIGINT after stopping (exit status -15,
+        # and make's "Interrupt" line under `make run`); stopping the reactor
+        # ourselves makes a drained shutdown exit 0. A second signal cuts the
+        # drain short (Ctrl-C twice); later ones are ignored.
         reactor = self.reactor
         stopping: list[int] = []
 
-        def on_term(signum: int, frame: object) -> None:
-            if not stopping:
-                stopping.append(signum)
+        def on_signal(signum: int, frame: object) -> None:
+            stopping.append(signum)
+            name = signal.Signals(signum).name
+            if len(stopping) == 1:
+                reactor.callFromThread(self._log_signal, name, first=True)
                 reactor.callFromThread(reactor.stop)
+            elif len(stopping) == 2:
+                reactor.callFromThread(self._log_signal, name, first=False)
+                reactor.callFromThread(self.hurry)
 
-        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    @staticmethod
+    def _log_signal(name: str, *, first: bool) -> None:
+        if first:
+            _log.info("{signal}: stopping; a second SIGINT or SIGTERM stops at once", signal=name)
+        else:
+            _log.info("{signal} again: stopping at once", signal=name)
+
+    def hurry(self) -> None:
+        """Stop now: skip the rest of the delay and the grace period and cut
+        the connections still open (a second Ctrl-C)."""
+        self._hurried = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+        for connection in list(self.site.connections):
+            self._cut += 1
+            connection.abort()
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
@@ -514,13 +553,21 @@ class ProxyService(MultiService):
         # Every response from now on says Connection: close and closes its
         # connection, so clients move to other pods during the delay.
         self.site.draining = True
-        delay = self.config.shutdown_delay
+        delay = 0.0 if self._hurried else self.config.shutdown_delay
         _log.info("draining: /ready answers 503; closing the listener in {delay}s", delay=delay)
         if delay:
-            await deferLater(self.reactor, delay, lambda: None)
+            self._waiting = deferLater(self.reactor, delay, lambda: None)
+            try:
+                await self._waiting
+            except CancelledError:  # hurried
+                pass
+            self._waiting = None
         await self._main.stopService()
-        aborted = await drain_connections(self.site, self.reactor, self.config.shutdown_grace)
-        if aborted:
+        grace = 0.0 if self._hurried else self.config.shutdown_grace
+        aborted = await drain_connections(self.site, self.reactor, grace)
+        if self._hurried:
+            _log.info("drain cut short: {n} open connections cut", n=self._cut + aborted)
+        elif aborted:
             _log.warn(
                 "drain: {n} connections still busy after the grace period were cut", n=aborted
             )
