@@ -101,8 +101,10 @@ class ProxyFixture:
         client_auth: Any = None,
         routes: Any = None,
         token: Any = None,
+        config: Config | None = None,
     ) -> None:
-        self.config: Config = parse_config(env)
+        """``config``: as `tap.load` made it (files read), else parsed from ``env``."""
+        self.config: Config = parse_config(env) if config is None else config
         self.registry = CollectorRegistry()
         self.readiness = Readiness()
         if token is None and self.config.token:
