@@ -31,6 +31,7 @@ from tests.support.helpers import (
     sleep,
     spawn_proxy,
     upstream_site,
+    wait_healthy,
 )
 
 
@@ -193,15 +194,7 @@ class MakeRunTests(TestCase):
             cwd=str(ROOT),
         )
         self.addCleanup(proc.stop)
-        for _ in range(200):
-            if proc.ended.called:
-                break
-            try:
-                response, _ = await call(proc.url + "/health")
-                if response.code == 200:
-                    break
-            except Exception:
-                await sleep(0.05)
+        await wait_healthy(proc)
         return proc
 
     def lines(self, proc: ProxyProcess) -> list[str]:

@@ -281,13 +281,18 @@ async def spawn_proxy(env: dict[str, str], *args: str, wait: bool = True) -> Pro
     ]
     proc.start(argv, full_env)
     if wait:
-        for _ in range(200):
-            if proc.ended.called:
-                break
-            try:
-                response, _ = await call(proc.url + "/health")
-                if response.code == 200:
-                    break
-            except Exception:
-                await sleep(0.05)
+        await wait_healthy(proc)
     return proc
+
+
+async def wait_healthy(proc: ProxyProcess) -> None:
+    """Until the process answers /health 200, or ends (at most 200 tries)."""
+    for _ in range(200):
+        if proc.ended.called:
+            return
+        try:
+            response, _ = await call(proc.url + "/health")
+            if response.code == 200:
+                return
+        except Exception:
+            await sleep(0.05)
