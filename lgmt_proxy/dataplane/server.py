@@ -26,6 +26,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, getChildForRequest
 
 from lgmt_proxy.dataplane.exchange import Exchange
+from lgmt_proxy.dataplane.request import Incoming
 from lgmt_proxy.dataplane.tunnel import Tunnel
 from lgmt_proxy.io.sending import Sender, SendQueue
 from lgmt_proxy.io.timers import IdleTimer
@@ -61,86 +62,6 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 class _StopParsing(Exception):
     """Raised inside a parser callback to stop parsing a hostile head
     (``_refusal`` holds the answer `refuse_and_close` gives)."""
-
-
-class Incoming:
-    """One client request: its head, and what became of it (for the log
-    line and the metrics at the end)."""
-
-    __slots__ = (
-        "body_in",
-        "body_out",
-        "buffered",
-        "chunked",
-        "complete",
-        "consumer",
-        "counted",
-        "error",
-        "expect_continue",
-        "from_upstream",
-        "headers",
-        "in_flight",
-        "in_head",
-        "keep_alive",
-        "length",
-        "method",
-        "on_body",
-        "on_complete",
-        "path",
-        "query",
-        "quiet",
-        "request_id",
-        "started",
-        "status",
-        "target",
-        "tenant",
-        "upgrade",
-        "upstream_name",
-        "user_agent",
-        "version",
-    )
-
-    def __init__(self, started: float) -> None:
-        self.method = b""
-        self.target = b""
-        self.path = b""
-        self.query: bytes | None = None
-        self.version = "1.1"
-        self.headers: RawHeaders = []
-        self.keep_alive = True
-        self.started = started
-        self.upstream_name = "none"
-        self.body_in = 0
-        self.body_out = 0
-        self.status = 0
-        self.error: str | None = None
-        self.consumer: str | None = None
-        #: The consumer's tenant sent on a ``from_consumer`` route.
-        self.tenant: bytes | None = None
-        #: Counted in proxy_requests_in_flight (a proxy route).
-        self.in_flight = False
-        #: Counted in proxy_requests_total (a proxy route).
-        self.counted = False
-        self.complete = False
-        self.buffered: list[bytes] | None = None
-        self.on_body: Callable[[bytes], None] | None = None
-        self.on_complete: Callable[[], None] | None = None
-        self.expect_continue = False
-        self.chunked = False
-        self.length: int | None = None
-        self.in_head = True
-        #: Probes and scrapes: logged at debug only.
-        self.quiet = False
-        self.upgrade = False
-        #: The status came from the upstream (not a refusal or failure of ours).
-        self.from_upstream = False
-        #: For the access log (noted while the head is read anyway).
-        self.user_agent: bytes | None = None
-        self.request_id: bytes | None = None
-
-    def note_error(self, reason: str) -> None:
-        if self.error is None:
-            self.error = reason
 
 
 class _Walk:
@@ -330,23 +251,10 @@ class ClientConnection(Protocol):
         req.method = parser.get_method()
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
-        for name, value in req.headers:
-            low = name.lower()
-            if low == b"content-length":
-                req.length = int(value)
-            elif low == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    self._refusal = (501, "only the chunked transfer coding is accepted")
-                    raise _StopParsing()
-                req.chunked = True
-            elif low == b"expect":
-                req.expect_continue = value.strip().lower() == b"100-continue"
-            elif low == b"upgrade":
-                req.upgrade = True
-            elif low == b"user-agent":
-                req.user_agent = value
-            elif low == b"x-request-id":
-                req.request_id = value
+        refused = req.read_head()
+        if refused is not None:
+            self._refusal = (501, refused)
+            raise _StopParsing()
         if self.active is None:
             self._route_request(req)
         else:
@@ -390,7 +298,7 @@ class ClientConnection(Protocol):
             if req.method == b"CONNECT":
                 raise Refusal(400, "CONNECT is not supported: this is not a forward proxy")
             req.path, req.query = split_target(req.target)
-            if (two_hosts := duplicate_host(req.headers)) is not None:
+            if (two_hosts := duplicate_host(req)) is not None:
                 raise Refusal(two_hosts.status, two_hosts.message)  # a fresh one to raise
         except Refusal as refusal:
             self.refuse_after_body(refusal.status, refusal.message)
@@ -411,8 +319,7 @@ class ClientConnection(Protocol):
         upstream: Upstream = resource.upstream  # type: ignore[attr-defined]
         req.upstream_name = route.upstream_name
         req.counted = True
-        websocket = req.upgrade and req.method == b"GET" and _wants_websocket(req)
-        refused = factory.policy.check(req.method, req.headers)
+        refused = factory.policy.check(req)
         if refused is not None:
             self.refuse_after_body(refused.status, refused.message, list(refused.headers))
             return
@@ -427,7 +334,7 @@ class ClientConnection(Protocol):
             req.note_error("body_limit")
             self.refuse_after_body(413, "request body too large")
             return
-        if websocket:
+        if req.websocket:
             tunnel = Tunnel(self, req, route, upstream, factory)
             self._handler = tunnel
             self._when_complete(req, tunnel.start)
@@ -516,8 +423,7 @@ class ClientConnection(Protocol):
         True; on a ``from_consumer`` route the consumer's tenant is chosen."""
         factory = self.factory
         assert factory.client_auth is not None
-        auth = [v for n, v in req.headers if n.lower() == b"authorization"]
-        consumer = factory.client_auth().authenticate(auth)
+        consumer = factory.client_auth().authenticate(req.authorization)
         if consumer is None:
             self.refuse_after_body(401, "missing or invalid client credentials", _CHALLENGE)
             return False
@@ -527,8 +433,7 @@ class ClientConnection(Protocol):
             self.refuse_after_body(403, f"consumer {consumer.name} may not {method} this path")
             return False
         if tenant_from_consumer:
-            requested = [v for n, v in req.headers if n.lower() == b"x-scope-orgid"]
-            tenant = choose_tenant(consumer.tenants, requested)
+            tenant = choose_tenant(consumer.tenants, req.orgids)
             if isinstance(tenant, Refusal):
                 self.refuse_after_body(tenant.status, f"consumer {consumer.name}: {tenant.message}")
                 return False
@@ -968,11 +873,6 @@ def _parse_error_message(error: Exception) -> str:
 
 def _nothing() -> None:
     pass
-
-
-def _wants_websocket(req: Incoming) -> bool:
-    """A GET asking to upgrade to WebSocket (RFC 6455 section 4.1)."""
-    return any(n.lower() == b"upgrade" and b"websocket" in v.lower() for n, v in req.headers)
 
 
 class _RefuseConnection(Protocol):

@@ -30,7 +30,8 @@ from lgmt_proxy.rules.headers import head_lines
 from lgmt_proxy.rules.routes import Route, upstream_target
 
 if TYPE_CHECKING:
-    from lgmt_proxy.dataplane.server import ClientConnection, Incoming, ProxyFactory
+    from lgmt_proxy.dataplane.request import Incoming
+    from lgmt_proxy.dataplane.server import ClientConnection, ProxyFactory
     from lgmt_proxy.dataplane.upstream import Upstream
 
 _log = Logger(namespace="lgmt_proxy.tunnel")

@@ -5,16 +5,13 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from lgmt_proxy.dataplane.request import Incoming
 from lgmt_proxy.obs.logs import ACCESS_NAMESPACE, StreamObserver
 from lgmt_proxy.obs.metrics import ProxyMetrics, method_label
-
-if TYPE_CHECKING:
-    from lgmt_proxy.dataplane.server import Incoming
 
 _MAX_ID = 128
 
