@@ -27,7 +27,7 @@ from twisted.web.resource import IResource, getChildForRequest
 
 from lgmt_proxy.dataplane.exchange import Exchange
 from lgmt_proxy.dataplane.request import Incoming
-from lgmt_proxy.dataplane.tunnel import Tunnel
+from lgmt_proxy.dataplane.tunnel import Sessions, Tunnel
 from lgmt_proxy.io.sending import Sender, SendQueue
 from lgmt_proxy.io.timers import IdleTimer
 from lgmt_proxy.rules import errors
@@ -335,7 +335,16 @@ class ClientConnection(Protocol):
             self.refuse_after_body(413, "request body too large")
             return
         if req.websocket:
-            tunnel = Tunnel(self, req, route, upstream, factory)
+            tunnel = Tunnel(
+                self,
+                req,
+                route,
+                upstream,
+                clock=self.clock,
+                sessions=factory.websockets,
+                handshake_timeout=factory.upstream_timeout,
+                idle_timeout=factory.websocket_idle_timeout,
+            )
             self._handler = tunnel
             self._when_complete(req, tunnel.start)
             return
@@ -679,7 +688,7 @@ class ClientConnection(Protocol):
 
     # -- WebSocket (called by Tunnel) ---------------------------------------------------
 
-    def tunnel_open(self, tunnel: Tunnel) -> None:
+    def tunnel_open(self, tunnel: Tunnel) -> Any:
         """The upstream switched protocols: every further byte is the tunnel's."""
         req = self.active
         if self.sender is not None:
@@ -690,6 +699,7 @@ class ClientConnection(Protocol):
         self._cancel_idle()
         if req is not None:
             req.status = 101
+        return self.transport
 
     def tunnel_failed(self, status: int, message: str, reason: str | None) -> None:
         req = self.active
@@ -926,9 +936,8 @@ class ProxyFactory(Factory):
 
             limiter = RateLimiter(clock)
         self.limiter = limiter
-        self.max_websockets = max_websockets
         self.websocket_idle_timeout = websocket_idle_timeout
-        self.websockets = 0
+        self.websockets = Sessions(max_websockets, recorder.websocket)
         self.connections: set[ClientConnection] = set()
         #: From SIGTERM on: every response says ``Connection: close``.
         self.draining = False

@@ -16,23 +16,23 @@ and negotiated extensions pass untouched, and nothing is parsed twice.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 import httptools
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from lgmt_proxy.dataplane.request import Incoming
+from lgmt_proxy.dataplane.upstream import Upstream
 from lgmt_proxy.io.timers import IdleTimer
 from lgmt_proxy.rules import errors
 from lgmt_proxy.rules.headers import head_lines
 from lgmt_proxy.rules.routes import Route, upstream_target
-
-if TYPE_CHECKING:
-    from lgmt_proxy.dataplane.request import Incoming
-    from lgmt_proxy.dataplane.server import ClientConnection, ProxyFactory
-    from lgmt_proxy.dataplane.upstream import Upstream
 
 _log = Logger(namespace="lgmt_proxy.tunnel")
 
@@ -50,6 +50,44 @@ def handshake_bytes(req: Incoming, route: Route, upstream: Upstream, client_host
         + head_lines(headers)
         + b"\r\n"
     )
+
+
+class TunnelClient(TypingProtocol):
+    """What a tunnel asks of the client connection it serves (as an
+    `Exchange` asks `ClientSide`)."""
+
+    @property
+    def client_host(self) -> bytes: ...
+
+    def pause_body(self) -> None: ...
+
+    def tunnel_open(self, tunnel: Tunnel) -> Any:
+        """The switch: every further byte from the client is the tunnel's;
+        returns the client's write side."""
+
+    def tunnel_failed(self, status: int, message: str, reason: str | None) -> None: ...
+
+    def tunnel_closed(self) -> None: ...
+
+
+class Sessions:
+    """The WebSocket sessions open at once: capped by ``MAX_WEBSOCKETS``,
+    and reported to ``gauge`` (``proxy_websockets_open``) by upstream name."""
+
+    def __init__(self, limit: int, gauge: Callable[[str, int], None]) -> None:
+        self.limit = limit
+        self.count = 0
+        self.gauge = gauge
+
+    def take(self) -> bool:
+        """One more session, if under the cap."""
+        if self.count >= self.limit:
+            return False
+        self.count += 1
+        return True
+
+    def give_back(self) -> None:
+        self.count -= 1
 
 
 class _UpstreamSide(Protocol):
@@ -100,18 +138,25 @@ class Tunnel:
 
     def __init__(
         self,
-        client: ClientConnection,
+        client: TunnelClient,
         req: Incoming,
         route: Route,
         upstream: Upstream,
-        factory: ProxyFactory,
+        *,
+        clock: IReactorTime,
+        sessions: Sessions,
+        handshake_timeout: float,
+        idle_timeout: float,
     ) -> None:
         self.client = client
         self.req = req
         self.route = route
         self.upstream = upstream
-        self.factory = factory
-        self._clock = factory.clock
+        self._clock = clock
+        self._sessions = sessions
+        self._handshake_timeout = handshake_timeout
+        self._idle_timeout = idle_timeout
+        self._client_out: Any = None
         self._upstream: _UpstreamSide | None = None
         self._connecting: Deferred[Any] | None = None
         self._timer: IdleTimer | None = None
@@ -127,11 +172,9 @@ class Tunnel:
         return self.route.upstream_name
 
     def start(self) -> None:
-        factory = self.factory
-        if factory.websockets >= factory.max_websockets:
+        if not self._sessions.take():
             self._fail(503, "too many WebSocket sessions open", None)
             return
-        factory.websockets += 1
         self._counted = True
         self._handshake = handshake_bytes(
             self.req, self.route, self.upstream, self.client.client_host
@@ -140,7 +183,7 @@ class Tunnel:
         proto_factory.noisy = False
         self._connecting = self.upstream.endpoint.connect(proto_factory)
         self._connecting.addErrback(self._connect_failed)
-        self._arm(factory.upstream_timeout)
+        self._arm(self._handshake_timeout)
 
     # -- before the switch -----------------------------------------------------------
 
@@ -178,10 +221,10 @@ class Tunnel:
         self._switch(head, rest)
 
     def _switch(self, head: bytes, rest: bytes) -> None:
-        client: Any = self.client.transport
         assert self._upstream is not None
         upstream: Any = self._upstream.transport
-        self.client.tunnel_open(self)
+        client: Any = self.client.tunnel_open(self)
+        self._client_out = client
         client.write(head)
         if rest:
             self.req.body_out += len(rest)
@@ -190,11 +233,11 @@ class Tunnel:
         upstream.registerProducer(client, True)
         client.resumeProducing()
         self._open = True
-        self.factory.recorder.metrics.websocket(self.name, +1)
+        self._sessions.gauge(self.name, +1)
         early, self._early = self._early, []
         for data in early:
             self.from_client(data)
-        self._arm(self.factory.websocket_idle_timeout)
+        self._arm(self._idle_timeout)
 
     # -- spliced -------------------------------------------------------------------------
 
@@ -209,8 +252,7 @@ class Tunnel:
         if self._timer is not None:
             self._timer.touch()
         self.req.body_out += len(data)
-        client: Any = self.client.transport
-        client.write(data)
+        self._client_out.write(data)
 
     def client_lost(self) -> None:
         """The client's connection closed after the switch."""
@@ -233,8 +275,7 @@ class Tunnel:
     def upstream_lost(self) -> None:
         if self._open and not self._closed:
             # Let the client read what was relayed, then close.
-            client: Any = self.client.transport
-            client.loseConnection()
+            self._client_out.loseConnection()
         elif not self._closed:
             self._fail(502, "upstream closed during the WebSocket handshake", "reset")
         self._close()
@@ -258,10 +299,10 @@ class Tunnel:
         self._closed = True
         if self._counted:
             self._counted = False
-            self.factory.websockets -= 1
+            self._sessions.give_back()
         if self._open:
             self._open = False
-            self.factory.recorder.metrics.websocket(self.name, -1)
+            self._sessions.gauge(self.name, -1)
         timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
@@ -286,5 +327,4 @@ class Tunnel:
             return
         _log.info("closing idle WebSocket session to {upstream}", upstream=self.name)
         self._abort_upstream()
-        client: Any = self.client.transport
-        client.loseConnection()
+        self._client_out.loseConnection()

@@ -70,6 +70,10 @@ class Recorder:
     def started(self, request: Incoming) -> None:
         self.metrics.started(request.upstream_name)
 
+    def websocket(self, upstream: str, delta: int) -> None:
+        """A WebSocket session opened (+1) or closed (-1): the open-sessions gauge."""
+        self.metrics.websocket(upstream, delta)
+
     def refused(self, status: int, client: str, reason: str) -> None:
         """A request refused before it could be parsed (hostile input, overload):
         logged, not counted (it has no route)."""
