@@ -23,10 +23,11 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from twisted.web.resource import IResource, getChildForRequest
+from twisted.web.resource import IResource, Resource
 
 from lgmt_proxy.dataplane.exchange import Exchange
 from lgmt_proxy.dataplane.request import Incoming
+from lgmt_proxy.dataplane.resources import route_table
 from lgmt_proxy.dataplane.tunnel import Sessions, Tunnel
 from lgmt_proxy.io.sending import Sender, SendQueue
 from lgmt_proxy.io.timers import IdleTimer
@@ -34,11 +35,10 @@ from lgmt_proxy.rules import errors
 from lgmt_proxy.rules.errors import Refusal
 from lgmt_proxy.rules.headers import RawHeaders, head_lines, response_headers
 from lgmt_proxy.rules.policy import Policy, choose_tenant, duplicate_host
-from lgmt_proxy.rules.routes import MAX_TARGET, Route, split_target, upstream_target
+from lgmt_proxy.rules.routes import MAX_TARGET, Local, split_target, upstream_target
 
 if TYPE_CHECKING:
     from lgmt_proxy.config.clientauth import ClientAuth, RateLimiter
-    from lgmt_proxy.dataplane.upstream import Upstream
     from lgmt_proxy.obs.record import Recorder
 
 _log = Logger(namespace="lgmt_proxy.server")
@@ -62,16 +62,6 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 class _StopParsing(Exception):
     """Raised inside a parser callback to stop parsing a hostile head
     (``_refusal`` holds the answer `refuse_and_close` gives)."""
-
-
-class _Walk:
-    """What `getChildForRequest` needs to walk the resource tree."""
-
-    __slots__ = ("postpath", "prepath")
-
-    def __init__(self, path: bytes) -> None:
-        self.prepath: list[bytes] = []
-        self.postpath = path[1:].split(b"/")
 
 
 class LocalRequest:
@@ -304,20 +294,20 @@ class ClientConnection(Protocol):
             self.refuse_after_body(refusal.status, refusal.message)
             return
         factory = self.factory
-        resource = getChildForRequest(factory.resource, _Walk(req.path))
-        route: Route | None = getattr(resource, "route", None)
-        if route is None:
-            req.upstream_name = getattr(resource, "upstream_name", "none")
-            req.quiet = bool(getattr(resource, "quiet", False))
-            if getattr(resource, "consumers_only", False) and factory.client_auth is not None:
+        match = factory.routes.match(req.path)
+        req.upstream_name = match.upstream_name
+        if isinstance(match, Local):
+            req.quiet = match.quiet
+            if match.consumers_only and factory.client_auth is not None:
                 # /metrics names the consumers: with client auth on, only for
                 # a consumer allowed it (else --admin-listen).
                 if not self._check_client(req, False):
                     return
+            resource = match.resource
             self._when_complete(req, lambda: self._render_local(req, resource))
             return
-        upstream: Upstream = resource.upstream  # type: ignore[attr-defined]
-        req.upstream_name = route.upstream_name
+        route = match.route
+        upstream = match.upstream
         req.counted = True
         refused = factory.policy.check(req)
         if refused is not None:
@@ -902,7 +892,7 @@ class ProxyFactory(Factory):
 
     def __init__(
         self,
-        resource: IResource,
+        resource: Resource,
         *,
         clock: IReactorTime,
         recorder: Recorder,
@@ -919,6 +909,8 @@ class ProxyFactory(Factory):
         sends: SendQueue | None = None,
     ) -> None:
         self.resource = resource
+        #: What each path goes to, read off the tree once.
+        self.routes = route_table(resource)
         self.clock = clock
         #: Shared with the upstream pools: the sends of a reactor turn go out together.
         self.sends = sends if sends is not None else SendQueue(clock)
