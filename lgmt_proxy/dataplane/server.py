@@ -12,7 +12,6 @@ control bytes in values) is answered 400 and the connection closed.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -27,23 +26,24 @@ from twisted.web.resource import IResource, Resource
 
 from lgmt_proxy.dataplane.exchange import Exchange
 from lgmt_proxy.dataplane.request import Incoming
-from lgmt_proxy.dataplane.resources import route_table
+from lgmt_proxy.dataplane.resources import RouteMatch, route_table
 from lgmt_proxy.dataplane.tunnel import Sessions, Tunnel
+from lgmt_proxy.dataplane.upstream import Upstream
 from lgmt_proxy.io.sending import Sender, SendQueue
 from lgmt_proxy.io.timers import IdleTimer
 from lgmt_proxy.rules import errors
+from lgmt_proxy.rules.dispatch import Decision, Proxy, Refuse, ServeLocal, decide, read_target
+from lgmt_proxy.rules.dispatch import Tunnel as OpenTunnel
 from lgmt_proxy.rules.errors import Refusal
 from lgmt_proxy.rules.headers import RawHeaders, head_lines, response_headers
-from lgmt_proxy.rules.policy import Policy, choose_tenant, duplicate_host
-from lgmt_proxy.rules.routes import MAX_TARGET, Local, split_target, upstream_target
+from lgmt_proxy.rules.policy import Policy
+from lgmt_proxy.rules.routes import MAX_TARGET, Local, Proxied, upstream_target
 
 if TYPE_CHECKING:
     from lgmt_proxy.config.clientauth import ClientAuth, RateLimiter
     from lgmt_proxy.obs.record import Recorder
 
 _log = Logger(namespace="lgmt_proxy.server")
-
-_CHALLENGE = [(b"WWW-Authenticate", b'Bearer realm="lgmt-proxy", Basic realm="lgmt-proxy"')]
 
 #: Bytes of an unwanted request body (refused) read and thrown away before the
 #: connection is closed instead.
@@ -276,7 +276,7 @@ class ClientConnection(Protocol):
     # -- dispatch ---------------------------------------------------------------------
 
     def _route_request(self, req: Incoming) -> None:
-        """Start answering ``req``: route it, check it, hand it to its handler."""
+        """Start answering ``req``: match its path, decide, act."""
         self.active = req
         self._response_started = False
         self._drain_first = False
@@ -285,63 +285,86 @@ class ClientConnection(Protocol):
             not req.keep_alive or self.factory.draining or req.upgrade or req.method == b"CONNECT"
         )
         try:
-            if req.method == b"CONNECT":
-                raise Refusal(400, "CONNECT is not supported: this is not a forward proxy")
-            req.path, req.query = split_target(req.target)
-            if (two_hosts := duplicate_host(req)) is not None:
-                raise Refusal(two_hosts.status, two_hosts.message)  # a fresh one to raise
+            req.path, req.query = read_target(req.method, req.target)
         except Refusal as refusal:
             self.refuse_after_body(refusal.status, refusal.message)
             return
         factory = self.factory
         match = factory.routes.match(req.path)
+        auth = factory.client_auth
+        decision = decide(
+            req,
+            match,
+            factory.policy,
+            None if auth is None else auth().authenticate,
+            factory.limiter.wait,
+        )
+        _ACTIONS[type(decision)](self, req, match, decision)
+
+    def _refuse(self, req: Incoming, match: RouteMatch, decision: Refuse) -> None:
+        if decision.routed:
+            req.upstream_name = match.upstream_name
+            if isinstance(match, Local):
+                req.quiet = match.quiet
+            else:
+                req.counted = True
+        req.consumer = decision.consumer
+        req.tenant = decision.tenant
+        refusal = decision.refusal
+        self.refuse_after_body(refusal.status, refusal.message, list(refusal.headers))
+
+    def _serve_local(self, req: Incoming, match: Local[IResource], decision: ServeLocal) -> None:
         req.upstream_name = match.upstream_name
-        if isinstance(match, Local):
-            req.quiet = match.quiet
-            if match.consumers_only and factory.client_auth is not None:
-                # /metrics names the consumers: with client auth on, only for
-                # a consumer allowed it (else --admin-listen).
-                if not self._check_client(req, False):
-                    return
-            resource = match.resource
-            self._when_complete(req, lambda: self._render_local(req, resource))
+        req.quiet = match.quiet
+        req.consumer = decision.consumer
+        resource = match.resource
+        self._when_complete(req, lambda: self._render_local(req, resource))
+
+    def _open_tunnel(self, req: Incoming, match: Proxied[Upstream], decision: OpenTunnel) -> None:
+        if not self._forwarding(req, match, decision.consumer, decision.tenant):
             return
-        route = match.route
-        upstream = match.upstream
+        factory = self.factory
+        tunnel = Tunnel(
+            self,
+            req,
+            match.route,
+            match.upstream,
+            clock=self.clock,
+            sessions=factory.websockets,
+            handshake_timeout=factory.upstream_timeout,
+            idle_timeout=factory.websocket_idle_timeout,
+        )
+        self._handler = tunnel
+        self._when_complete(req, tunnel.start)
+
+    def _forwarding(
+        self, req: Incoming, match: Proxied[Upstream], consumer: str | None, tenant: bytes | None
+    ) -> bool:
+        """Counted from here on; False if the declared body is over the limit (413)."""
+        req.upstream_name = match.route.upstream_name
         req.counted = True
-        refused = factory.policy.check(req)
-        if refused is not None:
-            self.refuse_after_body(refused.status, refused.message, list(refused.headers))
-            return
-        if factory.client_auth is not None and not self._check_client(
-            req, route.tenant_from_consumer
-        ):
-            return
+        req.consumer = consumer
+        req.tenant = tenant
         req.in_flight = True
+        factory = self.factory
         factory.recorder.started(req)
         limit = factory.max_body
         if limit and req.length is not None and req.length > limit:
             req.note_error("body_limit")
             self.refuse_after_body(413, "request body too large")
-            return
-        if req.websocket:
-            tunnel = Tunnel(
-                self,
-                req,
-                route,
-                upstream,
-                clock=self.clock,
-                sessions=factory.websockets,
-                handshake_timeout=factory.upstream_timeout,
-                idle_timeout=factory.websocket_idle_timeout,
-            )
-            self._handler = tunnel
-            self._when_complete(req, tunnel.start)
+            return False
+        return True
+
+    def _proxy(self, req: Incoming, match: Proxied[Upstream], decision: Proxy) -> None:
+        if not self._forwarding(req, match, decision.consumer, decision.tenant):
             return
         if req.upgrade:
             # Other upgrades (h2c) are not offered: served as plain HTTP/1.1,
             # and the connection closes after (the parser stopped at the head).
             self._close_after = True
+        route = match.route
+        upstream = match.upstream
+        factory = self.factory
         has_body = req.chunked or bool(req.length)
         exchange = Exchange(
             self,
@@ -416,35 +439,6 @@ class ClientConnection(Protocol):
 
         req.on_body = discard
         req.on_complete = then
-
-    def _check_client(self, req: Incoming, tenant_from_consumer: bool) -> bool:
-        """Client auth (only with CLIENT_AUTH_FILE): 401, 403 or 429, else
-        True; on a ``from_consumer`` route the consumer's tenant is chosen."""
-        factory = self.factory
-        assert factory.client_auth is not None
-        consumer = factory.client_auth().authenticate(req.authorization)
-        if consumer is None:
-            self.refuse_after_body(401, "missing or invalid client credentials", _CHALLENGE)
-            return False
-        req.consumer = consumer.name
-        if not consumer.allows(req.method, req.path):
-            method = req.method.decode("latin-1")
-            self.refuse_after_body(403, f"consumer {consumer.name} may not {method} this path")
-            return False
-        if tenant_from_consumer:
-            tenant = choose_tenant(consumer.tenants, req.orgids)
-            if isinstance(tenant, Refusal):
-                self.refuse_after_body(tenant.status, f"consumer {consumer.name}: {tenant.message}")
-                return False
-            req.tenant = tenant
-        wait = factory.limiter.wait(consumer)
-        if wait:
-            retry = b"%d" % max(1, math.ceil(wait))
-            self.refuse_after_body(
-                429, f"rate limit of consumer {consumer.name} exceeded", [(b"Retry-After", retry)]
-            )
-            return False
-        return True
 
     # -- local answers --------------------------------------------------------------------
 
@@ -873,6 +867,15 @@ def _parse_error_message(error: Exception) -> str:
 
 def _nothing() -> None:
     pass
+
+
+#: How a connection acts on each kind of decision.
+_ACTIONS: dict[type[Decision], Callable[[ClientConnection, Incoming, Any, Any], None]] = {
+    Proxy: ClientConnection._proxy,
+    Refuse: ClientConnection._refuse,
+    ServeLocal: ClientConnection._serve_local,
+    OpenTunnel: ClientConnection._open_tunnel,
+}
 
 
 class _RefuseConnection(Protocol):
