@@ -28,11 +28,11 @@ async def drain_connections(site: ProxyFactory, clock: IReactorTime, grace: floa
         for connection in list(site.connections):
             # Quiet idle ones close now; busy ones after their response is
             # flushed (every response says Connection: close by now).
-            connection.close_when_done(QUIET)
+            connection.close_when_idle(QUIET)
         if clock.seconds() >= deadline:
             break
         await deferLater(clock, _TICK, lambda: None)
     left = list(site.connections)
     for connection in left:
-        connection.abort()
+        connection.close_now()
     return len(left)

@@ -347,7 +347,7 @@ class StalledClientTests(TestCase):
             b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         proxy.clock.advance(0)  # the turn's writes go out: most stay in the backlog
-        self.assertTrue(client.sender.backed_up)
+        self.assertTrue(client.out.backed_up)
         self.assertFalse(transport.aborted)
         proxy.clock.advance(4)
         self.assertFalse(transport.aborted, "cut before its idle timeout")

@@ -129,7 +129,7 @@ class ProxyFixture:
     async def close(self) -> None:
         await self.port.stopListening()
         for connection in list(self.site.connections):
-            connection.abort()
+            connection.close_now()
         for up in self.upstreams.values():
             up.pool.close()
 
