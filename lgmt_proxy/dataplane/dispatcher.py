@@ -33,6 +33,7 @@ from lgmt_proxy.dataplane.resources import RouteMatch
 from lgmt_proxy.dataplane.response import ResponseWriter
 from lgmt_proxy.dataplane.tunnel import Sessions, Tunnel, TunnelClient
 from lgmt_proxy.dataplane.upstream import Upstream
+from lgmt_proxy.io.sending import SendQueue
 from lgmt_proxy.io.timers import IdleTimer
 from lgmt_proxy.obs.record import Recorder
 from lgmt_proxy.rules import errors
@@ -59,6 +60,9 @@ class Shared(Protocol):
 
     @property
     def clock(self) -> IReactorTime: ...
+
+    @property
+    def sends(self) -> SendQueue: ...
 
     @property
     def routes(self) -> RouteTable[RouteMatch]: ...
@@ -170,6 +174,7 @@ class Dispatcher:
             match.route,
             match.upstream,
             clock=shared.clock,
+            sends=shared.sends,
             sessions=shared.websockets,
             handshake_timeout=shared.upstream_timeout,
             idle_timeout=shared.websocket_idle_timeout,

@@ -30,7 +30,8 @@ from lgmt_proxy.dataplane.parsing import RequestParser
 from lgmt_proxy.dataplane.request import Incoming
 from lgmt_proxy.dataplane.response import Ending, ResponseWriter
 from lgmt_proxy.dataplane.tunnel import Tunnel
-from lgmt_proxy.io.sending import Sender, SendQueue
+from lgmt_proxy.io.reading import Hold, ReadGate
+from lgmt_proxy.io.sending import Sender
 from lgmt_proxy.rules import errors
 
 _log = Logger(namespace="lgmt_proxy.server")
@@ -60,9 +61,6 @@ class Front(Shared, TypingProtocol):
     draining: bool
 
     @property
-    def sends(self) -> SendQueue: ...
-
-    @property
     def client_header_timeout(self) -> float: ...
 
     @property
@@ -88,6 +86,7 @@ class ClientConnection(Protocol):
         self.client_host = b"unknown"
         # Set up once connected:
         self.out: Sender
+        self.reading: ReadGate
         self.writer: ResponseWriter
         self.dispatcher: Dispatcher
 
@@ -102,7 +101,8 @@ class ClientConnection(Protocol):
             self.client_text = host
             self.client_host = host.encode()
         shared = self.shared
-        self.out = shared.sends.sender(self.transport)
+        self.out = shared.sends.install(self)
+        self.reading = self.out.reading
         self.writer = ResponseWriter(self, self.out)
         self.dispatcher = Dispatcher(self, shared, self.writer)
         shared.connections.add(self)
@@ -184,7 +184,7 @@ class ClientConnection(Protocol):
             # reading) until that one is done.
             req.buffered = []
             self._pipelined.append(req)
-            self.hold_reading()
+            self.reading.hold(Hold.QUEUED)
 
     def _answer(self, req: Incoming) -> None:
         # After CONNECT or an upgrade the parser reads no further request.
@@ -229,20 +229,20 @@ class ClientConnection(Protocol):
     # -- reading -------------------------------------------------------------------------
 
     def hold_reading(self) -> None:
-        if self.transport is not None:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        """Body bytes wait (for an upstream connection, the WebSocket switch)."""
+        self.reading.hold(Hold.WAITING)
 
     def resume_reading(self) -> None:
-        if self.transport is not None and self.phase is not _CLOSING:
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        """What held reading for the request is over."""
+        if self.phase is not _CLOSING:
+            self.reading.release(Hold.REQUEST)
 
     @property
-    def body_producer(self) -> Any:
-        """The client's transport, to register on the upstream's (upload backpressure)."""
-        return self.transport
+    def body_producer(self) -> ReadGate:
+        """The client's gate, to register on the upstream's sender (upload backpressure)."""
+        return self.reading
 
-    def pause_body(self) -> None:
-        self.hold_reading()
+    pause_body = hold_reading
 
     # -- WebSocket (TunnelClient, called by Tunnel) -------------------------------------
 
@@ -264,16 +264,16 @@ class ClientConnection(Protocol):
         self.writer.close_after()
         self.phase = _CLOSING
 
-    def tunnel_open(self, tunnel: Tunnel) -> Any:
-        """The upstream switched protocols: every further byte is the tunnel's."""
-        self.out.hand_over()
+    def tunnel_open(self, tunnel: Tunnel) -> Sender:
+        """The upstream switched protocols: every further byte is the
+        tunnel's; it writes through this connection's sender."""
         self.phase = _TUNNEL
         self.writer.started = True
         self._cancel_idle()
         req = self.writer.req
         if req is not None:
             req.status = 101
-        return self.transport
+        return self.out
 
     def tunnel_failed(self, status: int, message: str, reason: str | None) -> None:
         req = self.writer.req

@@ -205,7 +205,7 @@ class ResponseWriter:
         self.refuse_now(outcome.status, outcome.message)
 
     def stream_from(self, producer: Any) -> None:
-        """The upstream's transport produces the response: a slow client pauses it."""
+        """The upstream's `ReadGate` produces the response: a slow client pauses it."""
         self._streaming = producer
         self.out.register_producer(producer)
 
@@ -216,7 +216,7 @@ class ResponseWriter:
 
     @property
     def body_producer(self) -> Any:
-        """The client's transport, to register on the upstream's (upload backpressure)."""
+        """The client's `ReadGate`, to register on the upstream's sender (upload backpressure)."""
         return self._conn.body_producer
 
     def pause_body(self) -> None:

@@ -31,10 +31,13 @@ _log = Logger(namespace="lgmt_proxy.server")
 class _RefuseConnection(Protocol):
     """Answers a connection past MAX_CONNECTIONS with 503 and hangs up."""
 
+    def __init__(self, sends: SendQueue) -> None:
+        self._sends = sends
+
     def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(errors.error_response(503, "too many connections"))
-        self.transport.loseConnection()
+        out = self._sends.install(self)
+        out.write(errors.error_response(503, "too many connections"))
+        out.close()
 
 
 class ProxyFactory(Factory):
@@ -90,7 +93,7 @@ class ProxyFactory(Factory):
     def buildProtocol(self, addr: Any) -> Protocol | None:
         if len(self.connections) >= self.max_connections:
             self.recorder.refused(503, getattr(addr, "host", "unknown"), "too many connections")
-            return _RefuseConnection()
+            return _RefuseConnection(self.sends)
         return ClientConnection(self)
 
     def log_upstream_failure(

@@ -5,9 +5,9 @@ endpoint (TLS verified as for every request), with the injected
 ``Authorization`` and ``X-Scope-OrgID``; the client's ``Sec-WebSocket-Key``
 goes along, so the upstream's ``Sec-WebSocket-Accept`` is valid for the
 client. The upstream's answer is parsed by llhttp; after a 101 the two
-connections are spliced byte for byte, each transport registered as the
-other's producer (backpressure both ways), until either side closes or the
-tunnel is idle too long.
+connections are spliced byte for byte, each written through its own `Sender`
+with the other's `ReadGate` as its producer (backpressure both ways), until
+either side closes or the tunnel is idle too long.
 
 A byte splice was chosen over a frame-level relay (autobahn, or Twisted's
 `twisted.web.websocket`, whose client cannot add headers): frames, masking
@@ -29,6 +29,8 @@ from twisted.python.failure import Failure
 
 from lgmt_proxy.dataplane.request import Incoming
 from lgmt_proxy.dataplane.upstream import Upstream
+from lgmt_proxy.io.reading import Hold
+from lgmt_proxy.io.sending import Sender, SendQueue
 from lgmt_proxy.io.timers import IdleTimer
 from lgmt_proxy.rules import errors
 from lgmt_proxy.rules.headers import head_lines
@@ -61,9 +63,9 @@ class TunnelClient(TypingProtocol):
 
     def pause_body(self) -> None: ...
 
-    def tunnel_open(self, tunnel: Tunnel) -> Any:
+    def tunnel_open(self, tunnel: Tunnel) -> Sender:
         """The switch: every further byte from the client is the tunnel's;
-        returns the client's write side."""
+        returns the client connection's sender (its ``reading`` too)."""
 
     def tunnel_failed(self, status: int, message: str, reason: str | None) -> None: ...
 
@@ -93,14 +95,17 @@ class Sessions:
 class _UpstreamSide(Protocol):
     """The upstream connection: its handshake answer parsed, then raw bytes."""
 
-    def __init__(self, tunnel: Tunnel) -> None:
+    def __init__(self, tunnel: Tunnel, sends: SendQueue) -> None:
         self._tunnel = tunnel
+        self._sends = sends
+        self.out: Sender | None = None
         self._head = b""
         self._switched = False
         self._parser = httptools.HttpResponseParser(self)
         self.status = 0
 
     def connectionMade(self) -> None:
+        self.out = self._sends.install(self)
         self._tunnel.upstream_connected(self)
 
     def on_headers_complete(self) -> None:
@@ -144,6 +149,7 @@ class Tunnel:
         upstream: Upstream,
         *,
         clock: IReactorTime,
+        sends: SendQueue,
         sessions: Sessions,
         handshake_timeout: float,
         idle_timeout: float,
@@ -153,10 +159,11 @@ class Tunnel:
         self.route = route
         self.upstream = upstream
         self._clock = clock
+        self._sends = sends
         self._sessions = sessions
         self._handshake_timeout = handshake_timeout
         self._idle_timeout = idle_timeout
-        self._client_out: Any = None
+        self._client_out: Sender | None = None
         self._upstream: _UpstreamSide | None = None
         self._connecting: Deferred[Any] | None = None
         self._timer: IdleTimer | None = None
@@ -179,7 +186,7 @@ class Tunnel:
         self._handshake = handshake_bytes(
             self.req, self.route, self.upstream, self.client.client_host
         )
-        proto_factory = Factory.forProtocol(lambda: _UpstreamSide(self))
+        proto_factory = Factory.forProtocol(lambda: _UpstreamSide(self, self._sends))
         proto_factory.noisy = False
         self._connecting = self.upstream.endpoint.connect(proto_factory)
         self._connecting.addErrback(self._connect_failed)
@@ -204,8 +211,8 @@ class Tunnel:
         if self._closed:
             self._abort_upstream()
             return
-        assert side.transport is not None
-        side.transport.write(self._handshake)
+        assert side.out is not None
+        side.out.write(self._handshake)
 
     def upstream_answered(self, status: int, head: bytes, rest: bytes) -> None:
         if self._closed:
@@ -221,17 +228,17 @@ class Tunnel:
         self._switch(head, rest)
 
     def _switch(self, head: bytes, rest: bytes) -> None:
-        assert self._upstream is not None
-        upstream: Any = self._upstream.transport
-        client: Any = self.client.tunnel_open(self)
-        self._client_out = client
+        side = self._upstream
+        assert side is not None and side.out is not None
+        upstream = side.out
+        client = self._client_out = self.client.tunnel_open(self)
         client.write(head)
         if rest:
             self.req.body_out += len(rest)
             client.write(rest)
-        client.registerProducer(upstream, True)
-        upstream.registerProducer(client, True)
-        client.resumeProducing()
+        client.register_producer(upstream.reading)
+        upstream.register_producer(client.reading)
+        client.reading.release(Hold.REQUEST)  # the early bytes are sent below
         self._open = True
         self._sessions.gauge(self.name, +1)
         early, self._early = self._early, []
@@ -245,21 +252,22 @@ class Tunnel:
         if self._timer is not None:
             self._timer.touch()
         self.req.body_in += len(data)
-        if self._upstream is not None and self._upstream.transport is not None:
-            self._upstream.transport.write(data)
+        if self._upstream is not None and self._upstream.out is not None:
+            self._upstream.out.write(data)
 
     def to_client(self, data: bytes) -> None:
         if self._timer is not None:
             self._timer.touch()
         self.req.body_out += len(data)
-        self._client_out.write(data)
+        if self._client_out is not None:
+            self._client_out.write(data)
 
     def client_lost(self) -> None:
         """The client's connection closed after the switch."""
         was_open = self._open
         self._close()
-        if self._upstream is not None and self._upstream.transport is not None:
-            self._upstream.transport.loseConnection()
+        if self._upstream is not None and self._upstream.out is not None:
+            self._upstream.out.close()
         if was_open:
             self.client.tunnel_closed()
 
@@ -275,16 +283,20 @@ class Tunnel:
     def upstream_lost(self) -> None:
         if self._open and not self._closed:
             # Let the client read what was relayed, then close.
-            self._client_out.loseConnection()
+            self._close_client()
         elif not self._closed:
             self._fail(502, "upstream closed during the WebSocket handshake", "reset")
         self._close()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def _close_client(self) -> None:
+        if self._client_out is not None:
+            self._client_out.close()
+
     def _abort_upstream(self) -> None:
-        if self._upstream is not None and self._upstream.transport is not None:
-            self._upstream.transport.abortConnection()  # type: ignore[attr-defined]
+        if self._upstream is not None and self._upstream.out is not None:
+            self._upstream.out.abort()
 
     def _fail(self, status: int, message: str, reason: str | None) -> None:
         """The session never opened: answer the client with a JSON error."""
@@ -327,4 +339,4 @@ class Tunnel:
             return
         _log.info("closing idle WebSocket session to {upstream}", upstream=self.name)
         self._abort_upstream()
-        self._client_out.loseConnection()
+        self._close_client()
