@@ -78,10 +78,10 @@ class ClientConnection(Protocol):
         self._pipelined: deque[Incoming] = deque()
         #: What answers the active request: an exchange or a tunnel.
         self.handler: Exchange | Tunnel | None = None
-        self._head_timer: IDelayedCall | None = None
-        self._idle_timer: IDelayedCall | None = None
-        self._idle_since = 0.0
-        self._last_read = 0.0
+        #: When the last request ended, and the client last sent a byte.
+        self.idle_since = 0.0
+        self.last_read = 0.0
+        self.timers = Timers(self, shared)
         self.client_text = "unknown"
         self.client_host = b"unknown"
         # Set up once connected:
@@ -106,8 +106,8 @@ class ClientConnection(Protocol):
         self.writer = ResponseWriter(self, self.out)
         self.dispatcher = Dispatcher(self, shared, self.writer)
         shared.connections.add(self)
-        self._idle_since = self._last_read = self.clock.seconds()
-        self._arm_idle(shared.client_idle_timeout)
+        self.idle_since = self.last_read = self.clock.seconds()
+        self.timers.start_idle()
 
     @property
     def idle(self) -> bool:
@@ -123,7 +123,7 @@ class ClientConnection(Protocol):
         if phase is not _OPEN:
             self._not_parsed(phase, data)
             return
-        self._last_read = self.clock.seconds()
+        self.last_read = self.clock.seconds()
         reader = self._reader
         try:
             reader.feed(data)
@@ -134,11 +134,8 @@ class ClientConnection(Protocol):
             self.close_refusing(*reader.refusal_for(e))
             return
         parsing = reader.parsing
-        if parsing is not None and parsing.in_head and self._head_timer is None:
-            # Most heads arrive whole; a timer only for those that do not.
-            self._head_timer = self.clock.callLater(
-                self.shared.client_header_timeout, self._head_timed_out
-            )
+        if parsing is not None and parsing.in_head:
+            self.timers.head_pending()
 
     def _not_parsed(self, phase: Phase, data: bytes) -> None:
         """Bytes for the tunnel (before or after the switch), or ignored."""
@@ -147,14 +144,13 @@ class ClientConnection(Protocol):
             if isinstance(tunnel, Tunnel):
                 tunnel.from_client(data)
             return
-        self._last_read = self.clock.seconds()
+        self.last_read = self.clock.seconds()
         if phase is _UPGRADING and isinstance(tunnel, Tunnel):
             tunnel.client_bytes(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         phase, self.phase = self.phase, _CLOSING
-        self._cancel_head_timer()
-        self._cancel_idle()
+        self.timers.stop()
         self.out.connection_lost()
         self.dispatcher.close()
         self.shared.connections.discard(self)
@@ -176,7 +172,7 @@ class ClientConnection(Protocol):
     # -- one request after another -------------------------------------------------------
 
     def _head_read(self, req: Incoming) -> None:
-        self._cancel_head_timer()
+        self.timers.head_done()
         if self.writer.req is None:
             self._answer(req)
         else:
@@ -220,7 +216,7 @@ class ClientConnection(Protocol):
             self.resume_reading()
             self._answer(self._pipelined.popleft())
             return
-        self._idle_since = self.clock.seconds()
+        self.idle_since = self.clock.seconds()
         self.resume_reading()
 
     def _record(self, req: Incoming) -> None:
@@ -269,7 +265,7 @@ class ClientConnection(Protocol):
         tunnel's; it writes through this connection's sender."""
         self.phase = _TUNNEL
         self.writer.started = True
-        self._cancel_idle()
+        self.timers.stop_idle()
         req = self.writer.req
         if req is not None:
             req.status = 101
@@ -313,7 +309,7 @@ class ClientConnection(Protocol):
         requests of a busy client, is likely to carry a request already on
         its way: closing it then would cut that request."""
         if self.idle:
-            quiet = self.clock.seconds() - max(self._idle_since, self._last_read)
+            quiet = self.clock.seconds() - max(self.idle_since, self.last_read)
             if quiet >= quiet_for:
                 self.close()
         else:
@@ -324,7 +320,7 @@ class ClientConnection(Protocol):
         close. Unlike `ResponseWriter.refuse_now` it needs no parsed request
         (a head that broke a limit has none) and never waits for a body it
         cannot delimit."""
-        self._cancel_head_timer()
+        self.timers.head_done()
         if self.phase is _CLOSING or self.transport is None:
             return
         self.phase = _CLOSING
@@ -346,59 +342,86 @@ class ClientConnection(Protocol):
         self.out.write(errors.error_response(status, message))
         self.out.close()
 
-    # -- timers ------------------------------------------------------------------------------
+
+class Timers:
+    """A client connection's two timers: the head deadline
+    (CLIENT_HEADER_TIMEOUT_SECONDS, armed only for a head that does not
+    arrive whole) and the idle timer (CLIENT_IDLE_TIMEOUT_SECONDS: one call
+    per connection, re-armed for what is left)."""
+
+    __slots__ = ("_clock", "_conn", "_head", "_head_timeout", "_idle", "_idle_timeout")
+
+    def __init__(self, conn: ClientConnection, shared: Front) -> None:
+        self._conn = conn
+        self._clock = shared.clock
+        self._head_timeout = shared.client_header_timeout
+        self._idle_timeout = shared.client_idle_timeout
+        self._head: IDelayedCall | None = None
+        self._idle: IDelayedCall | None = None
+
+    def head_pending(self) -> None:
+        """A head is still arriving (most arrive whole: no timer for them)."""
+        if self._head is None:
+            self._head = self._clock.callLater(self._head_timeout, self._head_timed_out)
+
+    def head_done(self) -> None:
+        timer, self._head = self._head, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def start_idle(self) -> None:
+        self._arm_idle(self._idle_timeout)
+
+    def stop_idle(self) -> None:
+        timer, self._idle = self._idle, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def stop(self) -> None:
+        self.head_done()
+        self.stop_idle()
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
-        self.close_refusing(408, "request head not received in time")
-
-    def _cancel_head_timer(self) -> None:
-        timer, self._head_timer = self._head_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._head = None
+        self._conn.close_refusing(408, "request head not received in time")
 
     def _arm_idle(self, seconds: float) -> None:
-        self._idle_timer = self.clock.callLater(seconds, self._idle_check)
+        self._idle = self._clock.callLater(seconds, self._check_idle)
 
-    def _cancel_idle(self) -> None:
-        timer, self._idle_timer = self._idle_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def _idle_check(self) -> None:
-        """Idle keep-alive connections close after CLIENT_IDLE_TIMEOUT_SECONDS;
-        one timer per connection, re-armed for what is left."""
-        self._idle_timer = None
-        timeout = self.shared.client_idle_timeout
-        writer = self.writer
-        if not self.idle:
-            if self.handler is None and (writer.req is None or not writer.started):
+    def _check_idle(self) -> None:
+        """Idle keep-alive connections close after CLIENT_IDLE_TIMEOUT_SECONDS."""
+        self._idle = None
+        conn = self._conn
+        timeout = self._idle_timeout
+        writer = conn.writer
+        if not conn.idle:
+            if conn.handler is None and (writer.req is None or not writer.started):
                 # Reading a body only to drop it (a local answer or a refusal
                 # waits for it): a client gone silent is not waited for.
-                left = self._last_read + timeout - self.clock.seconds()
+                left = conn.last_read + timeout - self._clock.seconds()
                 if left <= 0:
                     if writer.req is None:
-                        self.close()  # answered; the rest of the body never came
+                        conn.close()  # answered; the rest of the body never came
                     else:
-                        self.close_refusing(408, "request body not received in time")
+                        conn.close_refusing(408, "request body not received in time")
                     return
                 self._arm_idle(left)
                 return
             self._arm_idle(timeout)
             return
-        now = self.clock.seconds()
-        left = max(self._idle_since, self._last_read) + timeout - now
+        now = self._clock.seconds()
+        left = max(conn.idle_since, conn.last_read) + timeout - now
         if left > 0:
             self._arm_idle(left)
             return
-        self.phase = _CLOSING
-        if self.out.backed_up:
+        out = conn.out
+        if out.backed_up:
             # The answer's tail is still unsent: the client gets an idle
             # timeout from the last time it took any bytes, then is cut (a
             # close would wait for it for ever).
-            left = self.out.last_sent + timeout - now
+            left = out.last_sent + timeout - now
             if left <= 0:
-                self.close_now()
+                conn.close_now()
                 return
             self._arm_idle(left)
-        self.out.close()
+        conn.close()
