@@ -59,6 +59,7 @@ def build_site(
     access_sink: StreamObserver | None = None,
     endpoints: Mapping[str, Any] | None = None,
     log_quiet: bool = False,
+    access_log: bool = True,
 ) -> tuple[ProxyFactory, dict[str, Upstream]]:
     """The proxy's `Site` and its upstreams: everything but the listeners.
 
@@ -93,7 +94,9 @@ def build_site(
     site = ProxyFactory(
         root,
         clock=reactor,
-        recorder=Recorder(metrics, reactor, access_sink, log_quiet=log_quiet),
+        recorder=Recorder(
+            metrics, reactor, access_sink, log_quiet=log_quiet, access_log=access_log
+        ),
         upstream_timeout=config.upstream_timeout,
         max_body=config.max_request_body_bytes,
         client_header_timeout=config.client_header_timeout,
@@ -266,6 +269,7 @@ class ProxyService(MultiService):
             # Access lines go straight to the output unless the level hides them.
             access_sink=self._sink if config.log_level in ("debug", "info") else None,
             log_quiet=config.log_level == "debug",
+            access_log=config.log_level in ("debug", "info"),
         )
         self.listen = listen or default_listen(config.port)
         if admin_listen and admin_listen.isdigit():

@@ -54,12 +54,17 @@ class Recorder:
         access_sink: StreamObserver | None = None,
         *,
         log_quiet: bool = False,
+        access_log: bool = True,
     ) -> None:
+        """``access_log``: False when the level hides access lines (warn,
+        error): no line is built at all. ``log_quiet``: probes and scrapes
+        too (debug)."""
         self.metrics = metrics
         self._clock = clock
         self._log = Logger(namespace=ACCESS_NAMESPACE)
         self._sink = access_sink
         self._log_quiet = log_quiet
+        self._access_log = access_log
 
     def _access(self, access: dict[str, object]) -> None:
         if self._sink is not None:
@@ -77,6 +82,8 @@ class Recorder:
     def refused(self, status: int, client: str, reason: str) -> None:
         """A request refused before it could be parsed (hostile input, overload):
         logged, not counted (it has no route)."""
+        if not self._access_log:
+            return
         self._access(
             {
                 "method": "",
@@ -115,7 +122,7 @@ class Recorder:
                 from_upstream=request.from_upstream,
                 tenant=None if request.tenant is None else request.tenant.decode("latin-1"),
             )
-        if request.quiet and not self._log_quiet:
+        if not self._access_log or (request.quiet and not self._log_quiet):
             return
         ua = request.user_agent
         access = {
