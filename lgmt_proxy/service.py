@@ -45,7 +45,7 @@ _log = Logger(namespace="lgmt_proxy")
 WATCH_SECONDS = 1.0
 
 
-def build_site(
+def build_proxy_factory(
     config: Config,
     reactor: Any,
     *,
@@ -61,7 +61,8 @@ def build_site(
     log_quiet: bool = False,
     access_log: bool = True,
 ) -> tuple[ProxyFactory, dict[str, Upstream]]:
-    """The proxy's `Site` and its upstreams: everything but the listeners.
+    """The main listener's `ProxyFactory` and its upstreams: everything but
+    the listeners.
 
     ``routes`` (from ROUTES_FILE, each with its token source) replaces the
     built-in table of Grafana Cloud signals. ``endpoints`` replaces the
@@ -91,7 +92,7 @@ def build_site(
         }
         table = tuple(spec.route for spec, _ in routes)
     root = build_root(upstreams, ops_resources(readiness, registry), table)
-    site = ProxyFactory(
+    factory = ProxyFactory(
         root,
         clock=reactor,
         recorder=Recorder(
@@ -108,7 +109,7 @@ def build_site(
         policy=Policy.build(config.allowed_origins, config.allowed_hosts),
         sends=sends,
     )
-    return site, upstreams
+    return factory, upstreams
 
 
 class Listener(Service):
@@ -256,7 +257,7 @@ class ProxyService(MultiService):
                 load=load_client_auth,
                 reloads=self.metrics.config_reloads,
             )
-        self.site, self.upstreams = build_site(
+        self.proxy_factory, self.upstreams = build_proxy_factory(
             config,
             reactor,
             token=self.token,
@@ -275,7 +276,7 @@ class ProxyService(MultiService):
         if admin_listen and admin_listen.isdigit():
             # A bare port: every address, IPv6 and IPv4, like PORT.
             admin_listen = default_listen(int(admin_listen))
-        self._main = Listener(serverFromString(reactor, self.listen), self.site)
+        self._main = Listener(serverFromString(reactor, self.listen), self.proxy_factory)
         self._main.setServiceParent(self)
         self._admin: Listener | None = None
         if admin_listen:
@@ -381,13 +382,15 @@ class ProxyService(MultiService):
         self.readiness.draining = True
         # Every response from now on says Connection: close and closes its
         # connection, so clients move to other pods during the delay.
-        self.site.draining = True
+        self.proxy_factory.draining = True
         delay = self.config.shutdown_delay
         _log.info("draining: /ready answers 503; closing the listener in {delay}s", delay=delay)
         if delay:
             await deferLater(self.reactor, delay, lambda: None)
         await self._main.stopService()
-        aborted = await drain_connections(self.site, self.reactor, self.config.shutdown_grace)
+        aborted = await drain_connections(
+            self.proxy_factory, self.reactor, self.config.shutdown_grace
+        )
         if aborted:
             _log.warn(
                 "drain: {n} connections still busy after the grace period were cut", n=aborted

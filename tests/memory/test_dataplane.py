@@ -339,7 +339,7 @@ class StalledClientTests(TestCase):
         ours, _peer = small_socket_pair(self)
         address = IPv4Address("TCP", "10.1.2.3", 4321)
         transport = _SocketTransport(ours, peerAddress=address)
-        client = proxy.site.buildProtocol(address)
+        client = proxy.factory.buildProtocol(address)
         client.makeConnection(transport)
         client.dataReceived(b"GET /loki/api/v1/query_range HTTP/1.0\r\nHost: p\r\n\r\n")
         body = b"y" * (1024 * 1024)
