@@ -34,22 +34,21 @@ class RequestParser:
     """llhttp's callbacks for one connection (see the module docstring).
     ``head`` is called with each request once its head is read."""
 
-    __slots__ = ("_clock", "_head", "_head_size", "_parser", "parsing", "refusal")
+    __slots__ = ("_clock", "_head", "_head_size", "_parser", "feed", "parsing", "refusal")
 
     def __init__(self, clock: IReactorTime, head: Callable[[Incoming], None]) -> None:
         self._clock = clock
         self._head = head
         self._parser = httptools.HttpRequestParser(self)
+        #: Parse bytes (llhttp's own method, no layer of ours per read);
+        #: raises httptools' errors (see `refusal_for`) and
+        #: `httptools.HttpParserUpgrade` after a head asking to upgrade.
+        self.feed = self._parser.feed_data
         self._head_size = 0
         #: The request being read (head or body); None between requests.
         self.parsing: Incoming | None = None
         #: Why a callback stopped the parser: the status and message to answer.
         self.refusal: tuple[int, str] | None = None
-
-    def feed(self, data: bytes) -> None:
-        """Parse ``data``; raises httptools' errors (see `refusal_for`) and
-        `httptools.HttpParserUpgrade` after a head asking to upgrade."""
-        self._parser.feed_data(data)
 
     def refusal_for(self, error: httptools.HttpParserError) -> tuple[int, str]:
         """The status and message for input the parser stopped at."""
