@@ -228,10 +228,10 @@ class ClientConnection(Protocol):
         """Body bytes wait (for an upstream connection, the WebSocket switch)."""
         self.reading.hold(Hold.WAITING)
 
-    def resume_reading(self) -> None:
-        """What held reading for the request is over."""
+    def resume_reading(self, reason: int = Hold.REQUEST) -> None:
+        """What held reading for the request (or only ``reason``) is over."""
         if self.phase is not _CLOSING:
-            self.reading.release(Hold.REQUEST)
+            self.reading.release(reason)
 
     @property
     def body_producer(self) -> ReadGate:

@@ -20,6 +20,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 
 from lgmt_proxy.dataplane.request import Incoming
+from lgmt_proxy.io.reading import Hold
 from lgmt_proxy.io.sending import Sender
 from lgmt_proxy.rules import errors
 from lgmt_proxy.rules.headers import RawHeaders, head_lines, response_headers
@@ -58,7 +59,7 @@ class Inbound(Protocol):
 
     def hold_reading(self) -> None: ...
 
-    def resume_reading(self) -> None: ...
+    def resume_reading(self, reason: int = ...) -> None: ...
 
 
 class LocalRequest:
@@ -223,7 +224,9 @@ class ResponseWriter:
         self._conn.hold_reading()
 
     def resume_body(self) -> None:
-        self._conn.resume_reading()
+        """The body the exchange held is on its way: read on (a pipelined
+        request still waiting keeps reading paused)."""
+        self._conn.resume_reading(Hold.WAITING)
 
     # -- answers of our own -------------------------------------------------------------
 
