@@ -1,14 +1,15 @@
-"""The inbound side of one client connection: bytes parsed by llhttp
-(httptools) into requests, the head limits and deadline, the idle timer,
-pipelining (one request answered at a time), the WebSocket hand-over and the
-ways the connection ends. What to do with each request is the `Dispatcher`'s;
-its response is the `ResponseWriter`'s.
+"""The inbound side of one client connection: its bytes handed to its
+`RequestParser` (llhttp, the head limits, each request's facts), the head
+deadline and the idle timer (`Timers`), pipelining (one request answered at a
+time), the WebSocket hand-over and the ways the connection ends (`close`,
+`close_now`, `close_when_idle`, `close_refusing`). What to do with each
+request is the `Dispatcher`'s; its response is the `ResponseWriter`'s; every
+write goes through the connection's `Sender` and every pause of its reading
+through its `ReadGate`.
 
 twisted.web's `HTTPChannel`/`Request` read whole bodies before ``render``,
 and together with the Agent cost four fifths of the CPU of a proxied request;
-this is a `Protocol` on public Twisted APIs only. What llhttp refuses by
-itself (CL with TE, two lengths, bad chunks, obsolete line folding, bare CR,
-control bytes in values) is answered 400 and the connection closed.
+this is a `Protocol` on public Twisted APIs only.
 """
 
 from __future__ import annotations
