@@ -308,6 +308,16 @@ class PipeliningTests(TestCase):
         value = client.value()
         self.assertLess(value.index(b"first"), value.index(b"second"), value)
 
+    def test_reading_paused_while_a_pipelined_request_waits_its_turn(self) -> None:
+        proxy = MemoryProxy()
+        second = b"GET /loki/api/v1/second HTTP/1.1\r\nHost: p\r\n\r\n"
+        _, client = proxy.send(GET + second)
+        self.assertEqual(client.producerState, "paused")
+        proto, _up = proxy.upstream("loki")
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+        # The second is being answered now: nothing holds reading any more.
+        self.assertEqual(client.producerState, "producing")
+
 
 class _SocketTransport(StringTransport):
     """A client transport whose bytes go to a real socket (one end of a
