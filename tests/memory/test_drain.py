@@ -91,7 +91,7 @@ class DrainClockTests(TestCase):
 
     def connect(self, svc: ProxyService) -> tuple[Any, _Socketlike]:
         address = IPv4Address("TCP", "10.1.2.3", 4321)
-        proto = svc.site.buildProtocol(address)
+        proto = svc.proxy_factory.buildProtocol(address)
         transport = _Socketlike(peerAddress=address)
         transport.protocol = proto
         proto.makeConnection(transport)

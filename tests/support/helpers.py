@@ -24,7 +24,7 @@ from lgmt_proxy.config.tokens import token_source
 from lgmt_proxy.dataplane.server import ProxyFactory
 from lgmt_proxy.obs.metrics import ProxyMetrics
 from lgmt_proxy.obs.ops import Readiness
-from lgmt_proxy.service import build_site
+from lgmt_proxy.service import build_proxy_factory
 
 from .processes import ChildProcess
 
@@ -113,8 +113,8 @@ class ProxyFixture:
         self.metrics = ProxyMetrics(
             self.registry, process_collectors=False, consumer_label=client_auth is not None
         )
-        self.site: ProxyFactory
-        self.site, self.upstreams = build_site(
+        self.factory: ProxyFactory
+        self.factory, self.upstreams = build_proxy_factory(
             self.config,
             reactor,
             token=self.token,
@@ -125,13 +125,13 @@ class ProxyFixture:
             client_auth=client_auth,
             routes=routes,
         )
-        self.port = listen(self.site)
+        self.port = listen(self.factory)
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
 
     async def close(self) -> None:
         await self.port.stopListening()
-        for connection in list(self.site.connections):
-            connection.abort()
+        for connection in list(self.factory.connections):
+            connection.close_now()
         for up in self.upstreams.values():
             up.pool.close()
 
