@@ -3,8 +3,10 @@
 #
 #   make venv    create .venv/ and install the project (editable) and test tools,
 #                all from the lock files (pinned, hash-checked)
+#   make runtime only what running needs (what `make run` installs)
 #   make run     run the proxy: a .env file if present, else the environment if it
-#                holds a token, else the sandbox (no Grafana Cloud account needed)
+#                configures an upstream (GRAFANA_CLOUD_*, ROUTES_FILE), else the
+#                sandbox (no Grafana Cloud account needed); it says which, and why
 #   make lint    ruff check + ruff format --check
 #   make test    lint, mypy, then the whole trial suite
 #   make clean   remove .venv/ and everything generated
@@ -23,26 +25,34 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 LINT_PATHS := lgmt_proxy tests twisted
 TESTS ?= tests
 ARGS ?=
 LISTEN ?=
-TWISTD := $(BIN)/twistd -n --pidfile= lgmt-proxy
+# pip without the progress of every package: errors and warnings only.
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: venv lock lint test run bench clean
+.PHONY: venv runtime lock lint test run bench clean
 
 venv: $(STAMP)
+runtime: $(RUNTIME)
 
-# Rebuilt only when the packaging or a lock file changes (or .venv/ is gone),
-# so `make test`/`make run` cost nothing extra when nothing changed.
-# requirements-dev.lock holds everything: the runtime set (as in
-# requirements.lock), pip and setuptools (as in requirements-build.lock) and
-# the test tools, each pinned with its hashes. The project itself then comes
-# from this tree with --no-deps and --no-build-isolation: the locked setuptools
-# builds it, nothing unhashed is fetched. editable_mode=compat (a plain path
-# entry) is what lets Twisted find the plugin in twisted/plugins/.
-$(STAMP): setup.py requirements.lock requirements-build.lock requirements-dev.lock
+# Two stamps, each rebuilt only when the packaging or its lock file changes (or
+# .venv/ is gone), so `make test`/`make run` cost nothing extra when nothing
+# changed. $(RUNTIME) is what `make run` needs: requirements.lock (the runtime
+# set) and requirements-build.lock (pip, setuptools), each pinned with its
+# hashes. The project itself then comes from this tree with --no-deps and
+# --no-build-isolation: the locked setuptools builds it, nothing unhashed is
+# fetched. editable_mode=compat (a plain path entry) is what lets Twisted find
+# the plugin in twisted/plugins/ (the default mode's import hook hides it);
+# its deprecation warning (a dozen lines at every install) is filtered by its
+# exact text: the locked setuptools has the mode, and a release without it,
+# should `make lock` ever pick one, fails loudly ("Invalid editable mode"). The
+# plugin cache is then refreshed once, so that twistd need not write it at
+# every start.
+$(RUNTIME): setup.py requirements.lock requirements-build.lock
 	@py='$(PYTHON)'; \
 	if ! "$$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
 		if command -v python3.11 >/dev/null 2>&1; then py=python3.11; else \
@@ -57,10 +67,18 @@ $(STAMP): setup.py requirements.lock requirements-build.lock requirements-dev.lo
 			exit 1; \
 		}; \
 	fi
-	$(BIN)/python -m pip install --require-hashes -r requirements-dev.lock
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation \
+	@echo "make: installing what the proxy needs into $(VENV)/ (requirements.lock, hash-checked)"
+	@$(PIP) --require-hashes -r requirements.lock -r requirements-build.lock
+	@PYTHONWARNINGS='ignore:Compat editable installs' $(PIP) --no-deps --no-build-isolation \
 		--config-settings editable_mode=compat -e .
-	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+	@$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+	@touch $@
+
+# The test and lint tools on top: requirements-dev.lock holds the runtime and
+# build sets again (same pins) and the tools, each with its hashes.
+$(STAMP): $(RUNTIME) requirements-dev.lock
+	@echo "make: installing the test tools into $(VENV)/ (requirements-dev.lock, hash-checked)"
+	@$(PIP) --require-hashes -r requirements-dev.lock
 	@touch $@
 
 # Regenerate every lock file from the ranges (setup.py, requirements-*.txt), with
@@ -101,26 +119,16 @@ test: venv lint
 	$(BIN)/mypy
 	$(BIN)/trial $(TESTS)
 
-# `exec` so that Ctrl-C / SIGTERM reach twistd itself (graceful drain, exit 0).
-# Loopback only unless LISTEN says otherwise: a proxy holding the real token must
-# not be reachable from the network (or a browser's DNS-rebinding page) by
-# accident; the container image listens on every address (no --listen).
-run: venv
-	@listen='$(LISTEN)'; \
-	if [ -f .env ]; then \
-		echo "make run: using the variables in .env"; \
-		set -a; . ./.env; set +a; \
-		set -- $(TWISTD); \
-	elif [ -n "$${GRAFANA_CLOUD_ACCESS_TOKEN:-}" ] || [ -n "$${GRAFANA_CLOUD_ACCESS_TOKEN_FILE:-}" ]; then \
-		echo "make run: using the environment"; \
-		set -- $(TWISTD); \
-	else \
-		echo "make run: no .env and no GRAFANA_CLOUD_ACCESS_TOKEN(_FILE) set: starting the sandbox"; \
-		set -- $(TWISTD) --sandbox; \
-	fi; \
-	listen="$${listen:-tcp:port=$${PORT:-8085}:interface=127.0.0.1:backlog=1024}"; \
-	echo "make run: listening on $$listen (LISTEN= to change)"; \
-	exec "$$@" --listen "$$listen" $(ARGS)
+# `exec`, and python execs twistd, so that Ctrl-C and SIGTERM reach twistd
+# itself: it drains and exits 0, so make prints no "Interrupt" line, and a
+# second Ctrl-C stops it at once. lgmt_proxy/sandbox.py `plan_run` chooses
+# .env, the environment or the sandbox and says why; it listens on loopback
+# only unless LISTEN says otherwise (a proxy holding the real token must not
+# be reachable from the network by accident; the container image listens on
+# every address).
+run: runtime
+	@if [ -f .env ]; then set -a; . ./.env; set +a; dotenv=--dotenv; else dotenv=; fi; \
+	exec $(BIN)/python -m lgmt_proxy.sandbox $$dotenv --listen='$(LISTEN)' -- $(ARGS)
 
 # The benchmark (nginx, wrk; not a test). BENCH_ARGS=--quick for a short run.
 BENCH_ARGS ?=

@@ -13,16 +13,12 @@ from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService, Service
-from twisted.internet.abstract import isIPv6Address
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
+from twisted.application.service import MultiService
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
-from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from lgmt_proxy.config.clientauth import ClientAuth, load_client_auth
@@ -35,6 +31,7 @@ from lgmt_proxy.dataplane.resources import build_root
 from lgmt_proxy.dataplane.server import ProxyFactory
 from lgmt_proxy.dataplane.upstream import Upstream, build_upstream
 from lgmt_proxy.io.sending import SendQueue
+from lgmt_proxy.listeners import Listener
 from lgmt_proxy.obs.logs import StreamObserver, make_observer
 from lgmt_proxy.obs.metrics import ProxyMetrics
 from lgmt_proxy.obs.ops import Readiness, admin_root, ops_resources
@@ -48,7 +45,7 @@ _log = Logger(namespace="lgmt_proxy")
 WATCH_SECONDS = 1.0
 
 
-def build_site(
+def build_proxy_factory(
     config: Config,
     reactor: Any,
     *,
@@ -62,8 +59,10 @@ def build_site(
     access_sink: StreamObserver | None = None,
     endpoints: Mapping[str, Any] | None = None,
     log_quiet: bool = False,
+    access_log: bool = True,
 ) -> tuple[ProxyFactory, dict[str, Upstream]]:
-    """The proxy's `Site` and its upstreams: everything but the listeners.
+    """The main listener's `ProxyFactory` and its upstreams: everything but
+    the listeners.
 
     ``routes`` (from ROUTES_FILE, each with its token source) replaces the
     built-in table of Grafana Cloud signals. ``endpoints`` replaces the
@@ -93,10 +92,12 @@ def build_site(
         }
         table = tuple(spec.route for spec, _ in routes)
     root = build_root(upstreams, ops_resources(readiness, registry), table)
-    site = ProxyFactory(
+    factory = ProxyFactory(
         root,
         clock=reactor,
-        recorder=Recorder(metrics, reactor, access_sink, log_quiet=log_quiet),
+        recorder=Recorder(
+            metrics, reactor, access_sink, log_quiet=log_quiet, access_log=access_log
+        ),
         upstream_timeout=config.upstream_timeout,
         max_body=config.max_request_body_bytes,
         client_header_timeout=config.client_header_timeout,
@@ -108,147 +109,7 @@ def build_site(
         policy=Policy.build(config.allowed_origins, config.allowed_hosts),
         sends=sends,
     )
-    return site, upstreams
-
-
-#: At most this many queued connections are taken over when a listener
-#: closes: twice Linux's default cap on an accept queue (net.core.somaxconn,
-#: 4096), so a flood of connects cannot hold the reactor in the loop.
-ACCEPT_AT_CLOSE = 8192
-
-
-class HeldSockets:
-    """The reactor a `Listener`'s endpoint listens with. A TCP listening
-    socket is bound here and lent to the reactor (`adoptStreamPort` takes
-    its own copy), so it stays ours: stopping the port closes the reactor's
-    copy only. A port from the reactor's own ``listenTCP`` shuts its socket
-    down when it stops, which resets every connection in the accept queue.
-    Anything else (``unix:``, ``ssl:``, a memory reactor in tests) goes to
-    the reactor as it is."""
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        #: The socket under each port listenTCP returned, by the port's id.
-        self.held: dict[int, socket.socket] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.reactor, name)
-
-    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
-        if not isinstance(self.reactor, PosixReactorBase):  # no real sockets to hold
-            return self.reactor.listenTCP(port, factory, backlog, interface)
-        family = socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted does
-            address: Any = (interface, port)
-            try:
-                if family == socket.AF_INET6:  # the scope id of fe80::1%eth0, as Twisted does
-                    address = socket.getaddrinfo(
-                        interface, port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST
-                    )[0][4]
-                sock.bind(address)
-            except OSError as e:
-                raise CannotListenError(interface, port, e) from None
-            sock.listen(backlog)
-            sock.setblocking(False)
-            listening = self.reactor.adoptStreamPort(sock.fileno(), family, factory)
-        except BaseException:
-            sock.close()
-            raise
-        self.held[id(listening)] = sock
-        return listening
-
-
-class Listener(Service):
-    """Listens on an endpoint description while running. Unlike Twisted's
-    `StreamServerEndpointService`, a port that cannot be bound raises
-    `CannotListenError` out of ``privilegedStartService`` (twistd binds
-    there), so the service can print one plain line and exit 1. Stopping
-    it answers what the kernel had already queued (`close_listening`)."""
-
-    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
-        self.sockets = HeldSockets(reactor)
-        self.endpoint = serverFromString(self.sockets, description)
-        self.factory = factory
-        self.reactor = reactor
-        self.port: Any = None
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._listen()
-
-    def startService(self) -> None:
-        super().startService()
-        self._listen()
-
-    def _listen(self) -> None:
-        if self.port is not None:
-            return
-        outcome: list[Any] = []
-        self.endpoint.listen(self.factory).addBoth(outcome.append)
-        if outcome and isinstance(outcome[0], Failure):
-            outcome[0].raiseException()
-        if outcome:
-            self.port = outcome[0]
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        held = self.sockets.held.pop(id(port), None)
-        return Deferred.fromCoroutine(close_listening(port, held, self.factory, self.reactor))
-
-
-async def close_listening(
-    port: Any, held: socket.socket | None, factory: Any, reactor: Any
-) -> None:
-    """Stop listening without resetting a connection the kernel completed.
-
-    Closing a listening socket resets every connection still in its accept
-    queue, and their clients may have sent a request already (a POST they
-    must not retry: a reset cannot be told from a request lost mid-way). So
-    the reactor stops reading the port and closes its copy of the socket
-    (a reactor turn later), while ``held`` keeps it listening; then
-    everything queued is accepted and handed to the reactor with ``factory``
-    (MAX_CONNECTIONS applies as to any connection), and ``held`` is closed
-    in the same turn. Only connects after that are refused, which a client
-    can safely retry elsewhere. Without a held socket, just stop."""
-    if held is None:
-        await maybeDeferred(port.stopListening)  # None if it was not listening
-        return
-    try:
-        await maybeDeferred(port.stopListening)
-        adopted = adopt_queued(held, factory, reactor)
-    finally:
-        held.close()
-    if adopted:
-        _log.info("listener closed: {n} queued connections taken over", n=adopted)
-
-
-def adopt_queued(
-    listening: socket.socket, factory: Any, reactor: Any, limit: int = ACCEPT_AT_CLOSE
-) -> int:
-    """Accept every connection queued on ``listening`` (until it would
-    block) and give each to the reactor. Returns how many were taken."""
-    listening.setblocking(False)
-    adopted = 0
-    for _ in range(limit):
-        try:
-            conn, _address = listening.accept()
-        except BlockingIOError:
-            break
-        except ConnectionAbortedError:
-            continue  # the client gave up while queued
-        except OSError as e:  # out of descriptors: what is left is reset
-            _log.warn("listener closed: cannot accept queued connections: {e}", e=e.strerror)
-            break
-        with conn:  # the reactor holds its own duplicate
-            conn.setblocking(False)
-            reactor.adoptStreamConnection(conn.fileno(), conn.family, factory)
-        adopted += 1
-    return adopted
+    return factory, upstreams
 
 
 class _QuietSite(Site):
@@ -270,7 +131,6 @@ def admin_site(readiness: Readiness, registry: CollectorRegistry, clock: Any) ->
 def ipv6_available() -> bool:
     """Whether this host can listen on IPv6 at all (an IPv4-only node or
     container has no ``::``)."""
-    import socket
 
     if not socket.has_ipv6:
         return False
@@ -342,6 +202,9 @@ class ProxyService(MultiService):
         self.reactor = reactor
         self.sandbox = sandbox
         self._handle_sigterm = handle_sigterm
+        self._hurried = False
+        self._cut = 0
+        self._waiting: Deferred[None] | None = None
         self.registry = CollectorRegistry()
         self.readiness = Readiness()
         self.log_observer, self._sink = make_observer(
@@ -384,7 +247,7 @@ class ProxyService(MultiService):
                 load=load_client_auth,
                 reloads=self.metrics.config_reloads,
             )
-        self.site, self.upstreams = build_site(
+        self.proxy_factory, self.upstreams = build_proxy_factory(
             config,
             reactor,
             token=self.token,
@@ -397,12 +260,13 @@ class ProxyService(MultiService):
             # Access lines go straight to the output unless the level hides them.
             access_sink=self._sink if config.log_level in ("debug", "info") else None,
             log_quiet=config.log_level == "debug",
+            access_log=config.log_level in ("debug", "info"),
         )
         self.listen = listen or default_listen(config.port)
         if admin_listen and admin_listen.isdigit():
             # A bare port: every address, IPv6 and IPv4, like PORT.
             admin_listen = default_listen(int(admin_listen))
-        self._main = Listener(self.listen, self.site, reactor)
+        self._main = Listener(self.listen, self.proxy_factory, reactor)
         self._main.setServiceParent(self)
         self._admin: Listener | None = None
         if admin_listen:
@@ -473,7 +337,7 @@ class ProxyService(MultiService):
                 "SANDBOX MODE: every signal goes to a built-in loopback echo upstream; "
                 "nothing reaches Grafana Cloud"
             )
-        _log.info("listening on {listen}", listen=self.listen)
+        _log.info("listening on {address}", address=self._main.address, listen=self.listen)
         for name, up in self.upstreams.items():
             # The event's field names (signal, org_id, tenant_id) are what log
             # queries match, so they stay; with ROUTES_FILE they hold the
@@ -494,17 +358,42 @@ class ProxyService(MultiService):
             _log.info("signals off (their routes answer 404): {off}", off=", ".join(off))
 
     def _install_sigterm(self) -> None:
-        # twistd re-raises SIGTERM after stopping (exit status -15); stopping
-        # the reactor ourselves makes a drained shutdown exit 0.
+        # twistd re-raises SIGTERM or SIGINT after stopping (exit status -15,
+        # and make's "Interrupt" line under `make run`); stopping the reactor
+        # ourselves makes a drained shutdown exit 0. A second signal cuts the
+        # drain short (Ctrl-C twice); later ones are ignored.
         reactor = self.reactor
         stopping: list[int] = []
 
-        def on_term(signum: int, frame: object) -> None:
-            if not stopping:
-                stopping.append(signum)
+        def on_signal(signum: int, frame: object) -> None:
+            stopping.append(signum)
+            name = signal.Signals(signum).name
+            if len(stopping) == 1:
+                reactor.callFromThread(self._log_signal, name, first=True)
                 reactor.callFromThread(reactor.stop)
+            elif len(stopping) == 2:
+                reactor.callFromThread(self._log_signal, name, first=False)
+                reactor.callFromThread(self.hurry)
 
-        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    @staticmethod
+    def _log_signal(name: str, *, first: bool) -> None:
+        if first:
+            _log.info("{signal}: stopping; a second SIGINT or SIGTERM stops at once", signal=name)
+        else:
+            _log.info("{signal} again: stopping at once", signal=name)
+
+    def hurry(self) -> None:
+        """Stop now: skip the rest of the delay and the grace period and cut
+        the connections still open (a second Ctrl-C)."""
+        self._hurried = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+        for connection in list(self.proxy_factory.connections):
+            self._cut += 1
+            connection.close_now()
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
@@ -513,14 +402,22 @@ class ProxyService(MultiService):
         self.readiness.draining = True
         # Every response from now on says Connection: close and closes its
         # connection, so clients move to other pods during the delay.
-        self.site.draining = True
-        delay = self.config.shutdown_delay
+        self.proxy_factory.draining = True
+        delay = 0.0 if self._hurried else self.config.shutdown_delay
         _log.info("draining: /ready answers 503; closing the listener in {delay}s", delay=delay)
         if delay:
-            await deferLater(self.reactor, delay, lambda: None)
+            self._waiting = deferLater(self.reactor, delay, lambda: None)
+            try:
+                await self._waiting
+            except CancelledError:  # hurried
+                pass
+            self._waiting = None
         await self._main.stopService()
-        aborted = await drain_connections(self.site, self.reactor, self.config.shutdown_grace)
-        if aborted:
+        grace = 0.0 if self._hurried else self.config.shutdown_grace
+        aborted = await drain_connections(self.proxy_factory, self.reactor, grace)
+        if self._hurried:
+            _log.info("drain cut short: {n} open connections cut", n=self._cut + aborted)
+        elif aborted:
             _log.warn(
                 "drain: {n} connections still busy after the grace period were cut", n=aborted
             )

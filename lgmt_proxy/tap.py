@@ -177,12 +177,7 @@ def makeService(options: Options) -> IService:
         from lgmt_proxy.sandbox import sandbox_env, sandbox_site
 
         sandbox_port = reactor.listenTCP(0, sandbox_site(), interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
-        env = {
-            k: v
-            for k, v in env.items()
-            if not k.startswith("GRAFANA_CLOUD_") and k != "ROUTES_FILE"
-        }
-        env.update(sandbox_env(sandbox_port.getHost().port))
+        env = sandbox_env(env, sandbox_port.getHost().port)
     try:
         config, token, client_auth, routes = load(env)
     except ConfigError as e:

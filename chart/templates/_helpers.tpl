@@ -140,6 +140,32 @@ app.kubernetes.io/component: proxy
 {{- else if and (not $routesFile) (eq $on 0) }}
 {{- $problems = append $problems "upstreams: at least one signal needs a url and an orgId" }}
 {{- end }}
+{{- /* Egress through a forward proxy: credentials only from a Secret, each
+     variable set in one place, and a NetworkPolicy that lets the pods reach
+     the proxy. */}}
+{{- $egress := .Values.egress }}
+{{- $proxied := or $egress.httpsProxy $egress.httpProxy }}
+{{- range $key := list "httpsProxy" "httpProxy" }}
+{{- if contains "@" (index $egress $key) }}
+{{- $problems = append $problems (printf "egress.%s: no user:password in the URL (it would be a plain environment variable of the Deployment): put them in a Secret and name it in egress.credentialsSecret" $key) }}
+{{- end }}
+{{- end }}
+{{- $egressVars := dict "HTTPS_PROXY" "httpsProxy" "HTTP_PROXY" "httpProxy" "NO_PROXY" "noProxy" "UPSTREAM_PROXY_CREDENTIALS_FILE" "credentialsSecret" }}
+{{- range .Values.extraEnv }}
+{{- $key := get $egressVars (toString .name) }}
+{{- if and $key (index $egress $key) }}
+{{- $problems = append $problems (printf "extraEnv: %s is set by egress.%s already; set it in one place" .name $key) }}
+{{- end }}
+{{- end }}
+{{- $np := .Values.networkPolicy }}
+{{- if and $np.enabled $np.egress.enabled }}
+{{- if and $proxied (not (or $np.egress.proxy.cidrs $np.egress.proxy.namespaceLabels $np.egress.proxy.podLabels)) }}
+{{- $problems = append $problems "networkPolicy.egress.proxy: egress.httpsProxy/httpProxy is set: give the proxy's cidrs, or its namespaceLabels/podLabels, or the policy keeps the pods from reaching it" }}
+{{- end }}
+{{- if and (not $np.egress.httpsCIDRs) (not $proxied) }}
+{{- $problems = append $problems "networkPolicy.egress.httpsCIDRs: empty without a forward proxy (egress.httpsProxy): the pods could reach no upstream" }}
+{{- end }}
+{{- end }}
 {{- if and .Values.upstreamCA.configMap .Values.upstreamCA.secret }}
 {{- $problems = append $problems "upstreamCA: set only one of upstreamCA.configMap and upstreamCA.secret" }}
 {{- end }}
@@ -180,4 +206,25 @@ app.kubernetes.io/component: proxy
 {{- $_ := set $probe.httpGet "port" (include "lgmt-proxy.opsPortName" .root) }}
 {{- end }}
 {{- toYaml $probe }}
+{{- end }}
+
+{{/* The TCP ports of the forward proxies as a JSON list: those of
+     egress.httpsProxy and httpProxy (443 or 80 when the URL names none), then
+     networkPolicy.egress.proxy.ports. */}}
+{{- define "lgmt-proxy.egressProxyPorts" -}}
+{{- $ports := list }}
+{{- range $url := list .Values.egress.httpsProxy .Values.egress.httpProxy }}
+{{- if $url }}
+{{- $u := urlParse $url }}
+{{- $port := ternary "443" "80" (eq $u.scheme "https") }}
+{{- if regexMatch ":[0-9]+$" $u.host }}
+{{- $port = regexFind "[0-9]+$" $u.host }}
+{{- end }}
+{{- $ports = append $ports (int $port) }}
+{{- end }}
+{{- end }}
+{{- range .Values.networkPolicy.egress.proxy.ports }}
+{{- $ports = append $ports (int .) }}
+{{- end }}
+{{- $ports | uniq | toJson }}
 {{- end }}

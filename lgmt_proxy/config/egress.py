@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 from collections.abc import Mapping
+from typing import Final, Literal
 from urllib.parse import unquote, urlsplit
 
 import attrs
@@ -25,6 +26,8 @@ PROXY_VARIABLES = {
     "http": ("HTTP_PROXY", "http_proxy"),
 }
 NO_PROXY_VARIABLES = ("NO_PROXY", "no_proxy")
+#: A ROUTES_FILE route's ``proxy: none``: direct, whatever the environment says.
+DIRECT: Final = "none"
 
 
 @attrs.frozen
@@ -76,6 +79,11 @@ def parse_proxy_url(text: str, credentials: str | None = None) -> ForwardProxy |
         port=port or (443 if parts.scheme == "https" else 80),
         authorization=authorization,
     )
+
+
+#: A route's own proxy (its ``proxy:``): a proxy, `DIRECT`, or None for the
+#: environment's rule.
+RouteProxy = ForwardProxy | Literal["none"] | None
 
 
 @attrs.frozen
@@ -159,14 +167,28 @@ def parse_no_proxy(text: str) -> NoProxy:
 class Egress:
     """How upstreams are reached: the forward proxy of each upstream scheme
     (``https``, ``http``), the hosts that bypass it, and the file holding
-    the proxies' credentials (read by ``tap.py``, applied by `with_credentials`)."""
+    the proxies' credentials (read by ``tap.py``, applied by `with_credentials`;
+    ``authorization`` is what it holds, for routes' own proxies)."""
 
     proxies: Mapping[str, ForwardProxy] = attrs.field(factory=dict)
     no_proxy: NoProxy = attrs.field(factory=NoProxy)
     credentials_file: str | None = None
+    authorization: Secret | None = attrs.field(default=None, eq=False)
 
-    def proxy_for(self, scheme: str, host: str, port: int) -> ForwardProxy | None:
-        """The proxy an upstream is reached through, or None: direct."""
+    def proxy_for(
+        self, scheme: str, host: str, port: int, own: RouteProxy = None
+    ) -> ForwardProxy | None:
+        """The proxy an upstream is reached through, or None: direct.
+
+        ``own`` is a ROUTES_FILE route's choice, which wins over the
+        environment and NO_PROXY: `DIRECT`, or its proxy (with the
+        credentials file's credentials when its URL has none)."""
+        if own == DIRECT:
+            return None
+        if isinstance(own, ForwardProxy):
+            if own.authorization is None and self.authorization is not None:
+                return attrs.evolve(own, authorization=self.authorization)
+            return own
         proxy = self.proxies.get(scheme)
         if proxy is None or self.no_proxy.bypasses(host, port):
             return None
@@ -179,7 +201,7 @@ class Egress:
         if isinstance(authorization, str):
             return authorization
         proxies = {s: attrs.evolve(p, authorization=authorization) for s, p in self.proxies.items()}
-        return attrs.evolve(self, proxies=proxies)
+        return attrs.evolve(self, proxies=proxies, authorization=authorization)
 
 
 def proxy_authorization(credentials: str) -> Secret | str:

@@ -14,6 +14,8 @@ YAML (or JSON) or TOML (by the ``.toml`` suffix)::
           token_env: MIMIR_TOKEN    # or token_file: /var/run/secrets/mimir
         tenant: team-a              # X-Scope-OrgID; omit to send none, or
                                     # from_consumer: the consumer's (CLIENT_AUTH_FILE)
+        proxy: http://squid:3128    # its own forward proxy, or none: direct;
+                                    # omit it for HTTPS_PROXY/HTTP_PROXY/NO_PROXY
 
 The format is ``schemas/routes.schema.json`` (see `schema`). Parsing is pure
 (the document and the environment are passed in); only `load_routes_file`
@@ -28,6 +30,7 @@ from typing import Any
 import attrs
 
 from lgmt_proxy.config import schema
+from lgmt_proxy.config.egress import DIRECT, RouteProxy, parse_proxy_url
 from lgmt_proxy.config.settings import (
     ConfigError,
     Secret,
@@ -134,6 +137,15 @@ def parse_routes(
             token, token_file, bad = _token(creds, env, read_token_file if readable else None)
         if bad:
             problems.append(((*at, "credentials", bad[0]), bad[1]))
+        proxy: RouteProxy = None
+        if "proxy" in item and ok(*at, "proxy"):
+            if item["proxy"] == DIRECT:
+                proxy = DIRECT
+            # The problem never quotes the URL: it may carry credentials.
+            elif isinstance(parsed := parse_proxy_url(item["proxy"]), str):
+                problems.append(((*at, "proxy"), parsed))
+            else:
+                proxy = parsed
         if problems:
             continue
         tenant = item.get("tenant")
@@ -145,6 +157,7 @@ def parse_routes(
             user=user,
             tenant=None if tenant is None or from_consumer else str(tenant),
             auth=creds["type"],
+            proxy=proxy,
         )
         route = Route(prefix.encode(), item.get("rewrite", prefix).encode(), name, from_consumer)
         specs.append(RouteSpec(route, upstream, token, token_file))

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from lgmt_proxy.config.egress import Egress, parse_egress
+from lgmt_proxy.config.egress import Egress, RouteProxy, parse_egress
 from lgmt_proxy.config.ratelimit import VARIABLES as RATE_LIMIT_VARIABLES
 from lgmt_proxy.config.ratelimit import RedisSettings, parse_rate_limit_redis
 from lgmt_proxy.config.secret import Secret
@@ -44,7 +44,8 @@ class UpstreamConfig:
     """One upstream (a signal's, or a ROUTES_FILE route's): where it lives and
     who we are there. ``auth`` is basic (``user`` and the token), bearer or
     none; ``user`` is a signal's ORG_ID or a route's ``credentials.user``;
-    ``tenant`` None sends no ``X-Scope-OrgID``."""
+    ``tenant`` None sends no ``X-Scope-OrgID``; ``proxy`` is a route's own
+    forward proxy choice (None: HTTPS_PROXY/HTTP_PROXY/NO_PROXY decide)."""
 
     name: str
     url: str
@@ -57,10 +58,17 @@ class UpstreamConfig:
     user: str
     tenant: str | None
     auth: str = "basic"
+    proxy: RouteProxy = None
 
 
 def upstream_from_url(
-    name: str, url: str, *, user: str, tenant: str | None, auth: str = "basic"
+    name: str,
+    url: str,
+    *,
+    user: str,
+    tenant: str | None,
+    auth: str = "basic",
+    proxy: RouteProxy = None,
 ) -> UpstreamConfig:
     """An `UpstreamConfig` from a URL that `url_problem` accepted."""
     parts = urlsplit(url)
@@ -75,6 +83,7 @@ def upstream_from_url(
         user=user,
         tenant=tenant,
         auth=auth,
+        proxy=proxy,
     )
 
 

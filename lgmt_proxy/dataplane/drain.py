@@ -19,20 +19,20 @@ _TICK = 0.05
 QUIET = 0.5
 
 
-async def drain_connections(site: ProxyFactory, clock: IReactorTime, grace: float) -> int:
+async def drain_connections(factory: ProxyFactory, clock: IReactorTime, grace: float) -> int:
     """Close idle keep-alive connections, let busy ones finish their response
     and close, and abort what is left after ``grace`` seconds. Returns how many
     connections had to be aborted."""
     deadline = clock.seconds() + grace
-    while site.connections:
-        for connection in list(site.connections):
+    while factory.connections:
+        for connection in list(factory.connections):
             # Quiet idle ones close now; busy ones after their response is
             # flushed (every response says Connection: close by now).
-            connection.close_when_done(QUIET)
+            connection.close_when_idle(QUIET)
         if clock.seconds() >= deadline:
             break
         await deferLater(clock, _TICK, lambda: None)
-    left = list(site.connections)
+    left = list(factory.connections)
     for connection in left:
-        connection.abort()
+        connection.close_now()
     return len(left)

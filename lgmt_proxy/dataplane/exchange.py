@@ -216,8 +216,8 @@ class Exchange:
             timer.touch()
         self._client.response_head(status, reason, headers, length, chunked)
         conn = self._conn
-        if conn is not None and conn.transport is not None and not conn.head_only:
-            self._client.stream_from(conn.transport)
+        if conn is not None and conn.sender is not None and not conn.head_only:
+            self._client.stream_from(conn.reading)
 
     def response_body(self, data: bytes) -> None:
         timer = self._timer

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from lgmt_proxy.io.reading import Hold, ReadGate
 from lgmt_proxy.io.sending import Sender, SendQueue
 from lgmt_proxy.rules.errors import InvalidResponse
 from lgmt_proxy.rules.headers import RawHeaders
@@ -81,7 +82,7 @@ class UpstreamConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.connected_at_tcp = True
-        self.sender = self.pool.sends.sender(self.transport)
+        self.sender = self.pool.sends.install(self)
         if not self.pool.tls:
             self._became_ready()
 
@@ -114,6 +115,13 @@ class UpstreamConnection(Protocol):
     def write(self, data: bytes) -> None:
         assert self.sender is not None
         self.sender.write(data)
+
+    @property
+    def reading(self) -> ReadGate:
+        """The one owner of pausing this connection's reading (the producer
+        of a response the client side streams)."""
+        assert self.sender is not None
+        return self.sender.reading
 
     def abort(self) -> None:
         if not self.closed and self.sender is not None:
@@ -314,10 +322,10 @@ class UpstreamPool:
             conn.abort()
             return
         conn.idle_since = self.clock.seconds()
-        if conn.transport is not None:
+        if conn.sender is not None:
             # Read while idle (stray bytes, the close), even if a slow client
             # paused it at the end of the last response.
-            conn.transport.resumeProducing()  # type: ignore[attr-defined]
+            conn.sender.reading.release(Hold.BACKLOG)
         self.idle.append(conn)
         if self._sweep is None:
             self._sweep = self.clock.callLater(self.idle_timeout, self._sweep_idle)

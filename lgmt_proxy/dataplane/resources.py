@@ -1,5 +1,7 @@
 """The resource tree: one `ProxyResource` per route prefix, the operations
-resources beside them, and JSON 404s for everything else."""
+resources beside them, and JSON 404s for everything else; and the route
+table the data plane matches paths with, derived from it (`route_table`), so
+there is one list of routes."""
 
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ from twisted.web.resource import IResource, Resource
 
 from lgmt_proxy.dataplane.upstream import Upstream
 from lgmt_proxy.rules.errors import json_error
-from lgmt_proxy.rules.routes import DEFAULT_ROUTES, Route
+from lgmt_proxy.rules.routes import DEFAULT_ROUTES, Local, Proxied, Route, RouteTable
+
+#: What a path matches: a route to an upstream, or a resource answered here.
+RouteMatch = Proxied[Upstream] | Local[IResource]
 
 
 def _json(request: Any, status: int, body: bytes) -> bytes:
@@ -20,11 +25,20 @@ def _json(request: Any, status: int, body: bytes) -> bytes:
     return body
 
 
-class NotFound(Resource):
+class LocalResource(Resource):
+    """A resource the proxy answers itself on the main port (`Local`)."""
+
+    upstream_name = "none"
+    #: Access-logged at debug only (probes and scrapes).
+    quiet = False
+    #: With client auth on, only for a consumer allowed it.
+    consumers_only = False
+
+
+class NotFound(LocalResource):
     """404 JSON: no route, and nothing sent upstream."""
 
     isLeaf = True
-    upstream_name = "none"
 
     def __init__(self, message: str = "no route for this path", upstream: str = "none") -> None:
         super().__init__()
@@ -61,11 +75,9 @@ class Branch(Resource):
 
 
 class ProxyResource(Resource):
-    """The reverse proxy for one route prefix.
-
-    `server.ClientConnection` drives it while the body streams (``route``/``upstream``);
-    ``render`` is never reached on the proxy's own `Site`.
-    """
+    """The reverse proxy for one route prefix: ``route`` and ``upstream``.
+    The data plane matches with the table `route_table` derives from the
+    tree and streams the exchange itself; nothing renders this."""
 
     isLeaf = True
 
@@ -85,12 +97,6 @@ class ProxyResource(Resource):
         if rest is None:
             rest = self._rest = self.nested()
         return rest
-
-    def render(self, request: Any) -> bytes:
-        # Only reachable from a plain twisted.web Site (not ProxyFactory).
-        return _json(
-            request, 500, json_error("proxy resource needs ProxyFactory", self.route.upstream_name)
-        )
 
     def nested(self) -> ProxyResource:
         """An inner segment below this prefix on the way to a longer route
@@ -138,3 +144,30 @@ def build_root(
     for name, resource in ops.items():
         root.putChild(name, resource)
     return root
+
+
+def route_table(root: Resource) -> RouteTable[RouteMatch]:
+    """The table the data plane matches with, read off the tree once: a
+    `ProxyResource` (or its nested copy) is `Proxied`, a `LocalResource` and
+    any other resource `Local`, a `Branch` matches nothing of its own."""
+    entries: list[tuple[tuple[bytes, ...], RouteMatch | None]] = []
+
+    def walk(node: Resource, path: tuple[bytes, ...]) -> None:
+        for name, child in node.children.items():
+            here = (*path, name)
+            entries.append((here, _match(child)))
+            if isinstance(child, Resource):
+                walk(child, here)
+
+    walk(root, ())
+    return RouteTable(Local(_NO_ROUTE), entries)
+
+
+def _match(resource: IResource) -> RouteMatch | None:
+    if isinstance(resource, ProxyResource):
+        return Proxied(resource.route, resource.upstream)
+    if isinstance(resource, Branch):
+        return None
+    if isinstance(resource, LocalResource):
+        return Local(resource, resource.upstream_name, resource.quiet, resource.consumers_only)
+    return Local(resource)

@@ -5,9 +5,9 @@ endpoint (TLS verified as for every request), with the injected
 ``Authorization`` and ``X-Scope-OrgID``; the client's ``Sec-WebSocket-Key``
 goes along, so the upstream's ``Sec-WebSocket-Accept`` is valid for the
 client. The upstream's answer is parsed by llhttp; after a 101 the two
-connections are spliced byte for byte, each transport registered as the
-other's producer (backpressure both ways), until either side closes or the
-tunnel is idle too long.
+connections are spliced byte for byte, each written through its own `Sender`
+with the other's `ReadGate` as its producer (backpressure both ways), until
+either side closes or the tunnel is idle too long.
 
 A byte splice was chosen over a frame-level relay (autobahn, or Twisted's
 `twisted.web.websocket`, whose client cannot add headers): frames, masking
@@ -16,22 +16,25 @@ and negotiated extensions pass untouched, and nothing is parsed twice.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 import httptools
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from lgmt_proxy.dataplane.request import Incoming
+from lgmt_proxy.dataplane.upstream import Upstream
+from lgmt_proxy.io.reading import Hold
+from lgmt_proxy.io.sending import Sender, SendQueue
 from lgmt_proxy.io.timers import IdleTimer
 from lgmt_proxy.rules import errors
 from lgmt_proxy.rules.headers import head_lines
 from lgmt_proxy.rules.routes import Route, upstream_target
-
-if TYPE_CHECKING:
-    from lgmt_proxy.dataplane.server import ClientConnection, Incoming, ProxyFactory
-    from lgmt_proxy.dataplane.upstream import Upstream
 
 _log = Logger(namespace="lgmt_proxy.tunnel")
 
@@ -51,17 +54,58 @@ def handshake_bytes(req: Incoming, route: Route, upstream: Upstream, client_host
     )
 
 
+class TunnelClient(TypingProtocol):
+    """What a tunnel asks of the client connection it serves (as an
+    `Exchange` asks `ClientSide`)."""
+
+    @property
+    def client_host(self) -> bytes: ...
+
+    def pause_body(self) -> None: ...
+
+    def tunnel_open(self, tunnel: Tunnel) -> Sender:
+        """The switch: every further byte from the client is the tunnel's;
+        returns the client connection's sender (its ``reading`` too)."""
+
+    def tunnel_failed(self, status: int, message: str, reason: str | None) -> None: ...
+
+    def tunnel_closed(self) -> None: ...
+
+
+class Sessions:
+    """The WebSocket sessions open at once: capped by ``MAX_WEBSOCKETS``,
+    and reported to ``gauge`` (``proxy_websockets_open``) by upstream name."""
+
+    def __init__(self, limit: int, gauge: Callable[[str, int], None]) -> None:
+        self.limit = limit
+        self.count = 0
+        self.gauge = gauge
+
+    def take(self) -> bool:
+        """One more session, if under the cap."""
+        if self.count >= self.limit:
+            return False
+        self.count += 1
+        return True
+
+    def give_back(self) -> None:
+        self.count -= 1
+
+
 class _UpstreamSide(Protocol):
     """The upstream connection: its handshake answer parsed, then raw bytes."""
 
-    def __init__(self, tunnel: Tunnel) -> None:
+    def __init__(self, tunnel: Tunnel, sends: SendQueue) -> None:
         self._tunnel = tunnel
+        self._sends = sends
+        self.out: Sender | None = None
         self._head = b""
         self._switched = False
         self._parser = httptools.HttpResponseParser(self)
         self.status = 0
 
     def connectionMade(self) -> None:
+        self.out = self._sends.install(self)
         self._tunnel.upstream_connected(self)
 
     def on_headers_complete(self) -> None:
@@ -99,18 +143,27 @@ class Tunnel:
 
     def __init__(
         self,
-        client: ClientConnection,
+        client: TunnelClient,
         req: Incoming,
         route: Route,
         upstream: Upstream,
-        factory: ProxyFactory,
+        *,
+        clock: IReactorTime,
+        sends: SendQueue,
+        sessions: Sessions,
+        handshake_timeout: float,
+        idle_timeout: float,
     ) -> None:
         self.client = client
         self.req = req
         self.route = route
         self.upstream = upstream
-        self.factory = factory
-        self._clock = factory.clock
+        self._clock = clock
+        self._sends = sends
+        self._sessions = sessions
+        self._handshake_timeout = handshake_timeout
+        self._idle_timeout = idle_timeout
+        self._client_out: Sender | None = None
         self._upstream: _UpstreamSide | None = None
         self._connecting: Deferred[Any] | None = None
         self._timer: IdleTimer | None = None
@@ -126,20 +179,18 @@ class Tunnel:
         return self.route.upstream_name
 
     def start(self) -> None:
-        factory = self.factory
-        if factory.websockets >= factory.max_websockets:
+        if not self._sessions.take():
             self._fail(503, "too many WebSocket sessions open", None)
             return
-        factory.websockets += 1
         self._counted = True
         self._handshake = handshake_bytes(
             self.req, self.route, self.upstream, self.client.client_host
         )
-        proto_factory = Factory.forProtocol(lambda: _UpstreamSide(self))
+        proto_factory = Factory.forProtocol(lambda: _UpstreamSide(self, self._sends))
         proto_factory.noisy = False
         self._connecting = self.upstream.endpoint.connect(proto_factory)
         self._connecting.addErrback(self._connect_failed)
-        self._arm(factory.upstream_timeout)
+        self._arm(self._handshake_timeout)
 
     # -- before the switch -----------------------------------------------------------
 
@@ -160,8 +211,8 @@ class Tunnel:
         if self._closed:
             self._abort_upstream()
             return
-        assert side.transport is not None
-        side.transport.write(self._handshake)
+        assert side.out is not None
+        side.out.write(self._handshake)
 
     def upstream_answered(self, status: int, head: bytes, rest: bytes) -> None:
         if self._closed:
@@ -177,23 +228,23 @@ class Tunnel:
         self._switch(head, rest)
 
     def _switch(self, head: bytes, rest: bytes) -> None:
-        client: Any = self.client.transport
-        assert self._upstream is not None
-        upstream: Any = self._upstream.transport
-        self.client.tunnel_open(self)
+        side = self._upstream
+        assert side is not None and side.out is not None
+        upstream = side.out
+        client = self._client_out = self.client.tunnel_open(self)
         client.write(head)
         if rest:
             self.req.body_out += len(rest)
             client.write(rest)
-        client.registerProducer(upstream, True)
-        upstream.registerProducer(client, True)
-        client.resumeProducing()
+        client.register_producer(upstream.reading)
+        upstream.register_producer(client.reading)
+        client.reading.release(Hold.REQUEST)  # the early bytes are sent below
         self._open = True
-        self.factory.recorder.metrics.websocket(self.name, +1)
+        self._sessions.gauge(self.name, +1)
         early, self._early = self._early, []
         for data in early:
             self.from_client(data)
-        self._arm(self.factory.websocket_idle_timeout)
+        self._arm(self._idle_timeout)
 
     # -- spliced -------------------------------------------------------------------------
 
@@ -201,22 +252,22 @@ class Tunnel:
         if self._timer is not None:
             self._timer.touch()
         self.req.body_in += len(data)
-        if self._upstream is not None and self._upstream.transport is not None:
-            self._upstream.transport.write(data)
+        if self._upstream is not None and self._upstream.out is not None:
+            self._upstream.out.write(data)
 
     def to_client(self, data: bytes) -> None:
         if self._timer is not None:
             self._timer.touch()
         self.req.body_out += len(data)
-        client: Any = self.client.transport
-        client.write(data)
+        if self._client_out is not None:
+            self._client_out.write(data)
 
     def client_lost(self) -> None:
         """The client's connection closed after the switch."""
         was_open = self._open
         self._close()
-        if self._upstream is not None and self._upstream.transport is not None:
-            self._upstream.transport.loseConnection()
+        if self._upstream is not None and self._upstream.out is not None:
+            self._upstream.out.close()
         if was_open:
             self.client.tunnel_closed()
 
@@ -232,17 +283,20 @@ class Tunnel:
     def upstream_lost(self) -> None:
         if self._open and not self._closed:
             # Let the client read what was relayed, then close.
-            client: Any = self.client.transport
-            client.loseConnection()
+            self._close_client()
         elif not self._closed:
             self._fail(502, "upstream closed during the WebSocket handshake", "reset")
         self._close()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def _close_client(self) -> None:
+        if self._client_out is not None:
+            self._client_out.close()
+
     def _abort_upstream(self) -> None:
-        if self._upstream is not None and self._upstream.transport is not None:
-            self._upstream.transport.abortConnection()  # type: ignore[attr-defined]
+        if self._upstream is not None and self._upstream.out is not None:
+            self._upstream.out.abort()
 
     def _fail(self, status: int, message: str, reason: str | None) -> None:
         """The session never opened: answer the client with a JSON error."""
@@ -257,10 +311,10 @@ class Tunnel:
         self._closed = True
         if self._counted:
             self._counted = False
-            self.factory.websockets -= 1
+            self._sessions.give_back()
         if self._open:
             self._open = False
-            self.factory.recorder.metrics.websocket(self.name, -1)
+            self._sessions.gauge(self.name, -1)
         timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
@@ -285,5 +339,4 @@ class Tunnel:
             return
         _log.info("closing idle WebSocket session to {upstream}", upstream=self.name)
         self._abort_upstream()
-        client: Any = self.client.transport
-        client.loseConnection()
+        self._close_client()

@@ -163,8 +163,10 @@ def build_upstream(
     sends: SendQueue | None = None,
 ) -> Upstream:
     """``endpoint`` replaces the one the URL names (in-memory tests);
-    ``sends`` is shared with the listener (one send per connection per turn)."""
-    proxy = config.egress.proxy_for(upstream.scheme, upstream.host, upstream.port)
+    ``sends`` is shared with the listener (one send per connection per turn).
+    The forward proxy is the route's own (``upstream.proxy``) if it names
+    one, else the environment's."""
+    proxy = config.egress.proxy_for(upstream.scheme, upstream.host, upstream.port, upstream.proxy)
     if endpoint is None:
         endpoint = make_endpoint(
             reactor,

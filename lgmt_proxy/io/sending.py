@@ -1,5 +1,10 @@
-"""Sending on plain TCP connections: straight to the socket, gathered per
-reactor turn.
+"""The one write owner of each connection: every byte written to a client or
+upstream connection goes through its `Sender`, which a protocol installs as
+its ``transport`` when connected (`SendQueue.install`), so nothing can write
+around it. On plain TCP it sends straight to the socket, gathered per
+reactor turn; on anything else (TLS, the in-memory transports of tests) it
+writes through. Its `ReadGate` (``reading``) owns pausing the same
+connection's reading.
 
 Twisted's ``transport.write`` buffers and registers the socket with epoll for
 writing, sends on the next turn, then unregisters: two ``epoll_ctl`` calls per
@@ -17,19 +22,30 @@ descriptor would replace it. A producer registered with the sender (the other
 side's transport) is paused while the backlog is over `HIGH_WATER`.
 
 Transports that are not a plain socket (TLS, the in-memory transports of
-tests) are written through as before.
+tests) are written through: the transport buffers and pauses the registered
+producer itself.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterable
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime, IWriteDescriptor
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IReactorFDSet,
+    IReactorTime,
+    ITransport,
+    IWriteDescriptor,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from lgmt_proxy.io.reading import Hold, ReadGate
 
 _log = Logger(namespace="lgmt_proxy.sending")
 
@@ -60,6 +76,14 @@ class SendQueue:
             return Sender(transport, self, sock)
         return Sender(transport, self, None)
 
+    def install(self, protocol: Any) -> Sender:
+        """Put a sender between ``protocol`` and its transport (called from
+        its ``connectionMade``): the protocol's ``transport`` is the sender
+        from now on, so every write goes through it."""
+        sender = self.sender(protocol.transport)
+        protocol.transport = sender
+        return sender
+
     def add(self, sender: Sender) -> None:
         self._waiting.append(sender)
         if self._call is None:
@@ -78,13 +102,15 @@ class SendQueue:
                 sender.abort()
 
 
+@implementer(ITransport, IConsumer)
 class Sender:
-    """The write side of one connection (see the module docstring). Every
-    write to the connection goes through it, or through the transport only
-    after `hand_over`."""
+    """The write owner of one connection (see the module docstring); a
+    transport to the protocol that installed it."""
 
     def __init__(self, transport: Any, queue: SendQueue, sock: socket.socket | None) -> None:
         self.transport = transport
+        #: The one owner of pausing this connection's reading.
+        self.reading = ReadGate(transport)
         self.queue = queue
         self.sock = sock
         self._pending: list[bytes] | None = None
@@ -213,25 +239,51 @@ class Sender:
     # -- producers ------------------------------------------------------------------
 
     def register_producer(self, producer: Any) -> None:
-        """Pause ``producer`` (a streaming producer) while the backlog is high."""
+        """Pause ``producer`` (a streaming producer: the other side's
+        `ReadGate`) while this connection is not taking what it writes."""
+        self._producer = producer
         if self.sock is None:
             self.transport.registerProducer(producer, True)
             return
-        self._producer = producer
         self._paused = False
         self._over_high_water()
 
     def unregister_producer(self) -> None:
-        """The producer is done with this connection; if the backlog paused
-        it, it is resumed: nothing else would (it may be pooled for reuse)."""
+        """The producer is done with this connection; if it was paused for
+        this backlog it is resumed: nothing else would (it may be pooled)."""
+        producer, self._producer = self._producer, None
         if self.sock is None:
             self.transport.unregisterProducer()
+            if isinstance(producer, ReadGate):
+                producer.release(Hold.BACKLOG)  # the transport does not resume it
             return
-        producer, self._producer = self._producer, None
         if self._paused:
             self._paused = False
             if producer is not None:
                 producer.resumeProducing()
+
+    # -- ITransport and IConsumer, for the protocol that installed it --------------------
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        self.close()
+
+    def abortConnection(self) -> None:
+        self.abort()
+
+    def getPeer(self) -> Any:
+        return self.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self.transport.getHost()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.register_producer(producer)
+
+    def unregisterProducer(self) -> None:
+        self.unregister_producer()
 
     # -- ends -----------------------------------------------------------------------
 
@@ -245,7 +297,7 @@ class Sender:
         self.flush()
         if self._backlog:
             self._close_when_sent = True
-            self.transport.pauseProducing()  # nothing more is read
+            self.reading.hold(Hold.CLOSING)  # nothing more is read
         elif not self.done:
             self.transport.loseConnection()
 
@@ -255,18 +307,6 @@ class Sender:
             return
         self.connection_lost()
         self.transport.abortConnection()
-
-    def hand_over(self) -> None:
-        """From now on the transport is written directly (a WebSocket tunnel):
-        what is still unsent goes to it first, in order."""
-        if self.sock is None or self.done:
-            return
-        self.flush()
-        rest = bytes(self._backlog)
-        self._drop()
-        self.sock = None
-        if rest:
-            self.transport.write(rest)
 
     def connection_lost(self) -> None:
         """The connection is gone: drop what is unsent, close the duplicate."""

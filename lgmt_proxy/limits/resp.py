@@ -23,6 +23,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 
 from lgmt_proxy.config.ratelimit import RedisSettings
+from lgmt_proxy.io.sending import Sender, SendQueue
 
 Arg = bytes | str | int | float
 
@@ -58,10 +59,13 @@ def encode(*args: Arg) -> bytes:
 
 
 class RespProtocol(Protocol):
-    """One connection: commands written as they come (pipelined), replies
+    """One connection: commands written as they come (pipelined, and those
+    of one reactor turn sent together by the connection's `Sender`), replies
     matched to them in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, sends: SendQueue) -> None:
+        self._sends = sends
+        self.sender: Sender | None = None
         self._reader = hiredis.Reader()
         self._replies: deque[Deferred[Any]] = deque()
         self.lost: Deferred[None] = Deferred()
@@ -72,18 +76,23 @@ class RespProtocol(Protocol):
         return len(self._replies)
 
     def connectionMade(self) -> None:
+        self.sender = self._sends.install(self)
         self.open = True
 
     def command(self, *args: Arg) -> Deferred[Any]:
         """Send one command; the Deferred fires with the reply, or fails with
         `RedisError` or `NotConnected`."""
         d: Deferred[Any] = Deferred()
-        if not self.open:
+        if not self.open or self.sender is None:
             d.errback(NotConnected())
             return d
         self._replies.append(d)
-        self.transport.write(encode(*args))  # type: ignore[union-attr]
+        self.sender.write(encode(*args))
         return d
+
+    def abort(self) -> None:
+        if self.sender is not None:
+            self.sender.abort()
 
     def dataReceived(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -91,13 +100,13 @@ class RespProtocol(Protocol):
             try:
                 reply = self._reader.gets()
             except hiredis.ProtocolError:
-                self.transport.abortConnection()  # type: ignore[union-attr]
+                self.abort()
                 return
             if reply is False:
                 return
             if not self._replies:
                 # A reply nobody asked for: the stream cannot be trusted.
-                self.transport.abortConnection()  # type: ignore[union-attr]
+                self.abort()
                 return
             d = self._replies.popleft()
             if isinstance(reply, hiredis.ReplyError):
@@ -107,6 +116,8 @@ class RespProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.open = False
+        if self.sender is not None:
+            self.sender.connection_lost()
         waiting, self._replies = self._replies, deque()
         for d in waiting:
             d.errback(NotConnected())
@@ -142,6 +153,7 @@ class RedisPool:
         *,
         on_error: Callable[[str], None],
         on_up: Callable[[], None],
+        sends: SendQueue | None = None,
         size: int = 2,
         connect_timeout: float = 2.0,
         first_backoff: float = 0.1,
@@ -150,6 +162,7 @@ class RedisPool:
     ) -> None:
         self._reactor = reactor
         self._clock = clock
+        self._sends = sends if sends is not None else SendQueue(clock)
         self._settings = settings
         self._on_error = on_error
         self._on_up = on_up
@@ -185,8 +198,8 @@ class RedisPool:
             slot.retry = None
             if slot.attempt is not None:
                 slot.attempt.cancel()
-            if slot.protocol is not None and slot.protocol.transport is not None:
-                slot.protocol.transport.loseConnection()
+            if slot.protocol is not None and slot.protocol.sender is not None:
+                slot.protocol.sender.close()
             slot.ready = False
 
     def command(self, *args: Arg) -> Deferred[Any] | None:
@@ -210,8 +223,8 @@ class RedisPool:
         def failed(failure: Failure) -> None:
             slot.attempt = None
             slot.ready = False
-            if slot.protocol is not None and slot.protocol.transport is not None:
-                slot.protocol.transport.abortConnection()  # type: ignore[attr-defined]
+            if slot.protocol is not None:
+                slot.protocol.abort()
             if not self._running:
                 return
             reason = "connect"
@@ -223,7 +236,8 @@ class RedisPool:
         attempt.addErrback(failed)
 
     async def _open(self, slot: _Slot) -> None:
-        factory = Factory.forProtocol(RespProtocol)
+        sends = self._sends
+        factory = Factory.forProtocol(lambda: RespProtocol(sends))
         protocol: RespProtocol = await self._endpoint().connect(factory)
         slot.protocol = protocol
         protocol.lost.addCallback(lambda _: self._lost(slot, protocol))
@@ -236,7 +250,7 @@ class RedisPool:
         if s.db:
             handshake.append(protocol.command("SELECT", s.db))
         handshake.append(protocol.command("PING"))
-        timer = self._clock.callLater(self._connect_timeout, protocol.transport.abortConnection)  # type: ignore[union-attr]
+        timer = self._clock.callLater(self._connect_timeout, protocol.abort)
         refused: BaseException | None = None
         for step in handshake:  # every reply awaited: none is left unhandled
             try:

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import IResource, Resource
 
-from lgmt_proxy.dataplane.resources import Branch, _json
+from lgmt_proxy.dataplane.resources import Branch, LocalResource, _json
 from lgmt_proxy.obs.metrics import WithoutCreated
 from lgmt_proxy.rules.errors import json_error
 
@@ -28,11 +28,10 @@ class Readiness:
     draining: bool = False
 
 
-class _Leaf(Resource):
+class _Leaf(LocalResource):
     """GET and HEAD only; anything else gets a JSON 405."""
 
     isLeaf = True
-    upstream_name = "none"
 
     def render(self, request: Any) -> bytes:
         if request.method in (b"GET", b"HEAD"):

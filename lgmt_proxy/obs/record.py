@@ -5,16 +5,13 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from lgmt_proxy.dataplane.request import Incoming
 from lgmt_proxy.obs.logs import ACCESS_NAMESPACE, StreamObserver
 from lgmt_proxy.obs.metrics import ProxyMetrics, method_label
-
-if TYPE_CHECKING:
-    from lgmt_proxy.dataplane.server import Incoming
 
 _MAX_ID = 128
 
@@ -57,12 +54,17 @@ class Recorder:
         access_sink: StreamObserver | None = None,
         *,
         log_quiet: bool = False,
+        access_log: bool = True,
     ) -> None:
+        """``access_log``: False when the level hides access lines (warn,
+        error): no line is built at all. ``log_quiet``: probes and scrapes
+        too (debug)."""
         self.metrics = metrics
         self._clock = clock
         self._log = Logger(namespace=ACCESS_NAMESPACE)
         self._sink = access_sink
         self._log_quiet = log_quiet
+        self._access_log = access_log
 
     def _access(self, access: dict[str, object]) -> None:
         if self._sink is not None:
@@ -73,9 +75,15 @@ class Recorder:
     def started(self, request: Incoming) -> None:
         self.metrics.started(request.upstream_name)
 
+    def websocket(self, upstream: str, delta: int) -> None:
+        """A WebSocket session opened (+1) or closed (-1): the open-sessions gauge."""
+        self.metrics.websocket(upstream, delta)
+
     def refused(self, status: int, client: str, reason: str) -> None:
         """A request refused before it could be parsed (hostile input, overload):
         logged, not counted (it has no route)."""
+        if not self._access_log:
+            return
         self._access(
             {
                 "method": "",
@@ -114,7 +122,7 @@ class Recorder:
                 from_upstream=request.from_upstream,
                 tenant=None if request.tenant is None else request.tenant.decode("latin-1"),
             )
-        if request.quiet and not self._log_quiet:
+        if not self._access_log or (request.quiet and not self._log_quiet):
             return
         ua = request.user_agent
         access = {

@@ -133,6 +133,18 @@ def json_error(message: str, upstream: str) -> bytes:
     return json.dumps({"error": message, "upstream": upstream}).encode() + b"\n"
 
 
+def format_head(status: int, reason: bytes, lines: bytes, more: bytes = b"") -> bytes:
+    """A response head, the one formatter of every answer (proxied, local,
+    refused): status line (``reason``, else the status's phrase), the header
+    lines (each ending in CRLF) and ``more`` of them, the blank line."""
+    return b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
+        status,
+        reason or REASONS.get(status, b"Error"),
+        lines,
+        more,
+    )
+
+
 def error_response(
     status: int,
     message: str,
@@ -145,14 +157,6 @@ def error_response(
     """A whole HTTP/1.1 JSON error response, ready to write."""
     body = json_error(message, upstream)
     extra = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
-    return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s%s\r\n%s"
-        % (
-            status,
-            reason(status),
-            len(body),
-            extra,
-            b"Connection: close\r\n" if close else b"",
-            b"" if head_only else body,
-        )
-    )
+    lines = b"Content-Type: application/json\r\nContent-Length: %d\r\n%s" % (len(body), extra)
+    head = format_head(status, b"", lines, b"Connection: close\r\n" if close else b"")
+    return head if head_only else head + body

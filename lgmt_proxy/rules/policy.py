@@ -3,9 +3,10 @@ origins may send requests (WebSocket or not), which ``Host`` names are
 served, and which tenant a consumer's request carries; and, for every
 route, the one ``Host`` a request may have.
 
-Everything here is a function of the request head and the configuration
-passed in; `server.ClientConnection` asks once per proxied request and turns
-a `Refusal` into a JSON answer. What llhttp already refuses (control bytes in
+Everything here is a function of the request's facts (`facts.RequestFacts`,
+gathered once in the header pass) and the configuration passed in; the
+dispatch decision asks once per request and turns a `Refusal` into a JSON
+answer. What llhttp already refuses (control bytes in
 header values, unknown method tokens) never reaches this module.
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import attrs
 
 from lgmt_proxy.rules.errors import Refusal
-from lgmt_proxy.rules.headers import RawHeaders
+from lgmt_proxy.rules.facts import RequestFacts
 
 #: The methods the contract forwards; client-auth ``methods: "*"`` means these.
 ALLOWED_METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH"})
@@ -56,7 +57,7 @@ class Policy:
             frozenset(normalise_host(h).encode() for h in hosts),
         )
 
-    def check(self, method: bytes, headers: RawHeaders) -> Refusal | None:
+    def check(self, facts: RequestFacts) -> Refusal | None:
         """Why a request on a proxy route is not forwarded, or None.
 
         TRACE would reflect the injected credentials (RFC 9110 section 9.3.8
@@ -65,46 +66,32 @@ class Policy:
         ``Origin`` is refused, not only WebSocket upgrades: upstreams answer
         ``Access-Control-Allow-Origin: *`` (a page could read the results)
         and a simple cross-origin POST needs no preflight (CSRF). Only
-        browsers send ``Origin``. A second ``Host`` or ``Origin`` is
-        refused, so the one checked is the only one there is.
+        browsers send ``Origin``. A second ``Origin`` is refused, so the one
+        checked is the only one there is (a second ``Host`` was refused by
+        `duplicate_host`, on every route, before this runs).
         """
-        if method not in ALLOWED_METHODS:
+        if facts.method not in ALLOWED_METHODS:
             return Refusal(405, "method not allowed", ((b"Allow", _ALLOW),))
-        hosts: list[bytes] = []
-        origins: list[bytes] = []
-        for name, value in headers:
-            low = name.lower()
-            if low == b"host":
-                hosts.append(value)
-            elif low == b"origin":
-                origins.append(value)
-        if len(hosts) > 1:
-            return _TWO_HOSTS
-        if len(origins) > 1:
+        origins = facts.origins
+        if origins is not None and len(origins) > 1:
             return Refusal(403, "more than one Origin header")
-        if self.hosts and (
-            not hosts or normalise_host(hosts[0].decode("latin-1")).encode() not in self.hosts
-        ):
-            return Refusal(421, "this host name is not served here (ALLOWED_HOSTS)")
+        if self.hosts:
+            host = facts.host
+            if host is None or normalise_host(host.decode("latin-1")).encode() not in self.hosts:
+                return Refusal(421, "this host name is not served here (ALLOWED_HOSTS)")
         if origins and normalise_origin(origins[0].decode("latin-1")).encode() not in self.origins:
             return Refusal(403, "requests from this origin are not allowed (ALLOWED_ORIGINS)")
         return None
 
 
-def duplicate_host(headers: RawHeaders) -> Refusal | None:
+def duplicate_host(facts: RequestFacts) -> Refusal | None:
     """400 for a request with more than one ``Host`` (RFC 9112 section 3.2),
     on any route: a check reading one and a log or upstream reading another
     is how ``ALLOWED_HOSTS`` would be passed."""
-    seen = False
-    for name, _ in headers:
-        if name.lower() == b"host":
-            if seen:
-                return _TWO_HOSTS
-            seen = True
-    return None
+    return _TWO_HOSTS if facts.host_count > 1 else None
 
 
-def choose_tenant(tenants: Sequence[str], requested: Sequence[bytes]) -> bytes | Refusal:
+def choose_tenant(tenants: Sequence[str], requested: Sequence[bytes] | None) -> bytes | Refusal:
     """The ``X-Scope-OrgID`` a consumer's request carries on a ``from_consumer``
     route: the one it asks for (its own ``X-Scope-OrgID``) if it is in its
     list, else the first of its list when it asks for none."""

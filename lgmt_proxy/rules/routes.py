@@ -1,5 +1,7 @@
 """The route table and the pure rules that turn a raw request target into an
-upstream path, or a refusal.
+upstream path, or a refusal: `RouteTable.match` finds what a path goes to
+(`Proxied` or `Local`), `split_target` checks the target and `upstream_target`
+rewrites it.
 
 Everything works on the raw bytes the client sent: twisted.web's ``postpath``
 is percent-decoded, which would turn ``%2e%2e`` into ``..`` and ``%2F`` into a
@@ -9,6 +11,8 @@ separator inside a segment.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from typing import Generic, TypeVar
 
 import attrs
 
@@ -43,6 +47,76 @@ DEFAULT_ROUTES = (
     # Pyroscope: /pyroscope/ingest -> /ingest, /pyroscope/querier.v1... -> /querier.v1...
     Route(b"/pyroscope", b"", "profiles"),
 )
+
+
+U = TypeVar("U")
+R = TypeVar("R")
+M = TypeVar("M")
+
+
+@attrs.frozen
+class Proxied(Generic[U]):
+    """A path on a route: forwarded to ``upstream``."""
+
+    route: Route
+    upstream: U
+    quiet = False
+    consumers_only = False
+
+    @property
+    def upstream_name(self) -> str:
+        return self.route.upstream_name
+
+
+@attrs.frozen
+class Local(Generic[R]):
+    """A path the proxy answers itself, from ``resource``: the operations
+    endpoints and the JSON 404s (``upstream_name`` names a signal that is
+    off). ``quiet``: access-logged at debug only (probes and scrapes);
+    ``consumers_only``: with client auth on, only for a consumer allowed it
+    (/metrics names the consumers)."""
+
+    resource: R
+    upstream_name: str = "none"
+    quiet: bool = False
+    consumers_only: bool = False
+
+
+class _Node(Generic[M]):
+    __slots__ = ("children", "match")
+
+    def __init__(self) -> None:
+        self.children: dict[bytes, _Node[M]] = {}
+        self.match: M | None = None
+
+
+class RouteTable(Generic[M]):
+    """Path prefixes (whole segments) to what they match; the longest prefix
+    wins at every depth, and a segment that is no prefix's ends the match on
+    the enclosing one (with ``/a`` and ``/a/c``, ``/a/x/c`` is ``/a``'s). Raw
+    segments, never percent-decoded."""
+
+    def __init__(self, default: M, entries: Iterable[tuple[tuple[bytes, ...], M | None]]) -> None:
+        self.default = default
+        self._root: _Node[M] = _Node()
+        for segments, match in entries:
+            node = self._root
+            for segment in segments:
+                node = node.children.setdefault(segment, _Node())
+            node.match = match
+
+    def match(self, path: bytes) -> M:
+        """What the raw ``path`` (``/``-led, no query) goes to."""
+        found = self.default
+        children = self._root.children
+        for segment in path[1:].split(b"/"):
+            node = children.get(segment)
+            if node is None:
+                break
+            if node.match is not None:
+                found = node.match
+            children = node.children
+        return found
 
 
 # A dot segment, literal or percent-encoded (%2e / %2E), and any encoded slash

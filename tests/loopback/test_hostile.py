@@ -415,7 +415,7 @@ class HostileInputTests(TestCase):
     async def test_max_connections(self) -> None:
         self.start(MAX_CONNECTIONS="3")
         held = [await self.connect() for _ in range(3)]
-        self.assertTrue(await until(lambda: len(self.fixture.site.connections) == 3, 2.0))
+        self.assertTrue(await until(lambda: len(self.fixture.factory.connections) == 3, 2.0))
 
         reply = await self.exchange(NORMAL, wait_close=True)
         self.assertEqual(reply.status, 503, reply.data[:500])
@@ -426,7 +426,7 @@ class HostileInputTests(TestCase):
         self.assertFalse(any(c.closed.called for c in held))
 
         held[0].transport.loseConnection()
-        self.assertTrue(await until(lambda: len(self.fixture.site.connections) == 2, 2.0))
+        self.assertTrue(await until(lambda: len(self.fixture.factory.connections) == 2, 2.0))
         await self.assert_serving()
 
         # And one of the connections that were held open is served too.

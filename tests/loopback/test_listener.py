@@ -24,7 +24,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.config.settings import parse_config
-from lgmt_proxy.service import Listener, ProxyService, ipv6_available
+from lgmt_proxy.listeners import Listener
+from lgmt_proxy.service import ProxyService, ipv6_available
 from tests.support.helpers import (
     RawClient,
     Recorder,
@@ -142,7 +143,7 @@ class QueuedAtCloseTests(TestCase):
         requests = [HEALTH, push(1), HEALTH, push(2), push(3), HEALTH]
         queued = self.queue(port, requests)
         stopped = svc.stopService()  # the same reactor turn: nothing accepted yet
-        self.assertEqual(svc.site.connections, set())
+        self.assertEqual(svc.proxy_factory.connections, set())
         # Connects while the listener closes (the reactor has stopped
         # reading it, the socket is not closed yet) are queued too.
         late = [HEALTH, push(4)]

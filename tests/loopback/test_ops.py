@@ -246,5 +246,5 @@ class ServiceTests(TestCase):
         self.assertEqual((response.code, len(body)), (200, 100000))
         await stopped
         await idle.closed
-        self.assertEqual(svc.site.connections, set())
+        self.assertEqual(svc.proxy_factory.connections, set())
         self.assertIn('"msg":"stopped"', out.getvalue())

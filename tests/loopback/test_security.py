@@ -493,7 +493,7 @@ class TenantTests(TestCase):
         )
         self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
         registry = CollectorRegistry()
-        proxy.site.recorder.metrics = ProxyMetrics(
+        proxy.factory.recorder.metrics = ProxyMetrics(
             registry, process_collectors=False, consumer_label=True, tenant_label=True
         )
         events: list[dict[str, Any]] = []

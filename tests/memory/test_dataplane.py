@@ -308,6 +308,16 @@ class PipeliningTests(TestCase):
         value = client.value()
         self.assertLess(value.index(b"first"), value.index(b"second"), value)
 
+    def test_reading_paused_while_a_pipelined_request_waits_its_turn(self) -> None:
+        proxy = MemoryProxy()
+        second = b"GET /loki/api/v1/second HTTP/1.1\r\nHost: p\r\n\r\n"
+        _, client = proxy.send(GET + second)
+        self.assertEqual(client.producerState, "paused")
+        proto, _up = proxy.upstream("loki")
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+        # The second is being answered now: nothing holds reading any more.
+        self.assertEqual(client.producerState, "producing")
+
 
 class _SocketTransport(StringTransport):
     """A client transport whose bytes go to a real socket (one end of a
@@ -339,7 +349,7 @@ class StalledClientTests(TestCase):
         ours, _peer = small_socket_pair(self)
         address = IPv4Address("TCP", "10.1.2.3", 4321)
         transport = _SocketTransport(ours, peerAddress=address)
-        client = proxy.site.buildProtocol(address)
+        client = proxy.factory.buildProtocol(address)
         client.makeConnection(transport)
         client.dataReceived(b"GET /loki/api/v1/query_range HTTP/1.0\r\nHost: p\r\n\r\n")
         body = b"y" * (1024 * 1024)
@@ -347,7 +357,7 @@ class StalledClientTests(TestCase):
             b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         proxy.clock.advance(0)  # the turn's writes go out: most stay in the backlog
-        self.assertTrue(client.sender.backed_up)
+        self.assertTrue(client.out.backed_up)
         self.assertFalse(transport.aborted)
         proxy.clock.advance(4)
         self.assertFalse(transport.aborted, "cut before its idle timeout")

@@ -91,7 +91,7 @@ class DrainClockTests(TestCase):
 
     def connect(self, svc: ProxyService) -> tuple[Any, _Socketlike]:
         address = IPv4Address("TCP", "10.1.2.3", 4321)
-        proto = svc.site.buildProtocol(address)
+        proto = svc.proxy_factory.buildProtocol(address)
         transport = _Socketlike(peerAddress=address)
         transport.protocol = proto
         proto.makeConnection(transport)
@@ -133,3 +133,36 @@ class DrainClockTests(TestCase):
         self.assertTrue(busy.cut)
         self.assertTrue(stopped.called)
         self.assertIn("1 connections still busy after the grace period were cut", out.getvalue())
+
+    def test_hurry_during_the_delay_cuts_at_once(self) -> None:
+        """A second Ctrl-C (or SIGTERM) while the listener is still open for
+        the delay: no more waiting, the busy connection is cut, stopped."""
+        svc, clock, out = self.service()
+        proto, busy = self.connect(svc)
+        proto.dataReceived(b"GET /loki/api/v1/labels HTTP/1.1\r\nHost: p\r\n\r\n")
+        stopped = svc.stopService()
+        clock.advance(0.5)
+        self.assertFalse(stopped.called)
+        svc.hurry()
+        clock.advance(0.05)
+        self.assertEqual([round(t, 6) for t in clock.stopped_listening], [0.5])
+        self.assertTrue(busy.cut)
+        self.assertTrue(stopped.called)
+        self.assertIn("drain cut short: 1 open connections cut", out.getvalue())
+        self.assertNotIn("after the grace period", out.getvalue())
+        self.assertIn('"msg":"stopped"', out.getvalue())
+
+    def test_hurry_during_the_grace_cuts_at_once(self) -> None:
+        svc, clock, out = self.service()
+        proto, busy = self.connect(svc)
+        proto.dataReceived(b"GET /loki/api/v1/labels HTTP/1.1\r\nHost: p\r\n\r\n")
+        stopped = svc.stopService()
+        for _ in range(int((1.5 + 1) / 0.05)):  # the delay, then 1 s of the 5 s grace
+            clock.advance(0.05)
+        self.assertFalse(stopped.called)
+        self.assertFalse(busy.disconnecting)
+        svc.hurry()
+        clock.advance(0.05)
+        self.assertTrue(busy.cut)
+        self.assertTrue(stopped.called)
+        self.assertIn("drain cut short: 1 open connections cut", out.getvalue())

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
+from lgmt_proxy.io.sending import SendQueue
 from lgmt_proxy.limits.resp import NotConnected, RedisError, RespProtocol, encode
 from lgmt_proxy.limits.shared import error_reason
 
 
-def connected() -> tuple[RespProtocol, StringTransport]:
-    protocol = RespProtocol()
+def connected() -> tuple[RespProtocol, StringTransport, Clock]:
+    clock = Clock()
+    protocol = RespProtocol(SendQueue(clock))
     transport = StringTransport()
     protocol.makeConnection(transport)
-    return protocol, transport
+    return protocol, transport, clock
 
 
 class RespTests(TestCase):
@@ -26,11 +29,12 @@ class RespTests(TestCase):
         )
 
     def test_pipelined_in_order(self) -> None:
-        protocol, transport = connected()
+        protocol, transport, clock = connected()
         results: list[Any] = []
         protocol.command("PING").addBoth(results.append)
         protocol.command("EVALSHA", "x", 0).addBoth(results.append)
         protocol.command("GET", "k").addBoth(results.append)
+        clock.advance(0)
         self.assertEqual(transport.value().count(b"*"), 3)  # all written, none answered
         self.assertEqual(protocol.in_flight, 3)
         protocol.dataReceived(b"+PONG\r\n-NOSCRIPT No matching script\r\n$2")
@@ -42,12 +46,12 @@ class RespTests(TestCase):
         self.assertFalse(transport.disconnecting)
 
     def test_unasked_reply_aborts(self) -> None:
-        protocol, transport = connected()
+        protocol, transport, _ = connected()
         protocol.dataReceived(b"+OK\r\n")
         self.assertTrue(transport.disconnecting)
 
     def test_lost_fails_waiting(self) -> None:
-        protocol, _ = connected()
+        protocol, _, _ = connected()
         results: list[Any] = []
         protocol.command("PING").addErrback(results.append)
         protocol.connectionLost()

@@ -10,10 +10,12 @@ import socket
 from typing import Any
 
 from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from lgmt_proxy.io.reading import Hold, ReadGate
 from lgmt_proxy.io.sending import HIGH_WATER, Sender, SendQueue
 from tests.support.memory import small_socket_pair
 
@@ -147,22 +149,73 @@ class SenderTests(TestCase):
         self.reactor.advance(0)
         self.assertEqual(self.transport.written, [])
 
-    def test_hand_over_writes_the_backlog_first(self) -> None:
-        data = os.urandom(3 * HIGH_WATER)
-        self.sender.write(data)
+    def test_installed_as_the_transport_nothing_writes_around_it(self) -> None:
+        # What a protocol writes to its transport after install goes through
+        # the sender, in order with what the sender holds.
+        ours, peer = small_socket_pair(self)
+        raw = _Socketed(ours)
+        protocol = Protocol()
+        protocol.makeConnection(raw)
+        sender = self.queue.install(protocol)
+        self.addCleanup(sender.connection_lost)
+        self.assertIs(protocol.transport, sender)
+        self.assertTrue(sender.direct)
+        sender.write(b"head ")
+        assert protocol.transport is not None
+        protocol.transport.write(b"body")
         self.reactor.advance(0)
-        got = received(self.peer)
-        self.sender.hand_over()
-        self.assertEqual(got + b"".join(self.transport.written), data)
-        self.assertEqual(self.reactor.getWriters(), [])
-        self.sender.write(b"tunnel")
-        self.assertEqual(self.transport.written[-1], b"tunnel", "not written through after")
+        self.assertEqual(received(peer), b"head body")
+        self.assertEqual(raw.value(), b"", "written around the sender")
 
     def test_a_broken_connection_is_aborted(self) -> None:
         self.peer.close()
         self.sender.write(b"x")
         self.reactor.advance(0)
         self.assertEqual(self.transport.calls, ["abortConnection"])
+
+
+class _Socketed(StringTransport):
+    """A transport over a real socket, as a TCP transport hands out."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def getHandle(self) -> socket.socket:
+        return self.sock
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+
+class ReadGateTests(TestCase):
+    def test_resumed_only_when_no_reason_is_left(self) -> None:
+        transport = StringTransport()
+        gate = ReadGate(transport)
+        gate.hold(Hold.QUEUED)
+        self.assertEqual(transport.producerState, "paused")
+        gate.pauseProducing()  # a peer's backlog, for another reason
+        gate.release(Hold.REQUEST)
+        self.assertEqual(transport.producerState, "paused", "resumed under a backlog")
+        gate.release(Hold.REQUEST)  # nothing of that left: no effect
+        gate.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(gate.held, 0)
+
+    def test_written_through_unregistering_resumes_a_gate_the_transport_paused(self) -> None:
+        # A TLS transport pauses its producer itself and does not resume it
+        # when it is unregistered: a pooled connection would never read again.
+        consumer = StringTransport()
+        sender = SendQueue(MemoryReactorClock()).sender(consumer)
+        source = StringTransport()
+        gate = ReadGate(source)
+        sender.register_producer(gate)
+        self.assertIs(consumer.producer, gate)
+        gate.pauseProducing()  # the consumer's buffer is full
+        self.assertEqual(source.producerState, "paused")
+        sender.unregister_producer()
+        self.assertIsNone(consumer.producer)
+        self.assertEqual(source.producerState, "producing")
 
 
 class ThroughTransportTests(TestCase):

@@ -7,6 +7,8 @@ import base64
 from twisted.trial.unittest import SynchronousTestCase
 
 from lgmt_proxy.config.egress import (
+    DIRECT,
+    Egress,
     ForwardProxy,
     parse_egress,
     parse_no_proxy,
@@ -150,3 +152,50 @@ class EnvironmentTests(SynchronousTestCase):
         _, problems = parse_egress({"HTTPS_PROXY": "socks5://u:secret@h:1"})
         self.assertEqual(problems, ["HTTPS_PROXY: must start with http:// or https://"])
         self.assertNotIn("secret", problems[0])
+
+
+class RouteProxyTests(SynchronousTestCase):
+    """A ROUTES_FILE route's own choice wins over the environment."""
+
+    def egress(self, credentials: str | None = None) -> Egress:
+        egress, _ = parse_egress({"HTTPS_PROXY": "http://env:3128", "NO_PROXY": "mimir.internal"})
+        if credentials is not None:
+            updated = egress.with_credentials(credentials)
+            assert not isinstance(updated, str)
+            egress = updated
+        return egress
+
+    def test_none_is_direct_whatever_the_environment(self) -> None:
+        self.assertIsNone(self.egress().proxy_for("https", "x.grafana.net", 443, DIRECT))
+
+    def test_own_proxy_wins_over_the_environment_and_no_proxy(self) -> None:
+        own = parse_proxy_url("http://squid:3128")
+        assert isinstance(own, ForwardProxy)
+        egress = self.egress()
+        self.assertEqual(egress.proxy_for("https", "x.grafana.net", 443, own), own)
+        self.assertEqual(egress.proxy_for("https", "mimir.internal", 443, own), own)
+        self.assertEqual(egress.proxy_for("http", "localhost", 80, own), own)
+        # Absent: the environment's rule.
+        env = egress.proxy_for("https", "x.grafana.net", 443, None)
+        self.assertEqual(env, egress.proxies["https"])
+        self.assertIsNone(egress.proxy_for("https", "mimir.internal", 443, None))
+
+    def test_credentials_file_fills_in_only_where_the_url_has_none(self) -> None:
+        egress = self.egress("file:fromfile")
+        from_file = "Basic " + base64.b64encode(b"file:fromfile").decode()
+        bare = parse_proxy_url("http://squid:3128")
+        own = parse_proxy_url("http://route:fromurl@squid:3128")
+        assert isinstance(bare, ForwardProxy) and isinstance(own, ForwardProxy)
+        chosen = egress.proxy_for("https", "x.grafana.net", 443, bare)
+        assert chosen is not None and chosen.authorization is not None
+        self.assertEqual(chosen.authorization.reveal(), from_file)
+        chosen = egress.proxy_for("https", "x.grafana.net", 443, own)
+        assert chosen is not None and chosen.authorization is not None
+        self.assertEqual(
+            chosen.authorization.reveal(), "Basic " + base64.b64encode(b"route:fromurl").decode()
+        )
+        # Without a credentials file, a bare route proxy gets none.
+        chosen = self.egress().proxy_for("https", "x.grafana.net", 443, bare)
+        assert chosen is not None
+        self.assertIsNone(chosen.authorization)
+        self.assertNotIn("fromfile", repr(egress))

@@ -1,23 +1,22 @@
 """Route matching and the raw-target rules (pure)."""
 
 from twisted.trial.unittest import TestCase
-from twisted.web.resource import getChildForRequest
-from twisted.web.test.requesthelper import DummyRequest
 
 from lgmt_proxy.config.settings import SIGNALS, parse_config
-from lgmt_proxy.dataplane.resources import build_root
-from lgmt_proxy.rules.routes import Refusal, split_target, upstream_target
+from lgmt_proxy.dataplane.resources import build_root, route_table
+from lgmt_proxy.rules.routes import Proxied, Refusal, split_target, upstream_target
 
-# The resource tree as the site builds it; routing walks raw path segments.
-ROOT = build_root({name: object() for name in SIGNALS}, {})  # type: ignore[misc]
+# The route table as the factory derives it from the resource tree; it
+# matches raw path segments.
+TABLE = route_table(build_root({name: object() for name in SIGNALS}, {}))  # type: ignore[misc]
 
 
 def target(raw: bytes, base: bytes = b"") -> bytes | None:
     path, query = split_target(raw)
-    request = DummyRequest(path[1:].split(b"/"))
-    resource = getChildForRequest(ROOT, request)
-    route = getattr(resource, "route", None)
-    return None if route is None else upstream_target(route, base, path, query)
+    match = TABLE.match(path)
+    if not isinstance(match, Proxied):
+        return None
+    return upstream_target(match.route, base, path, query)
 
 
 class RouteTests(TestCase):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from base64 import b64encode
 
 from twisted.trial.unittest import TestCase
 
+from lgmt_proxy.config.egress import DIRECT, ForwardProxy
 from lgmt_proxy.config.routesfile import load_routes_file, parse_routes
 from lgmt_proxy.config.settings import ConfigError, parse_config
 from lgmt_proxy.rules.routes import upstream_target
@@ -200,3 +202,72 @@ routes:
                     "GRAFANA_CLOUD_ACCESS_TOKEN": "t",
                 }
             )
+
+
+class RouteProxyTests(TestCase):
+    """A route's ``proxy``: its own forward proxy, ``none``, or the environment's rule."""
+
+    def parse(self, **routes: object) -> dict[str, object]:
+        doc = {
+            "routes": [
+                {"name": name, "prefix": f"/{name}", "upstream": "https://mimir.example"}
+                | ({} if proxy is None else {"proxy": proxy})
+                for name, proxy in routes.items()
+            ]
+        }
+        return {
+            s.upstream.name: s.upstream.proxy for s in parse_routes(doc, {}, allow_insecure=False)
+        }
+
+    def test_own_proxy_none_or_absent(self) -> None:
+        found = self.parse(
+            own="http://team:pa%3Ass@squid.corp:3128", direct="none", tls="https://p", env=None
+        )
+        own = found["own"]
+        assert isinstance(own, ForwardProxy) and own.authorization is not None
+        self.assertEqual(own.display, "http://squid.corp:3128")
+        self.assertEqual(own.authorization.reveal(), "Basic " + b64encode(b"team:pa:ss").decode())
+        self.assertEqual(found["direct"], DIRECT)
+        self.assertEqual(found["tls"], ForwardProxy("https", "p", 443))
+        self.assertIsNone(found["env"])
+
+    def test_problems_name_the_route_and_never_quote_the_url(self) -> None:
+        doc = {
+            "routes": [
+                {"name": n, "prefix": f"/{n}", "upstream": "https://m", "proxy": p}
+                for n, p in (
+                    ("socks", "socks5://u:s3cret@h:1080"),
+                    ("typo", "direct"),
+                    ("path", "http://u:s3cret@squid:3128/x"),
+                    ("port", "http://u:s3cret@squid:99999"),
+                    ("nohost", "http://u:s3cret@:3128"),
+                    ("number", 3128),
+                )
+            ]
+        }
+        with self.assertRaises(ConfigError) as caught:
+            parse_routes(doc, {}, allow_insecure=False)
+        self.assertEqual(
+            caught.exception.problems,
+            [
+                "ROUTES_FILE: route socks: proxy: a proxy URL starting with http:// or https://, "
+                "or none for direct",
+                "ROUTES_FILE: route typo: proxy: a proxy URL starting with http:// or https://, "
+                "or none for direct",
+                "ROUTES_FILE: route path: proxy: must be only a scheme, host and port",
+                "ROUTES_FILE: route port: proxy: not a URL like http://proxy.example:3128",
+                "ROUTES_FILE: route nohost: proxy: has no host",
+                "ROUTES_FILE: route number: proxy: a proxy URL starting with http:// or "
+                "https://, or none for direct",
+            ],
+        )
+        self.assertNotIn("s3cret", "\n".join(caught.exception.problems))
+
+    def test_toml(self) -> None:
+        d = self.mktemp()
+        os.makedirs(d)
+        path = os.path.join(d, "routes.toml")
+        with open(path, "w") as f:
+            f.write(TOML + 'proxy = "none"\n')
+        (spec,) = load_routes_file(path, {"TEMPO_TOKEN": "tempo-secret"}, allow_insecure=False)
+        self.assertEqual(spec.upstream.proxy, DIRECT)

@@ -24,7 +24,7 @@ from lgmt_proxy.config.tokens import token_source
 from lgmt_proxy.dataplane.server import ProxyFactory
 from lgmt_proxy.obs.metrics import ProxyMetrics
 from lgmt_proxy.obs.ops import Readiness
-from lgmt_proxy.service import build_site
+from lgmt_proxy.service import build_proxy_factory
 
 from .processes import ChildProcess
 
@@ -101,8 +101,10 @@ class ProxyFixture:
         client_auth: Any = None,
         routes: Any = None,
         token: Any = None,
+        config: Config | None = None,
     ) -> None:
-        self.config: Config = parse_config(env)
+        """``config``: as `tap.load` made it (files read), else parsed from ``env``."""
+        self.config: Config = parse_config(env) if config is None else config
         self.registry = CollectorRegistry()
         self.readiness = Readiness()
         if token is None and self.config.token:
@@ -111,8 +113,8 @@ class ProxyFixture:
         self.metrics = ProxyMetrics(
             self.registry, process_collectors=False, consumer_label=client_auth is not None
         )
-        self.site: ProxyFactory
-        self.site, self.upstreams = build_site(
+        self.factory: ProxyFactory
+        self.factory, self.upstreams = build_proxy_factory(
             self.config,
             reactor,
             token=self.token,
@@ -123,13 +125,13 @@ class ProxyFixture:
             client_auth=client_auth,
             routes=routes,
         )
-        self.port = listen(self.site)
+        self.port = listen(self.factory)
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
 
     async def close(self) -> None:
         await self.port.stopListening()
-        for connection in list(self.site.connections):
-            connection.abort()
+        for connection in list(self.factory.connections):
+            connection.close_now()
         for up in self.upstreams.values():
             up.pool.close()
 
@@ -279,13 +281,18 @@ async def spawn_proxy(env: dict[str, str], *args: str, wait: bool = True) -> Pro
     ]
     proc.start(argv, full_env)
     if wait:
-        for _ in range(200):
-            if proc.ended.called:
-                break
-            try:
-                response, _ = await call(proc.url + "/health")
-                if response.code == 200:
-                    break
-            except Exception:
-                await sleep(0.05)
+        await wait_healthy(proc)
     return proc
+
+
+async def wait_healthy(proc: ProxyProcess) -> None:
+    """Until the process answers /health 200, or ends (at most 200 tries)."""
+    for _ in range(200):
+        if proc.ended.called:
+            return
+        try:
+            response, _ = await call(proc.url + "/health")
+            if response.code == 200:
+                return
+        except Exception:
+            await sleep(0.05)

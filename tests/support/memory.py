@@ -20,7 +20,7 @@ from lgmt_proxy.config.settings import parse_config
 from lgmt_proxy.config.tokens import token_source
 from lgmt_proxy.obs.metrics import ProxyMetrics
 from lgmt_proxy.obs.ops import Readiness
-from lgmt_proxy.service import build_site
+from lgmt_proxy.service import build_proxy_factory
 
 from .helpers import ORG, env_for
 
@@ -116,7 +116,7 @@ class MemoryProxy:
         assert config.token is not None
         self.registry = CollectorRegistry()
         self.endpoints = {name: MemoryEndpoint() for name in ORG}
-        self.site, self.upstreams = build_site(
+        self.factory, self.upstreams = build_proxy_factory(
             config,
             self.clock,
             token=token_source(config.token, None),
@@ -129,7 +129,7 @@ class MemoryProxy:
     def connect(self) -> tuple[Any, StringTransport]:
         address = IPv4Address("TCP", "10.1.2.3", 4321)
         transport = StringTransport(peerAddress=address)
-        proto = self.site.buildProtocol(address)
+        proto = self.factory.buildProtocol(address)
         proto.makeConnection(transport)
         return proto, transport
 
