@@ -41,7 +41,6 @@ import attrs
 from lgmt_proxy.config import schema
 from lgmt_proxy.config.watch import read_bytes
 from lgmt_proxy.limits.budget import NO_LIMITS, Budget, Limits
-from lgmt_proxy.limits.local import LocalLimiter
 from lgmt_proxy.rules.policy import ALLOWED_METHODS
 
 _NAME = "CLIENT_AUTH_FILE"
@@ -230,15 +229,3 @@ def load_client_auth(path: str) -> tuple[ClientAuth | None, list[str]]:
         return parse_client_auth(data, path=path), []
     except ConfigError as e:
         return None, e.problems
-
-
-class RateLimiter:
-    """The data plane's limiter today: a consumer's budgets on this replica
-    (`LocalLimiter`), asked before the body is read, its length unknown."""
-
-    def __init__(self, clock: Any) -> None:
-        self.local = LocalLimiter(clock)
-
-    def wait(self, consumer: Consumer) -> float:
-        """0 if the request may go now, else the seconds until it could."""
-        return self.local.check(consumer.name, consumer.limits, None).retry_after

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
@@ -35,6 +36,8 @@ from lgmt_proxy.dataplane.tunnel import Sessions, Tunnel, TunnelClient
 from lgmt_proxy.dataplane.upstream import Upstream
 from lgmt_proxy.io.sending import SendQueue
 from lgmt_proxy.io.timers import IdleTimer
+from lgmt_proxy.limits.budget import Limits, Verdict, refusal_message
+from lgmt_proxy.limits.keeper import BudgetKeeper
 from lgmt_proxy.obs.record import Recorder
 from lgmt_proxy.rules import errors
 from lgmt_proxy.rules.dispatch import Decision, Proxy, Refuse, ServeLocal, decide, read_target
@@ -74,7 +77,7 @@ class Shared(Protocol):
     def client_auth(self) -> Callable[[], Any] | None: ...
 
     @property
-    def limiter(self) -> Any: ...
+    def budgets(self) -> BudgetKeeper: ...
 
     @property
     def recorder(self) -> Recorder: ...
@@ -104,12 +107,16 @@ class Connection(TunnelClient, Protocol):
 
     def close_now(self) -> None: ...
 
+    def hold_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
 
 class Dispatcher:
     """Acts on the decision for each request of one connection (see the
     module docstring); one per connection."""
 
-    __slots__ = ("_conn", "_shared", "_upstream_timer", "_writer")
+    __slots__ = ("_charge", "_conn", "_shared", "_upstream_timer", "_writer")
 
     def __init__(self, conn: Connection, shared: Shared, writer: ResponseWriter) -> None:
         self._conn = conn
@@ -118,6 +125,8 @@ class Dispatcher:
         #: UPSTREAM_TIMEOUT_SECONDS for each exchange in turn (one timer call
         #: for many keep-alive requests).
         self._upstream_timer = IdleTimer(shared.clock, shared.upstream_timeout)
+        #: The consumer and byte budget a chunked body is charged to as it streams.
+        self._charge: tuple[str, Limits] | None = None
 
     def close(self) -> None:
         """The connection is gone."""
@@ -133,14 +142,52 @@ class Dispatcher:
         shared = self._shared
         match = shared.routes.match(req.path)
         auth = shared.client_auth
-        decision = decide(
-            req,
-            match,
-            shared.policy,
-            None if auth is None else auth().authenticate,
-            shared.limiter.wait,
-        )
-        _ACTIONS[type(decision)](self, req, match, decision)
+        decision = decide(req, match, shared.policy, None if auth is None else auth().authenticate)
+        self._charge = None
+        if isinstance(decision, Refuse) or not decision.limits.limited:
+            _ACTIONS[type(decision)](self, req, match, decision)
+            return
+        # The consumer's budgets, last: at once without Redis; with it, the
+        # body waits (reading held, bytes already read kept) until Redis
+        # answers or the deadline passes.
+        verdict = shared.budgets.check(decision.consumer or "", decision.limits, req.length)
+        if not isinstance(verdict, Deferred):
+            self._budgeted(req, match, decision, verdict)
+            return
+        conn, writer = self._conn, self._writer
+        conn.hold_reading()
+        if req.buffered is None and not req.complete:
+            req.buffered = []
+
+        def decided(verdict: Verdict) -> None:
+            if writer.req is not req:
+                return  # the client went away meanwhile
+            conn.resume_reading()
+            self._budgeted(req, match, decision, verdict)
+
+        verdict.addCallback(decided)
+
+    def _budgeted(
+        self, req: Incoming, match: RouteMatch, decision: Proxy | OpenTunnel | ServeLocal,
+        verdict: Verdict,
+    ) -> None:  # fmt: skip
+        """Act on a decision its consumer's budgets answered: 429 with
+        ``Retry-After`` past one (413 for a body larger than the whole byte
+        burst: no wait makes it fit), nothing upstream; a chunked body is
+        charged as it streams."""
+        name, limits = decision.consumer or "", decision.limits
+        if verdict.allowed:
+            if req.chunked and limits.bytes is not None:
+                self._charge = (name, limits)
+            _ACTIONS[type(decision)](self, req, match, decision)
+            return
+        message = refusal_message(name, verdict, limits, req.length)
+        if verdict.too_large:
+            refusal = Refusal(413, message)
+        else:
+            refusal = Refusal(429, message, ((b"Retry-After", verdict.retry_after_header()),))
+        tenant = None if isinstance(decision, ServeLocal) else decision.tenant
+        self.refuse(req, match, Refuse(refusal, name, tenant))
 
     # -- the four decisions (one each) -----------------------------------------------
 
@@ -260,6 +307,9 @@ class Dispatcher:
             else:
                 self.refuse_after_body(413, "request body too large")
             return
+        charge = self._charge
+        if charge is not None:
+            self._shared.budgets.charge(charge[0], charge[1], len(data))
         exchange.body(data)
 
     # -- refusals and bodies nobody reads -----------------------------------------------
