@@ -150,7 +150,14 @@ class Dispatcher:
         # The consumer's budgets, last: at once without Redis; with it, the
         # body waits (reading held, bytes already read kept) until Redis
         # answers or the deadline passes.
-        verdict = shared.budgets.check(decision.consumer or "", decision.limits, req.length)
+        budgets, name = shared.budgets, decision.consumer or ""
+        if req.upgrade:
+            # The parser stops at an upgrade's head (a WebSocket, or h2c
+            # served as HTTP/1.1) and hands the connection over at once: no
+            # waiting for Redis here, this replica's budgets decide.
+            self._budgeted(req, match, decision, budgets.check_now(name, decision.limits, None))
+            return
+        verdict = budgets.check(name, decision.limits, req.length)
         if not isinstance(verdict, Deferred):
             self._budgeted(req, match, decision, verdict)
             return

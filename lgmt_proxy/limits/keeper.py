@@ -28,6 +28,12 @@ class BudgetKeeper:
             return self.local.check(name, limits, length)
         return self.shared.check(name, limits, length)
 
+    def check_now(self, name: str, limits: Limits, length: int | None) -> Verdict:
+        """A decision that cannot wait for Redis (a WebSocket upgrade: the
+        parser has already handed the connection over): this replica's own
+        budgets, charged with what Redis admits elsewhere."""
+        return self.local.check(name, limits, length)
+
     def charge(self, name: str, limits: Limits, nbytes: int) -> None:
         """Body bytes of a request of unknown length, as they stream."""
         if self.shared is None:

@@ -228,3 +228,60 @@ class SharedBudgetProxyTests(Fixture):
         await self.until_shared(proxies, 10.0)
         after, _ = await self.drive(proxies, 60, 0.5)
         self.assertEqual(set(after) - {200, 429}, set())
+
+
+class SharedBudgetUpgradeTests(TestCase):
+    """A WebSocket tail through a proxy whose budgets are shared: the
+    request budget applies to the upgrade (decided by this replica at once,
+    `BudgetKeeper.check_now`: the parser hands the connection over with the
+    head), the tail opens and echoes, the next one over budget gets 429."""
+
+    timeout = 60
+
+    async def test_websocket_tail_with_shared_budgets(self) -> None:
+        from autobahn.twisted.websocket import WebSocketServerFactory
+
+        from lgmt_proxy.config.clientauth import parse_client_auth
+        from tests.loopback.test_websocket import EchoUpstream, open_websocket
+        from tests.support.helpers import TOKEN as CLOUD_TOKEN
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        redis = RedisServer(directory)
+        self.addCleanup(redis.stop)
+        upstream = WebSocketServerFactory()
+        upstream.protocol = EchoUpstream
+        upstream.requests = []
+        upstream.token = CLOUD_TOKEN
+        port = listen(upstream)
+        self.addCleanup(port.stopListening)
+        auth = parse_client_auth(
+            f"consumers: [{{name: tail, token: {TOKEN}, allow: [{{paths: ['/loki/*']}}], "
+            "rate_limit: {requests_per_second: 0.01, burst: 1}}]"
+        )
+        fixture = ProxyFixture(
+            env_for(f"http://127.0.0.1:{port.getHost().port}"), client_auth=lambda: auth
+        )
+        self.addCleanup(lambda: Deferred.fromCoroutine(fixture.close()))
+        settings = parse_redis_url(redis.url)
+        assert isinstance(settings, RedisSettings)
+        local = LocalLimiter(reactor)
+        shared, pool = build_shared(reactor, settings, local, fixture.metrics)
+        fixture.factory.budgets = BudgetKeeper(local, shared)
+        pool.start()
+        self.addCleanup(pool.stop)
+        for _ in range(100):
+            if shared.shared:
+                break
+            await sleep(0.05)
+        self.assertTrue(shared.shared)
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        first = await open_websocket(fixture, "/loki/api/v1/tail?query=x", headers=headers)
+        client = await first.opened
+        client.sendClose()
+        await first.closed
+        second = await open_websocket(fixture, "/loki/api/v1/tail?query=x", headers=headers)
+        with self.assertRaises(Exception) as caught:
+            await second.opened
+        self.assertIn("429", str(caught.exception))
+        self.assertEqual(len(upstream.requests), 1)
