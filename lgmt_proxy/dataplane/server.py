@@ -99,9 +99,12 @@ class ProxyFactory(Factory):
     def log_upstream_failure(
         self, upstream: str, outcome: errors.Outcome, failure: Failure
     ) -> None:
+        # The outcome's message is our own fixed text (a forward proxy's
+        # refusal carries its status there), never the exception's.
         _log.warn(
-            "upstream {upstream} failed: {reason} ({causes})",
+            "upstream {upstream} failed: {reason}: {message} ({causes})",
             upstream=upstream,
             reason=outcome.reason,
+            message=outcome.message,
             causes=errors.cause_names(failure),
         )
