@@ -333,14 +333,20 @@ class ClientConnection(Protocol):
         if active is not None and writer.started:
             self.close_now()
             return
+        answer = errors.error_response(status, message)
+        sent = len(errors.json_error(message, "none"))
         if active is None:
-            self.shared.recorder.refused(status, self.client_text, message)
+            method, path = self._reader.head_so_far()
+            self.shared.recorder.refused(
+                status, self.client_text, message, method=method, path=path, bytes_out=sent
+            )
         else:
             active.status = status
+            active.body_out = sent
             active.note_error("malformed")
             writer.req = None
             self._record(active)
-        self.out.write(errors.error_response(status, message))
+        self.out.write(answer)
         self.out.close()
 
 

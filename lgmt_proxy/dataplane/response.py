@@ -254,7 +254,8 @@ class ResponseWriter:
             head_only=req.method == b"HEAD",
         )
         self.started = True
-        req.body_out = 0
+        head_only = req.method == b"HEAD"
+        req.body_out = 0 if head_only else len(errors.json_error(message, req.upstream_name))
         self.out.write(body)
         self._conn.request_done(req)
 

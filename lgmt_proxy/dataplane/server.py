@@ -92,7 +92,12 @@ class ProxyFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         if len(self.connections) >= self.max_connections:
-            self.recorder.refused(503, getattr(addr, "host", "unknown"), "too many connections")
+            self.recorder.refused(
+                503,
+                getattr(addr, "host", "unknown"),
+                "too many connections",
+                bytes_out=len(errors.json_error("too many connections", "none")),
+            )
             return _RefuseConnection(self.sends)
         return ClientConnection(self)
 
