@@ -249,8 +249,15 @@ class Dispatcher:
         shared.recorder.started(req)
         limit = shared.max_body
         if limit and req.length is not None and req.length > limit:
+            # Answered at once, not after up to 64 MiB of a body that will be
+            # thrown away: a client waiting for an early answer gets it, and
+            # the connection closes after a brief linger.
             req.note_error("body_limit")
-            self.refuse_after_body(413, "request body too large")
+            self._conn.handler = None
+            if not req.complete:
+                req.buffered = None
+                self._writer.linger_after()
+            self._writer.refuse_now(413, "request body too large")
             return False
         return True
 

@@ -37,6 +37,10 @@ from lgmt_proxy.rules import errors
 
 _log = Logger(namespace="lgmt_proxy.server")
 
+#: How long a connection lingers after refusing a body it will not read
+#: (a declared Content-Length over MAX_REQUEST_BODY_BYTES) before it closes.
+LINGER_SECONDS = 2.0
+
 
 class Phase(enum.Enum):
     """Where a client connection is in its life."""
@@ -210,6 +214,9 @@ class ClientConnection(Protocol):
             req.on_complete = self.close
             self.resume_reading()
             return
+        if not req.complete and ending is Ending.LINGER:
+            self._linger(req)
+            return
         if ending is not Ending.KEEP_ALIVE or not req.complete:
             self.close()
             return
@@ -218,6 +225,21 @@ class ClientConnection(Protocol):
             self._answer(self._pipelined.popleft())
             return
         self.idle_since = self.clock.seconds()
+        self.resume_reading()
+
+    def _linger(self, req: Incoming) -> None:
+        """Answered before a body nobody will read: drop what still comes
+        for at most `LINGER_SECONDS`, then close. Closing with unread input
+        would reset the connection under the answer."""
+
+        def drop(data: bytes) -> None:
+            if req.body_in > DISCARD_LIMIT:
+                req.on_body = req.on_complete = None
+                self.close()
+
+        req.on_body = drop
+        req.on_complete = self.close
+        self.timers.linger(LINGER_SECONDS)
         self.resume_reading()
 
     def _record(self, req: Incoming) -> None:
@@ -333,14 +355,20 @@ class ClientConnection(Protocol):
         if active is not None and writer.started:
             self.close_now()
             return
+        answer = errors.error_response(status, message)
+        sent = len(errors.json_error(message, "none"))
         if active is None:
-            self.shared.recorder.refused(status, self.client_text, message)
+            method, path = self._reader.head_so_far()
+            self.shared.recorder.refused(
+                status, self.client_text, message, method=method, path=path, bytes_out=sent
+            )
         else:
             active.status = status
+            active.body_out = sent
             active.note_error("malformed")
             writer.req = None
             self._record(active)
-        self.out.write(errors.error_response(status, message))
+        self.out.write(answer)
         self.out.close()
 
 
@@ -350,7 +378,7 @@ class Timers:
     arrive whole) and the idle timer (CLIENT_IDLE_TIMEOUT_SECONDS: one call
     per connection, re-armed for what is left)."""
 
-    __slots__ = ("_clock", "_conn", "_head", "_head_timeout", "_idle", "_idle_timeout")
+    __slots__ = ("_clock", "_conn", "_head", "_head_timeout", "_idle", "_idle_timeout", "_linger")
 
     def __init__(self, conn: ClientConnection, shared: Front) -> None:
         self._conn = conn
@@ -359,6 +387,7 @@ class Timers:
         self._idle_timeout = shared.client_idle_timeout
         self._head: IDelayedCall | None = None
         self._idle: IDelayedCall | None = None
+        self._linger: IDelayedCall | None = None
 
     def head_pending(self) -> None:
         """A head is still arriving (most arrive whole: no timer for them)."""
@@ -381,6 +410,14 @@ class Timers:
     def stop(self) -> None:
         self.head_done()
         self.stop_idle()
+        timer, self._linger = self._linger, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def linger(self, seconds: float) -> None:
+        """Close the connection in ``seconds`` whatever it is doing then."""
+        if self._linger is None:
+            self._linger = self._clock.callLater(seconds, self._conn.close)
 
     def _head_timed_out(self) -> None:
         self._head = None

@@ -23,6 +23,9 @@ _log = Logger(namespace="lgmt_proxy.server")
 #: The whole request head (request line and headers), and how many headers.
 MAX_HEAD = 16384
 MAX_HEADERS = 500
+#: The most of a refused request's path the access log shows (a 414's target
+#: is over 8 KiB by definition: never logged whole).
+LOGGED_PATH = 512
 
 
 class _StopParsing(Exception):
@@ -49,6 +52,16 @@ class RequestParser:
         self.parsing: Incoming | None = None
         #: Why a callback stopped the parser: the status and message to answer.
         self.refusal: tuple[int, str] | None = None
+
+    def head_so_far(self) -> tuple[bytes, bytes]:
+        """The method and path of a head refused before it was whole (414,
+        431, a timeout), for the access log: empty when the request line was
+        not read, the path cut to `LOGGED_PATH` bytes."""
+        parsing = self.parsing
+        if parsing is None or not parsing.target:
+            return b"", b""  # llhttp reads the method first: no target, no method known
+        path = parsing.target.partition(b"?")[0]
+        return self._parser.get_method(), path[:LOGGED_PATH]
 
     def refusal_for(self, error: httptools.HttpParserError) -> tuple[int, str]:
         """The status and message for input the parser stopped at."""

@@ -39,6 +39,11 @@ class Ending(enum.Enum):
     #: and dropped, then the connection closes (closing with unread input
     #: would reset it under the answer).
     DRAIN = "drain"
+    #: The answer refused a body it will not read (a declared length over
+    #: the limit): what still comes is dropped for a short while only, then
+    #: the connection closes (nginx's lingering close), so the client reads
+    #: the answer instead of a reset and is not read for long.
+    LINGER = "linger"
 
 
 class Inbound(Protocol):
@@ -116,6 +121,11 @@ class ResponseWriter:
         """This response is the connection's last."""
         if self.ending is Ending.KEEP_ALIVE:
             self.ending = Ending.CLOSE
+
+    def linger_after(self) -> None:
+        """This response is the connection's last, and the request's body
+        will not be read: the connection lingers briefly, then closes."""
+        self.ending = Ending.LINGER
 
     def finish(self) -> Incoming | None:
         """The request is over (answered, or the connection lost): stop
@@ -254,7 +264,8 @@ class ResponseWriter:
             head_only=req.method == b"HEAD",
         )
         self.started = True
-        req.body_out = 0
+        head_only = req.method == b"HEAD"
+        req.body_out = 0 if head_only else len(errors.json_error(message, req.upstream_name))
         self.out.write(body)
         self._conn.request_done(req)
 

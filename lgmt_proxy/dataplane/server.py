@@ -91,16 +91,24 @@ class ProxyFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         if len(self.connections) >= self.max_connections:
-            self.recorder.refused(503, getattr(addr, "host", "unknown"), "too many connections")
+            self.recorder.refused(
+                503,
+                getattr(addr, "host", "unknown"),
+                "too many connections",
+                bytes_out=len(errors.json_error("too many connections", "none")),
+            )
             return _RefuseConnection(self.sends)
         return ClientConnection(self)
 
     def log_upstream_failure(
         self, upstream: str, outcome: errors.Outcome, failure: Failure
     ) -> None:
+        # The outcome's message is our own fixed text (a forward proxy's
+        # refusal carries its status there), never the exception's.
         _log.warn(
-            "upstream {upstream} failed: {reason} ({causes})",
+            "upstream {upstream} failed: {reason}: {message} ({causes})",
             upstream=upstream,
             reason=outcome.reason,
+            message=outcome.message,
             causes=errors.cause_names(failure),
         )

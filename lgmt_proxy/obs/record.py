@@ -79,20 +79,30 @@ class Recorder:
         """A WebSocket session opened (+1) or closed (-1): the open-sessions gauge."""
         self.metrics.websocket(upstream, delta)
 
-    def refused(self, status: int, client: str, reason: str) -> None:
+    def refused(
+        self,
+        status: int,
+        client: str,
+        reason: str,
+        *,
+        method: bytes = b"",
+        path: bytes = b"",
+        bytes_out: int = 0,
+    ) -> None:
         """A request refused before it could be parsed (hostile input, overload):
-        logged, not counted (it has no route)."""
+        logged, not counted (it has no route). ``method`` and ``path``: what
+        was read of its request line (the path already cut to a bound)."""
         if not self._access_log:
             return
         self._access(
             {
-                "method": "",
-                "path": "",
+                "method": method.decode("latin-1"),
+                "path": path.decode("latin-1"),
                 "upstream": "none",
                 "status": status,
                 "duration": 0.0,
                 "bytes_in": 0,
-                "bytes_out": 0,
+                "bytes_out": bytes_out,
                 "client": client,
                 "user_agent": "",
                 "request_id": request_id(None),

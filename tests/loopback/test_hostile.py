@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.trial.unittest import TestCase
 
 from tests.support.helpers import (
@@ -291,6 +292,54 @@ class HostileInputTests(TestCase):
         self.assert_json_error(data)
         closed = await until(lambda: client.closed.called, 2.0)
         self.assertTrue(closed, "connection left open with an unread body announced")
+        self.assert_nothing_forwarded()
+        await self.assert_serving()
+
+    async def test_declared_body_over_limit_answered_before_it_is_sent(self) -> None:
+        """Issue 20 item 14: a client that waits for an answer before
+        sending a body declared over the limit gets 413 at once (not after
+        up to 64 MiB read and dropped), then the connection closes."""
+        self.start()
+        for declared in (LIMIT * 2, 60 * 1024 * 1024, 2**32 + 42):
+            client = await self.connect()
+            client.transport.write(
+                b"POST /loki/api/v1/push HTTP/1.1\r\nHost: proxy\r\n"
+                b"Content-Length: %d\r\n\r\n" % declared
+            )
+            answered = await until(lambda c=client: response_complete(bytes(c.data)), 2.0)
+            data = bytes(client.data)
+            self.assertTrue(answered, (declared, data[:500]))
+            self.assertEqual(status_of(data), 413, data[:500])
+            self.assertIn(b"Connection: close", data)
+            self.assert_json_error(data)
+            # It lingers briefly for a body that may be on its way, then closes.
+            closed = await until(lambda c=client: c.closed.called, 5.0)
+            self.assertTrue(closed, "connection left open after the 413")
+        self.assert_nothing_forwarded()
+        await self.assert_serving()
+
+    async def test_declared_body_over_limit_sent_anyway_reads_the_answer(self) -> None:
+        """A client already streaming the body reads the 413, not a reset:
+        what it sends meanwhile is dropped, and the connection closes once
+        the declared body is in."""
+        self.start()
+        body = b"p" * (LIMIT * 512)  # 512 KiB, far beyond the limit
+        client = await self.connect()
+        client.transport.write(
+            b"POST /loki/api/v1/push HTTP/1.1\r\nHost: proxy\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        for start in range(0, len(body), 65536):
+            client.transport.write(body[start : start + 65536])
+            await sleep(0.001)
+        closed = await until(lambda: client.closed.called, 5.0)
+        data = bytes(client.data)
+        self.assertTrue(closed, "connection left open")
+        self.assertEqual(status_of(data), 413, data[:500])
+        self.assertTrue(response_complete(data), data[:500])
+        # Closed with a FIN once the declared body was in, not reset under the answer.
+        assert client.reason is not None
+        self.assertTrue(client.reason.check(ConnectionDone), client.reason)
         self.assert_nothing_forwarded()
         await self.assert_serving()
 

@@ -224,6 +224,39 @@ class ServiceTests(TestCase):
         self.assertNotIn("client-bearer-secret", text)
         self.assertNotIn("Basic ", text)
 
+    async def test_access_log_of_refusals_names_request_and_bytes(self) -> None:
+        """Issue 20 item 10: bytes_out is the JSON body each answer carried,
+        and method and path are logged whenever the request line was read
+        (cut to a bound for a 414), never for a line that was not."""
+        _svc, out, url = self.service(Recorder())
+        port = int(url.rsplit(":", 1)[1])
+        cases = [
+            (b"GET /nowhere HTTP/1.1\r\nHost: p\r\n\r\n", 404),
+            (b"TRACE /loki/api/v1/labels HTTP/1.1\r\nHost: p\r\n\r\n", 405),
+            (b"GET /loki/" + b"a" * 9000 + b"?q=1 HTTP/1.1\r\nHost: p\r\n\r\n", 414),
+            (b"POST /api/prom/push HTTP/1.1\r\nX-Big: " + b"v" * 20000 + b"\r\n\r\n", 431),
+            (b"GET /x HTTP/1.1\r\nX: a\r\n b\r\n\r\n", 400),
+        ]
+        sent = {}
+        for raw, status in cases:
+            answer = await raw_request(port, raw)
+            self.assertEqual(status_of(answer), status, answer[:200])
+            sent[status] = len(answer.partition(b"\r\n\r\n")[2])
+        await sleep(0.05)
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        logged = {x["status"]: x for x in lines if x.get("msg") == "request"}
+        for status, length in sent.items():
+            self.assertGreater(length, 0, status)
+            self.assertEqual(logged[status]["bytes_out"], length, status)
+        self.assertEqual(
+            (logged[405]["method"], logged[405]["path"]), ("TRACE", "/loki/api/v1/labels")
+        )
+        self.assertEqual(logged[414]["method"], "GET")
+        self.assertEqual(logged[414]["path"], "/loki/" + "a" * (512 - 6))
+        self.assertEqual((logged[431]["method"], logged[431]["path"]), ("POST", "/api/prom/push"))
+        # The folded header broke a head whose request line was read.
+        self.assertEqual((logged[400]["method"], logged[400]["path"]), ("GET", "/x"))
+
     async def test_drain(self) -> None:
         up = _Delayed(1.0)
         svc, out, url = self.service(up, SHUTDOWN_DELAY_SECONDS="0.5", SHUTDOWN_GRACE_SECONDS="5")

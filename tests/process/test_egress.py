@@ -104,7 +104,13 @@ class CredentialsNeverShownTests(TestCase):
             via,
             {"environment": refusing, "bare": refusing, "dead": f"http://127.0.0.1:{dead_port}"},
         )
-        self.assertTrue(any("failed: proxy" in x.get("msg", "") for x in lines), output)
+        # The failure's log line carries the proxy's status.
+        self.assertIn(
+            "upstream environment failed: proxy: forward proxy refused the connection (407) "
+            "(ProxyRefused)",
+            [x.get("msg") for x in lines],
+            output,
+        )
         everything = output + metrics.decode() + "".join(answers)
         for secret in (ENV_SECRET, FILE_SECRET, ROUTE_SECRET):
             for user in ("envuser", "fileuser", "routeuser"):
