@@ -180,8 +180,8 @@ class Dispatcher:
     ) -> None:  # fmt: skip
         """Act on a decision its consumer's budgets answered: 429 with
         ``Retry-After`` past one (413 for a body larger than the whole byte
-        burst: no wait makes it fit), nothing upstream; a chunked body is
-        charged as it streams."""
+        burst: no wait makes it fit), nothing upstream, and a declared body
+        not waited for; a chunked body is charged as it streams."""
         name, limits = decision.consumer or "", decision.limits
         if verdict.allowed:
             if req.chunked and limits.bytes is not None:
@@ -194,11 +194,16 @@ class Dispatcher:
         else:
             refusal = Refusal(429, message, ((b"Retry-After", verdict.retry_after_header()),))
         tenant = None if isinstance(decision, ServeLocal) else decision.tenant
-        self.refuse(req, match, Refuse(refusal, name, tenant))
+        # A declared body that does not fit is refused before it is read.
+        self.refuse(req, match, Refuse(refusal, name, tenant), at_once=bool(req.length))
 
     # -- the four decisions (one each) -----------------------------------------------
 
-    def refuse(self, req: Incoming, match: RouteMatch, decision: Refuse) -> None:
+    def refuse(
+        self, req: Incoming, match: RouteMatch, decision: Refuse, *, at_once: bool = False
+    ) -> None:
+        """``at_once``: a declared body is not waited for (a budget it does
+        not fit): answered now, the connection lingers, then closes."""
         if decision.routed:
             req.upstream_name = match.upstream_name
             if isinstance(match, Local):
@@ -208,7 +213,14 @@ class Dispatcher:
         req.consumer = decision.consumer
         req.tenant = decision.tenant
         refusal = decision.refusal
-        self.refuse_after_body(refusal.status, refusal.message, list(refusal.headers))
+        headers = list(refusal.headers)
+        if at_once and not req.complete:
+            self._conn.handler = None
+            req.buffered = None
+            self._writer.linger_after()
+            self._writer.refuse_now(refusal.status, refusal.message, headers)
+            return
+        self.refuse_after_body(refusal.status, refusal.message, headers)
 
     def serve_local(self, req: Incoming, match: Local[IResource], decision: ServeLocal) -> None:
         req.upstream_name = match.upstream_name

@@ -26,6 +26,7 @@ from tests.support.helpers import (
     env_for,
     json_body,
     listen,
+    raw_connect,
     raw_request,
     sleep,
     status_of,
@@ -110,6 +111,24 @@ class LocalBudgetTests(Fixture):
         self.assertEqual(
             proxy.sample("proxy_requests_total", upstream="otlp", method="POST", status="429",
                          consumer="pusher"), 1)  # fmt: skip
+
+    async def test_refused_before_the_body_is_sent(self) -> None:
+        """A client that waits before sending a body that does not fit gets
+        its 429 (or 413) at once, then the connection closes."""
+        proxy = self.proxy(self.client_auth("{bytes_per_second: 1000, burst_bytes: 2000}"))
+        port = proxy.port.getHost().port
+        self.assertEqual(status_of(await raw_request(port, post(b"x" * 1500))), 200)
+        for declared, expected in ((1000, 429), (10**9, 413)):
+            client = await raw_connect(port)
+            head = post(b"").split(b"Content-Length")[0]
+            client.transport.write(head + b"Content-Length: %d\r\n\r\n" % declared)
+            for _ in range(100):
+                if b"}" in bytes(client.data):
+                    break
+                await sleep(0.02)
+            self.assertEqual(status_of(bytes(client.data)), expected)
+            await client.closed  # after a brief linger
+        self.assertEqual(len(self.up.seen), 1)
 
     async def test_chunked_body_charged_as_it_streams(self) -> None:
         """The body in flight is not cut; the consumer's next request waits
