@@ -88,7 +88,9 @@ class MetricsTests(TestCase):
         self.assertEqual(
             s("proxy_request_duration_seconds_count", upstream="prometheus", method="GET"), 2
         )
-        self.assertEqual(s("proxy_request_body_bytes_total", upstream="loki"), 10 + 11)
+        # The 413's body (11 bytes, declared over the limit) is answered before
+        # it is read and dropped after: never counted as received.
+        self.assertEqual(s("proxy_request_body_bytes_total", upstream="loki"), 10)
         self.assertEqual(
             s("proxy_response_body_bytes_total", upstream="prometheus"), 2 * len(up.body)
         )
