@@ -36,6 +36,7 @@ from lgmt_proxy.limits.local import LocalLimiter
 from lgmt_proxy.limits.resp import RedisPool
 from lgmt_proxy.limits.shared import build_shared
 from lgmt_proxy.listeners import Listener
+from lgmt_proxy.obs.budgets import BudgetSeries
 from lgmt_proxy.obs.logs import StreamObserver, make_observer
 from lgmt_proxy.obs.metrics import ProxyMetrics
 from lgmt_proxy.obs.ops import Readiness, admin_root, ops_resources
@@ -267,6 +268,7 @@ class ProxyService(MultiService):
                 load=load_client_auth,
                 reloads=self.metrics.config_reloads,
             )
+            self.registry.register(BudgetSeries(self.client_auth))
         #: Consumers' budgets: shared through Redis with RATE_LIMIT_REDIS_URL.
         self.budgets, self.redis = build_budgets(config, reactor, self.metrics)
         self.proxy_factory, self.upstreams = build_proxy_factory(
