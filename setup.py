@@ -38,5 +38,7 @@ setup(
         # CLIENT_AUTH_FILE and ROUTES_FILE are checked against their JSON
         # Schemas (lgmt_proxy/config/schema.py): every error, with its path.
         "jsonschema>=4.26.0,<5",
+        # OTLP over gRPC (OTLP_GRPC_LISTEN): the HTTP/2 state machine, sans-IO.
+        "h2>=4.1.0,<5",
     ],
 )
