@@ -1,0 +1,168 @@
+"""OTLP over gRPC (OTLP_GRPC_LISTEN) with real gRPC peers: the OpenTelemetry
+SDK's OTLP/gRPC exporters (grpcio underneath) send traces, metrics and logs,
+plain and gzip, through a ``twistd`` proxy to an OTLP/HTTP upstream that
+parses every message with opentelemetry-proto and accepts it only with the
+proxy's credentials; a 429 upstream makes the SDK retry after the
+``Retry-After`` delay; a bare grpcio client sees each upstream status as the
+gRPC status the OTLP specification names, ``RetryInfo`` included."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from lgmt_proxy.dataplane.grpc_server import GrpcFactory
+from tests.support.helpers import (
+    ORG,
+    ProxyFixture,
+    Recorder,
+    basic,
+    env_for,
+    free_port,
+    listen,
+    upstream_site,
+)
+
+from .clients import OTLP_GRPC_MODULES, otlp_export
+from .peers import need_modules, start_proxy
+from .test_otlp import OtlpExportTests
+from .upstream import FakeCloud
+
+TRACES = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+class SdkGrpcExportTests(TestCase):
+    timeout = 90
+
+    async def _export(self, gzip: bool) -> None:
+        need_modules(*OTLP_GRPC_MODULES)
+        cloud = FakeCloud()
+        port = listen(upstream_site(cloud))
+        self.addCleanup(port.stopListening)
+        direct = f"http://127.0.0.1:{port.getHost().port}"
+        grpc_port = free_port()
+        proxy = await start_proxy(
+            self,
+            {"otlp": direct},
+            {"OTLP_GRPC_LISTEN": f"tcp:{grpc_port}:interface=127.0.0.1"},
+        )
+        run = await otlp_export(proxy.url, gzip=gzip, grpc=f"127.0.0.1:{grpc_port}")
+        # The same checks as for the SDK's OTLP/HTTP exporters: every span,
+        # metric and log arrived, parsed, with the proxy's credentials.
+        OtlpExportTests._assert_arrived(self, cloud, run, gzip)  # type: ignore[arg-type]
+        self.assertEqual(
+            {s.uri for s in cloud.seen}, {b"/otlp/v1/logs", b"/otlp/v1/metrics", b"/otlp/v1/traces"}
+        )
+
+    async def test_traces_metrics_logs(self) -> None:
+        await self._export(gzip=False)
+
+    async def test_traces_metrics_logs_gzip(self) -> None:
+        await self._export(gzip=True)
+
+
+class _Sequence(Recorder):
+    """Answers with each status of ``statuses`` in turn, then 200."""
+
+    def __init__(self, statuses: list[tuple[int, list[tuple[bytes, bytes]]]]) -> None:
+        super().__init__()
+        self.statuses = statuses
+        self.body = b""
+
+    def render(self, request: Any) -> bytes:
+        self.status, self.headers = self.statuses.pop(0) if self.statuses else (200, [])
+        return super().render(request)
+
+
+def _unary(target: str, payload: bytes, metadata: tuple[tuple[str, str], ...] = ()) -> Any:
+    """One unary call with grpcio: ("ok", response) or (code, details, trailers)."""
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(TRACES)
+        try:
+            return ("ok", call(payload, timeout=10, metadata=metadata))
+        except grpc.RpcError as e:
+            return (e.code().value[0], e.details(), dict(e.trailing_metadata() or ()))  # type: ignore[attr-defined]
+
+
+class GrpcioStatusTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        need_modules("grpc", "google.rpc.error_details_pb2", "google.rpc.status_pb2")
+        self.up = _Sequence([])
+        port = listen(upstream_site(self.up))
+        self.addCleanup(port.stopListening)
+        proxy = ProxyFixture(env_for(f"http://127.0.0.1:{port.getHost().port}"))
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        grpc = GrpcFactory(proxy.factory)
+        grpc_port = listen(grpc)
+        self.addCleanup(grpc_port.stopListening)
+
+        def cut() -> None:
+            for connection in list(grpc.connections):
+                connection.close_now()
+
+        self.addCleanup(cut)
+        self.target = f"127.0.0.1:{grpc_port.getHost().port}"
+
+    async def test_each_status(self) -> None:
+        from google.rpc import error_details_pb2, status_pb2
+
+        expected = {
+            400: 3,  # INVALID_ARGUMENT
+            401: 16,  # UNAUTHENTICATED
+            403: 7,  # PERMISSION_DENIED
+            404: 12,  # UNIMPLEMENTED
+            413: 8,  # RESOURCE_EXHAUSTED
+            429: 8,  # RESOURCE_EXHAUSTED, with RetryInfo
+            500: 13,  # INTERNAL
+            503: 14,  # UNAVAILABLE
+        }
+        for status, code in expected.items():
+            headers = [(b"Retry-After", b"7")] if status == 429 else []
+            self.up.statuses = [(status, headers)]
+            answer = await deferToThread(_unary, self.target, b"\x0a\x00")
+            self.assertEqual(answer[:2], (code, f"upstream answered {status}"), status)
+            trailers = answer[2]
+            if status == 429:
+                retry = error_details_pb2.RetryInfo()
+                retry.ParseFromString(trailers["google.rpc.retryinfo-bin"])
+                self.assertEqual(retry.retry_delay.seconds, 7)
+                details = status_pb2.Status()
+                details.ParseFromString(trailers["grpc-status-details-bin"])
+                self.assertEqual((details.code, details.message), (8, "upstream answered 429"))
+                unpacked = error_details_pb2.RetryInfo()
+                self.assertTrue(details.details[0].Unpack(unpacked))
+                self.assertEqual(unpacked.retry_delay.seconds, 7)
+            else:
+                self.assertNotIn("grpc-status-details-bin", trailers)
+        self.assertEqual(len(self.up.seen), len(expected))
+        for seen in self.up.seen:
+            self.assertEqual(seen.header(b"Authorization"), [basic(ORG["otlp"])])
+            self.assertEqual(seen.body, b"\x0a\x00")
+
+    async def test_ok_and_metadata(self) -> None:
+        self.up.body = b"\x0a\x02\x08\x05"
+        answer = await deferToThread(
+            _unary, self.target, b"\x0a\x00", (("x-request-id", "req-1"), ("other", "dropped"))
+        )
+        self.assertEqual(answer, ("ok", b"\x0a\x02\x08\x05"))
+        seen = self.up.seen[-1]
+        self.assertEqual(seen.header(b"X-Request-Id"), [b"req-1"])
+        self.assertIsNone(seen.header(b"other"))
+        self.assertEqual(seen.header(b"X-Scope-OrgID"), [ORG["otlp"].encode()])
+
+    async def test_sdk_retries_after_429(self) -> None:
+        """The SDK's gRPC exporter waits the RetryInfo delay and sends again."""
+        need_modules(*OTLP_GRPC_MODULES)
+        self.up.statuses = [(429, [(b"Retry-After", b"1")])]
+        run = await otlp_export("http://unused", grpc=self.target)
+        self.assertEqual(run.failures(), {}, run.messages)
+        uris = [s.uri for s in self.up.seen]
+        self.assertEqual(uris.count(b"/otlp/v1/traces"), 2)  # refused once, then sent again
+        self.assertEqual(self.up.seen[0].body, self.up.seen[1].body)
