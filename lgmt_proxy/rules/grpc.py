@@ -14,7 +14,6 @@ import base64
 import email.utils
 import math
 import time
-import urllib.parse
 
 #: gRPC status codes used here (grpc/doc/statuscodes.md).
 OK = 0
@@ -136,13 +135,21 @@ def trailers(code: int, message: str, retry: int | None = None) -> list[tuple[by
     the OpenTelemetry Python and Java exporters)."""
     out = [(b"grpc-status", b"%d" % code)]
     if message:
-        out.append((b"grpc-message", urllib.parse.quote(message, safe=" ").encode("ascii")))
+        out.append((b"grpc-message", percent_encode(message)))
     if retry is not None:
         out.append(
             (b"grpc-status-details-bin", binary_header(status_details(code, message, retry)))
         )
         out.append((b"google.rpc.retryinfo-bin", binary_header(retry_info(retry))))
     return out
+
+
+def percent_encode(text: str) -> bytes:
+    """``grpc-message``'s encoding: UTF-8, every byte outside printable
+    ASCII, and ``%`` itself, as ``%XX``."""
+    return b"".join(
+        bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in text.encode()
+    )
 
 
 def frame_message(payload: bytes) -> bytes:
