@@ -8,11 +8,13 @@ gRPC status the OTLP specification names, ``RetryInfo`` included."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
+from twisted.web.server import NOT_DONE_YET
 
 from lgmt_proxy.dataplane.grpc_server import GrpcFactory
 from tests.support.helpers import (
@@ -23,6 +25,8 @@ from tests.support.helpers import (
     env_for,
     free_port,
     listen,
+    sleep,
+    spawn_proxy,
     upstream_site,
 )
 
@@ -166,3 +170,53 @@ class GrpcioStatusTests(TestCase):
         uris = [s.uri for s in self.up.seen]
         self.assertEqual(uris.count(b"/otlp/v1/traces"), 2)  # refused once, then sent again
         self.assertEqual(self.up.seen[0].body, self.up.seen[1].body)
+
+
+class _Slow(Recorder):
+    """Answers 200 (an empty Export response) 1.5 s after each request."""
+
+    def render(self, request: Any) -> Any:
+        from twisted.internet import reactor
+
+        super().render(request)
+
+        def answer() -> None:
+            request.write(b"")
+            request.finish()
+
+        reactor.callLater(1.5, answer)  # type: ignore[attr-defined]
+        return NOT_DONE_YET
+
+
+class GrpcDrainTests(TestCase):
+    timeout = 60
+
+    async def test_sigterm_answers_the_call_in_progress(self) -> None:
+        """SIGTERM while a grpcio call waits for the upstream: GOAWAY, the
+        call is still answered OK, the process exits 0."""
+        need_modules("grpc")
+        up = _Slow()
+        up.body = b""
+        port = listen(upstream_site(up))
+        self.addCleanup(port.stopListening)
+        grpc_port = free_port()
+        env = env_for(
+            f"http://127.0.0.1:{port.getHost().port}",
+            OTLP_GRPC_LISTEN=f"tcp:{grpc_port}:interface=127.0.0.1",
+            SHUTDOWN_DELAY_SECONDS="0.5",
+            SHUTDOWN_GRACE_SECONDS="10",
+        )
+        proc = await spawn_proxy(env)
+        self.addCleanup(lambda: proc.ended)
+        call = deferToThread(_unary, f"127.0.0.1:{grpc_port}", b"\x0a\x00")
+        while not up.seen:
+            await sleep(0.05)
+        proc.signal("TERM")
+        self.assertEqual(await call, ("ok", b""))
+        code = await proc.ended
+        out = proc.output.decode()
+        self.assertEqual(code, 0, out)
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        access = [x for x in lines if x.get("msg") == "request"]
+        self.assertEqual([(x["path"], x["status"]) for x in access], [(TRACES, 200)])
+        self.assertTrue(any("OTLP over gRPC (h2c) on 127.0.0.1:" in x["msg"] for x in lines))
