@@ -460,6 +460,32 @@ class GrpcBridgeTests(TestCase):
         self.assertEqual(client.h2.remote_settings.max_concurrent_streams, 100)
         self.assertEqual(client.h2.remote_settings.max_header_list_size, 16384)
 
+    async def test_oversized_header_list_closes(self) -> None:
+        """An HPACK-decoded header list over 16 KiB is a connection error
+        (never decoded whole); other clients are served."""
+        client = await self.client()
+        await client.settings
+        client.h2.remote_settings.max_header_list_size = 2**20  # lie, to send it
+        client.start(extra=[(b"x-big", b"a" * 20_000)])
+        await client.closed
+        assert client.goaway is not None
+        self.assertIn(client.goaway.error_code, (1, 11))  # PROTOCOL_ERROR, ENHANCE_YOUR_CALM
+        self.assertEqual(self.up.seen, [])
+        other = await self.client()
+        self.assertEqual((await other.unary(b"m")).status, 0)
+
+    async def test_stream_over_the_limit_is_a_connection_error(self) -> None:
+        client = await self.client()
+        await client.settings
+        client.h2.remote_settings.max_concurrent_streams = 1000  # ignore what it said
+        client.h2.remote_settings.acknowledge()
+        for _ in range(101):
+            client.start()
+        await client.closed
+        assert client.goaway is not None
+        self.assertEqual(client.goaway.error_code, 1)  # PROTOCOL_ERROR
+        self.assertEqual(self.grpc.connections, set())
+
     async def test_drain_goaway_finishes_calls(self) -> None:
         """Draining: GOAWAY names the call in progress, which is still
         answered; then the connection closes."""
