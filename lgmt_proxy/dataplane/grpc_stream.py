@@ -71,6 +71,8 @@ class GrpcStream:
         self._answer: list[bytes] | None = None
         self._answer_size = 0
         self._retry: int | None = None
+        #: The request's grpc-encoding says gzip.
+        self._gzip = False
         self._paused = False
         self._owed = 0
         #: The client sent END_STREAM.
@@ -120,6 +122,7 @@ class GrpcStream:
         if encoding and encoding not in _ENCODINGS:
             self._refuse(415, grpc.UNIMPLEMENTED, "grpc-encoding not supported: identity, gzip")
             return
+        self._gzip = encoding == b"gzip"
         shared = self._shared
         match = shared.routes.match(mapped)
         req.upstream_name = match.upstream_name
@@ -200,6 +203,10 @@ class GrpcStream:
         if limit and length > limit:
             self.req.note_error("body_limit")
             self._refuse(413, grpc.RESOURCE_EXHAUSTED, "message larger than the proxy accepts")
+            return None
+        if compressed and not self._gzip:
+            # gRPC: a compressed message needs its grpc-encoding.
+            self._fail_request(400, grpc.INTERNAL, "compressed message without grpc-encoding")
             return None
         match = self._proxied
         assert match is not None

@@ -269,6 +269,10 @@ class GrpcBridgeTests(TestCase):
         self.assertEqual(call.status, 0)
         self.assertEqual(self.up.seen[-1].body, body)
         self.assertEqual(self.up.seen[-1].header(b"Content-Encoding"), [b"gzip"])
+        # The flag without the header is a broken call, never forwarded.
+        call = await client.unary(body, compressed=True)
+        self.assertEqual(call.status, grpc.INTERNAL)
+        self.assertEqual(len(self.up.seen), 1)
 
     async def test_upstream_statuses_mapped(self) -> None:
         client = await self.client()
@@ -431,11 +435,11 @@ class GrpcBridgeTests(TestCase):
     async def test_rapid_reset_goaway(self) -> None:
         client = await self.client()
         for _ in range(MAX_RESETS + 5):
+            if client.goaway is not None or client.closed.called:
+                break
             sid = client.start()
             client.h2.reset_stream(sid, error_code=8)
             client.flush()
-            if client.closed.called:
-                break
             await sleep(0)
         await client.closed
         self.assertIsNotNone(client.goaway)
