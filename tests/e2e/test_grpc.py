@@ -2,7 +2,8 @@
 SDK's OTLP/gRPC exporters (grpcio underneath) send traces, metrics and logs,
 plain and gzip, through a ``twistd`` proxy to an OTLP/HTTP upstream that
 parses every message with opentelemetry-proto and accepts it only with the
-proxy's credentials; a 429 upstream makes the SDK retry after the
+proxy's credentials, and the same spans arrive as the same bytes as from
+the SDK's OTLP/HTTP exporter; a 429 upstream makes the SDK retry after the
 ``Retry-After`` delay; a bare grpcio client sees each upstream status as the
 gRPC status the OTLP specification names, ``RetryInfo`` included."""
 
@@ -64,8 +65,54 @@ class SdkGrpcExportTests(TestCase):
     async def test_traces_metrics_logs(self) -> None:
         await self._export(gzip=False)
 
+    async def test_same_bytes_as_the_http_exporter(self) -> None:
+        """The same spans through the SDK's HTTP and gRPC exporters arrive
+        upstream as the same bytes, with the same credentials."""
+        need_modules(*OTLP_GRPC_MODULES)
+        cloud = FakeCloud()
+        port = listen(upstream_site(cloud))
+        self.addCleanup(port.stopListening)
+        grpc_port = free_port()
+        proxy = await start_proxy(
+            self,
+            {"otlp": f"http://127.0.0.1:{port.getHost().port}"},
+            {"OTLP_GRPC_LISTEN": f"tcp:{grpc_port}:interface=127.0.0.1"},
+        )
+        results = await deferToThread(_both_exporters, proxy.url, f"127.0.0.1:{grpc_port}")
+        self.assertEqual(results, ("SUCCESS", "SUCCESS"))
+        over_http, over_grpc = [r for r in cloud.otlp if r.kind == "traces"]
+        self.assertEqual(over_grpc.raw, over_http.raw)
+        self.assertEqual(len(over_http.message.resource_spans[0].scope_spans[0].spans), 2)
+        auth = {tuple(s.header(b"Authorization") or ()) for s in cloud.seen}
+        self.assertEqual(auth, {(basic(ORG["otlp"]),)})
+
     async def test_traces_metrics_logs_gzip(self) -> None:
         await self._export(gzip=True)
+
+
+def _both_exporters(http_base: str, grpc_target: str) -> tuple[str, str]:
+    """Two spans exported once over OTLP/HTTP, then over OTLP/gRPC."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter as GrpcExporter,
+    )
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpExporter,
+    )
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("lgmt-e2e")
+    with tracer.start_as_current_span("same-root"), tracer.start_as_current_span("same-child"):
+        pass
+    spans = memory.get_finished_spans()
+    over_http = HttpExporter(endpoint=f"{http_base}/otlp/v1/traces", timeout=10).export(spans)
+    over_grpc = GrpcExporter(endpoint=grpc_target, insecure=True, timeout=10).export(spans)
+    provider.shutdown()
+    return over_http.name, over_grpc.name
 
 
 class _Sequence(Recorder):
