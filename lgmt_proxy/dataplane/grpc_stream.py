@@ -51,6 +51,37 @@ class StreamOwner(Protocol):
         """The call is answered or gone: forget it."""
 
 
+def read_headers(req: Incoming, headers: RawHeaders) -> tuple[bytes, bytes, bytes, RawHeaders]:
+    """The facts the rules read, noted on ``req`` (``:authority`` as the
+    Host, the ``authorization`` and ``x-scope-orgid`` metadata); returns the
+    path, content type, grpc-encoding and the metadata forwarded."""
+    path = content_type = encoding = b""
+    forwarded: RawHeaders = []
+    for name, value in headers:
+        if name == b":method":
+            req.method = value
+        elif name == b":path":
+            path = value
+        elif name == b":authority":
+            req.host, req.host_count = value, 1
+        elif name == b"content-type":
+            content_type = value
+        elif name == b"grpc-encoding":
+            encoding = value
+        elif name == b"authorization":
+            req.authorization = [*(req.authorization or []), value]
+        elif name == b"x-scope-orgid":
+            req.orgids = [*(req.orgids or []), value]
+        elif name in _FORWARDED:
+            forwarded.append((name, value))
+            if name == b"user-agent":
+                req.user_agent = value
+            else:
+                req.request_id = value
+    req.target = req.path = path
+    return path, content_type, encoding, forwarded
+
+
 @implementer(IPushProducer)
 class GrpcStream:
     """One unary call: the exchange's `ClientSide` and its body producer."""
@@ -85,30 +116,7 @@ class GrpcStream:
     def begin(self, headers: RawHeaders) -> None:
         """The request's headers: check them, decide, wait for the message."""
         req = self.req
-        path = content_type = encoding = b""
-        forwarded: RawHeaders = []
-        for name, value in headers:
-            if name == b":method":
-                req.method = value
-            elif name == b":path":
-                path = value
-            elif name == b":authority":
-                req.host, req.host_count = value, 1
-            elif name == b"content-type":
-                content_type = value
-            elif name == b"grpc-encoding":
-                encoding = value
-            elif name == b"authorization":
-                req.authorization = [*(req.authorization or []), value]
-            elif name == b"x-scope-orgid":
-                req.orgids = [*(req.orgids or []), value]
-            elif name in _FORWARDED:
-                forwarded.append((name, value))
-                if name == b"user-agent":
-                    req.user_agent = value
-                else:
-                    req.request_id = value
-        req.target = req.path = path
+        path, content_type, encoding, forwarded = read_headers(req, headers)
         if not content_type.startswith(b"application/grpc"):
             self.over = True
             req.status = 415
