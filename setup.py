@@ -41,5 +41,7 @@ setup(
         # The reply parser of the Redis client of shared budgets
         # (lgmt_proxy/limits/resp.py, RATE_LIMIT_REDIS_URL).
         "hiredis>=3.0.0,<4",
+        # OTLP over gRPC (OTLP_GRPC_LISTEN): the HTTP/2 state machine, sans-IO.
+        "h2>=4.1.0,<5",
     ],
 )

@@ -14,7 +14,7 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
@@ -27,6 +27,7 @@ from lgmt_proxy.config.settings import SIGNALS, Config, Secret, UpstreamConfig
 from lgmt_proxy.config.tokens import token_source
 from lgmt_proxy.config.watch import WatchedFile
 from lgmt_proxy.dataplane.drain import drain_connections
+from lgmt_proxy.dataplane.grpc_server import GrpcFactory
 from lgmt_proxy.dataplane.resources import build_root
 from lgmt_proxy.dataplane.server import ProxyFactory
 from lgmt_proxy.dataplane.upstream import Upstream, build_upstream
@@ -299,6 +300,16 @@ class ProxyService(MultiService):
                 admin_listen, admin_site(self.readiness, self.registry, reactor), reactor
             )
             self._admin.setServiceParent(self)
+        #: OTLP over gRPC (OTLP_GRPC_LISTEN), sharing the main listener's rules.
+        self.grpc_factory: GrpcFactory | None = None
+        self._grpc: Listener | None = None
+        grpc_listen = config.otlp_grpc_listen
+        if grpc_listen:
+            if grpc_listen.isdigit():
+                grpc_listen = default_listen(int(grpc_listen))
+            self.grpc_factory = GrpcFactory(self.proxy_factory)
+            self._grpc = Listener(grpc_listen, self.grpc_factory, reactor)
+            self._grpc.setServiceParent(self)
         if self.client_auth is not None:
             self._watched.append(self.client_auth)
         if self._watched:
@@ -371,6 +382,11 @@ class ProxyService(MultiService):
                 timeout=self.config.rate_limit_redis.timeout,
             )
         _log.info("listening on {address}", address=self._main.address, listen=self.listen)
+        if self._grpc is not None:
+            _log.info(
+                "OTLP over gRPC (h2c) on {address}, bridged to the otlp route",
+                address=self._grpc.address.replace("http://", "", 1),
+            )
         for name, up in self.upstreams.items():
             # The event's field names (signal, org_id, tenant_id) are what log
             # queries match, so they stay; with ROUTES_FILE they hold the
@@ -427,6 +443,10 @@ class ProxyService(MultiService):
         for connection in list(self.proxy_factory.connections):
             self._cut += 1
             connection.close_now()
+        if self.grpc_factory is not None:
+            for grpc_connection in list(self.grpc_factory.connections):
+                self._cut += 1
+                grpc_connection.close_now()
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
@@ -436,6 +456,11 @@ class ProxyService(MultiService):
         # Every response from now on says Connection: close and closes its
         # connection, so clients move to other pods during the delay.
         self.proxy_factory.draining = True
+        grpc = self.grpc_factory
+        if grpc is not None:
+            # GOAWAY now: gRPC clients finish their calls and move on.
+            for grpc_connection in list(grpc.connections):
+                grpc_connection.close_when_idle(0.0)
         delay = 0.0 if self._hurried else self.config.shutdown_delay
         _log.info("draining: /ready answers 503; closing the listener in {delay}s", delay=delay)
         if delay:
@@ -446,8 +471,15 @@ class ProxyService(MultiService):
                 pass
             self._waiting = None
         await self._main.stopService()
+        if self._grpc is not None:
+            await self._grpc.stopService()
         grace = 0.0 if self._hurried else self.config.shutdown_grace
-        aborted = await drain_connections(self.proxy_factory, self.reactor, grace)
+        drains = [
+            Deferred.fromCoroutine(drain_connections(self.proxy_factory, self.reactor, grace))
+        ]
+        if grpc is not None:
+            drains.append(Deferred.fromCoroutine(drain_connections(grpc, self.reactor, grace)))
+        aborted = sum(await gatherResults(drains))
         if self._hurried:
             _log.info("drain cut short: {n} open connections cut", n=self._cut + aborted)
         elif aborted:

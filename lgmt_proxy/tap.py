@@ -206,4 +206,4 @@ def makeService(options: Options) -> IService:
             warnings=typos,
         )
     except ValueError as e:  # a bad endpoint string
-        raise _config_exit([f"--listen/--admin-listen: {e}"]) from None
+        raise _config_exit([f"--listen/--admin-listen/OTLP_GRPC_LISTEN: {e}"]) from None

@@ -180,6 +180,15 @@ app.kubernetes.io/component: proxy
 {{- if and .Values.admin.enabled (eq (int .Values.admin.port) (int .Values.config.port)) }}
 {{- $problems = append $problems "admin.port: must differ from config.port (or set admin.enabled=false)" }}
 {{- end }}
+{{- if .Values.otlpGrpc.enabled }}
+{{- $grpcPort := int .Values.otlpGrpc.port }}
+{{- if or (eq $grpcPort (int .Values.config.port)) (and .Values.admin.enabled (eq $grpcPort (int .Values.admin.port))) }}
+{{- $problems = append $problems "otlpGrpc.port: must differ from config.port and admin.port" }}
+{{- end }}
+{{- if not (index .Values.upstreams "otlp").url }}
+{{- $problems = append $problems "otlpGrpc.enabled: OTLP over gRPC is bridged to the otlp upstream; set upstreams.otlp.url and orgId" }}
+{{- end }}
+{{- end }}
 {{- /* With client auth, main-port /metrics names consumers and answers 401
      to an unauthenticated scrape: only the admin port serves it openly. */}}
 {{- if and $clientAuth .Values.metrics.serviceMonitor.enabled (not .Values.admin.enabled) }}

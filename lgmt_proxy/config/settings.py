@@ -120,6 +120,8 @@ class Config:
     egress: Egress = attrs.field(factory=Egress)
     #: RATE_LIMIT_REDIS_URL (config/ratelimit.py): budgets shared by replicas.
     rate_limit_redis: RedisSettings | None = None
+    #: OTLP_GRPC_LISTEN: a port or an endpoint description (None: off).
+    otlp_grpc_listen: str | None = None
 
 
 def _is_loopback(host: str) -> bool:
@@ -305,13 +307,14 @@ KNOWN_VARIABLES = frozenset(
        "SHUTDOWN_DELAY_SECONDS", "SHUTDOWN_GRACE_SECONDS", "LOG_LEVEL", "LOG_FORMAT",
        "CLIENT_HEADER_TIMEOUT_SECONDS", "CLIENT_IDLE_TIMEOUT_SECONDS", "CLIENT_AUTH_FILE",
        "ROUTES_FILE", "WEBSOCKET_IDLE_TIMEOUT_SECONDS", "ALLOWED_ORIGINS", "ALLOWED_HOSTS",
-       "METRICS_TENANT_LABEL", "UPSTREAM_PROXY_CREDENTIALS_FILE",
+       "METRICS_TENANT_LABEL", "UPSTREAM_PROXY_CREDENTIALS_FILE", "OTLP_GRPC_LISTEN",
        "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy",
        *RATE_LIMIT_VARIABLES]
 )  # fmt: skip
 #: The beginnings of our variables' names: another name beginning so is likely a typo.
 OUR_PREFIXES = ("GRAFANA_CLOUD_", "UPSTREAM_", "CLIENT_", "MAX_", "SHUTDOWN_", "LOG_",
-                "ALLOW_", "ALLOWED_", "ROUTES_", "WEBSOCKET_", "METRICS_", "RATE_LIMIT_")  # fmt: skip
+                "ALLOW_", "ALLOWED_", "ROUTES_", "WEBSOCKET_", "METRICS_", "RATE_LIMIT_",
+                "OTLP_")  # fmt: skip
 #: What Kubernetes' service links define (``<SERVICE>_SERVICE_HOST``,
 #: ``<SERVICE>_PORT_80_TCP``...): a Service named ``upstream`` is not a typo.
 _SERVICE_LINK = re.compile(
@@ -334,6 +337,45 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
         hint = f"; did you mean {close[0]}?" if close else " (docs/configuration.md lists them)"
         found.append(f"{name} is not a known variable{hint}")
     return found
+
+
+#: An endpoint description: a plugin name, a colon, its arguments (tcp:4317,
+#: tcp:port=4317:interface=127.0.0.1, unix:/run/grpc.sock).
+_ENDPOINT = re.compile(r"[a-zA-Z][a-zA-Z0-9_-]*:\S+")
+
+
+def _parse_grpc_listen(
+    reader: _Reader, signals: Mapping[str, UpstreamConfig], routes_file: str | None
+) -> str | None:
+    """OTLP_GRPC_LISTEN: unset, empty or ``off``: no gRPC listener; a port
+    (1 to 65535); or an endpoint description as ``--listen`` takes. It
+    bridges to the otlp route, so with the built-in routes the otlp signal
+    must be on."""
+    value = reader.get("OTLP_GRPC_LISTEN")
+    if value is None or value.strip().lower() in ("", "off"):
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        if not 1 <= int(value) <= 65535:
+            reader.problems.append(f"OTLP_GRPC_LISTEN: a port must be 1 to 65535, got {value!r}")
+            return None
+        main = reader.get("PORT") or "8085"
+        if main.isascii() and main.isdigit() and int(main) == int(value):
+            reader.problems.append("OTLP_GRPC_LISTEN: must not be the main listener's PORT")
+            return None
+    elif not _ENDPOINT.fullmatch(value):
+        reader.problems.append(
+            "OTLP_GRPC_LISTEN: expected a port (4317) or an endpoint description "
+            "(tcp:4317, tcp:port=4317:interface=127.0.0.1)"
+        )
+        return None
+    if routes_file is None and "otlp" not in signals:
+        reader.problems.append(
+            "OTLP_GRPC_LISTEN: OTLP over gRPC is bridged to the otlp signal; "
+            "set GRAFANA_CLOUD_OTLP_URL and GRAFANA_CLOUD_OTLP_ORG_ID"
+        )
+        return None
+    return value
 
 
 def parse_config(env: Mapping[str, str]) -> Config:
@@ -417,6 +459,7 @@ def parse_config(env: Mapping[str, str]) -> Config:
         metrics_tenant_label=r.boolean("METRICS_TENANT_LABEL", False),
         egress=egress,
         rate_limit_redis=redis,
+        otlp_grpc_listen=_parse_grpc_listen(r, signals, routes_file),
     )
     if r.problems:
         raise ConfigError(r.problems)

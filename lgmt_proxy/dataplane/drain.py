@@ -7,10 +7,11 @@ themselves to close.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import Protocol
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
-
-from lgmt_proxy.dataplane.server import ProxyFactory
 
 _TICK = 0.05
 #: An idle connection is closed once it has been quiet this long: a client
@@ -19,7 +20,22 @@ _TICK = 0.05
 QUIET = 0.5
 
 
-async def drain_connections(factory: ProxyFactory, clock: IReactorTime, grace: float) -> int:
+class Draining(Protocol):
+    """A connection as the drain sees it (HTTP/1.1 or gRPC)."""
+
+    def close_when_idle(self, quiet: float) -> None: ...
+
+    def close_now(self) -> None: ...
+
+
+class Listening(Protocol):
+    """A listener's factory: its open connections."""
+
+    @property
+    def connections(self) -> Collection[Draining]: ...
+
+
+async def drain_connections(factory: Listening, clock: IReactorTime, grace: float) -> int:
     """Close idle keep-alive connections, let busy ones finish their response
     and close, and abort what is left after ``grace`` seconds. Returns how many
     connections had to be aborted."""

@@ -43,7 +43,17 @@ class OtlpRun:
         return {k: v for k, v in self.results.items() if not v or set(v) != {"SUCCESS"}}
 
 
-def _otlp_export(base_url: str, run_id: str, gzip: bool) -> OtlpRun:
+#: The SDK's OTLP/gRPC exporters (OTLP_GRPC_LISTEN).
+OTLP_GRPC_MODULES = (
+    "opentelemetry.sdk",
+    "opentelemetry.exporter.otlp.proto.grpc",
+    "opentelemetry.proto",
+    "google.protobuf",
+    "grpc",
+)
+
+
+def _otlp_export(base_url: str, run_id: str, gzip: bool, grpc: str | None = None) -> OtlpRun:
     class Capture(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             messages.append(f"{record.name}: {record.getMessage()}")
@@ -54,17 +64,31 @@ def _otlp_export(base_url: str, run_id: str, gzip: bool) -> OtlpRun:
     sdk_logger.addHandler(capture)
     sdk_logger.propagate = False
     try:
-        return _otlp_session(base_url, run_id, gzip, messages)
+        return _otlp_session(base_url, run_id, gzip, messages, grpc)
     finally:
         sdk_logger.removeHandler(capture)
         sdk_logger.propagate = propagate
 
 
-def _otlp_session(base_url: str, run_id: str, gzip: bool, messages: list[str]) -> OtlpRun:
+def _otlp_session(
+    base_url: str, run_id: str, gzip: bool, messages: list[str], grpc: str | None
+) -> OtlpRun:
+    """``grpc``: the ``host:port`` of the gRPC exporters (else OTLP/HTTP to ``base_url``)."""
+    if grpc is not None:
+        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http._log_exporter import (  # type: ignore[assignment]
+            OTLPLogExporter,
+        )
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (  # type: ignore[assignment]
+            OTLPMetricExporter,
+        )
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
+            OTLPSpanExporter,
+        )
     from opentelemetry.exporter.otlp.proto.http import Compression
-    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
     from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
     from opentelemetry.sdk.metrics import MeterProvider
@@ -83,6 +107,15 @@ def _otlp_session(base_url: str, run_id: str, gzip: bool, messages: list[str]) -
                 results[kind].append(result.name)
                 return result
 
+        if grpc is not None:
+            import grpc as grpcio
+
+            return Recording(
+                endpoint=grpc,
+                insecure=True,
+                timeout=10,
+                compression=grpcio.Compression.Gzip if gzip else grpcio.Compression.NoCompression,
+            )
         return Recording(endpoint=f"{base_url}/otlp/v1/{kind}", compression=compression, timeout=10)
 
     resource = Resource.create({"service.name": "lgmt-e2e", "lgmt.e2e.run": run_id})
@@ -130,11 +163,12 @@ def _otlp_session(base_url: str, run_id: str, gzip: bool, messages: list[str]) -
     return OtlpRun(results, trace_id, root_span, child_span, metric, log_body, messages)
 
 
-async def otlp_export(base_url: str, *, gzip: bool = False) -> OtlpRun:
+async def otlp_export(base_url: str, *, gzip: bool = False, grpc: str | None = None) -> OtlpRun:
     """Traces, metrics and logs with the OpenTelemetry SDK's OTLP/HTTP exporters
-    to ``base_url + /otlp/v1/...``, no credentials of their own."""
-    need_modules(*OTLP_MODULES)
-    return await deferToThread(_otlp_export, base_url, uuid.uuid4().hex[:12], gzip)
+    to ``base_url + /otlp/v1/...``, no credentials of their own; with
+    ``grpc`` (``host:port``) its OTLP/gRPC exporters there instead."""
+    need_modules(*(OTLP_MODULES if grpc is None else OTLP_GRPC_MODULES))
+    return await deferToThread(_otlp_export, base_url, uuid.uuid4().hex[:12], gzip, grpc)
 
 
 def _python_logging_loki(url: str, tags: dict[str, str], lines: list[str]) -> list[str]:

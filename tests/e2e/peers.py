@@ -162,8 +162,11 @@ async def poll(
 # --- the proxy under test ---------------------------------------------------
 
 
-async def start_proxy(case: TestCase, urls: dict[str, str]) -> ProxyProcess:
-    """``twistd -n lgmt-proxy`` with each signal of ``urls`` pointed at its URL."""
+async def start_proxy(
+    case: TestCase, urls: dict[str, str], extra: dict[str, str] | None = None
+) -> ProxyProcess:
+    """``twistd -n lgmt-proxy`` with each signal of ``urls`` pointed at its
+    URL (and ``extra`` variables)."""
     env = {
         "GRAFANA_CLOUD_ACCESS_TOKEN": PROXY_TOKEN,
         "SHUTDOWN_DELAY_SECONDS": "0",
@@ -173,6 +176,7 @@ async def start_proxy(case: TestCase, urls: dict[str, str]) -> ProxyProcess:
     for signal, url in urls.items():
         env[f"GRAFANA_CLOUD_{signal.upper()}_URL"] = url
         env[f"GRAFANA_CLOUD_{signal.upper()}_ORG_ID"] = ORG[signal]
+    env.update(extra or {})
     proxy = await spawn_proxy(env)
     case.addCleanup(proxy.stop)
     if proxy.ended.called:

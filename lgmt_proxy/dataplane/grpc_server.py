@@ -1,0 +1,340 @@
+"""The OTLP/gRPC listener (``OTLP_GRPC_LISTEN``): HTTP/2 with prior
+knowledge (h2c) on the `h2` state machine (sans-IO), one `GrpcConnection`
+per client connection, one `GrpcStream` per call.
+
+Every byte goes out through the connection's `Sender` (`SendQueue.install`);
+the connection's own `ReadGate` is registered with it, so a client that does
+not read what it is sent (answers, PING and SETTINGS acknowledgements) stops
+being read. Bounds: ``SETTINGS_MAX_CONCURRENT_STREAMS`` (`MAX_STREAMS`; one
+more is a connection error), the header list (`MAX_HEADER_LIST`), each
+stream's window (65,535 bytes: what a call can send before the upstream
+takes it), `MAX_RESETS` client resets beyond the calls answered (rapid
+reset), `MAX_CONTROL` PING and SETTINGS frames between two calls, and
+``CLIENT_IDLE_TIMEOUT_SECONDS`` without a call in progress. Draining sends
+GOAWAY naming the last stream taken; those calls finish, later ones are
+refused (``REFUSED_STREAM``: the client may retry them elsewhere).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from hyperframe.frame import GoAwayFrame
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from lgmt_proxy.dataplane.grpc_stream import GrpcStream
+from lgmt_proxy.dataplane.server import ProxyFactory
+from lgmt_proxy.io.sending import Sender
+from lgmt_proxy.rules.headers import RawHeaders
+
+#: Calls open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+MAX_STREAMS = 100
+#: The largest header list accepted (SETTINGS_MAX_HEADER_LIST_SIZE), as the
+#: HTTP/1.1 side's head limit.
+MAX_HEADER_LIST = 16 * 1024
+#: Streams the client may reset beyond the calls answered (CVE-2023-44487).
+MAX_RESETS = 100
+#: PING and SETTINGS frames accepted between two calls.
+MAX_CONTROL = 1000
+
+_NO_ERROR = 0
+_PROTOCOL_ERROR = 1
+_REFUSED_STREAM = 7
+_ENHANCE_YOUR_CALM = 11
+_GRPC_HEAD = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+
+
+class GrpcFactory(Factory):
+    """The gRPC listener's factory: shares the main listener's route table,
+    policy, client auth, limits and recorder (`ProxyFactory`)."""
+
+    noisy = False
+
+    def __init__(self, shared: ProxyFactory) -> None:
+        self.shared = shared
+        self.connections: set[GrpcConnection] = set()
+
+    @property
+    def draining(self) -> bool:
+        return self.shared.draining
+
+    def buildProtocol(self, addr: Any) -> GrpcConnection | None:
+        if len(self.shared.connections) + len(self.connections) >= self.shared.max_connections:
+            return None  # closed at once: gRPC clients back off and reconnect
+        return GrpcConnection(self)
+
+
+class GrpcConnection(Protocol):
+    """One HTTP/2 client connection carrying unary OTLP calls."""
+
+    def __init__(self, factory: GrpcFactory) -> None:
+        self.factory = factory
+        self.shared = factory.shared
+        self.client_text = "unknown"
+        self.out: Sender | None = None
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        self.calls: dict[int, GrpcStream] = {}
+        #: Answers waiting for the client's window: stream -> [data, trailers].
+        self._unsent: dict[int, tuple[bytearray, RawHeaders]] = {}
+        self._idle: IDelayedCall | None = None
+        self._resets = 0
+        self._answered = 0
+        self._control = 0
+        #: The last stream taken once GOAWAY was sent (None: not sent).
+        self.last_stream: int | None = None
+        self._closing = False
+
+    # -- the connection ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.factory.connections.add(self)
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self.client_text = getattr(peer, "host", "unknown")
+        out = self.out = self.shared.sends.install(self)
+        out.register_producer(out.reading)
+        conn = self.h2
+        conn.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+            },
+        )
+        conn.decoder.max_header_list_size = MAX_HEADER_LIST
+        conn.initiate_connection()
+        self._flush()
+        self._arm_idle()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.DenialOfServiceError:
+            self._close_with(_ENHANCE_YOUR_CALM)
+            return
+        except h2.exceptions.ProtocolError:
+            self._close_with(_PROTOCOL_ERROR)
+            return
+        for event in events:
+            handler = _HANDLERS.get(type(event))
+            if handler is not None:
+                handler(self, event)
+            if self._closing:
+                return
+        self._flush()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._closing = True
+        self.factory.connections.discard(self)
+        self._stop_idle()
+        for call in list(self.calls.values()):
+            call.reset()
+        self.calls.clear()
+        self._unsent.clear()
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.out is not None:
+            self.out.write(data)
+
+    def _close_with(self, error_code: int) -> None:
+        """A connection error: GOAWAY with ``error_code``, then close."""
+        self.h2.close_connection(error_code=error_code)
+        self._flush()
+        self.shut()
+
+    def shut(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._stop_idle()
+        if self.out is not None:
+            self.out.close()
+
+    def close_now(self) -> None:
+        """Cut the connection (the drain's grace is over)."""
+        self._closing = True
+        self._stop_idle()
+        if self.out is not None:
+            self.out.abort()
+
+    def close_when_idle(self, quiet: float) -> None:
+        """Draining: GOAWAY once, naming the last stream taken; close when
+        no call is left (``quiet``: not used, calls say when they end)."""
+        if self.last_stream is None:
+            self.last_stream = self.h2.highest_inbound_stream_id
+            self._flush()
+            goaway = GoAwayFrame(0, last_stream_id=self.last_stream, error_code=_NO_ERROR)
+            if self.out is not None:
+                self.out.write(goaway.serialize())
+        if not self.calls and not self._unsent:
+            self.shut()
+
+    def _stop_idle(self) -> None:
+        idle, self._idle = self._idle, None
+        if idle is not None and idle.active():
+            idle.cancel()
+
+    def _arm_idle(self) -> None:
+        self._stop_idle()
+        if self._closing:
+            return
+        self._idle = self.shared.clock.callLater(self.shared.client_idle_timeout, self._idle_over)
+
+    def _idle_over(self) -> None:
+        self._idle = None
+        if self.calls:
+            self._arm_idle()  # each call has its upstream timeout
+            return
+        # Nothing in progress (or answers the client never let us send).
+        self._close_with(_NO_ERROR)
+
+    # -- h2 events -----------------------------------------------------------------------
+
+    def on_request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        self._control = 0
+        if self.last_stream is not None and stream_id > self.last_stream:
+            self.h2.reset_stream(stream_id, error_code=_REFUSED_STREAM)
+            return
+        call = GrpcStream(
+            self, stream_id, self.shared, self.client_text, self.shared.clock.seconds()
+        )
+        self.calls[stream_id] = call
+        self._arm_idle()
+        if self.factory.draining and self.last_stream is None:
+            # As ``Connection: close`` on HTTP/1.1: this call, then GOAWAY.
+            self.close_when_idle(0.0)
+        call.begin(list(event.headers or ()))  # type: ignore[arg-type]
+
+    def on_data(self, event: h2.events.DataReceived) -> None:
+        size = event.flow_controlled_length or 0
+        self._control = 0
+        if size:
+            # The connection's window opens at once: each stream's bounds it.
+            self.h2.increment_flow_control_window(size)
+        call = self.calls.get(event.stream_id)  # type: ignore[arg-type]
+        if call is not None:
+            call.data(event.data or b"", size)
+
+    def on_ended(self, event: h2.events.StreamEnded) -> None:
+        call = self.calls.get(event.stream_id)  # type: ignore[arg-type]
+        if call is not None:
+            call.client_ended()
+
+    def on_reset(self, event: h2.events.StreamReset) -> None:
+        self._unsent.pop(event.stream_id, None)  # type: ignore[arg-type]
+        call = self.calls.get(event.stream_id)  # type: ignore[arg-type]
+        if call is not None and not call.over:
+            self._resets += 1
+            call.reset()
+            if self._resets > MAX_RESETS + self._answered:
+                self._close_with(_ENHANCE_YOUR_CALM)
+
+    def on_window(self, event: h2.events.WindowUpdated) -> None:
+        if event.stream_id:
+            self._send_unsent(event.stream_id)
+        else:
+            for stream_id in list(self._unsent):
+                self._send_unsent(stream_id)
+
+    def on_control(self, event: h2.events.Event) -> None:
+        self._control += 1
+        if self._control > MAX_CONTROL:
+            self._close_with(_ENHANCE_YOUR_CALM)
+
+    def on_terminated(self, event: h2.events.ConnectionTerminated) -> None:
+        self.shut()
+
+    # -- StreamOwner: what the calls ask -------------------------------------------------
+
+    def answer(self, stream_id: int, message: bytes | None, trailers: RawHeaders) -> None:
+        if self._closing:
+            return
+        self._answered += 1
+        conn = self.h2
+        try:
+            if message is None:
+                conn.send_headers(stream_id, [*_GRPC_HEAD, *trailers], end_stream=True)
+            else:
+                conn.send_headers(stream_id, _GRPC_HEAD)
+                self._unsent[stream_id] = (bytearray(message), trailers)
+                self._send_unsent(stream_id)
+            call = self.calls.get(stream_id)
+            if call is not None and not call.client_done and stream_id not in self._unsent:
+                # Answered early: the rest of the request is not wanted.
+                conn.reset_stream(stream_id, error_code=_NO_ERROR)
+        except h2.exceptions.StreamClosedError:
+            self._unsent.pop(stream_id, None)
+        self._flush()
+
+    def reply_status(self, stream_id: int, status: int) -> None:
+        if self._closing:
+            return
+        try:
+            self.h2.send_headers(stream_id, [(b":status", b"%d" % status)], end_stream=True)
+        except h2.exceptions.StreamClosedError:
+            pass
+        self._flush()
+
+    def _send_unsent(self, stream_id: int) -> None:
+        unsent = self._unsent.get(stream_id)
+        if unsent is None:
+            return
+        data, trailers = unsent
+        conn = self.h2
+        try:
+            while data:
+                size = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+                if size <= 0:
+                    break
+                chunk = bytes(data[:size])
+                del data[:size]
+                conn.send_data(stream_id, chunk)
+            if not data:
+                del self._unsent[stream_id]
+                conn.send_headers(stream_id, trailers, end_stream=True)
+                self._after_call()
+        except h2.exceptions.StreamClosedError:
+            self._unsent.pop(stream_id, None)
+        self._flush()
+
+    def open_window(self, stream_id: int, size: int) -> None:
+        if self._closing:
+            return
+        try:
+            self.h2.increment_flow_control_window(size, stream_id=stream_id)
+        except h2.exceptions.StreamClosedError:
+            return
+        self._flush()
+
+    def call_over(self, call: GrpcStream) -> None:
+        if self.calls.pop(call.stream_id, None) is not None:
+            self._arm_idle()
+        self._after_call()
+
+    def _after_call(self) -> None:
+        if self.last_stream is not None and not self.calls and not self._unsent:
+            self.shut()
+
+
+_HANDLERS: dict[type[h2.events.Event], Any] = {
+    h2.events.RequestReceived: GrpcConnection.on_request,
+    h2.events.DataReceived: GrpcConnection.on_data,
+    h2.events.StreamEnded: GrpcConnection.on_ended,
+    h2.events.StreamReset: GrpcConnection.on_reset,
+    h2.events.WindowUpdated: GrpcConnection.on_window,
+    h2.events.PingReceived: GrpcConnection.on_control,
+    h2.events.RemoteSettingsChanged: GrpcConnection.on_control,
+    h2.events.ConnectionTerminated: GrpcConnection.on_terminated,
+}
