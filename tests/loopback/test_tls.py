@@ -105,6 +105,10 @@ class TLSTests(TestCase):
         response, _ = await call(proxy.url + "/loki/api/v1/labels")
         self.assertEqual(response.code, 200)
         self.assertEqual(self.recorder.seen[-1].header(b"authorization"), [basic(ORG["loki"])])
+        # The TLS connection's records went out on our own write path.
+        (pooled,) = proxy.upstreams["loki"].pool.idle
+        assert pooled.sender is not None
+        self.assertTrue(pooled.sender.direct and pooled.sender.tls, pooled.sender)
 
     async def test_hostname_checked(self) -> None:
         key_pem, cert_pem = make_leaf(self.ca_key, self.ca, "not-localhost.example")

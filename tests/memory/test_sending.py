@@ -17,6 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.io.reading import Hold, ReadGate
 from lgmt_proxy.io.sending import HIGH_WATER, Sender, SendQueue
+from lgmt_proxy.io.tls import TLSCarrier
 from tests.support.memory import small_socket_pair
 
 
@@ -251,6 +252,110 @@ class UnixSocketTests(TestCase):
         sender.write(b"ok")
         reactor.advance(0)
         self.assertEqual(peer.recv(10), b"ok")
+
+
+class FakeTLS:
+    """A TLS layer's surface, recorded: each write is "encrypted" into two
+    records, each handed to the carrier as `TLSMemoryBIOProtocol` does."""
+
+    def __init__(self) -> None:
+        self.plaintext: list[bytes] = []
+        self.calls: list[str] = []
+        self.transport: TLSCarrier
+
+    def write(self, data: bytes) -> None:
+        self.plaintext.append(data)
+        self.transport.write(b"<" + data + b">")
+        self.transport.write(b"|")
+
+    def loseConnection(self) -> None:
+        self.calls.append("loseConnection")
+        self.transport.write(b"close_notify")
+
+    def abortConnection(self) -> None:
+        self.calls.append("abortConnection")
+        self.transport.abortConnection()
+
+
+class TLSRecordTests(TestCase):
+    """TLS over a `TLSCarrier` on a socket: the plaintext of a turn goes
+    through the TLS layer in one write, its records out in one send."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        ours, self.peer = small_socket_pair(self)
+
+        class TCP(FakeTransport):
+            def getHandle(self) -> socket.socket:
+                return ours
+
+        self.tcp = TCP()
+        self.tls = FakeTLS()
+        self.carrier = TLSCarrier(self.tls)  # type: ignore[arg-type]
+        self.carrier.transport = self.tcp  # type: ignore[assignment]
+        self.tls.transport = self.carrier
+        self.sender = SendQueue(self.reactor).sender(self.tls)
+        self.addCleanup(self.sender.connection_lost)
+
+    def test_a_turns_plaintext_encrypted_once_records_sent_together(self) -> None:
+        self.assertTrue(self.sender.direct and self.sender.tls)
+        self.assertIs(self.carrier.sink, self.sender)
+        self.sender.write(b"GET / HTTP/1.1\r\n\r\n")
+        self.sender.write(b"body")
+        self.assertEqual(self.tls.plaintext, [], "encrypted before the turn ended")
+        self.reactor.advance(0)
+        self.assertEqual(self.tls.plaintext, [b"GET / HTTP/1.1\r\n\r\nbody"])
+        self.assertEqual(received(self.peer), b"<GET / HTTP/1.1\r\n\r\nbody>|")
+        self.assertEqual(self.tcp.written, [], "written around the sender")
+
+    def test_records_made_outside_a_turns_writes_go_out_next_turn(self) -> None:
+        # A handshake message, made while reading: queued like any write.
+        self.carrier.write(b"ClientHello")
+        self.assertEqual(received(self.peer), b"")
+        self.reactor.advance(0)
+        self.assertEqual(received(self.peer), b"ClientHello")
+
+    def test_backlog_of_records_is_backed_up(self) -> None:
+        # What tells 504 (the upstream stopped reading) from 408.
+        self.sender.write(os.urandom(3 * HIGH_WATER))
+        self.reactor.advance(0)
+        self.assertTrue(self.sender.backed_up)
+        self.assertEqual(len(self.reactor.getWriters()), 1)
+
+    def test_close_goes_through_the_tls_layer_then_waits_for_the_records(self) -> None:
+        self.sender.write(os.urandom(3 * HIGH_WATER))
+        self.sender.close()
+        self.assertEqual(self.tls.calls, ["loseConnection"])
+        self.assertEqual(self.tcp.calls, [], "TCP closed before TLS finished")
+        self.carrier.loseConnection()  # the TLS layer is done
+        self.assertEqual(self.tcp.calls, ["pauseProducing"], "closed with records unsent")
+        got = b""
+        while self.reactor.getWriters():
+            got += received(self.peer)
+            self.reactor.getWriters()[0].doWrite()
+        got += received(self.peer)
+        self.assertTrue(got.endswith(b">|close_notify"), got[-20:])
+        self.assertEqual(self.tcp.calls, ["pauseProducing", "loseConnection"])
+
+    def test_abort_drops_the_records_and_cuts_the_socket(self) -> None:
+        self.sender.write(b"unsent")
+        self.sender.abort()
+        self.reactor.advance(0)
+        self.assertEqual(received(self.peer), b"")
+        self.assertEqual(self.tls.calls, ["abortConnection"])
+        self.assertEqual(self.tcp.calls, ["abortConnection"])
+
+    def test_without_a_socket_the_carrier_writes_to_its_transport(self) -> None:
+        # TLS inside TLS (an https forward proxy): nothing to send on directly.
+        tls = FakeTLS()
+        carrier = TLSCarrier(tls)  # type: ignore[arg-type]
+        below = FakeTransport()
+        carrier.transport = below  # type: ignore[assignment]
+        tls.transport = carrier
+        sender = SendQueue(self.reactor).sender(tls)
+        self.assertFalse(sender.direct)
+        sender.write(b"x")
+        self.assertEqual(below.written, [b"<x>", b"|"])
 
 
 class FailureTests(TestCase):
