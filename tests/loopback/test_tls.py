@@ -14,7 +14,18 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.dataplane.upstream import load_pem_bundle, trust_root
-from tests.support.helpers import ORG, ProxyFixture, Recorder, basic, call, env_for, upstream_site
+from tests.support.helpers import (
+    ORG,
+    ProxyFixture,
+    Recorder,
+    basic,
+    call,
+    env_for,
+    json_body,
+    raw_request,
+    status_of,
+    upstream_site,
+)
 
 
 def _name(cn: str) -> x509.Name:
@@ -153,3 +164,53 @@ class HandshakeTimeoutTests(TestCase):
         self.assertEqual(
             proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="timeout"), 1
         )
+
+    async def test_stalled_websocket_handshake_is_a_connect_timeout(self) -> None:
+        # A WebSocket tunnel's TLS handshake runs under the connect deadline
+        # too, not under the upstream timeout (20 s here) its HTTP answer gets.
+        from twisted.internet import protocol
+
+        silent = protocol.Factory.forProtocol(protocol.Protocol)
+        port = reactor.listenTCP(0, silent, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        env = env_for(
+            f"https://localhost:{port.getHost().port}",
+            UPSTREAM_CONNECT_TIMEOUT_SECONDS="0.5",
+            UPSTREAM_TIMEOUT_SECONDS="20",
+        )
+        proxy = ProxyFixture(env)
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        raw = await raw_request(
+            proxy.port.getHost().port,
+            b"GET /loki/api/v1/tail HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            timeout=10,
+        )
+        self.assertEqual(status_of(raw), 504, raw[:200])
+        self.assertEqual(json_body(raw)["error"], "upstream connection not established in time")
+        self.assertEqual(
+            proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="timeout"), 1
+        )
+
+    async def test_websocket_to_an_unverified_upstream_is_a_tls_failure(self) -> None:
+        ca_key, ca = make_ca("some CA nobody trusts")
+        key_pem, cert_pem = make_leaf(ca_key, ca, "localhost")
+        server = ssl.PrivateCertificate.loadPEM(key_pem + cert_pem)
+        recorder = Recorder()
+        port = reactor.listenSSL(  # type: ignore[attr-defined]
+            0, upstream_site(recorder), server.options(), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        proxy = ProxyFixture(env_for(f"https://localhost:{port.getHost().port}"))
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        raw = await raw_request(
+            proxy.port.getHost().port,
+            b"GET /loki/api/v1/tail HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            timeout=10,
+        )
+        self.assertEqual(status_of(raw), 502, raw[:200])
+        self.assertEqual(json_body(raw)["error"], "upstream TLS verification failed")
+        self.assertEqual(recorder.seen, [])
