@@ -50,7 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lgmt_proxy.io.reading import Hold, ReadGate
-from lgmt_proxy.io.tls import TLSCarrier
+from lgmt_proxy.io.tls import Encryptor, TLSCarrier
 
 _log = Logger(namespace="lgmt_proxy.sending")
 
@@ -145,6 +145,7 @@ class Sender:
         #: Whether ``transport`` is a TLS layer whose records come back
         #: through `wire_write` (a turn's plaintext is encrypted in one go).
         self.tls = tls
+        self._encryptor = Encryptor(transport) if tls else None
         self._pending: list[bytes] | None = None
         self._records: list[bytes] = []
         self._backlog = bytearray()
@@ -192,12 +193,15 @@ class Sender:
         self._queue_bytes(data)
 
     def _flush_tls(self) -> None:
-        """Encrypt this turn's plaintext in one write to the TLS layer, then
-        send every record it made (and any made since the last turn)."""
+        """Encrypt this turn's plaintext in one go (`Encryptor`, else the TLS
+        layer's write), then send every record made since the last turn."""
         pending = self._pending
         if pending and not self.done:
             self._pending = []  # still queued: records written meanwhile wait here
-            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            taken = self._encryptor.encrypt(data, self._records) if self._encryptor else 0
+            if taken < len(data):
+                self.transport.write(data[taken:] if taken else data)
         self._pending = None
         self._send_records()
 
@@ -348,6 +352,8 @@ class Sender:
             return
         if self.sock is None or self.tls:
             self.flush()
+            if self._encryptor is not None:
+                self._encryptor.stop()  # the TLS layer decides what is written now
             self.transport.loseConnection()
             return
         self.flush()
