@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import datetime
 import json
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import reactor, ssl
+from twisted.internet import protocol, reactor, ssl
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.dataplane.upstream import load_pem_bundle, trust_root
@@ -214,3 +216,91 @@ class HandshakeTimeoutTests(TestCase):
         self.assertEqual(status_of(raw), 502, raw[:200])
         self.assertEqual(json_body(raw)["error"], "upstream TLS verification failed")
         self.assertEqual(recorder.seen, [])
+
+
+class _Splice(protocol.Protocol):
+    """The forward proxy's side towards the upstream."""
+
+    def __init__(self, front: _HTTPSForwardProxy) -> None:
+        self.front = front
+
+    def dataReceived(self, data: bytes) -> None:
+        self.front.transport.write(data)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.front.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class _HTTPSForwardProxy(protocol.Protocol):
+    """An ``https://`` forward proxy: TLS from lgmt-proxy, ``CONNECT``, then a
+    splice to 127.0.0.1 at the port asked for (it resolves every name)."""
+
+    def connectionMade(self) -> None:
+        self.head = b""
+        self.back: _Splice | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.back is not None:
+            self.back.transport.write(data)  # type: ignore[union-attr]
+            return
+        self.head += data
+        if b"\r\n\r\n" not in self.head:
+            return
+        line = self.head.split(b"\r\n", 1)[0]
+        self.factory.connects.append(line)  # type: ignore[attr-defined]
+        port = int(line.split(b" ")[1].rsplit(b":", 1)[1])
+        back = _Splice(self)
+        connecting = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), back)
+        connecting.addCallback(self._connected)
+
+    def _connected(self, back: _Splice) -> None:
+        self.back = back
+        self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.back is not None:
+            self.back.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class HTTPSForwardProxyTests(TestCase):
+    timeout = 30
+
+    async def test_tls_inside_tls_through_an_https_forward_proxy(self) -> None:
+        # TLS to the proxy, CONNECT, then TLS to the upstream inside it,
+        # verified against the upstream's own name (written through: no
+        # socket under the inner TLS layer).
+        ca_key, ca = make_ca("lgmt-proxy test CA")
+        upstream_key, upstream_cert = make_leaf(ca_key, ca, "upstream.lgmt-tls.test")
+        proxy_key, proxy_cert = make_leaf(ca_key, ca, "localhost")
+        recorder = Recorder()
+        upstream = reactor.listenSSL(  # type: ignore[attr-defined]
+            0,
+            upstream_site(recorder),
+            ssl.PrivateCertificate.loadPEM(upstream_key + upstream_cert).options(),
+            interface="127.0.0.1",
+        )
+        self.addCleanup(upstream.stopListening)
+        front = protocol.Factory.forProtocol(_HTTPSForwardProxy)
+        front.connects = []  # type: ignore[attr-defined]
+        forward = reactor.listenSSL(  # type: ignore[attr-defined]
+            0,
+            front,
+            ssl.PrivateCertificate.loadPEM(proxy_key + proxy_cert).options(),
+            interface="127.0.0.1",
+        )
+        self.addCleanup(forward.stopListening)
+        url = f"https://upstream.lgmt-tls.test:{upstream.getHost().port}"
+        proxy = ProxyFixture(
+            env_for(url, HTTPS_PROXY=f"https://localhost:{forward.getHost().port}"),
+            trust=trust_root(pem(ca)),
+        )
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        response, _ = await call(proxy.url + "/loki/api/v1/labels")
+        self.assertEqual(response.code, 200)
+        response, _ = await call(proxy.url + "/loki/api/v1/push", b"POST", body=b"x" * 300_000)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(recorder.seen[-1].body, b"x" * 300_000)
+        self.assertEqual(
+            front.connects,  # type: ignore[attr-defined]
+            [b"CONNECT upstream.lgmt-tls.test:%d HTTP/1.1" % upstream.getHost().port],
+        )
