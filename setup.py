@@ -38,5 +38,8 @@ setup(
         # CLIENT_AUTH_FILE and ROUTES_FILE are checked against their JSON
         # Schemas (lgmt_proxy/config/schema.py): every error, with its path.
         "jsonschema>=4.26.0,<5",
+        # The reply parser of the Redis client of shared budgets
+        # (lgmt_proxy/limits/resp.py, RATE_LIMIT_REDIS_URL).
+        "hiredis>=3.0.0,<4",
     ],
 )

@@ -264,6 +264,60 @@ def client_auth_file(path: Path, consumers: int) -> str:
     return token(consumers - 1)
 
 
+def budget_auth_file(path: Path) -> str:
+    """A CLIENT_AUTH_FILE of one consumer whose budgets never refuse in a
+    bench run (a million requests and a GiB a second): every request asks
+    the budget keeper, none is turned away. Returns its Bearer token."""
+    token = "bench-budget-consumer-0123456789"
+    path.write_text(
+        "consumers:\n"
+        f"  - {{name: team, token: {token}, allow: [{{methods: '*', paths: ['/*']}}],\n"
+        "     rate_limit: {requests_per_second: 1000000, bytes_per_second: 1073741824}}\n"
+    )
+    return token
+
+
+class Redis(Target):
+    """redis-server for shared budgets, on a free loopback port, persisting nothing."""
+
+    name, label = "redis", "redis-server"
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.dir = workdir / "redis"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        cmd = [which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+               "--dir", str(self.dir), "--save", "", "--appendonly", "no"]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not listen within 10 s")
+
+    #: What a client sends (INFO commandstats also counts what scripts run).
+    CLIENT_COMMANDS = frozenset({b"evalsha", b"eval", b"ping", b"auth", b"select", b"script"})
+
+    def commands(self) -> int:
+        """Commands clients have sent so far: round trips (pipelined or not),
+        not the GET/SET/TIME a script runs inside Redis."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(b"INFO commandstats\r\n")
+            data = b""
+            while not data.startswith(b"$") or len(data) < int(data[1 : data.index(b"\r\n")]):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        calls = re.findall(rb"cmdstat_(\w+):calls=(\d+)", data)
+        return sum(int(n) for name, n in calls if name in self.CLIENT_COMMANDS)
+
+
 # -- nginx configurations --------------------------------------------------------
 
 

@@ -48,7 +48,7 @@ from benchlib import MiB, log
 #: The workloads run again with the upstream answering over HTTPS (as Grafana
 #: Cloud does): the same method, fresh proxies that talk TLS to the upstream.
 TLS_WORKLOADS = {"tls_get50": "get50", "tls_get1": "get1", "tls_push": "push", "tls_big": "big"}
-WORKLOADS = ("get50", "auth", "get1", "push", "big", *TLS_WORKLOADS, "idle", "soak")
+WORKLOADS = ("get50", "auth", "budgets", "get1", "push", "big", *TLS_WORKLOADS, "idle", "soak")
 DOCS = b.ROOT / "docs" / "performance.md"
 RESULTS = b.BENCH / "results"
 MARKS = ("<!-- bench:results:start -->", "<!-- bench:results:end -->")
@@ -89,6 +89,8 @@ class Bench:
     def __init__(self, s: Settings, workdir: Path, twistd: str, compare: str | None) -> None:
         self.s, self.workdir, self.twistd, self.compare = s, workdir, twistd, compare
         self.targets: dict[str, b.Target] = {}
+        #: Each target's last warm-up run (requests that counted for nothing).
+        self.warmed: dict[str, dict[str, Any]] = {}
         port, sink_port, big = b.free_port(), b.free_port(), workdir / "big.bin"
         self.tls_files, self.tls_port, self.tls = b.make_tls(workdir / "tls"), b.free_port(), False
         conf = b.upstream_conf(workdir / "upstream", port, sink_port, big, self.tls_files, self.tls_port)
@@ -207,7 +209,7 @@ class Bench:
         """A warm-up run per target (pools filled, nothing kept), then
         alternating measured rounds (order flipped every round)."""
         for name in names:
-            self.measured(name, conns, self.s.warmup, path, **kw)
+            self.warmed[name] = self.measured(name, conns, self.s.warmup, path, **kw)
         runs: Runs = {n: [] for n in names}
         for r in range(self.s.rounds):
             for name in names if r % 2 == 0 else names[::-1]:
@@ -243,6 +245,40 @@ class Bench:
             ratio(on["cpu_us_per_request"], off["cpu_us_per_request"]) if ok else math.nan
         )
         return {"connections": c, "consumers": n, "runs": runs, "summary": summary}
+
+    def budgets(self) -> dict[str, Any]:
+        """get50 through a proxy whose one consumer has request and byte
+        budgets shared through a real redis-server (RATE_LIMIT_REDIS_URL),
+        never exhausted, in the same rounds as lgmt-proxy without client
+        auth: what a shared budget decision costs, and Redis commands per
+        request."""
+        c, path = self.s.get_connections, self.workdir / "budget-consumer.yaml"
+        header = f"Authorization: Bearer {b.budget_auth_file(path)}"
+        redis = b.Redis(self.workdir)
+        redis.start()
+        env = {"CLIENT_AUTH_FILE": str(path), "RATE_LIMIT_REDIS_URL": redis.url}
+        self.add(self.lgmt("lgmt_budget", **env))
+        try:
+            before = redis.commands()
+            runs = self.rounds(
+                "budgets", ["nginx", "lgmt", "lgmt_budget"], c, b.GET_PATH, opts=["-H", header]
+            )
+            commands = redis.commands() - before
+        finally:
+            self.targets.pop("lgmt_budget").stop()
+            redis.stop()
+        summary = summarize(runs)
+        on, off = summary["lgmt_budget"], summary["lgmt"]
+        on["no_auth_cpu_us_per_request"] = off["cpu_us_per_request"]
+        # Warm-up and measured runs together: every request lgmt_budget got.
+        total = self.warmed["lgmt_budget"]["requests"]
+        total += sum(r["requests"] for r in runs["lgmt_budget"])
+        on["redis_commands_per_request"] = commands / total if total else math.nan
+        ok = on["non2xx"] == 0 and on["upstream_requests"] > 0
+        on["budget_cost"] = (
+            ratio(on["cpu_us_per_request"], off["cpu_us_per_request"]) if ok else math.nan
+        )
+        return {"connections": c, "runs": runs, "summary": summary}
 
     def get1(self) -> dict[str, Any]:
         runs = self.rounds("get1", ["direct", *self.proxies()], 1, b.GET_PATH)
@@ -465,6 +501,13 @@ FIGURES = [
     Fig("auth", "CPU per request without client auth (µs); with / without, same rounds",
         "{no_auth_cpu_us_per_request:,.1f}; {auth_cost:.2f}x", nginx=False, need=("auth_cost",), target="≤ 1.5x",
         check="auth_cost", on="lgmt", limit=1.5, lgmt="lgmt_auth"),
+    Fig("budgets", CPU, "{cpu_us_per_request:,.1f}", label="small GET, {connections} conns, one consumer's budgets shared through Redis",
+        ratio=("cpu_us_per_request",), need=("cpu_us_per_request",), lgmt="lgmt_budget"),
+    Fig("budgets", "CPU per request without client auth (µs); with / without, same rounds",
+        "{no_auth_cpu_us_per_request:,.1f}; {budget_cost:.2f}x", nginx=False, need=("budget_cost",), target="≤ 1.3x",
+        check="budget_cost", on="lgmt", limit=1.3, lgmt="lgmt_budget"),
+    Fig("budgets", "Redis commands sent per request", "{redis_commands_per_request:.2f}", nginx=False,
+        need=("redis_commands_per_request",), lgmt="lgmt_budget"),
     Fig("get1", "latency p50 (ms)", "{p50_ms:.3f}", label="small GET, 1 conn", ratio=("p50_ms",), direct=True, need=("p50_ms",)),
     Fig("get1", "added p50 over direct (ms)", "{added_p50_ms:.3f}", ratio=("added_p50_ms",), target="≤ 2.5x",
         check="added_p50_ms", limit=2.5),

@@ -31,7 +31,12 @@ from lgmt_proxy.dataplane.resources import build_root
 from lgmt_proxy.dataplane.server import ProxyFactory
 from lgmt_proxy.dataplane.upstream import Upstream, build_upstream
 from lgmt_proxy.io.sending import SendQueue
+from lgmt_proxy.limits.keeper import BudgetKeeper
+from lgmt_proxy.limits.local import LocalLimiter
+from lgmt_proxy.limits.resp import RedisPool
+from lgmt_proxy.limits.shared import build_shared
 from lgmt_proxy.listeners import Listener
+from lgmt_proxy.obs.budgets import BudgetSeries
 from lgmt_proxy.obs.logs import StreamObserver, make_observer
 from lgmt_proxy.obs.metrics import ProxyMetrics
 from lgmt_proxy.obs.ops import Readiness, admin_root, ops_resources
@@ -43,6 +48,20 @@ _log = Logger(namespace="lgmt_proxy")
 
 #: How often the token and client auth files are checked for changes.
 WATCH_SECONDS = 1.0
+
+
+def build_budgets(
+    config: Config, reactor: Any, metrics: ProxyMetrics
+) -> tuple[BudgetKeeper, RedisPool | None]:
+    """Consumers' budgets: this replica's own, or shared through the Redis of
+    RATE_LIMIT_REDIS_URL with this replica's as fall back (the pool is
+    started and stopped with the service)."""
+    local = LocalLimiter(reactor)
+    settings = config.rate_limit_redis
+    if settings is None:
+        return BudgetKeeper(local), None
+    shared, pool = build_shared(reactor, settings, local, metrics)
+    return BudgetKeeper(local, shared), pool
 
 
 def build_proxy_factory(
@@ -60,6 +79,7 @@ def build_proxy_factory(
     endpoints: Mapping[str, Any] | None = None,
     log_quiet: bool = False,
     access_log: bool = True,
+    budgets: BudgetKeeper | None = None,
 ) -> tuple[ProxyFactory, dict[str, Upstream]]:
     """The main listener's `ProxyFactory` and its upstreams: everything but
     the listeners.
@@ -104,6 +124,7 @@ def build_proxy_factory(
         client_idle_timeout=config.client_idle_timeout,
         max_connections=config.max_connections,
         client_auth=client_auth,
+        budgets=budgets,
         max_websockets=config.max_websockets,
         websocket_idle_timeout=config.websocket_idle_timeout,
         policy=Policy.build(config.allowed_origins, config.allowed_hosts),
@@ -247,9 +268,13 @@ class ProxyService(MultiService):
                 load=load_client_auth,
                 reloads=self.metrics.config_reloads,
             )
+            self.registry.register(BudgetSeries(self.client_auth))
+        #: Consumers' budgets: shared through Redis with RATE_LIMIT_REDIS_URL.
+        self.budgets, self.redis = build_budgets(config, reactor, self.metrics)
         self.proxy_factory, self.upstreams = build_proxy_factory(
             config,
             reactor,
+            budgets=self.budgets,
             token=self.token,
             registry=self.registry,
             readiness=self.readiness,
@@ -314,6 +339,8 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         with self._listen_errors():
             super().startService()
+        if self.redis is not None:
+            self.redis.start()
         if self._handle_sigterm:
             self.reactor.callWhenRunning(self._install_sigterm)
             self.reactor.callWhenRunning(_freeze_startup_objects)
@@ -336,6 +363,12 @@ class ProxyService(MultiService):
             _log.warn(
                 "SANDBOX MODE: every signal goes to a built-in loopback echo upstream; "
                 "nothing reaches Grafana Cloud"
+            )
+        if self.redis is not None and self.config.rate_limit_redis is not None:
+            _log.info(
+                "consumers' budgets shared through Redis at {where} (deadline {timeout}s)",
+                where=self.config.rate_limit_redis.display,
+                timeout=self.config.rate_limit_redis.timeout,
             )
         _log.info("listening on {address}", address=self._main.address, listen=self.listen)
         for name, up in self.upstreams.items():
@@ -423,6 +456,8 @@ class ProxyService(MultiService):
             )
         for up in self.upstreams.values():
             up.pool.close()
+        if self.redis is not None:
+            self.redis.stop()
         await super().stopService()
         _log.info("stopped")
         self._sink.flush()

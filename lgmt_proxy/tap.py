@@ -16,6 +16,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from lgmt_proxy.config.clientauth import ClientAuth
+from lgmt_proxy.config.ratelimit import RedisSettings
 from lgmt_proxy.config.routesfile import RouteSpec
 from lgmt_proxy.config.settings import (
     Config,
@@ -86,6 +87,10 @@ def load(
     if config.egress.credentials_file is not None:
         config, found = _with_proxy_credentials(config)
         problems.extend(found)
+    redis = config.rate_limit_redis
+    if redis is not None and redis.password_file is not None:
+        config, found = _with_redis_password(config, redis)
+        problems.extend(found)
     if problems:
         raise ConfigError(problems)
     return config, token, client_auth, routes
@@ -110,6 +115,27 @@ def _with_proxy_credentials(config: Config) -> tuple[Config, list[str]]:
     if isinstance(egress, str):
         return config, [f"{name}: {path}: {egress}"]
     return attrs.evolve(config, egress=egress), []
+
+
+def _with_redis_password(config: Config, redis: RedisSettings) -> tuple[Config, list[str]]:
+    """The shared budgets' Redis with the password of
+    RATE_LIMIT_REDIS_PASSWORD_FILE (read once at start-up; never quoted)."""
+    from lgmt_proxy.config.watch import read_bytes
+
+    path = redis.password_file
+    assert path is not None
+    name = "RATE_LIMIT_REDIS_PASSWORD_FILE"
+    data, problem = read_bytes(path)
+    if data is None:
+        return config, [f"{name}: {problem}"]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return config, [f"{name}: {path} is not UTF-8 text"]
+    found = redis.with_password(text)
+    if isinstance(found, str):
+        return config, [f"{name}: {path}: {found}"]
+    return attrs.evolve(config, rate_limit_redis=found), []
 
 
 def _config_exit(problems: list[str], warnings: Sequence[str] = ()) -> SystemExit:

@@ -9,7 +9,8 @@ The file (YAML, or JSON which YAML reads too) lists consumers::
         allow:
           - methods: [GET, POST]
             paths: ["/prometheus/api/v1/query*", "/prometheus/api/v1/series"]
-        rate_limit: {requests_per_second: 20, burst: 40}   # optional
+        rate_limit: {requests_per_second: 20, burst: 40}   # optional, and
+                    # bytes_per_second / burst_bytes: request body bytes
         tenant: team-a        # optional, or a list: [team-a, team-b]
       - name: alloy
         token: "..."
@@ -39,6 +40,7 @@ import attrs
 
 from lgmt_proxy.config import schema
 from lgmt_proxy.config.watch import read_bytes
+from lgmt_proxy.limits.budget import NO_LIMITS, Budget, Limits
 from lgmt_proxy.rules.policy import ALLOWED_METHODS
 
 _NAME = "CLIENT_AUTH_FILE"
@@ -60,8 +62,8 @@ class Consumer:
     name: str
     digest: bytes
     rules: tuple[Rule, ...]
-    rate: float | None = None
-    burst: float = 1.0
+    #: Requests and body bytes per second (`rate_limit`).
+    limits: Limits = NO_LIMITS
     #: For ``tenant: from_consumer`` routes; the first is the default.
     tenants: tuple[str, ...] = ()
 
@@ -132,11 +134,22 @@ def _rules(allow: list[Mapping[str, Any]]) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
-def _rate(raw: Mapping[str, Any] | None) -> tuple[float | None, float]:
+def _budget(raw: Mapping[str, Any], rate_key: str, burst_key: str) -> Budget | None:
+    """A burst defaults to one second's worth; at least 1 (one request, one
+    byte) is used, so a budget can always admit something."""
+    if rate_key not in raw:
+        return None
+    rate = float(raw[rate_key])
+    return Budget(rate, max(1.0, float(raw.get(burst_key, rate))))
+
+
+def _limits(raw: Mapping[str, Any] | None) -> Limits:
     if raw is None:
-        return None, 1.0
-    rate = float(raw["requests_per_second"])
-    return rate, max(1.0, float(raw.get("burst", rate)))
+        return NO_LIMITS
+    return Limits(
+        _budget(raw, "requests_per_second", "burst"),
+        _budget(raw, "bytes_per_second", "burst_bytes"),
+    )
 
 
 def _tenants(raw: Any) -> tuple[str, ...]:
@@ -196,9 +209,9 @@ def parse_client_auth(text: str | bytes, *, path: str | None = None) -> ClientAu
             problems.append((("consumers", i), "shares its token with another consumer"))
         names.add(name)
         digests.add(digest)
-        rate, burst = _rate(item.get("rate_limit"))
+        limits = _limits(item.get("rate_limit"))
         rules, tenants = _rules(item["allow"]), _tenants(item.get("tenant"))
-        consumers.append(Consumer(name, digest, rules, rate, burst, tenants))
+        consumers.append(Consumer(name, digest, rules, limits, tenants))
     if problems:
         ordered = schema.in_document_order(doc, problems)
         raise ConfigError([schema.line(_NAME, label(path), m) for path, m in ordered])
@@ -216,30 +229,3 @@ def load_client_auth(path: str) -> tuple[ClientAuth | None, list[str]]:
         return parse_client_auth(data, path=path), []
     except ConfigError as e:
         return None, e.problems
-
-
-class RateLimiter:
-    """A token bucket per consumer name, on an injected clock."""
-
-    def __init__(self, clock: Any) -> None:
-        self._clock = clock
-        self._buckets: dict[str, tuple[float, float, float, float]] = {}
-
-    def wait(self, consumer: Consumer) -> float:
-        """0 if the request may go now, else the seconds until it could."""
-        rate = consumer.rate
-        if rate is None:
-            return 0.0
-        now = self._clock.seconds()
-        key = consumer.name
-        state = self._buckets.get(key)
-        if state is None or state[2] != rate or state[3] != consumer.burst:
-            tokens, last = consumer.burst, now
-        else:
-            tokens, last = state[0], state[1]
-        tokens = min(consumer.burst, tokens + (now - last) * rate)
-        if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now, rate, consumer.burst)
-            return 0.0
-        self._buckets[key] = (tokens, now, rate, consumer.burst)
-        return (1.0 - tokens) / rate

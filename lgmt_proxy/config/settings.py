@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import attrs
 
 from lgmt_proxy.config.egress import Egress, RouteProxy, parse_egress
+from lgmt_proxy.config.ratelimit import VARIABLES as RATE_LIMIT_VARIABLES
+from lgmt_proxy.config.ratelimit import RedisSettings, parse_rate_limit_redis
 from lgmt_proxy.config.secret import Secret
 
 #: The signals of the contract, in the order their routes are listed, plus
@@ -116,6 +118,8 @@ class Config:
     metrics_tenant_label: bool = False
     #: HTTPS_PROXY, HTTP_PROXY, NO_PROXY (config/egress.py).
     egress: Egress = attrs.field(factory=Egress)
+    #: RATE_LIMIT_REDIS_URL (config/ratelimit.py): budgets shared by replicas.
+    rate_limit_redis: RedisSettings | None = None
 
 
 def _is_loopback(host: str) -> bool:
@@ -302,11 +306,12 @@ KNOWN_VARIABLES = frozenset(
        "CLIENT_HEADER_TIMEOUT_SECONDS", "CLIENT_IDLE_TIMEOUT_SECONDS", "CLIENT_AUTH_FILE",
        "ROUTES_FILE", "WEBSOCKET_IDLE_TIMEOUT_SECONDS", "ALLOWED_ORIGINS", "ALLOWED_HOSTS",
        "METRICS_TENANT_LABEL", "UPSTREAM_PROXY_CREDENTIALS_FILE",
-       "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"]
+       "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy",
+       *RATE_LIMIT_VARIABLES]
 )  # fmt: skip
 #: The beginnings of our variables' names: another name beginning so is likely a typo.
 OUR_PREFIXES = ("GRAFANA_CLOUD_", "UPSTREAM_", "CLIENT_", "MAX_", "SHUTDOWN_", "LOG_",
-                "ALLOW_", "ALLOWED_", "ROUTES_", "WEBSOCKET_", "METRICS_")  # fmt: skip
+                "ALLOW_", "ALLOWED_", "ROUTES_", "WEBSOCKET_", "METRICS_", "RATE_LIMIT_")  # fmt: skip
 #: What Kubernetes' service links define (``<SERVICE>_SERVICE_HOST``,
 #: ``<SERVICE>_PORT_80_TCP``...): a Service named ``upstream`` is not a typo.
 _SERVICE_LINK = re.compile(
@@ -379,6 +384,8 @@ def parse_config(env: Mapping[str, str]) -> Config:
 
     egress, egress_problems = parse_egress(env, r.get("UPSTREAM_PROXY_CREDENTIALS_FILE"))
     r.problems.extend(egress_problems)
+    redis, redis_problems = parse_rate_limit_redis(env)
+    r.problems.extend(redis_problems)
     config = Config(
         signals=signals,
         token=token,
@@ -409,6 +416,7 @@ def parse_config(env: Mapping[str, str]) -> Config:
         ),
         metrics_tenant_label=r.boolean("METRICS_TENANT_LABEL", False),
         egress=egress,
+        rate_limit_redis=redis,
     )
     if r.problems:
         raise ConfigError(r.problems)

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
@@ -35,6 +36,8 @@ from lgmt_proxy.dataplane.tunnel import Sessions, Tunnel, TunnelClient
 from lgmt_proxy.dataplane.upstream import Upstream
 from lgmt_proxy.io.sending import SendQueue
 from lgmt_proxy.io.timers import IdleTimer
+from lgmt_proxy.limits.budget import Limits, Verdict, refusal_message
+from lgmt_proxy.limits.keeper import BudgetKeeper
 from lgmt_proxy.obs.record import Recorder
 from lgmt_proxy.rules import errors
 from lgmt_proxy.rules.dispatch import Decision, Proxy, Refuse, ServeLocal, decide, read_target
@@ -74,7 +77,7 @@ class Shared(Protocol):
     def client_auth(self) -> Callable[[], Any] | None: ...
 
     @property
-    def limiter(self) -> Any: ...
+    def budgets(self) -> BudgetKeeper: ...
 
     @property
     def recorder(self) -> Recorder: ...
@@ -104,12 +107,16 @@ class Connection(TunnelClient, Protocol):
 
     def close_now(self) -> None: ...
 
+    def hold_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
 
 class Dispatcher:
     """Acts on the decision for each request of one connection (see the
     module docstring); one per connection."""
 
-    __slots__ = ("_conn", "_shared", "_upstream_timer", "_writer")
+    __slots__ = ("_charge", "_conn", "_shared", "_upstream_timer", "_writer")
 
     def __init__(self, conn: Connection, shared: Shared, writer: ResponseWriter) -> None:
         self._conn = conn
@@ -118,6 +125,8 @@ class Dispatcher:
         #: UPSTREAM_TIMEOUT_SECONDS for each exchange in turn (one timer call
         #: for many keep-alive requests).
         self._upstream_timer = IdleTimer(shared.clock, shared.upstream_timeout)
+        #: The consumer and byte budget a chunked body is charged to as it streams.
+        self._charge: tuple[str, Limits] | None = None
 
     def close(self) -> None:
         """The connection is gone."""
@@ -133,18 +142,68 @@ class Dispatcher:
         shared = self._shared
         match = shared.routes.match(req.path)
         auth = shared.client_auth
-        decision = decide(
-            req,
-            match,
-            shared.policy,
-            None if auth is None else auth().authenticate,
-            shared.limiter.wait,
-        )
-        _ACTIONS[type(decision)](self, req, match, decision)
+        decision = decide(req, match, shared.policy, None if auth is None else auth().authenticate)
+        self._charge = None
+        if isinstance(decision, Refuse) or not decision.limits.limited:
+            _ACTIONS[type(decision)](self, req, match, decision)
+            return
+        # The consumer's budgets, last: at once without Redis; with it, the
+        # body waits (reading held, bytes already read kept) until Redis
+        # answers or the deadline passes.
+        budgets, name = shared.budgets, decision.consumer or ""
+        if req.upgrade:
+            # The parser stops at an upgrade's head (a WebSocket, or h2c
+            # served as HTTP/1.1) and hands the connection over at once: no
+            # waiting for Redis here, this replica's budgets decide.
+            self._budgeted(req, match, decision, budgets.check_now(name, decision.limits, None))
+            return
+        verdict = budgets.check(name, decision.limits, req.length)
+        if not isinstance(verdict, Deferred):
+            self._budgeted(req, match, decision, verdict)
+            return
+        conn, writer = self._conn, self._writer
+        conn.hold_reading()
+        if req.buffered is None and not req.complete:
+            req.buffered = []
+
+        def decided(verdict: Verdict) -> None:
+            if writer.req is not req:
+                return  # the client went away meanwhile
+            conn.resume_reading()
+            self._budgeted(req, match, decision, verdict)
+
+        verdict.addCallback(decided)
+
+    def _budgeted(
+        self, req: Incoming, match: RouteMatch, decision: Proxy | OpenTunnel | ServeLocal,
+        verdict: Verdict,
+    ) -> None:  # fmt: skip
+        """Act on a decision its consumer's budgets answered: 429 with
+        ``Retry-After`` past one (413 for a body larger than the whole byte
+        burst: no wait makes it fit), nothing upstream, and a declared body
+        not waited for; a chunked body is charged as it streams."""
+        name, limits = decision.consumer or "", decision.limits
+        if verdict.allowed:
+            if req.chunked and limits.bytes is not None:
+                self._charge = (name, limits)
+            _ACTIONS[type(decision)](self, req, match, decision)
+            return
+        message = refusal_message(name, verdict, limits, req.length)
+        if verdict.too_large:
+            refusal = Refusal(413, message)
+        else:
+            refusal = Refusal(429, message, ((b"Retry-After", verdict.retry_after_header()),))
+        tenant = None if isinstance(decision, ServeLocal) else decision.tenant
+        # A declared body that does not fit is refused before it is read.
+        self.refuse(req, match, Refuse(refusal, name, tenant), at_once=bool(req.length))
 
     # -- the four decisions (one each) -----------------------------------------------
 
-    def refuse(self, req: Incoming, match: RouteMatch, decision: Refuse) -> None:
+    def refuse(
+        self, req: Incoming, match: RouteMatch, decision: Refuse, *, at_once: bool = False
+    ) -> None:
+        """``at_once``: a declared body is not waited for (a budget it does
+        not fit): answered now, the connection lingers, then closes."""
         if decision.routed:
             req.upstream_name = match.upstream_name
             if isinstance(match, Local):
@@ -154,7 +213,14 @@ class Dispatcher:
         req.consumer = decision.consumer
         req.tenant = decision.tenant
         refusal = decision.refusal
-        self.refuse_after_body(refusal.status, refusal.message, list(refusal.headers))
+        headers = list(refusal.headers)
+        if at_once and not req.complete:
+            self._conn.handler = None
+            req.buffered = None
+            self._writer.linger_after()
+            self._writer.refuse_now(refusal.status, refusal.message, headers)
+            return
+        self.refuse_after_body(refusal.status, refusal.message, headers)
 
     def serve_local(self, req: Incoming, match: Local[IResource], decision: ServeLocal) -> None:
         req.upstream_name = match.upstream_name
@@ -267,6 +333,9 @@ class Dispatcher:
             else:
                 self.refuse_after_body(413, "request body too large")
             return
+        charge = self._charge
+        if charge is not None:
+            self._shared.budgets.charge(charge[0], charge[1], len(data))
         exchange.body(data)
 
     # -- refusals and bodies nobody reads -----------------------------------------------

@@ -18,12 +18,14 @@ from lgmt_proxy.dataplane.inbound import ClientConnection
 from lgmt_proxy.dataplane.resources import route_table
 from lgmt_proxy.dataplane.tunnel import Sessions
 from lgmt_proxy.io.sending import SendQueue
+from lgmt_proxy.limits.keeper import BudgetKeeper
+from lgmt_proxy.limits.local import LocalLimiter
 from lgmt_proxy.obs.record import Recorder
 from lgmt_proxy.rules import errors
 from lgmt_proxy.rules.policy import Policy
 
 if TYPE_CHECKING:
-    from lgmt_proxy.config.clientauth import ClientAuth, RateLimiter
+    from lgmt_proxy.config.clientauth import ClientAuth
 
 _log = Logger(namespace="lgmt_proxy.server")
 
@@ -58,7 +60,7 @@ class ProxyFactory(Factory):
         client_idle_timeout: float,
         max_connections: int,
         client_auth: Callable[[], ClientAuth] | None = None,
-        limiter: RateLimiter | None = None,
+        budgets: BudgetKeeper | None = None,
         max_websockets: int = 100,
         websocket_idle_timeout: float = 600.0,
         policy: Policy | None = None,
@@ -79,11 +81,8 @@ class ProxyFactory(Factory):
         self.client_auth = client_auth
         #: Methods, ALLOWED_HOSTS and ALLOWED_ORIGINS for proxy routes.
         self.policy = policy if policy is not None else Policy()
-        if limiter is None:
-            from lgmt_proxy.config.clientauth import RateLimiter
-
-            limiter = RateLimiter(clock)
-        self.limiter = limiter
+        #: Consumers' budgets: this replica's own unless the service shares them.
+        self.budgets = budgets if budgets is not None else BudgetKeeper(LocalLimiter(clock))
         self.websocket_idle_timeout = websocket_idle_timeout
         self.websockets = Sessions(max_websockets, recorder.websocket)
         self.connections: set[ClientConnection] = set()

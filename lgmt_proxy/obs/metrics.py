@@ -93,6 +93,20 @@ class ProxyMetrics:
             ["upstream"],
             registry=registry,
         )
+        # Shared budgets (RATE_LIMIT_REDIS_URL, lgmt_proxy/limits/shared.py).
+        self.ratelimit_backend_errors = Counter(
+            "proxy_ratelimit_backend_errors",
+            "Redis failures of shared budgets, by reason; each decision it did not "
+            "answer was taken by this replica alone.",
+            ["reason"],
+            registry=registry,
+        )
+        self.ratelimit_shared_state = Gauge(
+            "proxy_ratelimit_shared",
+            "1 while consumers' budgets are shared by every replica through Redis, "
+            "0 while this replica decides alone (no RATE_LIMIT_REDIS_URL, or Redis failing).",
+            registry=registry,
+        )
         build = Gauge(
             "lgmt_proxy_build_info",
             "lgmt-proxy's version, and the Python and Twisted it runs on; always 1.",
@@ -100,6 +114,12 @@ class ProxyMetrics:
             registry=registry,
         )
         build.labels(*build_labels()).set(1)
+
+    def ratelimit_backend_error(self, reason: str) -> None:
+        self.ratelimit_backend_errors.labels(reason).inc()
+
+    def ratelimit_shared(self, shared: bool) -> None:
+        self.ratelimit_shared_state.set(1 if shared else 0)
 
     def websocket(self, upstream: str, delta: int) -> None:
         self.websockets.labels(upstream).inc(delta)

@@ -4,20 +4,22 @@ matched: refuse it, answer it here, proxy it or open a WebSocket tunnel.
 Today's checks in today's order: ``CONNECT`` and the target's rules
 (`read_target`), then `decide`: more than one ``Host`` (any path), and on a
 route the policy (405, 403, 421, 403), then client authentication (401, 403,
-tenant 403, rate limit 429; only with ``CLIENT_AUTH_FILE``, and on a local
-path only where a consumer must be named, /metrics). The rate limiter has
-state: it is passed in and asked last, as it always was. The caller applies
-the decision; nothing here touches a connection.
+tenant 403; only with ``CLIENT_AUTH_FILE``, and on a local path only where
+a consumer must be named, /metrics). A decision to serve carries the
+consumer's budgets (`Limits`): they have state, may be shared through Redis
+and so answer later, and the caller asks them last, as the rate limiter
+always was. The caller applies the decision; nothing here touches a
+connection.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import attrs
 
+from lgmt_proxy.limits.budget import NO_LIMITS, Limits
 from lgmt_proxy.rules.errors import Refusal
 from lgmt_proxy.rules.facts import RequestFacts
 from lgmt_proxy.rules.policy import Policy, choose_tenant, duplicate_host
@@ -35,6 +37,9 @@ class Member(Protocol):
 
     @property
     def tenants(self) -> Sequence[str]: ...
+
+    @property
+    def limits(self) -> Limits: ...
 
     def allows(self, method: bytes, path: bytes) -> bool: ...
 
@@ -59,6 +64,8 @@ class ServeLocal:
     """Answer from the matched local resource (/health, /metrics, a 404)."""
 
     consumer: str | None = None
+    #: The consumer's budgets, asked before acting.
+    limits: Limits = NO_LIMITS
 
 
 @attrs.frozen
@@ -68,6 +75,7 @@ class Proxy:
 
     consumer: str | None = None
     tenant: bytes | None = None
+    limits: Limits = NO_LIMITS
 
 
 @attrs.frozen
@@ -76,6 +84,7 @@ class Tunnel:
 
     consumer: str | None = None
     tenant: bytes | None = None
+    limits: Limits = NO_LIMITS
 
 
 Decision = Refuse | ServeLocal | Proxy | Tunnel
@@ -99,11 +108,9 @@ def decide(
     match: Proxied[Any] | Local[Any],
     policy: Policy,
     authenticate: Callable[[Sequence[bytes] | None], C | None] | None,
-    wait: Callable[[C], float],
 ) -> Decision:
     """The decision for a request whose target passed `read_target`.
-    ``authenticate`` is None without client authentication; ``wait`` is the
-    rate limiter (seconds to wait, 0 to pass), asked last."""
+    ``authenticate`` is None without client authentication."""
     two_hosts = duplicate_host(facts)
     if two_hosts is not None:
         return Refuse(two_hosts, routed=False)
@@ -112,30 +119,31 @@ def decide(
             return _LOCAL
         # /metrics names the consumers: with client auth on, only for a
         # consumer allowed it (else --admin-listen).
-        checked = _check_client(facts, authenticate, wait, tenant_from_consumer=False)
+        checked = _check_client(facts, authenticate, tenant_from_consumer=False)
         if isinstance(checked, Refuse):
             return checked
-        return ServeLocal(checked[0])
+        return ServeLocal(checked[0], checked[2])
     refused = policy.check(facts)
     if refused is not None:
         return Refuse(refused)
     if authenticate is None:
         return _TUNNEL if facts.websocket else _PROXY
-    checked = _check_client(facts, authenticate, wait, match.route.tenant_from_consumer)
+    checked = _check_client(facts, authenticate, match.route.tenant_from_consumer)
     if isinstance(checked, Refuse):
         return checked
-    consumer, tenant = checked
-    return Tunnel(consumer, tenant) if facts.websocket else Proxy(consumer, tenant)
+    consumer, tenant, limits = checked
+    if facts.websocket:
+        return Tunnel(consumer, tenant, limits)
+    return Proxy(consumer, tenant, limits)
 
 
 def _check_client(
     facts: RequestFacts,
     authenticate: Callable[[Sequence[bytes] | None], C | None],
-    wait: Callable[[C], float],
     tenant_from_consumer: bool,
-) -> Refuse | tuple[str, bytes | None]:
-    """Client auth: 401, 403 or 429, else the consumer's name and, on a
-    ``from_consumer`` route, the tenant it sends."""
+) -> Refuse | tuple[str, bytes | None, Limits]:
+    """Client auth: 401 or 403, else the consumer's name, on a
+    ``from_consumer`` route the tenant it sends, and its budgets."""
     consumer = authenticate(facts.authorization)
     if consumer is None:
         return Refuse(Refusal(401, "missing or invalid client credentials", _CHALLENGE))
@@ -149,8 +157,4 @@ def _check_client(
         if isinstance(chosen, Refusal):
             return Refuse(Refusal(chosen.status, f"consumer {name}: {chosen.message}"), name)
         tenant = chosen
-    seconds = wait(consumer)
-    if seconds:
-        retry = ((b"Retry-After", b"%d" % max(1, math.ceil(seconds))),)
-        return Refuse(Refusal(429, f"rate limit of consumer {name} exceeded", retry), name, tenant)
-    return name, tenant
+    return name, tenant, consumer.limits

@@ -7,10 +7,9 @@ import hashlib
 import json
 import os
 
-from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.config.clientauth import RateLimiter, load_client_auth, parse_client_auth
+from lgmt_proxy.config.clientauth import load_client_auth, parse_client_auth
 from lgmt_proxy.config.settings import ConfigError
 from lgmt_proxy.config.watch import WatchedFile
 
@@ -107,19 +106,6 @@ consumers:
         self.assertNotIn("another-long-secret-value", text)
         for bad in ("", "consumers: []", "[1, 2", "consumers: [1]"):
             self.assertRaises(ConfigError, parse_client_auth, bad)
-
-    def test_rate_limiter(self) -> None:
-        clock = Clock()
-        limiter = RateLimiter(clock)
-        _, alloy = parse_client_auth(DOC).consumers
-        self.assertEqual([limiter.wait(alloy) for _ in range(2)], [0.0, 0.0])
-        self.assertAlmostEqual(limiter.wait(alloy), 1.0)
-        clock.advance(0.5)
-        self.assertAlmostEqual(limiter.wait(alloy), 0.5)
-        clock.advance(0.5)
-        self.assertEqual(limiter.wait(alloy), 0.0)
-        kubecost, _ = parse_client_auth(DOC).consumers
-        self.assertEqual([limiter.wait(kubecost) for _ in range(100)], [0.0] * 100)
 
 
 class SyntaxErrorTests(TestCase):

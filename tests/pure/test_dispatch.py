@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.config.clientauth import Consumer, parse_client_auth
+from lgmt_proxy.config.clientauth import parse_client_auth
 from lgmt_proxy.dataplane.request import Incoming
+from lgmt_proxy.limits.budget import Budget, Limits
 from lgmt_proxy.rules.dispatch import Proxy, Refuse, ServeLocal, Tunnel, decide, read_target
 from lgmt_proxy.rules.errors import Refusal
 from lgmt_proxy.rules.policy import Policy
@@ -33,16 +34,6 @@ def request(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]]) -> I
     return req
 
 
-class Waits:
-    def __init__(self, seconds: float = 0.0) -> None:
-        self.seconds = seconds
-        self.asked: list[str] = []
-
-    def __call__(self, consumer: Consumer) -> float:
-        self.asked.append(consumer.name)
-        return self.seconds
-
-
 def auth_headers(values: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
     return [(b"Authorization", v) for v in values]
 
@@ -56,81 +47,78 @@ class DecideTests(TestCase):
         self.assertIn("CONNECT", caught.exception.message)
 
     def test_without_client_auth(self) -> None:
-        waits = Waits()
         get = request(b"GET", b"/loki/x", [])
-        self.assertEqual(decide(get, ROUTE, Policy(), None, waits), Proxy())
-        self.assertEqual(decide(get, METRICS, Policy(), None, waits), ServeLocal())
+        self.assertEqual(decide(get, ROUTE, Policy(), None), Proxy())
+        self.assertEqual(decide(get, METRICS, Policy(), None), ServeLocal())
         ws = request(b"GET", b"/loki/x", [(b"Upgrade", b"WebSocket")])
-        self.assertEqual(decide(ws, ROUTE, Policy(), None, waits), Tunnel())
+        self.assertEqual(decide(ws, ROUTE, Policy(), None), Tunnel())
         # A POST asking for a WebSocket is no WebSocket handshake.
         post = request(b"POST", b"/loki/x", [(b"Upgrade", b"websocket")])
-        self.assertEqual(decide(post, ROUTE, Policy(), None, waits), Proxy())
-        self.assertEqual(waits.asked, [])
+        self.assertEqual(decide(post, ROUTE, Policy(), None), Proxy())
 
     def test_two_hosts_first_on_every_path(self) -> None:
         two = request(b"TRACE", b"/loki/x", [(b"Host", b"a"), (b"host", b"b")])
         for match in (ROUTE, METRICS, Local(object())):
-            refused = decide(two, match, Policy(), AUTH.authenticate, Waits())
+            refused = decide(two, match, Policy(), AUTH.authenticate)
             assert isinstance(refused, Refuse)
             self.assertEqual((refused.refusal.status, refused.routed), (400, False))
 
     def test_policy_before_client_auth(self) -> None:
-        waits = Waits()
         trace = request(b"TRACE", b"/loki/x", [])
-        refused = decide(trace, ROUTE, Policy(), AUTH.authenticate, waits)
+        refused = decide(trace, ROUTE, Policy(), AUTH.authenticate)
         assert isinstance(refused, Refuse)
         self.assertEqual(
             (refused.refusal.status, refused.consumer, refused.routed), (405, None, True)
         )
-        self.assertEqual(waits.asked, [])
 
     def test_client_auth_in_order(self) -> None:
-        waits = Waits()
         cases = [
             (request(b"GET", b"/loki/x", []), 401, None),
             (request(b"POST", b"/loki/x", auth_headers(GOOD)), 403, "a"),
             (request(b"GET", b"/other", auth_headers(GOOD)), 403, "a"),
         ]
         for req, status, consumer in cases:
-            refused = decide(req, ROUTE, Policy(), AUTH.authenticate, waits)
+            refused = decide(req, ROUTE, Policy(), AUTH.authenticate)
             assert isinstance(refused, Refuse), req.path
             self.assertEqual((refused.refusal.status, refused.consumer), (status, consumer))
-        unauthenticated = decide(cases[0][0], ROUTE, Policy(), AUTH.authenticate, waits)
+        unauthenticated = decide(cases[0][0], ROUTE, Policy(), AUTH.authenticate)
         assert isinstance(unauthenticated, Refuse)
         self.assertIn((b"WWW-Authenticate",), [h[:1] for h in unauthenticated.refusal.headers])
-        self.assertEqual(waits.asked, [])
         ok = request(b"GET", b"/loki/x", auth_headers(GOOD))
-        self.assertEqual(decide(ok, ROUTE, Policy(), AUTH.authenticate, waits), Proxy("a"))
-        self.assertEqual(waits.asked, ["a"])
+        self.assertEqual(decide(ok, ROUTE, Policy(), AUTH.authenticate), Proxy("a"))
 
-    def test_tenant_then_rate_limit(self) -> None:
+    def test_tenant_then_budgets_carried(self) -> None:
+        """The decision carries the consumer's budgets: the caller asks them
+        last (they may answer later, from Redis)."""
         asked = request(b"GET", b"/m/x", [*auth_headers(GOOD), (b"X-Scope-OrgID", b"t2")])
-        self.assertEqual(
-            decide(asked, TENANTS, Policy(), AUTH.authenticate, Waits()), Proxy("a", b"t2")
-        )
+        self.assertEqual(decide(asked, TENANTS, Policy(), AUTH.authenticate), Proxy("a", b"t2"))
         foreign = request(b"GET", b"/m/x", [*auth_headers(GOOD), (b"X-Scope-OrgID", b"t9")])
-        waits = Waits(2.5)
-        refused = decide(foreign, TENANTS, Policy(), AUTH.authenticate, waits)
+        refused = decide(foreign, TENANTS, Policy(), AUTH.authenticate)
         assert isinstance(refused, Refuse)
         self.assertEqual((refused.refusal.status, refused.tenant), (403, None))
-        self.assertEqual(waits.asked, [])
-        limited = decide(asked, TENANTS, Policy(), AUTH.authenticate, waits)
-        assert isinstance(limited, Refuse)
-        self.assertEqual(
-            (limited.refusal.status, limited.consumer, limited.tenant), (429, "a", b"t2")
+        limited = parse_client_auth(
+            'consumers: [{name: b, token: "bbbbbbbbbbbbbbbbbbbb", tenant: t1, '
+            "rate_limit: {requests_per_second: 2, bytes_per_second: 100}, "
+            'allow: [{paths: ["/*"]}]}]'
         )
-        self.assertIn((b"Retry-After", b"3"), limited.refusal.headers)
+        req = request(b"GET", b"/m/x", auth_headers([b"Bearer bbbbbbbbbbbbbbbbbbbb"]))
+        decision = decide(req, TENANTS, Policy(), limited.authenticate)
+        self.assertEqual(decision, Proxy("b", b"t1", Limits(Budget(2, 2), Budget(100, 100))))
+        ws = request(b"GET", b"/loki/x", [(b"Upgrade", b"websocket")])
+        ws.headers += auth_headers([b"Bearer bbbbbbbbbbbbbbbbbbbb"])
+        ws.authorization = [b"Bearer bbbbbbbbbbbbbbbbbbbb"]
+        tunnel = decide(ws, ROUTE, Policy(), limited.authenticate)
+        assert isinstance(tunnel, Tunnel)
+        self.assertEqual(tunnel.limits.requests, Budget(2, 2))
 
     def test_metrics_names_consumers_only_to_them(self) -> None:
         anonymous = request(b"GET", b"/metrics", [])
-        refused = decide(anonymous, METRICS, Policy(), AUTH.authenticate, Waits())
+        refused = decide(anonymous, METRICS, Policy(), AUTH.authenticate)
         assert isinstance(refused, Refuse)
         self.assertEqual(refused.refusal.status, 401)
         known = request(b"GET", b"/metrics", auth_headers(GOOD))
-        self.assertEqual(
-            decide(known, METRICS, Policy(), AUTH.authenticate, Waits()), ServeLocal("a")
-        )
+        self.assertEqual(decide(known, METRICS, Policy(), AUTH.authenticate), ServeLocal("a"))
         # Other local paths ask nobody.
         self.assertEqual(
-            decide(anonymous, Local(object()), Policy(), AUTH.authenticate, Waits()), ServeLocal()
+            decide(anonymous, Local(object()), Policy(), AUTH.authenticate), ServeLocal()
         )

@@ -102,6 +102,7 @@ class ProxyFixture:
         routes: Any = None,
         token: Any = None,
         config: Config | None = None,
+        budgets: Any = None,
     ) -> None:
         """``config``: as `tap.load` made it (files read), else parsed from ``env``."""
         self.config: Config = parse_config(env) if config is None else config
@@ -124,6 +125,7 @@ class ProxyFixture:
             trust=trust,
             client_auth=client_auth,
             routes=routes,
+            budgets=budgets,
         )
         self.port = listen(self.factory)
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
