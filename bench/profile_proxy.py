@@ -5,6 +5,7 @@
                                                       sysctl kernel.yama.ptrace_scope=0)
     python3 bench/profile_proxy.py                   20 s of samples, small GETs at 50 conns
     python3 bench/profile_proxy.py --workload push   1 MiB pushes at 8 conns
+    python3 bench/profile_proxy.py --tls             the same against the HTTPS upstream
     python3 bench/profile_proxy.py --summarize FILE  re-read a raw profile
 
 Starts the same upstream and lgmt-proxy as bench/run.py, records with
@@ -99,6 +100,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seconds", type=int, default=20, help="sampling time (default 20)")
     p.add_argument("--rate", type=int, default=200, help="samples per second (default 200)")
     p.add_argument("--workload", choices=("get", "push"), default="get")
+    p.add_argument("--tls", action="store_true", help="HTTPS upstream (as make bench's tls_*)")
     p.add_argument("--native", action="store_true", help="also sample C frames (py-spy --native)")
     p.add_argument("--twistd", default=str(b.ROOT / ".venv" / "bin" / "twistd"))
     p.add_argument("--summarize", metavar="RAW", help="only summarize an existing raw profile")
@@ -113,10 +115,11 @@ def main(argv: list[str]) -> int:
     b.raise_fd_limit()
     get = args.workload == "get"
     conns, path, wrk_args = (50, b.GET_PATH, []) if get else (8, b.PUSH_PATH, [str(b.MiB), "1"])
-    out = b.BENCH / "results" / f"profile-{args.workload}{conns}"
+    out = b.BENCH / "results" / f"profile-{'tls_' * args.tls}{args.workload}{conns}"
     out.parent.mkdir(exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="lgmt-profile-"))
     bench = Bench(Settings(), workdir, args.twistd, None)
+    bench.tls = args.tls
     try:
         bench.start()
         lgmt = bench.targets["lgmt"]
@@ -132,7 +135,8 @@ def main(argv: list[str]) -> int:
         bench.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     text = (
-        f"lgmt-proxy under wrk -c{conns} {'small GETs' if get else '1 MiB pushes'}: "
+        f"lgmt-proxy under wrk -c{conns} {'small GETs' if get else '1 MiB pushes'}"
+        f"{', HTTPS upstream' if args.tls else ''}: "
         f"{result['requests']} requests, {result['non2xx']} non-2xx; "
         f"proxy CPU while sampled {cpu:.1f} s over {args.seconds} s\n"
         + summarize(out.with_suffix(".txt"))

@@ -22,10 +22,11 @@ from typing import Protocol as TypingProtocol
 
 import httptools
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from lgmt_proxy.dataplane.request import Incoming
 from lgmt_proxy.dataplane.upstream import Upstream
@@ -92,12 +93,14 @@ class Sessions:
         self.count -= 1
 
 
+@implementer(IHandshakeListener)
 class _UpstreamSide(Protocol):
     """The upstream connection: its handshake answer parsed, then raw bytes."""
 
-    def __init__(self, tunnel: Tunnel, sends: SendQueue) -> None:
+    def __init__(self, tunnel: Tunnel, sends: SendQueue, tls: bool) -> None:
         self._tunnel = tunnel
         self._sends = sends
+        self._tls = tls
         self.out: Sender | None = None
         self._head = b""
         self._switched = False
@@ -107,6 +110,11 @@ class _UpstreamSide(Protocol):
     def connectionMade(self) -> None:
         self.out = self._sends.install(self)
         self._tunnel.upstream_connected(self)
+        if not self._tls:
+            self._tunnel.upstream_ready()
+
+    def handshakeCompleted(self) -> None:
+        self._tunnel.upstream_ready()
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
@@ -135,7 +143,7 @@ class _UpstreamSide(Protocol):
             self._tunnel.upstream_answered(0, b"", b"")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._tunnel.upstream_lost()
+        self._tunnel.upstream_lost(reason)
 
 
 class Tunnel:
@@ -172,6 +180,8 @@ class Tunnel:
         self._counted = False
         self._closed = False
         self._timed_out = False
+        #: TCP (and TLS) up: the connect deadline is met.
+        self._ready = False
         self._handshake = b""
 
     @property
@@ -186,11 +196,13 @@ class Tunnel:
         self._handshake = handshake_bytes(
             self.req, self.route, self.upstream, self.client.client_host
         )
-        proto_factory = Factory.forProtocol(lambda: _UpstreamSide(self, self._sends))
+        tls = self.upstream.pool.tls
+        proto_factory = Factory.forProtocol(lambda: _UpstreamSide(self, self._sends, tls))
         proto_factory.noisy = False
         self._connecting = self.upstream.endpoint.connect(proto_factory)
         self._connecting.addErrback(self._connect_failed)
-        self._arm(self._handshake_timeout)
+        # TCP and the TLS handshake under the connect deadline, as requests'.
+        self._arm(self.upstream.pool.connect_timeout)
 
     # -- before the switch -----------------------------------------------------------
 
@@ -202,7 +214,7 @@ class Tunnel:
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
-        outcome = errors.TIMEOUT if self._timed_out else errors.classify(failure)
+        outcome = errors.CONNECT_TIMEOUT if self._timed_out else errors.classify(failure)
         self._fail(outcome.status, outcome.message, outcome.reason)
 
     def upstream_connected(self, side: _UpstreamSide) -> None:
@@ -210,8 +222,15 @@ class Tunnel:
         self._upstream = side
         if self._closed:
             self._abort_upstream()
+
+    def upstream_ready(self) -> None:
+        """Connected (TLS: handshake done): our handshake goes out, its
+        answer awaited under the upstream timeout."""
+        side = self._upstream
+        if self._closed or side is None or side.out is None:
             return
-        assert side.out is not None
+        self._ready = True
+        self._arm(self._handshake_timeout)
         side.out.write(self._handshake)
 
     def upstream_answered(self, status: int, head: bytes, rest: bytes) -> None:
@@ -280,10 +299,13 @@ class Tunnel:
             self._connecting.cancel()
         self._abort_upstream()
 
-    def upstream_lost(self) -> None:
+    def upstream_lost(self, reason: Failure) -> None:
         if self._open and not self._closed:
             # Let the client read what was relayed, then close.
             self._close_client()
+        elif not self._closed and not self._ready:
+            outcome = errors.classify(reason)  # TLS refused, cut mid-handshake
+            self._fail(outcome.status, outcome.message, outcome.reason)
         elif not self._closed:
             self._fail(502, "upstream closed during the WebSocket handshake", "reset")
         self._close()
@@ -335,6 +357,10 @@ class Tunnel:
                 self._connecting.cancel()
                 return
             self._abort_upstream()
+            if not self._ready:  # TLS handshake unfinished
+                outcome = errors.CONNECT_TIMEOUT
+                self._fail(outcome.status, outcome.message, outcome.reason)
+                return
             self._fail(504, "upstream did not answer the WebSocket handshake in time", "timeout")
             return
         _log.info("closing idle WebSocket session to {upstream}", upstream=self.name)

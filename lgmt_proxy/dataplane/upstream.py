@@ -17,19 +17,19 @@ import attrs
 from OpenSSL import crypto
 from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+    IStreamClientEndpoint,
 )
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
 from lgmt_proxy.config.egress import ForwardProxy
 from lgmt_proxy.config.settings import Config, Secret, UpstreamConfig
 from lgmt_proxy.dataplane.forward import ConnectEndpoint
 from lgmt_proxy.dataplane.pool import UpstreamPool
 from lgmt_proxy.io.sending import SendQueue
+from lgmt_proxy.io.tls import TLSEndpoint
 from lgmt_proxy.rules.headers import RawHeaders, forward_request_headers
 
 
@@ -65,7 +65,7 @@ def _tcp(reactor: object, host: str, port: int, timeout: float) -> IStreamClient
     return HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
 
 
-def _client_tls(host: str, trust: object | None) -> object:
+def _client_tls(host: str, trust: object | None) -> IOpenSSLClientConnectionCreator:
     if trust is None:
         return ssl.optionsForClientTLS(host)
     return ssl.optionsForClientTLS(host, trustRoot=trust)  # type: ignore[arg-type]
@@ -81,17 +81,19 @@ def make_endpoint(
 ) -> IStreamClientEndpoint:
     """TCP to the upstream, or through ``proxy`` (``CONNECT``: the proxy
     resolves the upstream's name), then TLS verified against the upstream's
-    own name for an https upstream (TLS to an https proxy as well)."""
+    own name for an https upstream (TLS to an https proxy as well), its
+    records sent by the connection's sender (`TLSEndpoint`)."""
+    clock: IReactorTime = reactor  # type: ignore[assignment]
     if proxy is None:
         tcp = _tcp(reactor, upstream.host, upstream.port, connect_timeout)
     else:
         to_proxy = _tcp(reactor, proxy.host, proxy.port, connect_timeout)
         if proxy.scheme == "https":
-            to_proxy = wrapClientTLS(_client_tls(proxy.host, trust), to_proxy)  # type: ignore[arg-type]
+            to_proxy = TLSEndpoint(clock, _client_tls(proxy.host, trust), to_proxy)
         tcp = ConnectEndpoint(to_proxy, upstream.host, upstream.port, proxy.authorization)
     if upstream.scheme != "https":
         return tcp
-    return wrapClientTLS(_client_tls(upstream.host, trust), tcp)  # type: ignore[arg-type]
+    return TLSEndpoint(clock, _client_tls(upstream.host, trust), tcp)
 
 
 def basic_authorization(user: str, token: Secret) -> bytes:

@@ -2,7 +2,10 @@
 upstream connection goes through its `Sender`, which a protocol installs as
 its ``transport`` when connected (`SendQueue.install`), so nothing can write
 around it. On plain TCP it sends straight to the socket, gathered per
-reactor turn; on anything else (TLS, the in-memory transports of tests) it
+reactor turn; so it does for TLS over a `TLSCarrier` (``io/tls.py``, every
+https upstream): a turn's plaintext goes through the TLS layer in one write
+and the records it makes come back (`Sender.wire_write`) to be sent the same
+way. On anything else (the in-memory transports of tests, TLS inside TLS) it
 writes through. Its `ReadGate` (``reading``) owns pausing the same
 connection's reading.
 
@@ -19,11 +22,12 @@ What the kernel does not take waits in the sender's backlog; a duplicate of
 the socket's descriptor is watched for writability, because the transport
 itself is registered for reading and a second registration of the same
 descriptor would replace it. A producer registered with the sender (the other
-side's transport) is paused while the backlog is over `HIGH_WATER`.
+side's transport) is paused while the backlog is over `HIGH_WATER`; the
+backlog (``backed_up``) is how an exchange tells an upstream that stopped
+reading (504) from a client that stopped sending (408), TLS or not.
 
-Transports that are not a plain socket (TLS, the in-memory transports of
-tests) are written through: the transport buffers and pauses the registered
-producer itself.
+Transports that are not a socket we can send on are written through: the
+transport buffers and pauses the registered producer itself.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lgmt_proxy.io.reading import Hold, ReadGate
+from lgmt_proxy.io.tls import Encryptor, TLSCarrier
 
 _log = Logger(namespace="lgmt_proxy.sending")
 
@@ -64,17 +69,30 @@ class SendQueue:
         self._call: IDelayedCall | None = None
 
     def sender(self, transport: Any) -> Sender:
-        """A sender for ``transport``: direct for a plain TCP socket, else
-        through the transport."""
+        """A sender for ``transport``: direct for a plain TCP socket, and for
+        TLS over a `TLSCarrier` on one (the records go out through the
+        sender), else through the transport."""
+        carrier = getattr(transport, "transport", None)
+        if isinstance(carrier, TLSCarrier) and carrier.tls is transport:
+            sock = self._socket(carrier.transport)
+            if sock is None:
+                return Sender(transport, self, None)
+            sender = Sender(transport, self, sock, raw=carrier.transport, tls=True)
+            carrier.sink = sender
+            return sender
+        return Sender(transport, self, self._socket(transport))
+
+    def _socket(self, transport: Any) -> socket.socket | None:
+        """The socket of a TCP transport we can send on directly, or None."""
         handle = getattr(transport, "getHandle", None)
         sock = handle() if handle is not None else None
-        if isinstance(sock, socket.socket) and IReactorFDSet.providedBy(self.reactor):
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                # Sends are gathered per turn here, so Nagle's algorithm only
-                # delays (a body chunk after its head waits for a delayed ACK).
-                transport.setTcpNoDelay(True)
-            return Sender(transport, self, sock)
-        return Sender(transport, self, None)
+        if not isinstance(sock, socket.socket) or not IReactorFDSet.providedBy(self.reactor):
+            return None
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Sends are gathered per turn here, so Nagle's algorithm only
+            # delays (a body chunk after its head waits for a delayed ACK).
+            transport.setTcpNoDelay(True)
+        return sock
 
     def install(self, protocol: Any) -> Sender:
         """Put a sender between ``protocol`` and its transport (called from
@@ -107,13 +125,29 @@ class Sender:
     """The write owner of one connection (see the module docstring); a
     transport to the protocol that installed it."""
 
-    def __init__(self, transport: Any, queue: SendQueue, sock: socket.socket | None) -> None:
+    def __init__(
+        self,
+        transport: Any,
+        queue: SendQueue,
+        sock: socket.socket | None,
+        *,
+        raw: Any = None,
+        tls: bool = False,
+    ) -> None:
+        #: What the protocol writes to (for TLS, the `TLSMemoryBIOProtocol`).
         self.transport = transport
+        #: The TCP connection's transport (under the TLS layer, if any).
+        self.raw = transport if raw is None else raw
         #: The one owner of pausing this connection's reading.
-        self.reading = ReadGate(transport)
+        self.reading = ReadGate(self.raw)
         self.queue = queue
         self.sock = sock
+        #: Whether ``transport`` is a TLS layer whose records come back
+        #: through `wire_write` (a turn's plaintext is encrypted in one go).
+        self.tls = tls
+        self._encryptor = Encryptor(transport) if tls else None
         self._pending: list[bytes] | None = None
+        self._records: list[bytes] = []
         self._backlog = bytearray()
         self._watch: _Writable | None = None
         self._producer: Any = None
@@ -149,10 +183,34 @@ class Sender:
 
     def flush(self) -> None:
         """Send what this turn wrote (called by the queue; early before a close)."""
+        if self.tls:
+            self._flush_tls()
+            return
         pending, self._pending = self._pending, None
         if not pending or self.done:
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
+        self._queue_bytes(data)
+
+    def _flush_tls(self) -> None:
+        """Encrypt this turn's plaintext in one go (`Encryptor`, else the TLS
+        layer's write), then send every record made since the last turn."""
+        pending = self._pending
+        if pending and not self.done:
+            self._pending = []  # still queued: records written meanwhile wait here
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            taken = self._encryptor.encrypt(data, self._records) if self._encryptor else 0
+            if taken < len(data):
+                self.transport.write(data[taken:] if taken else data)
+        self._pending = None
+        self._send_records()
+
+    def _send_records(self) -> None:
+        records, self._records = self._records, []
+        if records and not self.done:
+            self._queue_bytes(records[0] if len(records) == 1 else b"".join(records))
+
+    def _queue_bytes(self, data: bytes) -> None:
         if self._backlog:
             self._backlog += data
             self._over_high_water()
@@ -224,7 +282,7 @@ class Sender:
             return
         self._unwatch()
         if self._close_when_sent:
-            self.transport.loseConnection()
+            self.raw.loseConnection()
             return
         if self._paused:
             self._paused = False
@@ -288,18 +346,25 @@ class Sender:
     # -- ends -----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close once everything written so far is sent."""
+        """Close once everything written so far is sent (TLS: the layer's
+        close, whose records come back through `wire_write`)."""
         if self.done:
             return
-        if self.sock is None:
+        if self.sock is None or self.tls:
+            self.flush()
+            if self._encryptor is not None:
+                self._encryptor.stop()  # the TLS layer decides what is written now
             self.transport.loseConnection()
             return
         self.flush()
+        self._close_raw()
+
+    def _close_raw(self) -> None:
         if self._backlog:
             self._close_when_sent = True
             self.reading.hold(Hold.CLOSING)  # nothing more is read
         elif not self.done:
-            self.transport.loseConnection()
+            self.raw.loseConnection()
 
     def abort(self) -> None:
         """Cut the connection; nothing unsent goes out."""
@@ -308,6 +373,29 @@ class Sender:
         self.connection_lost()
         self.transport.abortConnection()
 
+    # -- the records of a TLS layer (`TLSCarrier.sink`) ------------------------------
+
+    def wire_write(self, data: bytes) -> None:
+        """Records from the TLS layer: sent with this turn's (a handshake
+        message or alert made outside a flush is queued for the next)."""
+        if self.done:
+            return
+        self._records.append(data)
+        if self._pending is None:
+            self._pending = []
+            self.queue.add(self)
+
+    def wire_close(self) -> None:
+        """The TLS layer is done: close the socket once its records are sent."""
+        if self.done:
+            return
+        self._send_records()
+        self._close_raw()
+
+    def wire_abort(self) -> None:
+        """The TLS layer aborts the connection (its carrier cuts the socket)."""
+        self.connection_lost()
+
     def connection_lost(self) -> None:
         """The connection is gone: drop what is unsent, close the duplicate."""
         self.done = True
@@ -315,6 +403,7 @@ class Sender:
 
     def _drop(self) -> None:
         self._pending = None
+        self._records = []
         self._backlog.clear()
         producer, self._producer = self._producer, None
         if self._paused:
@@ -328,7 +417,9 @@ class Sender:
             watch.close()
 
     def __repr__(self) -> str:
-        mode = "direct" if self.sock is not None else "through the transport"
+        mode = "through the transport" if self.sock is None else "direct"
+        if self.tls:
+            mode += ", TLS"
         return f"<Sender {mode}, {len(self._backlog)} bytes waiting>"
 
 

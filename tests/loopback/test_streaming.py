@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet import protocol, reactor
+from twisted.internet import protocol, reactor, ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IHandshakeListener, IPullProducer
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 
+from lgmt_proxy.dataplane.upstream import trust_root
+from tests.loopback.test_tls import make_ca, make_leaf, pem
 from tests.support.helpers import (
     ProxyFixture,
     call,
@@ -260,6 +262,52 @@ class StalledUpstreamTests(TestCase):
                 UPSTREAM_TIMEOUT_SECONDS="1",
                 MAX_REQUEST_BODY_BYTES="0",
             )
+        )
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        client = await raw_connect(proxy.port.getHost().port)
+        total = 1024 * MiB
+        client.transport.write(
+            b"POST /api/prom/push HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n" % total
+        )
+        client.transport.registerProducer(_Pump(client.transport, total), False)
+        data = await client.closed
+        self.assertEqual(data.split(b"\r\n", 1)[0], b"HTTP/1.1 504 Gateway Timeout", data[:300])
+        self.assertEqual(
+            proxy.sample("proxy_upstream_errors_total", upstream="prometheus", reason="timeout"), 1
+        )
+
+
+@implementer(IHandshakeListener)
+class _DeafAfterHandshake(protocol.Protocol):
+    """A TLS upstream that completes the handshake, then never reads."""
+
+    def handshakeCompleted(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+
+class StalledTLSUpstreamTests(TestCase):
+    timeout = 60
+
+    async def test_tls_upstream_that_stops_reading_gets_504_not_408(self) -> None:
+        # The TLS twin of the test above: the records wait in the sender's
+        # backlog as the plaintext would, so the timeout is the upstream's.
+        ca_key, ca = make_ca("lgmt-proxy test CA")
+        key_pem, cert_pem = make_leaf(ca_key, ca, "localhost")
+        server = ssl.PrivateCertificate.loadPEM(key_pem + cert_pem)
+        port = reactor.listenSSL(  # type: ignore[attr-defined]
+            0,
+            protocol.Factory.forProtocol(_DeafAfterHandshake),
+            server.options(),
+            interface="127.0.0.1",
+        )
+        self.addCleanup(port.stopListening)
+        proxy = ProxyFixture(
+            env_for(
+                f"https://localhost:{port.getHost().port}",
+                UPSTREAM_TIMEOUT_SECONDS="1",
+                MAX_REQUEST_BODY_BYTES="0",
+            ),
+            trust=trust_root(pem(ca)),
         )
         self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
         client = await raw_connect(proxy.port.getHost().port)

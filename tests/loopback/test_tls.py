@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import datetime
 import json
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import reactor, ssl
+from twisted.internet import protocol, reactor, ssl
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.dataplane.upstream import load_pem_bundle, trust_root
-from tests.support.helpers import ORG, ProxyFixture, Recorder, basic, call, env_for, upstream_site
+from tests.support.helpers import (
+    ORG,
+    ProxyFixture,
+    Recorder,
+    basic,
+    call,
+    env_for,
+    json_body,
+    raw_request,
+    status_of,
+    upstream_site,
+)
 
 
 def _name(cn: str) -> x509.Name:
@@ -105,6 +118,10 @@ class TLSTests(TestCase):
         response, _ = await call(proxy.url + "/loki/api/v1/labels")
         self.assertEqual(response.code, 200)
         self.assertEqual(self.recorder.seen[-1].header(b"authorization"), [basic(ORG["loki"])])
+        # The TLS connection's records went out on our own write path.
+        (pooled,) = proxy.upstreams["loki"].pool.idle
+        assert pooled.sender is not None
+        self.assertTrue(pooled.sender.direct and pooled.sender.tls, pooled.sender)
 
     async def test_hostname_checked(self) -> None:
         key_pem, cert_pem = make_leaf(self.ca_key, self.ca, "not-localhost.example")
@@ -148,4 +165,142 @@ class HandshakeTimeoutTests(TestCase):
         )
         self.assertEqual(
             proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="timeout"), 1
+        )
+
+    async def test_stalled_websocket_handshake_is_a_connect_timeout(self) -> None:
+        # A WebSocket tunnel's TLS handshake runs under the connect deadline
+        # too, not under the upstream timeout (20 s here) its HTTP answer gets.
+        from twisted.internet import protocol
+
+        silent = protocol.Factory.forProtocol(protocol.Protocol)
+        port = reactor.listenTCP(0, silent, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        env = env_for(
+            f"https://localhost:{port.getHost().port}",
+            UPSTREAM_CONNECT_TIMEOUT_SECONDS="0.5",
+            UPSTREAM_TIMEOUT_SECONDS="20",
+        )
+        proxy = ProxyFixture(env)
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        raw = await raw_request(
+            proxy.port.getHost().port,
+            b"GET /loki/api/v1/tail HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            timeout=10,
+        )
+        self.assertEqual(status_of(raw), 504, raw[:200])
+        self.assertEqual(json_body(raw)["error"], "upstream connection not established in time")
+        self.assertEqual(
+            proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="timeout"), 1
+        )
+
+    async def test_websocket_to_an_unverified_upstream_is_a_tls_failure(self) -> None:
+        ca_key, ca = make_ca("some CA nobody trusts")
+        key_pem, cert_pem = make_leaf(ca_key, ca, "localhost")
+        server = ssl.PrivateCertificate.loadPEM(key_pem + cert_pem)
+        recorder = Recorder()
+        port = reactor.listenSSL(  # type: ignore[attr-defined]
+            0, upstream_site(recorder), server.options(), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        proxy = ProxyFixture(env_for(f"https://localhost:{port.getHost().port}"))
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        raw = await raw_request(
+            proxy.port.getHost().port,
+            b"GET /loki/api/v1/tail HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            timeout=10,
+        )
+        self.assertEqual(status_of(raw), 502, raw[:200])
+        self.assertEqual(json_body(raw)["error"], "upstream TLS verification failed")
+        self.assertEqual(recorder.seen, [])
+
+
+class _Splice(protocol.Protocol):
+    """The forward proxy's side towards the upstream."""
+
+    def __init__(self, front: _HTTPSForwardProxy) -> None:
+        self.front = front
+
+    def dataReceived(self, data: bytes) -> None:
+        self.front.transport.write(data)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.front.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class _HTTPSForwardProxy(protocol.Protocol):
+    """An ``https://`` forward proxy: TLS from lgmt-proxy, ``CONNECT``, then a
+    splice to 127.0.0.1 at the port asked for (it resolves every name)."""
+
+    def connectionMade(self) -> None:
+        self.head = b""
+        self.back: _Splice | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.back is not None:
+            self.back.transport.write(data)  # type: ignore[union-attr]
+            return
+        self.head += data
+        if b"\r\n\r\n" not in self.head:
+            return
+        line = self.head.split(b"\r\n", 1)[0]
+        self.factory.connects.append(line)  # type: ignore[attr-defined]
+        port = int(line.split(b" ")[1].rsplit(b":", 1)[1])
+        back = _Splice(self)
+        connecting = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), back)
+        connecting.addCallback(self._connected)
+
+    def _connected(self, back: _Splice) -> None:
+        self.back = back
+        self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.back is not None:
+            self.back.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class HTTPSForwardProxyTests(TestCase):
+    timeout = 30
+
+    async def test_tls_inside_tls_through_an_https_forward_proxy(self) -> None:
+        # TLS to the proxy, CONNECT, then TLS to the upstream inside it,
+        # verified against the upstream's own name (written through: no
+        # socket under the inner TLS layer).
+        ca_key, ca = make_ca("lgmt-proxy test CA")
+        upstream_key, upstream_cert = make_leaf(ca_key, ca, "upstream.lgmt-tls.test")
+        proxy_key, proxy_cert = make_leaf(ca_key, ca, "localhost")
+        recorder = Recorder()
+        upstream = reactor.listenSSL(  # type: ignore[attr-defined]
+            0,
+            upstream_site(recorder),
+            ssl.PrivateCertificate.loadPEM(upstream_key + upstream_cert).options(),
+            interface="127.0.0.1",
+        )
+        self.addCleanup(upstream.stopListening)
+        front = protocol.Factory.forProtocol(_HTTPSForwardProxy)
+        front.connects = []  # type: ignore[attr-defined]
+        forward = reactor.listenSSL(  # type: ignore[attr-defined]
+            0,
+            front,
+            ssl.PrivateCertificate.loadPEM(proxy_key + proxy_cert).options(),
+            interface="127.0.0.1",
+        )
+        self.addCleanup(forward.stopListening)
+        url = f"https://upstream.lgmt-tls.test:{upstream.getHost().port}"
+        proxy = ProxyFixture(
+            env_for(url, HTTPS_PROXY=f"https://localhost:{forward.getHost().port}"),
+            trust=trust_root(pem(ca)),
+        )
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        response, _ = await call(proxy.url + "/loki/api/v1/labels")
+        self.assertEqual(response.code, 200)
+        response, _ = await call(proxy.url + "/loki/api/v1/push", b"POST", body=b"x" * 300_000)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(recorder.seen[-1].body, b"x" * 300_000)
+        self.assertEqual(
+            front.connects,  # type: ignore[attr-defined]
+            [b"CONNECT upstream.lgmt-tls.test:%d HTTP/1.1" % upstream.getHost().port],
         )

@@ -9,14 +9,21 @@ import os
 import socket
 from typing import Any
 
+from twisted.internet import ssl
 from twisted.internet.error import ConnectionLost
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
+from lgmt_proxy.dataplane.upstream import trust_root
 from lgmt_proxy.io.reading import Hold, ReadGate
 from lgmt_proxy.io.sending import HIGH_WATER, Sender, SendQueue
+from lgmt_proxy.io.tls import TLSCarrier
+from tests.loopback.test_tls import make_ca, make_leaf, pem
 from tests.support.memory import small_socket_pair
 
 
@@ -251,6 +258,251 @@ class UnixSocketTests(TestCase):
         sender.write(b"ok")
         reactor.advance(0)
         self.assertEqual(peer.recv(10), b"ok")
+
+
+class FakeTLS:
+    """A TLS layer's surface, recorded: each write is "encrypted" into two
+    records, each handed to the carrier as `TLSMemoryBIOProtocol` does."""
+
+    def __init__(self) -> None:
+        self.plaintext: list[bytes] = []
+        self.calls: list[str] = []
+        self.transport: TLSCarrier
+
+    def getHandle(self) -> None:
+        return None  # no OpenSSL connection: every write goes through here
+
+    def write(self, data: bytes) -> None:
+        self.plaintext.append(data)
+        self.transport.write(b"<" + data + b">")
+        self.transport.write(b"|")
+
+    def loseConnection(self) -> None:
+        self.calls.append("loseConnection")
+        self.transport.write(b"close_notify")
+
+    def abortConnection(self) -> None:
+        self.calls.append("abortConnection")
+        self.transport.abortConnection()
+
+
+class TLSRecordTests(TestCase):
+    """TLS over a `TLSCarrier` on a socket: the plaintext of a turn goes
+    through the TLS layer in one write, its records out in one send."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        ours, self.peer = small_socket_pair(self)
+
+        class TCP(FakeTransport):
+            def getHandle(self) -> socket.socket:
+                return ours
+
+        self.tcp = TCP()
+        self.tls = FakeTLS()
+        self.carrier = TLSCarrier(self.tls)  # type: ignore[arg-type]
+        self.carrier.transport = self.tcp  # type: ignore[assignment]
+        self.tls.transport = self.carrier
+        self.sender = SendQueue(self.reactor).sender(self.tls)
+        self.addCleanup(self.sender.connection_lost)
+
+    def test_a_turns_plaintext_encrypted_once_records_sent_together(self) -> None:
+        self.assertTrue(self.sender.direct and self.sender.tls)
+        self.assertIs(self.carrier.sink, self.sender)
+        self.sender.write(b"GET / HTTP/1.1\r\n\r\n")
+        self.sender.write(b"body")
+        self.assertEqual(self.tls.plaintext, [], "encrypted before the turn ended")
+        self.reactor.advance(0)
+        self.assertEqual(self.tls.plaintext, [b"GET / HTTP/1.1\r\n\r\nbody"])
+        self.assertEqual(received(self.peer), b"<GET / HTTP/1.1\r\n\r\nbody>|")
+        self.assertEqual(self.tcp.written, [], "written around the sender")
+
+    def test_records_made_outside_a_turns_writes_go_out_next_turn(self) -> None:
+        # A handshake message, made while reading: queued like any write.
+        self.carrier.write(b"ClientHello")
+        self.assertEqual(received(self.peer), b"")
+        self.reactor.advance(0)
+        self.assertEqual(received(self.peer), b"ClientHello")
+
+    def test_backlog_of_records_is_backed_up_and_sent_in_order(self) -> None:
+        # What tells 504 (the upstream stopped reading) from 408; the records
+        # the kernel did not take (of a gathered send) follow in order.
+        data = os.urandom(3 * HIGH_WATER)
+        self.sender.write(data)
+        self.reactor.advance(0)
+        self.assertTrue(self.sender.backed_up)
+        self.assertEqual(len(self.reactor.getWriters()), 1)
+        self.carrier.write(b"late")  # a record made after the backlog formed
+        self.reactor.advance(0)
+        got = b""
+        while self.reactor.getWriters():
+            got += received(self.peer)
+            self.reactor.getWriters()[0].doWrite()
+        got += received(self.peer)
+        self.assertEqual(got, b"<" + data + b">|late")
+        self.assertFalse(self.sender.backed_up)
+
+    def test_close_goes_through_the_tls_layer_then_waits_for_the_records(self) -> None:
+        self.sender.write(os.urandom(3 * HIGH_WATER))
+        self.sender.close()
+        self.assertEqual(self.tls.calls, ["loseConnection"])
+        self.assertEqual(self.tcp.calls, [], "TCP closed before TLS finished")
+        self.carrier.loseConnection()  # the TLS layer is done
+        self.assertEqual(self.tcp.calls, ["pauseProducing"], "closed with records unsent")
+        got = b""
+        while self.reactor.getWriters():
+            got += received(self.peer)
+            self.reactor.getWriters()[0].doWrite()
+        got += received(self.peer)
+        self.assertTrue(got.endswith(b">|close_notify"), got[-20:])
+        self.assertEqual(self.tcp.calls, ["pauseProducing", "loseConnection"])
+
+    def test_abort_drops_the_records_and_cuts_the_socket(self) -> None:
+        self.sender.write(b"unsent")
+        self.sender.abort()
+        self.reactor.advance(0)
+        self.assertEqual(received(self.peer), b"")
+        self.assertEqual(self.tls.calls, ["abortConnection"])
+        self.assertEqual(self.tcp.calls, ["abortConnection"])
+
+    def test_without_a_socket_the_carrier_writes_to_its_transport(self) -> None:
+        # TLS inside TLS (an https forward proxy): nothing to send on directly.
+        tls = FakeTLS()
+        carrier = TLSCarrier(tls)  # type: ignore[arg-type]
+        below = FakeTransport()
+        carrier.transport = below  # type: ignore[assignment]
+        tls.transport = carrier
+        sender = SendQueue(self.reactor).sender(tls)
+        self.assertFalse(sender.direct)
+        sender.write(b"x")
+        self.assertEqual(below.written, [b"<x>", b"|"])
+
+
+@implementer(IHandshakeListener)
+class _Upstream(Protocol):
+    """The application protocol over a client TLS layer, as the pool's is."""
+
+    def __init__(self, queue: SendQueue) -> None:
+        self.queue = queue
+        self.handshaken = False
+
+    def connectionMade(self) -> None:
+        self.sender = self.queue.install(self)
+
+    def handshakeCompleted(self) -> None:
+        self.handshaken = True
+
+
+class _Server(Protocol):
+    def __init__(self) -> None:
+        self.got = bytearray()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got += data
+
+
+class _ServerWire:
+    """The server TLS layer's transport: its records go to the client's carrier."""
+
+    def __init__(self) -> None:
+        self.carrier: TLSCarrier
+
+    def write(self, data: bytes) -> None:
+        self.carrier.dataReceived(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        pass
+
+    def abortConnection(self) -> None:
+        pass
+
+    def getPeer(self) -> None:
+        return None
+
+    def getHost(self) -> None:
+        return None
+
+
+class RealTLSTests(TestCase):
+    """Twisted's TLS layer at both ends, in memory, the client's records on
+    a socket: once the handshake is done a turn's plaintext is encrypted in
+    one go on the OpenSSL connection, not cut in 16 KiB writes by the layer."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        queue = SendQueue(self.reactor)
+        ours, self.peer = small_socket_pair(self)
+        self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        ca_key, ca = make_ca("lgmt-proxy test CA")
+        key_pem, cert_pem = make_leaf(ca_key, ca, "localhost")
+        server_options = ssl.PrivateCertificate.loadPEM(key_pem + cert_pem).options()
+
+        class TCP(FakeTransport):
+            def getHandle(self) -> socket.socket:
+                return ours
+
+        client = TLSMemoryBIOFactory(
+            ssl.optionsForClientTLS("localhost", trustRoot=trust_root(pem(ca))),  # type: ignore[arg-type]
+            True,
+            Factory.forProtocol(lambda: _Upstream(queue)),
+            self.reactor,
+        )
+        client.protocol = TLSMemoryBIOProtocol
+        server = TLSMemoryBIOFactory(
+            server_options, False, Factory.forProtocol(_Server), self.reactor
+        )
+        server.protocol = TLSMemoryBIOProtocol
+        self.client_tls = client.buildProtocol(None)
+        self.carrier = TLSCarrier(self.client_tls)
+        self.server_tls = server.buildProtocol(None)
+        wire = _ServerWire()
+        wire.carrier = self.carrier
+        self.server_tls.makeConnection(wire)
+        self.carrier.makeConnection(TCP())  # type: ignore[arg-type]
+        self.app: _Upstream = self.client_tls.wrappedProtocol
+        self.addCleanup(self.app.sender.connection_lost)
+        self.layer_writes: list[int] = []
+        write = self.client_tls.write
+        self.client_tls.write = lambda data: (  # type: ignore[method-assign]
+            self.layer_writes.append(len(data)),
+            write(data),
+        )
+
+    def pump(self) -> None:
+        for _ in range(500):
+            self.reactor.advance(0)
+            for watch in self.reactor.getWriters():
+                watch.doWrite()  # type: ignore[attr-defined]
+            data = received(self.peer)
+            if data:
+                self.server_tls.dataReceived(data)
+            elif not self.reactor.getDelayedCalls() and not self.reactor.getWriters():
+                return
+
+    def test_after_the_handshake_plaintext_skips_the_layers_write(self) -> None:
+        self.pump()
+        self.assertTrue(self.app.handshaken)
+        body = os.urandom(200 * 1024)
+        self.app.sender.write(b"POST / HTTP/1.1\r\n\r\n")
+        self.app.sender.write(body)
+        self.pump()
+        self.assertEqual(
+            bytes(self.server_tls.wrappedProtocol.got), b"POST / HTTP/1.1\r\n\r\n" + body
+        )
+        self.assertEqual(self.layer_writes, [], "encrypted through the layer's 16 KiB writes")
+
+    def test_written_while_handshaking_the_layer_keeps_the_order(self) -> None:
+        # Before the handshake the layer buffers; from then on it writes
+        # everything, so nothing can overtake what it holds.
+        self.app.sender.write(b"first ")
+        self.pump()
+        self.app.sender.write(b"second")
+        self.pump()
+        self.assertEqual(bytes(self.server_tls.wrappedProtocol.got), b"first second")
+        self.assertEqual(self.layer_writes, [6, 6])
 
 
 class FailureTests(TestCase):

@@ -1,0 +1,242 @@
+"""TLS to an upstream on our own write path: `TLSEndpoint` runs Twisted's
+`TLSMemoryBIOProtocol` over a `TLSCarrier`, the protocol of the TCP
+connection (or of a forward proxy's CONNECT tunnel), instead of over
+Twisted's TCP transport as ``wrapClientTLS`` does.
+
+The carrier is the TLS layer's transport. Once the application protocol
+installs its `Sender` (``SendQueue.install``, from its ``connectionMade``,
+before the first handshake byte), the sender finds the carrier under the TLS
+layer and takes its ciphertext (``carrier.sink``): a turn's plaintext is
+encrypted in one go (`Encryptor`, once the handshake is done) and the
+records go out in one ``send`` on the socket, with no epoll registration
+unless the kernel takes only part, and a peer that stops reading shows as
+the sender's backlog (``backed_up``).
+Until then, or with no socket underneath (TLS inside TLS to an ``https://``
+forward proxy), the carrier writes to the connection's transport.
+
+Verification is unchanged: the connection creator is
+``optionsForClientTLS``'s, and its callbacks reach the `TLSMemoryBIOProtocol`
+as with ``wrapClientTLS``. The endpoint's Deferred fires with the
+application protocol once TCP (or the tunnel) is up; the handshake ends with
+``IHandshakeListener.handshakeCompleted``, so a connect deadline that waits
+for it covers both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IAddress,
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ITransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+#: Most plaintext in one TLS record, and the most a record adds to it
+#: (header, explicit IV, MAC or tag, padding), with room to spare.
+TLS_RECORD = 16 * 1024
+TLS_OVERHEAD = 512
+
+
+class CipherSink(TypingProtocol):
+    """What takes a TLS connection's records (the connection's `Sender`)."""
+
+    def wire_write(self, data: bytes) -> None: ...
+
+    def wire_close(self) -> None: ...
+
+    def wire_abort(self) -> None: ...
+
+
+@implementer(ITransport, IPushProducer)
+class TLSCarrier(Protocol):
+    """The protocol of the connection under the TLS layer, and the TLS
+    layer's transport: records out through ``sink`` once a sender takes
+    them, bytes in handed to the TLS layer."""
+
+    def __init__(self, tls: TLSMemoryBIOProtocol) -> None:
+        self.tls = tls
+        #: The sender that takes the records (None: the transport does).
+        self.sink: CipherSink | None = None
+
+    # -- the connection's protocol ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.tls.makeConnection(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.tls.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.sink = None
+        self.tls.connectionLost(reason)
+
+    # -- the TLS layer's transport -----------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.wire_write(data)
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.wire_close()
+        else:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def abortConnection(self) -> None:
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.wire_abort()
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def getPeer(self) -> IAddress:
+        return self.transport.getPeer()  # type: ignore[union-attr]
+
+    def getHost(self) -> IAddress:
+        return self.transport.getHost()  # type: ignore[union-attr]
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)  # type: ignore[union-attr]
+
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()  # type: ignore[union-attr]
+
+
+class Encryptor:
+    """Encrypts a sender's plaintext on the TLS layer's OpenSSL connection
+    (the layer's public ``getHandle``) and takes the records in one read of
+    its memory BIO, rather than through the layer's ``write``: a copied
+    slice, a 32 KiB BIO read and a write to the carrier per 16 KiB record,
+    most of a TLS upload's CPU. Only once the handshake is done; after
+    anything else (written while handshaking, an error, the close) the layer
+    writes everything for good, so nothing it buffers is ever overtaken."""
+
+    __slots__ = ("_ready", "_ssl")
+
+    def __init__(self, tls: Any) -> None:
+        handle = tls.getHandle()
+        self._ssl: SSL.Connection | None = handle if isinstance(handle, SSL.Connection) else None
+        self._ready = False
+
+    def stop(self) -> None:
+        """From now on the TLS layer writes everything."""
+        self._ssl = None
+
+    def encrypt(self, data: bytes, records: list[bytes]) -> int:
+        """Encrypt what the connection takes of ``data``, its records
+        appended to ``records``; the bytes taken (the layer writes the rest)."""
+        ssl_conn = self._ssl
+        if ssl_conn is None:
+            return 0
+        if not self._ready:
+            if ssl_conn.get_finished() is None:
+                self._ssl = None  # still handshaking: the layer buffers
+                return 0
+            self._ready = True
+        # SSL_write takes one record a call (pyOpenSSL sets partial writes):
+        # slices of a memoryview, copied by nothing but the cipher.
+        view = memoryview(data)
+        total = len(data)
+        sent = 0
+        try:
+            while sent < total:
+                sent += ssl_conn.send(view[sent:])
+        except SSL.Error:
+            self._ssl = None  # the layer meets the error again, and reports it
+        if not sent:
+            return 0
+        size = sent + TLS_OVERHEAD * (sent // TLS_RECORD + 1)
+        out = ssl_conn.bio_read(size)  # not empty: ``sent`` bytes went in
+        records.append(out)
+        while len(out) == size:  # more than expected waits: take it all
+            try:
+                out = ssl_conn.bio_read(size)
+            except SSL.WantReadError:
+                break
+            records.append(out)
+        return sent
+
+
+class _CarrierFactory(Factory):
+    """A carrier, with its TLS layer, per connection the endpoint makes."""
+
+    noisy = False
+
+    def __init__(self, tls: TLSMemoryBIOFactory) -> None:
+        self._tls = tls
+
+    def buildProtocol(self, addr: IAddress | None) -> TLSCarrier | None:
+        tls = self._tls.buildProtocol(addr)
+        if tls is None:
+            return None
+        return TLSCarrier(tls)
+
+    def doStart(self) -> None:
+        self._tls.doStart()
+
+    def doStop(self) -> None:
+        self._tls.doStop()
+
+
+@implementer(IStreamClientEndpoint)
+class TLSEndpoint:
+    """TLS over ``endpoint``'s connections, verified by ``creator``
+    (``optionsForClientTLS``): ``wrapClientTLS`` with the records going out
+    through the connection's sender."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        creator: IOpenSSLClientConnectionCreator,
+        endpoint: IStreamClientEndpoint,
+    ) -> None:
+        self._clock = clock
+        self._creator = creator
+        self._endpoint = endpoint
+
+    def __repr__(self) -> str:
+        return f"<TLSEndpoint over {self._endpoint!r}>"
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        tls = TLSMemoryBIOFactory(self._creator, True, factory, self._clock)
+        # Not the default BufferingTLSTransport: the sender gathers a turn's
+        # writes already, and its extra turn and copy would be the only ones.
+        tls.protocol = TLSMemoryBIOProtocol
+        connecting = self._endpoint.connect(_CarrierFactory(tls))
+        return connecting.addCallback(_application)
+
+
+def _application(carrier: IProtocol) -> IProtocol:
+    assert isinstance(carrier, TLSCarrier)
+    return carrier.tls.wrappedProtocol  # type: ignore[no-any-return]
+
+
+__all__ = ["CipherSink", "Encryptor", "TLSCarrier", "TLSEndpoint"]
