@@ -150,7 +150,7 @@ $(CSTAMP): setup.py pyproject.toml requirements.lock requirements-build.lock req
 		|| { echo "make: the mypyc build failed (a C compiler and python3-dev are needed)" >&2; exit 1; }
 	@mkdir -p $(CVENV)/tests-root && ln -sfn "$(CURDIR)/tests" $(CVENV)/tests-root/tests
 	@$(CBIN)/python -c 'import site, sys; open(site.getsitepackages()[0] + "/lgmt-proxy-tests.pth", "w").write(sys.argv[1] + "\n")' \
-		"$(CURDIR)/$(CVENV)/tests-root"
+		"$(abspath $(CVENV))/tests-root"
 	@$(CBIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 	@LGMT_PROXY_MYPYC=1 $(CBIN)/python -I -m tests.support.build
 	@touch $@
