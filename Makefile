@@ -9,6 +9,10 @@
 #                sandbox (no Grafana Cloud account needed); it says which, and why
 #   make lint    ruff check + ruff format --check
 #   make test    lint, mypy, then the whole trial suite
+#   make venv-compiled  .venv-mypyc/: the same, with the data plane compiled by
+#                mypyc (the container image's build; needs gcc, python3-dev)
+#   make test-compiled  the whole trial suite against .venv-mypyc/
+#   make bench   the benchmark, pure and compiled builds side by side (not a test)
 #   make clean   remove .venv/ and everything generated
 #   make lock    regenerate the requirements*.lock files from the ranges in setup.py
 #                and requirements-*.txt (needs the package index)
@@ -34,7 +38,7 @@ LISTEN ?=
 # pip without the progress of every package: errors and warnings only.
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: venv runtime lock lint test run bench clean
+.PHONY: venv runtime lock lint test run bench clean venv-compiled test-compiled
 
 venv: $(STAMP)
 runtime: $(RUNTIME)
@@ -105,11 +109,56 @@ lock:
 	echo "make lock: requirements-dev.lock (runtime + build + test tools)"; \
 	$(UV_COMPILE) setup.py requirements-build.txt requirements-dev.txt \
 		-c requirements.lock -c requirements-build.lock -o requirements-dev.lock; \
+	echo "make lock: requirements-mypyc.lock (mypy for mypyc, pins of requirements-dev.lock)"; \
+	$(UV_COMPILE) requirements-mypyc.txt -c requirements-dev.lock -o requirements-mypyc.lock; \
 	echo "make lock: requirements-e2e.lock (end-to-end peers)"; \
 	$(UV_COMPILE) requirements-e2e.txt -c requirements-dev.lock -o requirements-e2e.lock; \
 	echo "make lock: requirements-ship.lock (scripts/ci-ship tools)"; \
 	$(UV_COMPILE) requirements-ship.txt -c requirements-dev.lock -c requirements-e2e.lock \
 		-o requirements-ship.lock
+
+# The compiled build (setup.py: LGMT_PROXY_MYPYC=1), as the image has it, in
+# its own venv beside .venv/: the locks' releases, hash-checked (mypy from
+# requirements-mypyc.lock compiles), then the project built as a wheel and
+# installed, not editable, since an editable install would import the sources.
+# The tests import lgmt_proxy from there and find `tests` through a path
+# entry holding nothing else (tests-root/, appended after site-packages by a
+# .pth file): the tree's lgmt_proxy/ is never on sys.path. The build is redone
+# from scratch whenever a source changes (build/ is removed first: setuptools
+# would pack a module no longer compiled from a stale build/lib). Last, each
+# module setup.py compiles must import as an extension, and no other, or the
+# target fails.
+CVENV := .venv-mypyc
+CBIN := $(CVENV)/bin
+CSTAMP := $(CVENV)/.installed
+CPIP := $(CBIN)/python -m pip install --quiet --disable-pip-version-check
+PACKAGE_SOURCES := $(shell find lgmt_proxy twisted -name '*.py' -o -name '*.json')
+
+venv-compiled: $(CSTAMP)
+
+$(CSTAMP): setup.py pyproject.toml requirements.lock requirements-build.lock requirements-dev.lock \
+		requirements-mypyc.lock $(PACKAGE_SOURCES)
+	@if ! $(CBIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
+		echo "make: creating $(CVENV)/ with $(PYTHON) ($$($(PYTHON) --version 2>&1))"; \
+		$(PYTHON) -m venv --clear $(CVENV); \
+	fi
+	@echo "make: installing the locked sets into $(CVENV)/ (hash-checked)"
+	@$(CPIP) --require-hashes -r requirements-dev.lock -r requirements-mypyc.lock
+	@echo "make: compiling the data plane with mypyc into $(CVENV)/ (a minute or two)"
+	@rm -rf build
+	@LGMT_PROXY_MYPYC=1 $(CPIP) --no-deps --no-build-isolation --no-index --force-reinstall . \
+		|| { echo "make: the mypyc build failed (a C compiler and python3-dev are needed)" >&2; exit 1; }
+	@mkdir -p $(CVENV)/tests-root && ln -sfn "$(CURDIR)/tests" $(CVENV)/tests-root/tests
+	@$(CBIN)/python -c 'import site, sys; open(site.getsitepackages()[0] + "/lgmt-proxy-tests.pth", "w").write(sys.argv[1] + "\n")' \
+		"$(abspath $(CVENV))/tests-root"
+	@$(CBIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+	@LGMT_PROXY_MYPYC=1 $(CBIN)/python -I -m tests.support.build
+	@touch $@
+
+# The suite against the compiled build; LGMT_PROXY_MYPYC=1 tells
+# tests/pure/test_build.py to require the extensions.
+test-compiled: venv-compiled
+	LGMT_PROXY_MYPYC=1 $(CBIN)/trial $(TESTS)
 
 lint: venv
 	$(BIN)/ruff check $(LINT_PATHS)
@@ -131,11 +180,20 @@ run: runtime
 	exec $(BIN)/python -m lgmt_proxy.sandbox $$dotenv --listen='$(LISTEN)' -- $(ARGS)
 
 # The benchmark (nginx, wrk; not a test). BENCH_ARGS=--quick for a short run.
+# Both builds in the same rounds: A is the pure package (.venv/), B the
+# compiled one the image ships (.venv-mypyc/, `--compare-twistd`);
+# BENCH_COMPILED=no runs the pure build alone (no C compiler needed).
 BENCH_ARGS ?=
+BENCH_COMPILED ?= yes
+ifeq ($(BENCH_COMPILED),yes)
+bench: venv venv-compiled
+	$(BIN)/python bench/run.py --compare-twistd $(CVENV)/bin/twistd $(BENCH_ARGS)
+else
 bench: venv
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+endif
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info _trial_temp* \
+	rm -rf $(VENV) $(CVENV) build dist *.egg-info _trial_temp* \
 		.mypy_cache .ruff_cache .hypothesis twisted/plugins/dropin.cache .ci/*.log
 	find $(LINT_PATHS) -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -4,9 +4,63 @@
 would overwrite Twisted's own. pip builds a wheel, so no install hook can
 regenerate Twisted's plugin cache here; `make venv` and the Dockerfile do it
 after installing (``list(getPlugins(IPlugin))``).
+
+``LGMT_PROXY_MYPYC=1`` builds the data plane (``COMPILED`` below) as C
+extensions with mypyc, as the container image does; unset, the package is pure
+Python, as `make venv` installs it: the reference, and the fallback wherever
+no compiler is at hand. The compiled modules behave as their sources (CI runs
+the whole suite on both builds, `make venv-compiled`); mypyc checks the types
+again with mypy, so it needs mypy and the project's dependencies installed
+(requirements-mypyc.lock) and a C compiler with Python's headers.
 """
 
-from setuptools import find_packages, setup
+import os
+
+from setuptools import Extension, find_packages, setup
+
+#: The modules compiled by mypyc: the per-request path. Left pure: the
+#: packages' ``__init__``, configuration parsing and the schemas (run once at
+#: start-up or on a file change), the service, listeners, ops resources and
+#: the twistd glue (start-up and shutdown).
+COMPILED = [
+    "lgmt_proxy/rules/dispatch.py",
+    "lgmt_proxy/rules/errors.py",
+    "lgmt_proxy/rules/facts.py",
+    "lgmt_proxy/rules/headers.py",
+    "lgmt_proxy/rules/policy.py",
+    "lgmt_proxy/rules/routes.py",
+    "lgmt_proxy/io/reading.py",
+    "lgmt_proxy/io/sending.py",
+    "lgmt_proxy/io/timers.py",
+    "lgmt_proxy/dataplane/dispatcher.py",
+    "lgmt_proxy/dataplane/drain.py",
+    "lgmt_proxy/dataplane/exchange.py",
+    "lgmt_proxy/dataplane/inbound.py",
+    "lgmt_proxy/dataplane/parsing.py",
+    "lgmt_proxy/dataplane/pool.py",
+    "lgmt_proxy/dataplane/request.py",
+    "lgmt_proxy/dataplane/response.py",
+    "lgmt_proxy/dataplane/server.py",
+    "lgmt_proxy/dataplane/tunnel.py",
+    "lgmt_proxy/dataplane/upstream.py",
+    "lgmt_proxy/obs/logs.py",
+    "lgmt_proxy/obs/metrics.py",
+    "lgmt_proxy/obs/record.py",
+]
+
+
+def compiled_extensions() -> list[Extension]:
+    """The C extensions of ``COMPILED`` when ``LGMT_PROXY_MYPYC=1``, else none.
+
+    mypy, run by mypyc from this directory, reads pyproject.toml's [tool.mypy]
+    (the zope plugin included): the same checks as `make test`'s.
+    """
+    if os.environ.get("LGMT_PROXY_MYPYC", "") != "1":
+        return []
+    from mypyc.build import mypycify
+
+    return mypycify(COMPILED, opt_level="3")
+
 
 setup(
     name="lgmt-proxy",
@@ -21,6 +75,7 @@ setup(
         "lgmt_proxy.config": ["schemas/*.schema.json"],
         "twisted.plugins": ["lgmt_proxy_plugin.py"],
     },
+    ext_modules=compiled_extensions(),
     # Ranges: a lower bound the code runs on, up to the next major release.
     # The exact versions built, tested and shipped are pinned, with hashes, in
     # requirements.lock (`make lock` regenerates it from these ranges).

@@ -261,7 +261,8 @@ class ClientConnection(Protocol):
         """The client's gate, to register on the upstream's sender (upload backpressure)."""
         return self.reading
 
-    pause_body = hold_reading
+    def pause_body(self) -> None:  # TunnelClient's name (an alias would not compile)
+        self.hold_reading()
 
     # -- WebSocket (TunnelClient, called by Tunnel) -------------------------------------
 

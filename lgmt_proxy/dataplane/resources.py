@@ -6,7 +6,7 @@ there is one list of routes."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 from twisted.web.resource import IResource, Resource
 
@@ -15,7 +15,9 @@ from lgmt_proxy.rules.errors import json_error
 from lgmt_proxy.rules.routes import DEFAULT_ROUTES, Local, Proxied, Route, RouteTable
 
 #: What a path matches: a route to an upstream, or a resource answered here.
-RouteMatch = Proxied[Upstream] | Local[IResource]
+#: A string alias: compiled (mypyc), a generic class cannot be subscripted at
+#: run time.
+RouteMatch: TypeAlias = "Proxied[Upstream] | Local[IResource]"
 
 
 def _json(request: Any, status: int, body: bytes) -> bytes:

@@ -11,7 +11,7 @@ another still needs paused.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
@@ -21,15 +21,15 @@ class Hold:
     """Why reading is paused (bits; several may hold at once)."""
 
     #: A request waits its turn behind the one being answered (pipelining).
-    QUEUED = 1
+    QUEUED: Final = 1
     #: Body bytes wait for an upstream connection or the WebSocket switch.
-    WAITING = 2
+    WAITING: Final = 2
     #: The peer these bytes go to is not taking them (`IPushProducer` pause).
-    BACKLOG = 4
+    BACKLOG: Final = 4
     #: The connection is closing: nothing more is read.
-    CLOSING = 8
+    CLOSING: Final = 8
     #: Held for one request: let go once it is answered.
-    REQUEST = QUEUED | WAITING
+    REQUEST: Final = QUEUED | WAITING
 
 
 @implementer(IPushProducer)

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+import io
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.dataplane.request import Incoming
+from lgmt_proxy.obs.logs import StreamObserver, event_as_json
 from lgmt_proxy.obs.metrics import ProxyMetrics
 from lgmt_proxy.obs.record import Recorder
-
-
-class _Sink:
-    def __init__(self) -> None:
-        self.lines: list[dict[str, Any]] = []
-
-    def access(self, access: dict[str, Any], t: float) -> None:
-        self.lines.append(access)
 
 
 def _request() -> Incoming:
@@ -35,16 +28,16 @@ class RecorderTests(TestCase):
     def test_access_line_only_when_the_level_shows_it(self) -> None:
         for access_log, lines in ((True, 1), (False, 0)):
             registry = CollectorRegistry()
-            sink = _Sink()
+            stream = io.StringIO()
             recorder = Recorder(
                 ProxyMetrics(registry, process_collectors=False),
                 Clock(),
-                sink,  # type: ignore[arg-type]
+                StreamObserver(stream, event_as_json),
                 access_log=access_log,
             )
             recorder.finished(_request(), "10.0.0.1")
             recorder.refused(400, "10.0.0.1", "malformed")
-            self.assertEqual(len(sink.lines), 2 * lines, access_log)
+            self.assertEqual(len(stream.getvalue().splitlines()), 2 * lines, access_log)
             counted = registry.get_sample_value(
                 "proxy_requests_total", {"upstream": "loki", "method": "GET", "status": "200"}
             )

@@ -7,14 +7,16 @@ import base64
 import hashlib
 from typing import Any
 
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import getChildForRequest
 
 from lgmt_proxy.config.clientauth import ClientAuth, Consumer, parse_client_auth
 from lgmt_proxy.config.routesfile import parse_routes, tenant_problems
-from lgmt_proxy.config.settings import ConfigError, parse_config
+from lgmt_proxy.config.settings import ConfigError, parse_config, upstream_from_url
 from lgmt_proxy.dataplane.request import Incoming
 from lgmt_proxy.dataplane.resources import build_root, route_table
+from lgmt_proxy.dataplane.upstream import Upstream, build_upstream
 from lgmt_proxy.rules.errors import Refusal
 from lgmt_proxy.rules.headers import forward_request_headers
 from lgmt_proxy.rules.policy import (
@@ -255,6 +257,21 @@ class _Walk:
         self.postpath = path[1:].split(b"/")
 
 
+def _upstreams(*names: str) -> dict[str, Upstream]:
+    """An upstream per name (never connected to): the tree holds real ones."""
+    config = parse_config(env_for("http://127.0.0.1:9"))
+    return {
+        name: build_upstream(
+            MemoryReactorClock(),
+            upstream_from_url(name, "http://127.0.0.1:9", user="u", tenant=None),
+            config,
+            None,
+            None,
+        )
+        for name in names
+    }
+
+
 def routed_by(root: Any) -> Any:
     """The upstream name the route table matches a path to (None: no route),
     checked against a walk of the resource tree it is derived from."""
@@ -280,8 +297,7 @@ class NestedRouteTests(TestCase):
             Route(b"/a", b"/a", "a"),
             Route(b"/a/b/c", b"/c", "c"),
         )
-        upstreams: Any = {"a": object(), "c": object(), "e": object()}
-        routed = routed_by(build_root(upstreams, {}, routes))
+        routed = routed_by(build_root(_upstreams("a", "c", "e"), {}, routes))
 
         for path, want in (
             (b"/a", "a"),
@@ -306,7 +322,7 @@ class NestedRouteTests(TestCase):
             self.assertEqual(routed(path), want, path)
 
     def test_inner_segment_under_no_route_is_404(self) -> None:
-        root = build_root({"p": object()}, {}, (Route(b"/api/prom", b"/api/prom", "p"),))  # type: ignore[dict-item]
+        root = build_root(_upstreams("p"), {}, (Route(b"/api/prom", b"/api/prom", "p"),))
         routed = routed_by(root)
         for path in (b"/api", b"/api/x", b"/api/promx"):
             self.assertIsNone(routed(path))
