@@ -96,21 +96,29 @@ def load(
     return config, token, client_auth, routes
 
 
-def _with_proxy_credentials(config: Config) -> tuple[Config, list[str]]:
-    """The forward proxies with the credentials of UPSTREAM_PROXY_CREDENTIALS_FILE
-    (``user:password``, read once at start-up; never quoted in a problem)."""
+def _read_secret_file(name: str, path: str) -> tuple[str | None, list[str]]:
+    """A small secret file's text (read once at start-up), or the problem
+    naming the variable and the path, never the content."""
     from lgmt_proxy.config.watch import read_bytes
 
+    data, problem = read_bytes(path)
+    if data is None:
+        return None, [f"{name}: {problem}"]
+    try:
+        return data.decode("utf-8"), []
+    except UnicodeDecodeError:
+        return None, [f"{name}: {path} is not UTF-8 text"]
+
+
+def _with_proxy_credentials(config: Config) -> tuple[Config, list[str]]:
+    """The forward proxies with the credentials of UPSTREAM_PROXY_CREDENTIALS_FILE
+    (``user:password``)."""
     path = config.egress.credentials_file
     assert path is not None
     name = "UPSTREAM_PROXY_CREDENTIALS_FILE"
-    data, problem = read_bytes(path)
-    if data is None:
-        return config, [f"{name}: {problem}"]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return config, [f"{name}: {path} is not UTF-8 text"]
+    text, problems = _read_secret_file(name, path)
+    if text is None:
+        return config, problems
     egress = config.egress.with_credentials(text)
     if isinstance(egress, str):
         return config, [f"{name}: {path}: {egress}"]
@@ -118,20 +126,13 @@ def _with_proxy_credentials(config: Config) -> tuple[Config, list[str]]:
 
 
 def _with_redis_password(config: Config, redis: RedisSettings) -> tuple[Config, list[str]]:
-    """The shared budgets' Redis with the password of
-    RATE_LIMIT_REDIS_PASSWORD_FILE (read once at start-up; never quoted)."""
-    from lgmt_proxy.config.watch import read_bytes
-
+    """The shared budgets' Redis with the password of RATE_LIMIT_REDIS_PASSWORD_FILE."""
     path = redis.password_file
     assert path is not None
     name = "RATE_LIMIT_REDIS_PASSWORD_FILE"
-    data, problem = read_bytes(path)
-    if data is None:
-        return config, [f"{name}: {problem}"]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return config, [f"{name}: {path} is not UTF-8 text"]
+    text, problems = _read_secret_file(name, path)
+    if text is None:
+        return config, problems
     found = redis.with_password(text)
     if isinstance(found, str):
         return config, [f"{name}: {path}: {found}"]
