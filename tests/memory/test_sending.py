@@ -306,7 +306,7 @@ class TLSRecordTests(TestCase):
         self.carrier.transport = self.tcp  # type: ignore[assignment]
         self.tls.transport = self.carrier
         self.sender = SendQueue(self.reactor).sender(self.tls)
-        self.addCleanup(self.sender.connection_lost)
+        self.addCleanup(lambda: self.sender.connection_lost())
 
     def test_a_turns_plaintext_encrypted_once_records_sent_together(self) -> None:
         self.assertTrue(self.sender.direct and self.sender.tls)
@@ -465,7 +465,7 @@ class RealTLSTests(TestCase):
         self.server_tls.makeConnection(wire)
         self.carrier.makeConnection(TCP())  # type: ignore[arg-type]
         self.app: _Upstream = self.client_tls.wrappedProtocol
-        self.addCleanup(self.app.sender.connection_lost)
+        self.addCleanup(lambda: self.app.sender.connection_lost())
         self.layer_writes: list[int] = []
         write = self.client_tls.write
         self.client_tls.write = lambda data: (  # type: ignore[method-assign]
