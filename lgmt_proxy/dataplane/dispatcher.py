@@ -36,7 +36,7 @@ from lgmt_proxy.dataplane.tunnel import Sessions, Tunnel, TunnelClient
 from lgmt_proxy.dataplane.upstream import Upstream
 from lgmt_proxy.io.sending import SendQueue
 from lgmt_proxy.io.timers import IdleTimer
-from lgmt_proxy.limits.budget import Limits, Verdict, refusal_message
+from lgmt_proxy.limits.budget import Limits, Verdict, budget_refusal
 from lgmt_proxy.limits.keeper import BudgetKeeper
 from lgmt_proxy.obs.record import Recorder
 from lgmt_proxy.rules import errors
@@ -188,11 +188,7 @@ class Dispatcher:
                 self._charge = (name, limits)
             _ACTIONS[type(decision)](self, req, match, decision)
             return
-        message = refusal_message(name, verdict, limits, req.length)
-        if verdict.too_large:
-            refusal = Refusal(413, message)
-        else:
-            refusal = Refusal(429, message, ((b"Retry-After", verdict.retry_after_header()),))
+        refusal = budget_refusal(name, verdict, limits, req.length)
         tenant = None if isinstance(decision, ServeLocal) else decision.tenant
         # A declared body that does not fit is refused before it is read.
         self.refuse(req, match, Refuse(refusal, name, tenant), at_once=bool(req.length))
@@ -213,14 +209,8 @@ class Dispatcher:
         req.consumer = decision.consumer
         req.tenant = decision.tenant
         refusal = decision.refusal
-        headers = list(refusal.headers)
-        if at_once and not req.complete:
-            self._conn.handler = None
-            req.buffered = None
-            self._writer.linger_after()
-            self._writer.refuse_now(refusal.status, refusal.message, headers)
-            return
-        self.refuse_after_body(refusal.status, refusal.message, headers)
+        answer = self.refuse_unread if at_once else self.refuse_after_body
+        answer(refusal.status, refusal.message, list(refusal.headers))
 
     def serve_local(self, req: Incoming, match: Local[IResource], decision: ServeLocal) -> None:
         req.upstream_name = match.upstream_name
@@ -265,11 +255,7 @@ class Dispatcher:
             # thrown away: a client waiting for an early answer gets it, and
             # the connection closes after a brief linger.
             req.note_error("body_limit")
-            self._conn.handler = None
-            if not req.complete:
-                req.buffered = None
-                self._writer.linger_after()
-            self._writer.refuse_now(413, "request body too large")
+            self.refuse_unread(413, "request body too large")
             return False
         return True
 
@@ -355,6 +341,24 @@ class Dispatcher:
                 writer.refuse_now(status, message, headers)
 
         self.when_complete(req, answer)
+
+    def refuse_unread(
+        self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        """Refuse the active request now, without reading a body it declared
+        (over a limit or a budget): the connection lingers, then closes. A
+        body already in is answered as `refuse_after_body` answers it."""
+        writer = self._writer
+        req = writer.req
+        if req is None:
+            return
+        if req.complete:
+            self.refuse_after_body(status, message, headers)
+            return
+        self._conn.handler = None
+        req.buffered = None
+        writer.linger_after()
+        writer.refuse_now(status, message, headers)
 
     def when_complete(self, req: Incoming, then: Callable[[], None]) -> None:
         """Run ``then`` once the request's body is in (read and dropped)."""

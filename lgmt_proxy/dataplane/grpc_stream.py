@@ -14,7 +14,6 @@ length first.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple, Protocol
 
 from twisted.internet.defer import Deferred
@@ -25,9 +24,10 @@ from lgmt_proxy.dataplane.dispatcher import Shared
 from lgmt_proxy.dataplane.exchange import Exchange
 from lgmt_proxy.dataplane.request import Incoming
 from lgmt_proxy.io.timers import IdleTimer
-from lgmt_proxy.limits.budget import Limits, Verdict, refusal_message
+from lgmt_proxy.limits.budget import Limits, Verdict, budget_refusal
 from lgmt_proxy.rules import errors, grpc
 from lgmt_proxy.rules.dispatch import Proxy, Refuse, decide
+from lgmt_proxy.rules.errors import Refusal
 from lgmt_proxy.rules.headers import RawHeaders
 from lgmt_proxy.rules.routes import Proxied, upstream_target
 
@@ -114,20 +114,16 @@ def route_call(
     if isinstance(decision, Refuse | Proxy):
         req.tenant = decision.tenant
     if isinstance(decision, Refuse):
-        r = decision.refusal
-        retry = grpc.retry_seconds(dict(r.headers).get(b"Retry-After"))
-        return CallRefusal(r.status, grpc.grpc_status(r.status), r.message, retry)
+        return call_refusal(decision.refusal)
     assert isinstance(decision, Proxy)
     return match, decision
 
 
-def budget_refusal(name: str, limits: Limits, verdict: Verdict) -> tuple[int, int, str, int | None]:
-    """A call its consumer's budget refused: 429 with RetryInfo, or 413 for
-    a message larger than the whole byte burst (no wait makes it fit)."""
-    message = refusal_message(name, verdict, limits, None)
-    if verdict.too_large:
-        return 413, grpc.RESOURCE_EXHAUSTED, message, None
-    return 429, grpc.RESOURCE_EXHAUSTED, message, max(1, math.ceil(verdict.retry_after))
+def call_refusal(refusal: Refusal) -> CallRefusal:
+    """An HTTP refusal as a call's answer: its gRPC status, and RetryInfo
+    from its ``Retry-After``."""
+    retry = grpc.retry_seconds(dict(refusal.headers).get(b"Retry-After"))
+    return CallRefusal(refusal.status, grpc.grpc_status(refusal.status), refusal.message, retry)
 
 
 @implementer(IPushProducer)
@@ -208,7 +204,7 @@ class GrpcStream:
             return
         if not verdict.allowed:
             self._charge = None
-            self._refuse(*budget_refusal(name, limits, verdict))
+            self._refuse(*call_refusal(budget_refusal(name, verdict, limits, None)))
             return
         self._admitted(match)
         for data, flow_length in held or ():

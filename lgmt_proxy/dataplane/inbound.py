@@ -40,6 +40,8 @@ _log = Logger(namespace="lgmt_proxy.server")
 #: How long a connection lingers after refusing a body it will not read
 #: (a declared Content-Length over MAX_REQUEST_BODY_BYTES) before it closes.
 LINGER_SECONDS = 2.0
+#: Endings whose answer went out before the request's body was in.
+_DROP_REST = (Ending.DRAIN, Ending.LINGER)
 
 
 class Phase(enum.Enum):
@@ -202,20 +204,11 @@ class ClientConnection(Protocol):
         self._record(req)
         if self.transport is None:
             return
-        if not req.complete and ending is Ending.DRAIN and req.body_in <= DISCARD_LIMIT:
-            # Read the rest of the body and drop it, then close: closing with
-            # unread input would reset the connection under the answer.
-            def drop(data: bytes) -> None:
-                if req.body_in > DISCARD_LIMIT:
-                    req.on_body = req.on_complete = None
-                    self.close()
-
-            req.on_body = drop
-            req.on_complete = self.close
-            self.resume_reading()
-            return
-        if not req.complete and ending is Ending.LINGER:
-            self._linger(req)
+        if not req.complete and ending in _DROP_REST and req.body_in <= DISCARD_LIMIT:
+            if ending is Ending.LINGER:
+                # A body nobody will read: dropped for a short while only.
+                self.timers.linger(LINGER_SECONDS)
+            self._drop_rest(req)
             return
         if ending is not Ending.KEEP_ALIVE or not req.complete:
             self.close()
@@ -227,10 +220,10 @@ class ClientConnection(Protocol):
         self.idle_since = self.clock.seconds()
         self.resume_reading()
 
-    def _linger(self, req: Incoming) -> None:
-        """Answered before a body nobody will read: drop what still comes
-        for at most `LINGER_SECONDS`, then close. Closing with unread input
-        would reset the connection under the answer."""
+    def _drop_rest(self, req: Incoming) -> None:
+        """Answered before the body ended: read the rest and drop it (at
+        most `DISCARD_LIMIT`), then close. Closing with unread input would
+        reset the connection under the answer."""
 
         def drop(data: bytes) -> None:
             if req.body_in > DISCARD_LIMIT:
@@ -239,7 +232,6 @@ class ClientConnection(Protocol):
 
         req.on_body = drop
         req.on_complete = self.close
-        self.timers.linger(LINGER_SECONDS)
         self.resume_reading()
 
     def _record(self, req: Incoming) -> None:

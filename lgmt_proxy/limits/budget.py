@@ -21,6 +21,8 @@ import math
 
 import attrs
 
+from lgmt_proxy.rules.errors import Refusal
+
 REQUESTS = "requests"
 BYTES = "bytes"
 
@@ -132,3 +134,13 @@ def refusal_message(consumer: str, verdict: Verdict, limits: Limits, length: int
     if verdict.budget == BYTES:
         return f"byte budget of consumer {consumer} exceeded"
     return f"rate limit of consumer {consumer} exceeded"
+
+
+def budget_refusal(consumer: str, verdict: Verdict, limits: Limits, length: int | None) -> Refusal:
+    """The answer to a request its consumer's budget refused: 429 with
+    ``Retry-After``, or 413 for a body larger than the whole byte burst (no
+    wait makes it fit, and a 429 would be retried for ever)."""
+    message = refusal_message(consumer, verdict, limits, length)
+    if verdict.too_large:
+        return Refusal(413, message)
+    return Refusal(429, message, ((b"Retry-After", verdict.retry_after_header()),))
