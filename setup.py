@@ -23,12 +23,14 @@ from setuptools import Extension, find_packages, setup
 #: start-up or on a file change), the service, listeners, ops resources and
 #: the twistd glue (start-up and shutdown).
 COMPILED = [
+    "lgmt_proxy/rules/compression.py",
     "lgmt_proxy/rules/dispatch.py",
     "lgmt_proxy/rules/errors.py",
     "lgmt_proxy/rules/facts.py",
     "lgmt_proxy/rules/headers.py",
     "lgmt_proxy/rules/policy.py",
     "lgmt_proxy/rules/routes.py",
+    "lgmt_proxy/io/compress.py",
     "lgmt_proxy/io/reading.py",
     "lgmt_proxy/io/sending.py",
     "lgmt_proxy/io/timers.py",

@@ -71,7 +71,10 @@ def load(
     if config.routes_file is not None:
         try:
             routes = load_routes_file(
-                config.routes_file, env, allow_insecure=config.allow_insecure_upstream
+                config.routes_file,
+                env,
+                allow_insecure=config.allow_insecure_upstream,
+                compression=config.compression,
             )
         except ConfigError as e:
             problems.extend(e.problems)

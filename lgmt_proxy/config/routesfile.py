@@ -16,6 +16,8 @@ YAML (or JSON) or TOML (by the ``.toml`` suffix)::
                                     # from_consumer: the consumer's (CLIENT_AUTH_FILE)
         proxy: http://squid:3128    # its own forward proxy, or none: direct;
                                     # omit it for HTTPS_PROXY/HTTP_PROXY/NO_PROXY
+        compression: gzip           # gzip OTLP and Loki push bodies, or none;
+                                    # omit it for UPSTREAM_COMPRESSION
 
 The format is ``schemas/routes.schema.json`` (see `schema`). Parsing is pure
 (the document and the environment are passed in); only `load_routes_file`
@@ -30,6 +32,7 @@ from typing import Any
 import attrs
 
 from lgmt_proxy.config import schema
+from lgmt_proxy.config.compression import OFF, Compression
 from lgmt_proxy.config.egress import DIRECT, RouteProxy, parse_proxy_url
 from lgmt_proxy.config.settings import (
     ConfigError,
@@ -93,6 +96,7 @@ def parse_routes(
     *,
     allow_insecure: bool,
     read_token_file: TokenReader | None = None,
+    compression: Compression = OFF,
 ) -> list[RouteSpec]:
     """Validate a parsed routes document; `ConfigError` lists every problem,
     in the file's order.
@@ -158,6 +162,7 @@ def parse_routes(
             tenant=None if tenant is None or from_consumer else str(tenant),
             auth=creds["type"],
             proxy=proxy,
+            gzip_level=compression.route_level(item.get("compression")),
         )
         route = Route(prefix.encode(), item.get("rewrite", prefix).encode(), name, from_consumer)
         specs.append(RouteSpec(route, upstream, token, token_file))
@@ -193,7 +198,9 @@ def tenant_problems(specs: list[RouteSpec], client_auth: bool) -> list[str]:
     ]
 
 
-def load_routes_file(path: str, env: Mapping[str, str], *, allow_insecure: bool) -> list[RouteSpec]:
+def load_routes_file(
+    path: str, env: Mapping[str, str], *, allow_insecure: bool, compression: Compression = OFF
+) -> list[RouteSpec]:
     """Read, parse and check the file and the token files it names."""
     data, problem = read_bytes(path)
     if data is None:
@@ -201,4 +208,6 @@ def load_routes_file(path: str, env: Mapping[str, str], *, allow_insecure: bool)
     doc, problem = schema.read_document(data, toml=path.endswith(".toml"))
     if problem:
         raise ConfigError([f"{_NAME}: {path}: {problem}"])
-    return parse_routes(doc, env, allow_insecure=allow_insecure, read_token_file=read_token)
+    return parse_routes(
+        doc, env, allow_insecure=allow_insecure, read_token_file=read_token, compression=compression
+    )

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from lgmt_proxy.config.compression import VARIABLES as COMPRESSION_VARIABLES
+from lgmt_proxy.config.compression import Compression, parse_compression
 from lgmt_proxy.config.egress import Egress, RouteProxy, parse_egress
 from lgmt_proxy.config.ratelimit import VARIABLES as RATE_LIMIT_VARIABLES
 from lgmt_proxy.config.ratelimit import RedisSettings, parse_rate_limit_redis
@@ -45,7 +47,8 @@ class UpstreamConfig:
     who we are there. ``auth`` is basic (``user`` and the token), bearer or
     none; ``user`` is a signal's ORG_ID or a route's ``credentials.user``;
     ``tenant`` None sends no ``X-Scope-OrgID``; ``proxy`` is a route's own
-    forward proxy choice (None: HTTPS_PROXY/HTTP_PROXY/NO_PROXY decide)."""
+    forward proxy choice (None: HTTPS_PROXY/HTTP_PROXY/NO_PROXY decide);
+    ``gzip_level`` compresses its push bodies (None: off)."""
 
     name: str
     url: str
@@ -59,6 +62,7 @@ class UpstreamConfig:
     tenant: str | None
     auth: str = "basic"
     proxy: RouteProxy = None
+    gzip_level: int | None = None
 
 
 def upstream_from_url(
@@ -69,6 +73,7 @@ def upstream_from_url(
     tenant: str | None,
     auth: str = "basic",
     proxy: RouteProxy = None,
+    gzip_level: int | None = None,
 ) -> UpstreamConfig:
     """An `UpstreamConfig` from a URL that `url_problem` accepted."""
     parts = urlsplit(url)
@@ -84,6 +89,7 @@ def upstream_from_url(
         tenant=tenant,
         auth=auth,
         proxy=proxy,
+        gzip_level=gzip_level,
     )
 
 
@@ -122,6 +128,8 @@ class Config:
     rate_limit_redis: RedisSettings | None = None
     #: OTLP_GRPC_LISTEN: a port or an endpoint description (None: off).
     otlp_grpc_listen: str | None = None
+    #: UPSTREAM_COMPRESSION, UPSTREAM_COMPRESSION_LEVEL (config/compression.py).
+    compression: Compression = attrs.field(factory=Compression)
 
 
 def _is_loopback(host: str) -> bool:
@@ -309,7 +317,7 @@ KNOWN_VARIABLES = frozenset(
        "ROUTES_FILE", "WEBSOCKET_IDLE_TIMEOUT_SECONDS", "ALLOWED_ORIGINS", "ALLOWED_HOSTS",
        "METRICS_TENANT_LABEL", "UPSTREAM_PROXY_CREDENTIALS_FILE", "OTLP_GRPC_LISTEN",
        "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy",
-       *RATE_LIMIT_VARIABLES]
+       *RATE_LIMIT_VARIABLES, *COMPRESSION_VARIABLES]
 )  # fmt: skip
 #: The beginnings of our variables' names: another name beginning so is likely a typo.
 OUR_PREFIXES = ("GRAFANA_CLOUD_", "UPSTREAM_", "CLIENT_", "MAX_", "SHUTDOWN_", "LOG_",
@@ -428,6 +436,12 @@ def parse_config(env: Mapping[str, str]) -> Config:
     r.problems.extend(egress_problems)
     redis, redis_problems = parse_rate_limit_redis(env)
     r.problems.extend(redis_problems)
+    compression, compression_problems = parse_compression(env, routes_file=routes_file is not None)
+    r.problems.extend(compression_problems)
+    signals = {
+        name: attrs.evolve(s, gzip_level=compression.signal_level(name))
+        for name, s in signals.items()
+    }
     config = Config(
         signals=signals,
         token=token,
@@ -460,6 +474,7 @@ def parse_config(env: Mapping[str, str]) -> Config:
         egress=egress,
         rate_limit_redis=redis,
         otlp_grpc_listen=_parse_grpc_listen(r, signals, routes_file),
+        compression=compression,
     )
     if r.problems:
         raise ConfigError(r.problems)

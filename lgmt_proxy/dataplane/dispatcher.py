@@ -269,17 +269,22 @@ class Dispatcher:
             writer.close_after()
         upstream = match.upstream
         has_body = req.chunked or bool(req.length)
+        target = upstream_target(match.route, upstream.base_path, req.path, req.query)
+        headers, req.gzip = upstream.forward(
+            req.method, target, req.headers, self._conn.client_host, req.tenant, has_body
+        )
         exchange = Exchange(
             writer,
             upstream,
             self._upstream_timer,
             method=req.method,
-            target=upstream_target(match.route, upstream.base_path, req.path, req.query),
-            headers=upstream.forward_headers(req.headers, self._conn.client_host, req.tenant),
+            target=target,
+            headers=headers,
             length=req.length,
             chunked=req.chunked,
             retry_safe=req.method in RETRY_SAFE and not has_body,
             log_failure=self._shared.log_upstream_failure,
+            gzip=req.gzip,
         )
         self._conn.handler = exchange
         if not has_body:

@@ -9,6 +9,10 @@ other's attributes.
 One `IdleTimer` covers waiting for a connection, for the response head and
 silence on either body: before the head it answers 504 (408 when the client
 stopped sending its body), after it both connections are cut.
+
+A body goes up as it came (the client's ``Content-Length``), re-chunked, or
+gzip'd chunk by chunk (`Gzip`, ``UPSTREAM_COMPRESSION``: chunked, since its
+length is known only at the end).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from twisted.python.failure import Failure
 
 from lgmt_proxy.dataplane.pool import UpstreamConnection
 from lgmt_proxy.dataplane.upstream import Upstream
+from lgmt_proxy.io.compress import LAST_CHUNK, Gzip
 from lgmt_proxy.io.timers import IdleTimer
 from lgmt_proxy.rules import errors
 from lgmt_proxy.rules.headers import RawHeaders, head_lines
@@ -69,7 +74,9 @@ class Exchange:
         chunked: bool,
         retry_safe: bool,
         log_failure: Callable[[str, errors.Outcome, Failure], None],
+        gzip: Gzip | None = None,
     ) -> None:
+        """``gzip``: the body's compressor (its headers say so already)."""
         self._client = client
         self._upstream = upstream
         #: The client connection's, reused request after request.
@@ -78,7 +85,8 @@ class Exchange:
         self._retry_safe = retry_safe
         self._log_failure = log_failure
         # Body framing towards the upstream: the client's length, else chunked.
-        self._chunked = chunked
+        self._gzip = gzip
+        self._chunked = chunked = chunked or gzip is not None
         if chunked:
             framing = b"Transfer-Encoding: chunked\r\n"
         elif length is not None and (length or method not in (b"GET", b"HEAD")):
@@ -121,10 +129,18 @@ class Exchange:
                 pending.append(data)
                 self._client.pause_body()
             return
-        if self._chunked:
-            conn.write(b"%x\r\n%s\r\n" % (len(data), data))
-        else:
+        data = self._frame(data)
+        if data:
             conn.write(data)
+
+    def _frame(self, data: bytes) -> bytes:
+        """A chunk of the client's body as the upstream gets it."""
+        gzip = self._gzip
+        if gzip is not None:
+            return gzip.chunk(data)
+        if self._chunked:
+            return b"%x\r\n%s\r\n" % (len(data), data)
+        return data
 
     def body_end(self) -> None:
         """The client's request is complete."""
@@ -178,10 +194,7 @@ class Exchange:
         self._conn = conn
         conn.attach(self, head_only=self._method == b"HEAD")
         pending, self._pending = self._pending, None
-        if pending and self._chunked:
-            body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pending)
-        else:
-            body = b"".join(pending) if pending else b""
+        body = b"".join([self._frame(p) for p in pending]) if pending else b""
         conn.write(self._head + body if body else self._head)
         if self._body_done:
             self._finish_body(conn)
@@ -195,8 +208,10 @@ class Exchange:
 
     def _finish_body(self, conn: UpstreamConnection) -> None:
         self._body_sent = True
-        if self._chunked:
-            conn.write(b"0\r\n\r\n")
+        if self._gzip is not None:
+            conn.write(self._gzip.end())
+        elif self._chunked:
+            conn.write(LAST_CHUNK)
         self._stop_producing(conn)
 
     def _stop_producing(self, conn: UpstreamConnection) -> None:

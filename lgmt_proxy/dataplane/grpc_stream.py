@@ -10,6 +10,10 @@ stream's HTTP/2 window is opened again only for bytes the upstream side took
 backed up). The upstream's answer is small (an ``Export*ServiceResponse``)
 and is kept whole, up to `MAX_ANSWER`, because a gRPC message needs its
 length first.
+
+An uncompressed message is gzip'd on its way up under ``UPSTREAM_COMPRESSION``
+exactly as the same POST over HTTP would be (`Upstream.forward`); a message
+the client compressed goes up as it came, ``Content-Encoding: gzip``.
 """
 
 from __future__ import annotations
@@ -281,21 +285,24 @@ class GrpcStream:
         assert match is not None
         upstream = match.upstream
         req = self.req
-        headers = req.headers
-        if compressed:
-            headers = [*headers, (b"content-encoding", b"gzip")]
+        headers = [*req.headers, (b"content-encoding", b"gzip")] if compressed else req.headers
+        target = upstream_target(match.route, upstream.base_path, grpc.METHODS[req.path], None)
+        headers, req.gzip = upstream.forward(
+            b"POST", target, headers, self._client.encode(), req.tenant, length > 0
+        )
         self._timer = IdleTimer(shared.clock, shared.upstream_timeout)
         exchange = self._exchange = Exchange(
             self,
             upstream,
             self._timer,
             method=b"POST",
-            target=upstream_target(match.route, upstream.base_path, grpc.METHODS[req.path], None),
-            headers=upstream.forward_headers(headers, self._client.encode(), req.tenant),
+            target=target,
+            headers=headers,
             length=length,
             chunked=False,
             retry_safe=False,
             log_failure=shared.log_upstream_failure,
+            gzip=req.gzip,
         )
         exchange.start()
         if not length:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lgmt_proxy.io.compress import Gzip
 from lgmt_proxy.rules.headers import RawHeaders
 
 #: Header names the header pass notes (one set lookup for any other).
@@ -43,6 +44,7 @@ class Incoming:
         "error",
         "expect_continue",
         "from_upstream",
+        "gzip",
         "headers",
         "host",
         "host_count",
@@ -117,6 +119,8 @@ class Incoming:
         self.quiet = False
         #: The status came from the upstream (not a refusal or failure of ours).
         self.from_upstream = False
+        #: Its body went up gzip'd (UPSTREAM_COMPRESSION): the bytes before and after.
+        self.gzip: Gzip | None = None
 
     def read_head(self) -> str | None:
         """The header pass: note framing and every fact the rules read, in

@@ -28,8 +28,10 @@ from lgmt_proxy.config.egress import ForwardProxy
 from lgmt_proxy.config.settings import Config, Secret, UpstreamConfig
 from lgmt_proxy.dataplane.forward import ConnectEndpoint
 from lgmt_proxy.dataplane.pool import UpstreamPool
+from lgmt_proxy.io.compress import Gzip
 from lgmt_proxy.io.sending import SendQueue
 from lgmt_proxy.io.tls import TLSEndpoint
+from lgmt_proxy.rules.compression import compress_request
 from lgmt_proxy.rules.headers import RawHeaders, forward_request_headers
 
 
@@ -137,18 +139,44 @@ class Upstream:
         return value
 
     def forward_headers(
-        self, incoming: RawHeaders, client_address: bytes, tenant: bytes | None = None
+        self,
+        incoming: RawHeaders,
+        client_address: bytes,
+        tenant: bytes | None = None,
+        *,
+        gzip: bool = False,
     ) -> RawHeaders:
         """What this upstream gets for a client request's headers: the
         contract's rules with this upstream's host, credentials and tenant
-        (``tenant``: the consumer's, on a ``from_consumer`` route)."""
+        (``tenant``: the consumer's, on a ``from_consumer`` route);
+        ``gzip``: the body goes up gzip'd (`body_gzip`)."""
         return forward_request_headers(
             incoming,
             host=self.host_header,
             authorization=self.authorization,
             tenant=self.tenant if tenant is None else tenant,
             client_address=client_address,
+            content_encoding=b"gzip" if gzip else None,
         )
+
+    def forward(
+        self,
+        method: bytes,
+        target: bytes,
+        incoming: RawHeaders,
+        client_address: bytes,
+        tenant: bytes | None,
+        has_body: bool,
+    ) -> tuple[RawHeaders, Gzip | None]:
+        """`forward_headers`, and the body's compressor when this upstream
+        has ``UPSTREAM_COMPRESSION`` on and the rules say it is a push body
+        that came uncompressed (`compress_request`); else None: as it came."""
+        level = self.config.gzip_level
+        gzip = None
+        if level is not None and compress_request(method, target, incoming, has_body):
+            gzip = Gzip(level)
+        headers = self.forward_headers(incoming, client_address, tenant, gzip=gzip is not None)
+        return headers, gzip
 
     def __repr__(self) -> str:
         return f"<Upstream {self.config.name} {self.config.url}>"

@@ -80,6 +80,9 @@ class ProxyMetrics:
         #: what Grafana Cloud bills.
         self.request_bytes: dict[tuple[str, ...], int] = {}
         self.response_bytes: dict[tuple[str, ...], int] = {}
+        #: (upstream, stage) -> request body bytes gzip'd on the way up
+        #: (UPSTREAM_COMPRESSION): "before" as the client sent them, "after" as sent.
+        self.compression_bytes: dict[tuple[str, str], int] = {}
         registry.register(_RequestSeries(self, labels, ["upstream", *who]))
         self.config_reloads = Counter(
             "proxy_config_reloads",
@@ -123,6 +126,12 @@ class ProxyMetrics:
 
     def websocket(self, upstream: str, delta: int) -> None:
         self.websockets.labels(upstream).inc(delta)
+
+    def compressed(self, upstream: str, before: int, after: int) -> None:
+        """A request body that went up gzip'd: its bytes before and after."""
+        tally = self.compression_bytes
+        for key, n in (((upstream, "before"), before), ((upstream, "after"), after)):
+            tally[key] = tally.get(key, 0) + n
 
     def started(self, upstream: str) -> None:
         self.in_flight[upstream] = self.in_flight.get(upstream, 0) + 1
@@ -245,6 +254,14 @@ class _RequestSeries:
             "Response body bytes sent to clients (by consumer with client auth on).",
             self.bytes_labels,
             m.response_bytes,
+        )
+        yield _tally(
+            CounterMetricFamily,
+            "proxy_upstream_compression_bytes",
+            "Request body bytes gzip'd on the way upstream (UPSTREAM_COMPRESSION), by "
+            "upstream and stage: before (as the client sent them) and after (as sent).",
+            ["upstream", "stage"],
+            m.compression_bytes,
         )
 
 

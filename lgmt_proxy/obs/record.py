@@ -132,6 +132,9 @@ class Recorder:
                 from_upstream=request.from_upstream,
                 tenant=None if request.tenant is None else request.tenant.decode("latin-1"),
             )
+            gzip = request.gzip
+            if gzip is not None:
+                self.metrics.compressed(upstream, gzip.before, gzip.after)
         if not self._access_log or (request.quiet and not self._log_quiet):
             return
         ua = request.user_agent

@@ -84,6 +84,7 @@ def forward_request_headers(
     authorization: bytes | None,
     tenant: bytes | None,
     client_address: bytes,
+    content_encoding: bytes | None = None,
 ) -> RawHeaders:
     """The headers the upstream gets for a client request. The client's
     credentials are dropped even where none are injected (None), and so are
@@ -91,7 +92,8 @@ def forward_request_headers(
     The ``Connection``-listed filter sees the client's headers only: what
     the proxy injects is added after it, once, so nothing a client sends can
     remove or duplicate it (``Connection: host`` once left the upstream
-    without a ``Host``)."""
+    without a ``Host``). ``content_encoding``: the proxy encodes the body
+    (gzip), in place of the client's ``Content-Encoding`` (``identity``)."""
     connection: list[bytes] | None = None
     kept: RawHeaders = []
     forwarded: list[bytes] = []
@@ -112,6 +114,9 @@ def forward_request_headers(
         kept = [(n, v) for n, v in kept if n.lower() not in listed]
         if b"x-forwarded-for" in listed:
             forwarded = []  # the client's hop-by-hop chain; the proxy's own entry stays
+    if content_encoding is not None:
+        kept = [(n, v) for n, v in kept if n.lower() != b"content-encoding"]
+        kept.append((b"Content-Encoding", content_encoding))
     out: RawHeaders = [(b"Host", host), *kept]
     if authorization is not None:
         out.append((b"Authorization", authorization))
