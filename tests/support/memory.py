@@ -38,20 +38,32 @@ class MemoryEndpoint:
         self.hold = hold
         self.connections: list[tuple[Any, StringTransport]] = []
         self.pending: list[Deferred[Any]] = []
+        self._held: list[Any] = []
         self.cancelled = 0
 
     def connect(self, factory: Any) -> Deferred[Any]:
         if self.hold:
             d: Deferred[Any] = Deferred(self._cancel)
             self.pending.append(d)
+            self._held.append(factory)
             return d
+        return succeed(self._connected(factory))
+
+    def release(self) -> StringTransport:
+        """Complete the oldest held connect; its transport."""
+        d, factory = self.pending.pop(0), self._held.pop(0)
+        proto = self._connected(factory)
+        d.callback(proto)
+        return self.connections[-1][1]
+
+    def _connected(self, factory: Any) -> Any:
         proto = factory.buildProtocol(UPSTREAM_ADDRESS)
         transport = StringTransport(peerAddress=UPSTREAM_ADDRESS)
         proto.makeConnection(transport)
         self.connections.append((proto, transport))
         if self.handshake and IHandshakeListener.providedBy(proto):
             proto.handshakeCompleted()
-        return succeed(proto)
+        return proto
 
     def _cancel(self, d: Deferred[Any]) -> None:
         self.cancelled += 1
