@@ -1,7 +1,7 @@
 """A small Grafana-Cloud-shaped upstream for Loki, Tempo and OTLP, in the test
 process: it refuses (401) anything without the Basic credentials and
 ``X-Scope-OrgID`` of the signal, decodes what the real clients push (OTLP
-protobuf, gzip or not; Loki JSON; Loki snappy protobuf) and answers the read
+protobuf, gzip or not; Loki JSON, gzip or not; Loki snappy protobuf) and answers the read
 paths (Loki ``query_range``, Tempo search and trace by id) from what it stored.
 """
 
@@ -218,10 +218,13 @@ class FakeCloud(Resource):
 
     def _loki_push(self, request: Any, seen: Seen) -> bytes:
         content_type = (seen.header(b"Content-Type") or [b""])[0].split(b";")[0].strip()
+        body = seen.body
+        if seen.header(b"Content-Encoding") == [b"gzip"]:  # as Loki takes it
+            body = gzip.decompress(body)
         if content_type == b"application/x-protobuf":
-            self.logs.extend(decode_loki_snappy_protobuf(seen.body))
+            self.logs.extend(decode_loki_snappy_protobuf(body))
         elif content_type == b"application/json":
-            self.logs.extend(decode_loki_json(seen.body))
+            self.logs.extend(decode_loki_json(body))
         else:
             return self._json(request, 415, {"error": f"unsupported {content_type!r}"})
         request.setResponseCode(204)  # what Loki answers; python-logging-loki wants exactly it
