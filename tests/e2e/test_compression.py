@@ -24,14 +24,14 @@ LINES = ["compressed egress", "a second line, the same labels"]
 class CompressedEgressTests(TestCase):
     timeout = 120
 
-    async def _stack(self) -> tuple[FakeCloud, str]:
+    async def _stack(self) -> tuple[FakeCloud, str, str]:
         cloud = FakeCloud()
         port = listen(upstream_site(cloud))
         self.addCleanup(port.stopListening)
         direct = f"http://127.0.0.1:{port.getHost().port}"
         urls = {"otlp": direct, "loki": direct}
         proxy = await start_proxy(self, urls, {"UPSTREAM_COMPRESSION": "gzip"})
-        return cloud, proxy.url
+        return cloud, direct, proxy.url
 
     async def _metric(self, proxy: str, upstream: str, stage: str) -> float:
         _, body = await call(proxy + "/metrics")
@@ -42,7 +42,7 @@ class CompressedEgressTests(TestCase):
         return 0.0
 
     async def test_sdk_http_exporter_without_compression_arrives_gzipd(self) -> None:
-        cloud, proxy = await self._stack()
+        cloud, direct, proxy = await self._stack()
         run = await otlp_export(proxy)  # the exporters' default: no compression
         # Arrived gzip'd (the exporter sent none), parsed, with the credentials.
         test_otlp.OtlpExportTests._assert_arrived(self, cloud, run, gzip=True)  # type: ignore[arg-type]
@@ -54,8 +54,12 @@ class CompressedEgressTests(TestCase):
         self.assertEqual(after, sum(len(r.raw) for r in cloud.otlp))
         self.assertGreater(before, after)
 
+        # The same exporters straight at the upstream: refused (no credentials).
+        run = await otlp_export(direct)
+        self.assertNotIn("SUCCESS", run.results["traces"])
+
     async def test_loki_json_gzipd_snappy_protobuf_untouched(self) -> None:
-        cloud, proxy = await self._stack()
+        cloud, direct, proxy = await self._stack()
         run_id = uuid.uuid4().hex[:12]
         errors = await python_logging_loki(
             f"{proxy}/loki/api/v1/push", {"app": "lgmt-e2e", "run": run_id}, LINES
@@ -78,6 +82,11 @@ class CompressedEgressTests(TestCase):
         self.assertEqual(
             await self._metric(proxy, "loki", "after"), sum(len(p.body) for p in pushes)
         )
+
+        # Straight at the upstream, without the proxy: refused.
+        errors = await python_logging_loki(f"{direct}/loki/api/v1/push", {"run": run_id}, LINES[:1])
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn("401", errors[0])
 
     def test_bench_protobuf_body_is_a_valid_export(self) -> None:
         # The hand-encoded body of the compression tests and the bench parses
