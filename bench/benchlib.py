@@ -353,6 +353,12 @@ def upstream_conf(
             proxy_pass_request_body off; proxy_set_header Content-Length "";
             proxy_pass http://sink;
         }}
+        location /otlp/v1/ {{
+            client_max_body_size 0; client_body_buffer_size 2m;
+            proxy_http_version 1.1; proxy_set_header Connection "";
+            proxy_pass_request_body off; proxy_set_header Content-Length "";
+            proxy_pass http://sink;
+        }}
         location = {BIG_PATH} {{ default_type application/octet-stream; alias {big_file}; }}
         location = /health {{ return 200 'ok'; }}
         location / {{ return 404; }}"""

@@ -5,6 +5,7 @@
     python3 bench/run.py --soak-seconds 120   shorter soak
     python3 bench/run.py --quick              CI smoke: seconds per workload, small sizes, no soak
     python3 bench/run.py --only get50,auth    some workloads
+    python3 bench/run.py --only gzip --quick   compressed egress alone
     python3 bench/run.py --compare-twistd ../other/.venv/bin/twistd   A/B two builds
     python3 bench/run.py --update-docs        also rewrite the results in docs/performance.md
 
@@ -43,12 +44,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as b  # re-executes under .venv/bin/python when psutil is missing
+import egress
 from benchlib import MiB, log
 
 #: The workloads run again with the upstream answering over HTTPS (as Grafana
 #: Cloud does): the same method, fresh proxies that talk TLS to the upstream.
 TLS_WORKLOADS = {"tls_get50": "get50", "tls_get1": "get1", "tls_push": "push", "tls_big": "big"}
-WORKLOADS = ("get50", "auth", "budgets", "get1", "push", "big", *TLS_WORKLOADS, "idle", "soak")
+WORKLOADS = (
+    "get50", "auth", "budgets", "get1", "push", "gzip", "big", *TLS_WORKLOADS, "idle", "soak"
+)  # fmt: skip
 DOCS = b.ROOT / "docs" / "performance.md"
 RESULTS = b.BENCH / "results"
 MARKS = ("<!-- bench:results:start -->", "<!-- bench:results:end -->")
@@ -65,6 +69,7 @@ class Settings:
     auth_consumers: int = 10_000
     push_connections: int = 8
     push_bytes: int = MiB
+    gzip_bytes: int = MiB  # each OTLP body of the gzip workload
     big_bytes: int = 512 * MiB
     big_read_rate: int = 256 * MiB  # bytes/s the big download's reader takes at most
     idle_connections: int = 2000
@@ -301,6 +306,63 @@ class Bench:
         label = f"{size // MiB} MiB" if size % MiB == 0 else f"{size // 1024} KiB"
         return {"size": label, "connections": conns, "runs": runs, "summary": summarize(runs)}
 
+    def gzip(self) -> dict[str, Any]:
+        """OTLP trace pushes (a JSON and a protobuf body, generated) on one
+        connection through lgmt-proxy as it is and through one with
+        UPSTREAM_COMPRESSION=gzip, alternating rounds: the bytes sent
+        upstream per byte received (the proxy's own counters) and the CPU per
+        MiB received, with and without compression."""
+        self.add(self.lgmt("lgmt_gzip", UPSTREAM_COMPRESSION="gzip"))
+        names, summary = ["lgmt", "lgmt_gzip"], {}
+        try:
+            runs: Runs = {n: [] for n in names}
+            for kind, body in egress.bodies(self.s.gzip_bytes).items():
+                for name in names:  # warm-up, nothing kept
+                    egress.push_for(self.targets[name].port, kind, body, self.s.warmup)
+                for r in range(self.s.rounds):
+                    for name in names if r % 2 == 0 else names[::-1]:
+                        runs[name].append(self.gzip_run(name, kind, body))
+            for name in names:
+                row: dict[str, Any] = {"non2xx": sum(x["non2xx"] for x in runs[name])}
+                for kind in egress.KINDS:
+                    mine = [x for x in runs[name] if x["kind"] == kind]
+                    for key in ("cpu_us_per_mib", "mib_per_s", "ratio"):
+                        values = [x[key] for x in mine if not math.isnan(x[key])]
+                        row[f"{kind}_{key}"] = statistics.median(values) if values else math.nan
+                summary[name] = row
+        finally:
+            self.targets.pop("lgmt_gzip").stop()
+        on, off = summary["lgmt_gzip"], summary["lgmt"]
+        for kind in egress.KINDS:
+            on[f"{kind}_saved_pct"] = 100 * (1 - on[f"{kind}_ratio"])
+            on[f"{kind}_plain_cpu_us_per_mib"] = off[f"{kind}_cpu_us_per_mib"]
+            on[f"{kind}_cpu_cost"] = ratio(on[f"{kind}_cpu_us_per_mib"], off[f"{kind}_cpu_us_per_mib"])
+        note("gzip lgmt_gzip", on)
+        label = f"{self.s.gzip_bytes // 1024} KiB"
+        return {"size": label, "runs": runs, "summary": summary}
+
+    def gzip_run(self, name: str, kind: str, body: bytes) -> dict[str, Any]:
+        """One measured run of the gzip workload against one target."""
+        self.check_alive()
+        target = self.targets[name]
+        time.sleep(0.2)
+        counted = egress.compression_bytes(target.url)
+        cpu0 = target.cpu()
+        r = egress.push_for(target.port, kind, body, self.s.seconds)
+        cpu = target.cpu() - cpu0
+        after = egress.compression_bytes(target.url)
+        before = after["before"] - counted["before"]
+        mib = r["bytes"] / MiB
+        return note(f"gzip {kind} {name}", {
+            "kind": kind,
+            "requests": r["requests"],
+            "non2xx": r["non2xx"],
+            "mib_per_s": mib / r["seconds"],
+            "cpu_us_per_mib": cpu * 1e6 / mib if mib else math.nan,
+            # Bytes upstream per byte received (NaN without compression).
+            "ratio": (after["after"] - counted["after"]) / before if before else math.nan,
+        })  # fmt: skip
+
     def big(self) -> dict[str, Any]:
         """One big upload, then one download read at a bounded rate, through
         fresh proxies: the peak RSS above where each one started."""
@@ -520,6 +582,17 @@ FIGURES = [
     _latency("push"),
     _conns("push"),
     Fig("push", "pushes not read whole by the upstream", "{pushes_not_read_whole:.0f}", target="0"),
+    Fig("gzip", "OTLP JSON: bytes upstream / received (saved)", "{json_ratio:.3f} ({json_saved_pct:.0f}%)",
+        label="{size} OTLP trace pushes, 1 conn, UPSTREAM_COMPRESSION=gzip (level 1)", nginx=False,
+        lgmt="lgmt_gzip", need=("json_ratio",)),
+    Fig("gzip", "OTLP JSON: CPU per MiB received, gzip / plain (µs)",
+        "{json_cpu_us_per_mib:,.0f} / {json_plain_cpu_us_per_mib:,.0f} ({json_cpu_cost:.2f}x)", nginx=False,
+        lgmt="lgmt_gzip", need=("json_cpu_us_per_mib", "json_plain_cpu_us_per_mib")),
+    Fig("gzip", "OTLP protobuf: bytes upstream / received (saved)", "{protobuf_ratio:.3f} ({protobuf_saved_pct:.0f}%)",
+        nginx=False, lgmt="lgmt_gzip", need=("protobuf_ratio",)),
+    Fig("gzip", "OTLP protobuf: CPU per MiB received, gzip / plain (µs)",
+        "{protobuf_cpu_us_per_mib:,.0f} / {protobuf_plain_cpu_us_per_mib:,.0f} ({protobuf_cpu_cost:.2f}x)", nginx=False,
+        lgmt="lgmt_gzip", need=("protobuf_cpu_us_per_mib", "protobuf_plain_cpu_us_per_mib")),
     *_big("up", "{mib} MiB up (POST)"),
     *_big("down", "{mib} MiB down (GET, read at ≤ {rate} MiB/s)"),
     Fig("idle", "RSS per connection (KiB)", "{kib_per_connection:.1f}", label="{connections:,} idle keep-alive conns",
