@@ -402,6 +402,8 @@ class ProxyService(MultiService):
                     via=up.proxy.display if up.proxy is not None else "direct",
                 ),
             )
+        if gzipped := [n for n, up in self.upstreams.items() if up.config.gzip_level]:
+            _log.info("uncompressed pushes gzip'd on the way to: {names}", names=", ".join(gzipped))
         off = [n for n in SIGNALS if n not in self.upstreams]
         if off and self.config.routes_file is None:
             _log.info("signals off (their routes answer 404): {off}", off=", ".join(off))

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import json
 import os
 import random
 import zlib
 from typing import Any
 
 import httptools
-from twisted.internet import protocol
+from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 
 from lgmt_proxy.dataplane.grpc_server import GrpcFactory
+from lgmt_proxy.service import ProxyService
+from lgmt_proxy.tap import load
 from tests.loopback.test_grpc import METRICS, TRACES, h2_connect
 from tests.support.helpers import (
     ORG,
@@ -30,6 +35,7 @@ from tests.support.helpers import (
     basic,
     call,
     env_for,
+    free_port,
     listen,
     raw_connect,
     sleep,
@@ -176,6 +182,56 @@ class CompressedEgressTests(TestCase):
         self.assertEqual(seen.header(b"Content-Encoding"), [b"gzip"])
         self.assertEqual(seen.header(b"Content-Length"), [b"%d" % len(zipped)])
         self.assertEqual(self.counted(proxy, "otlp", "before"), len(message))
+
+
+class RoutesFileTests(TestCase):
+    """A ROUTES_FILE route's own ``compression``, and the start-up line
+    naming the upstreams whose pushes are gzip'd."""
+
+    timeout = 30
+
+    async def test_route_compression_and_startup_line(self) -> None:
+        up = Recorder()
+        port = listen(upstream_site(up))
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}"
+        path = os.path.join(self.mktemp() + ".yaml")
+        with open(path, "w") as f:
+            f.write(
+                "routes:\n"
+                f"  - {{name: otel, prefix: /otlp, upstream: '{url}'}}\n"
+                f"  - {{name: logs, prefix: /loki, upstream: '{url}', compression: none}}\n"
+            )
+        env = {"ROUTES_FILE": path, "UPSTREAM_COMPRESSION": "gzip", "SHUTDOWN_DELAY_SECONDS": "0"}
+        main = free_port()
+        config, _, _, specs = load(env)
+        out = io.StringIO()
+        svc = ProxyService(
+            config,
+            reactor,
+            token=None,
+            routes=specs,
+            listen=f"tcp:{main}:interface=127.0.0.1",
+            stdout=out,
+            handle_sigterm=False,
+        )
+        globalLogPublisher.addObserver(svc.log_observer)
+        self.addCleanup(globalLogPublisher.removeObserver, svc.log_observer)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        await sleep(0.05)
+        said = [json.loads(line)["msg"] for line in out.getvalue().splitlines()]
+        self.assertIn("uncompressed pushes gzip'd on the way to: otel", said)
+
+        proxy = f"http://127.0.0.1:{main}"
+        body = otlp_json(100)
+        for route, zipped in (("/otlp/v1/traces", True), ("/loki/api/v1/push", False)):
+            headers = {b"Content-Type": [JSON]}
+            response, _ = await call(proxy + route, b"POST", headers, body)
+            self.assertEqual(response.code, 200)
+            seen = up.seen[-1]
+            self.assertEqual(gzip.decompress(seen.body) if zipped else seen.body, body)
+            self.assertEqual(seen.header(b"Content-Encoding"), [b"gzip"] if zipped else None)
 
 
 class _GunzipUpstream(protocol.Protocol):
