@@ -3,7 +3,8 @@
 through a ``twistd`` proxy with ``UPSTREAM_COMPRESSION=gzip``; the upstream
 receives gzip, decodes the protobuf and the JSON, and accepts them only with
 the proxy's credentials. winston-loki's snappy protobuf push is left as it
-came, and the proxy's /metrics shows what was saved."""
+came, and the proxy's /metrics shows what was saved. The SDK's OTLP/gRPC
+exporters through ``OTLP_GRPC_LISTEN`` get the same compression."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import uuid
 
 from twisted.trial.unittest import TestCase
 
-from ..support.helpers import ORG, call, listen, upstream_site
+from ..support.helpers import ORG, call, free_port, listen, upstream_site
 from ..support.otlp_bodies import otlp_protobuf
 from . import test_otlp
-from .clients import otlp_export, python_logging_loki, winston_loki
+from .clients import OTLP_GRPC_MODULES, otlp_export, python_logging_loki, winston_loki
 from .peers import need_modules, start_proxy
 from .upstream import FakeCloud
 
@@ -57,6 +58,24 @@ class CompressedEgressTests(TestCase):
         # The same exporters straight at the upstream: refused (no credentials).
         run = await otlp_export(direct)
         self.assertNotIn("SUCCESS", run.results["traces"])
+
+    async def test_sdk_grpc_exporter_without_compression_arrives_gzipd(self) -> None:
+        # The gRPC bridge's POSTs are compressed like the HTTP exporter's.
+        need_modules(*OTLP_GRPC_MODULES)
+        cloud = FakeCloud()
+        port = listen(upstream_site(cloud))
+        self.addCleanup(port.stopListening)
+        grpc_port = free_port()
+        env = {
+            "UPSTREAM_COMPRESSION": "gzip",
+            "OTLP_GRPC_LISTEN": f"tcp:{grpc_port}:interface=127.0.0.1",
+        }
+        direct = f"http://127.0.0.1:{port.getHost().port}"
+        proxy = await start_proxy(self, {"otlp": direct}, env)
+        run = await otlp_export(proxy.url, grpc=f"127.0.0.1:{grpc_port}")
+        test_otlp.OtlpExportTests._assert_arrived(self, cloud, run, gzip=True)  # type: ignore[arg-type]
+        for seen in cloud.seen:
+            self.assertEqual(seen.header(b"Transfer-Encoding"), [b"chunked"])
 
     async def test_loki_json_gzipd_snappy_protobuf_untouched(self) -> None:
         cloud, direct, proxy = await self._stack()
