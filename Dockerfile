@@ -1,8 +1,9 @@
 # lgmt-proxy container image.
 #
 #   scripts/build-image            build it (docker when a daemon answers, else buildah)
-#   scripts/smoke-image            build, run with --sandbox, check /health, a proxied
-#                                  request and a clean exit (0) on SIGTERM
+#   scripts/smoke-image            build, run with --sandbox as the chart does, check the
+#                                  probes, a proxied request, the compiled data plane,
+#                                  the read-only root and a clean exit (0) on SIGTERM
 #
 # Two stages on debian:bookworm-slim: the first builds a virtualenv with the
 # project installed (not editable) using Debian's python3 (3.11), its data
