@@ -27,7 +27,7 @@ from lgmt_proxy.config.settings import SIGNALS, Config, Secret, UpstreamConfig
 from lgmt_proxy.config.tokens import token_source
 from lgmt_proxy.config.watch import WatchedFile
 from lgmt_proxy.dataplane.drain import drain_connections
-from lgmt_proxy.dataplane.grpc_server import GrpcFactory
+from lgmt_proxy.dataplane.grpc_server import GrpcFactory, GrpcTLSFactory
 from lgmt_proxy.dataplane.resources import build_root
 from lgmt_proxy.dataplane.server import ProxyFactory
 from lgmt_proxy.dataplane.upstream import Upstream, build_upstream
@@ -307,8 +307,10 @@ class ProxyService(MultiService):
         if grpc_listen:
             if grpc_listen.isdigit():
                 grpc_listen = default_listen(int(grpc_listen))
-            self.grpc_factory = GrpcFactory(self.proxy_factory)
-            self._grpc = Listener(grpc_listen, self.grpc_factory, reactor)
+            grpc = self.grpc_factory = GrpcFactory(self.proxy_factory)
+            tls = config.otlp_grpc_tls
+            factory = grpc if tls is None else GrpcTLSFactory(grpc, tls.options, reactor)
+            self._grpc = Listener(grpc_listen, factory, reactor)
             self._grpc.setServiceParent(self)
         if self.client_auth is not None:
             self._watched.append(self.client_auth)
@@ -383,8 +385,10 @@ class ProxyService(MultiService):
             )
         _log.info("listening on {address}", address=self._main.address, listen=self.listen)
         if self._grpc is not None:
+            tls = self.config.otlp_grpc_tls
             _log.info(
-                "OTLP over gRPC (h2c) on {address}, bridged to the otlp route",
+                "OTLP over gRPC ({how}) on {address}, bridged to the otlp route",
+                how="h2c" if tls is None else f"TLS, ALPN h2, {tls.subject} until {tls.not_after}",
                 address=self._grpc.address.replace("http://", "", 1),
             )
         for name, up in self.upstreams.items():

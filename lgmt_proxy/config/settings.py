@@ -20,6 +20,7 @@ from lgmt_proxy.config.egress import Egress, RouteProxy, parse_egress
 from lgmt_proxy.config.ratelimit import VARIABLES as RATE_LIMIT_VARIABLES
 from lgmt_proxy.config.ratelimit import RedisSettings, parse_rate_limit_redis
 from lgmt_proxy.config.secret import Secret
+from lgmt_proxy.config.servertls import ServerTLS
 
 #: The signals of the contract, in the order their routes are listed, plus
 #: profiles (Pyroscope), Grafana Cloud's fifth signal, off unless configured.
@@ -122,6 +123,10 @@ class Config:
     rate_limit_redis: RedisSettings | None = None
     #: OTLP_GRPC_LISTEN: a port or an endpoint description (None: off).
     otlp_grpc_listen: str | None = None
+    #: OTLP_GRPC_TLS_CERT_FILE and OTLP_GRPC_TLS_KEY_FILE (both or neither).
+    otlp_grpc_tls_files: tuple[str, str] | None = None
+    #: What those files hold, read at start-up by the caller (tap.load).
+    otlp_grpc_tls: ServerTLS | None = None
 
 
 def _is_loopback(host: str) -> bool:
@@ -308,6 +313,7 @@ KNOWN_VARIABLES = frozenset(
        "CLIENT_HEADER_TIMEOUT_SECONDS", "CLIENT_IDLE_TIMEOUT_SECONDS", "CLIENT_AUTH_FILE",
        "ROUTES_FILE", "WEBSOCKET_IDLE_TIMEOUT_SECONDS", "ALLOWED_ORIGINS", "ALLOWED_HOSTS",
        "METRICS_TENANT_LABEL", "UPSTREAM_PROXY_CREDENTIALS_FILE", "OTLP_GRPC_LISTEN",
+       "OTLP_GRPC_TLS_CERT_FILE", "OTLP_GRPC_TLS_KEY_FILE",
        "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy",
        *RATE_LIMIT_VARIABLES]
 )  # fmt: skip
@@ -378,6 +384,29 @@ def _parse_grpc_listen(
     return value
 
 
+def _parse_grpc_tls(reader: _Reader, listen: str | None) -> tuple[str, str] | None:
+    """OTLP_GRPC_TLS_CERT_FILE and OTLP_GRPC_TLS_KEY_FILE: both or neither,
+    and only with the gRPC listener on (the files are read by the caller)."""
+    cert = reader.get("OTLP_GRPC_TLS_CERT_FILE")
+    key = reader.get("OTLP_GRPC_TLS_KEY_FILE")
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        missing = "OTLP_GRPC_TLS_CERT_FILE" if cert is None else "OTLP_GRPC_TLS_KEY_FILE"
+        reader.problems.append(
+            f"{missing}: required for TLS on the gRPC listener (set both or neither)"
+        )
+        return None
+    if listen is None:
+        raw = (reader.get("OTLP_GRPC_LISTEN") or "off").lower()
+        if raw == "off":  # else OTLP_GRPC_LISTEN's own problem is reported
+            reader.problems.append(
+                "OTLP_GRPC_TLS_CERT_FILE: set, but the gRPC listener is off (OTLP_GRPC_LISTEN)"
+            )
+        return None
+    return cert, key
+
+
 def parse_config(env: Mapping[str, str]) -> Config:
     """Parse and validate the environment; raise `ConfigError` listing every problem.
 
@@ -428,6 +457,7 @@ def parse_config(env: Mapping[str, str]) -> Config:
     r.problems.extend(egress_problems)
     redis, redis_problems = parse_rate_limit_redis(env)
     r.problems.extend(redis_problems)
+    grpc_listen = _parse_grpc_listen(r, signals, routes_file)
     config = Config(
         signals=signals,
         token=token,
@@ -459,7 +489,8 @@ def parse_config(env: Mapping[str, str]) -> Config:
         metrics_tenant_label=r.boolean("METRICS_TENANT_LABEL", False),
         egress=egress,
         rate_limit_redis=redis,
-        otlp_grpc_listen=_parse_grpc_listen(r, signals, routes_file),
+        otlp_grpc_listen=grpc_listen,
+        otlp_grpc_tls_files=_parse_grpc_tls(r, grpc_listen),
     )
     if r.problems:
         raise ConfigError(r.problems)

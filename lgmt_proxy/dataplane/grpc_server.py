@@ -25,13 +25,22 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLServerConnectionCreator,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from lgmt_proxy.dataplane.grpc_stream import GrpcStream
 from lgmt_proxy.dataplane.server import ProxyFactory
 from lgmt_proxy.io.sending import Sender
+from lgmt_proxy.io.tls import TLSCarrier
 from lgmt_proxy.rules.headers import RawHeaders
 
 #: Calls open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
@@ -71,8 +80,39 @@ class GrpcFactory(Factory):
         return GrpcConnection(self)
 
 
+class GrpcTLSFactory(Factory):
+    """TLS under each connection of ``grpc`` (``OTLP_GRPC_TLS_*``): Twisted's
+    `TLSMemoryBIOProtocol` over a `TLSCarrier`, as for an https upstream, so
+    the records go out through the connection's `Sender`. ``creator`` offers
+    ALPN ``h2`` only (`config.servertls`): a client offering other protocols
+    fails the handshake, and one offering none is closed once it completes
+    (`GrpcConnection.handshakeCompleted`)."""
+
+    noisy = False
+
+    def __init__(
+        self, grpc: GrpcFactory, creator: IOpenSSLServerConnectionCreator, clock: IReactorTime
+    ) -> None:
+        self.grpc = grpc
+        self._tls = TLSMemoryBIOFactory(creator, False, grpc, clock)
+
+    def buildProtocol(self, addr: Any) -> TLSCarrier | None:
+        connection = self.grpc.buildProtocol(addr)
+        if connection is None:
+            return None  # over MAX_CONNECTIONS: closed before any handshake
+        return TLSCarrier(TLSMemoryBIOProtocol(self._tls, connection))
+
+    def doStart(self) -> None:
+        self._tls.doStart()
+
+    def doStop(self) -> None:
+        self._tls.doStop()
+
+
+@implementer(IHandshakeListener)
 class GrpcConnection(Protocol):
-    """One HTTP/2 client connection carrying unary OTLP calls."""
+    """One HTTP/2 client connection carrying unary OTLP calls. Under TLS,
+    HTTP/2 starts once the handshake has selected ``h2``."""
 
     def __init__(self, factory: GrpcFactory) -> None:
         self.factory = factory
@@ -92,6 +132,10 @@ class GrpcConnection(Protocol):
         #: The last stream taken once GOAWAY was sent (None: not sent).
         self.last_stream: int | None = None
         self._closing = False
+        #: The TLS layer under this connection (None: h2c).
+        self._tls: Any = None
+        #: HTTP/2 has begun (under TLS, not before the handshake).
+        self._started = False
 
     # -- the connection ------------------------------------------------------------------
 
@@ -99,8 +143,30 @@ class GrpcConnection(Protocol):
         self.factory.connections.add(self)
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.client_text = getattr(peer, "host", "unknown")
+        if ISSLTransport.providedBy(self.transport):
+            self._tls = self.transport
         out = self.out = self.shared.sends.install(self)
         out.register_producer(out.reading)
+        if self._tls is None:
+            self._start_h2()
+            self._arm_idle()
+        else:  # the handshake within the time a client has for its request head
+            self._arm_idle(self.shared.client_header_timeout)
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: HTTP/2 if ALPN selected ``h2``, else close (a client
+        that offered no ALPN; one that offered only others failed the
+        handshake already). Nothing of HTTP/2 was sent to it."""
+        if self._closing:
+            return
+        if getattr(self._tls, "negotiatedProtocol", None) != b"h2":
+            self.shut()
+            return
+        self._start_h2()
+        self._arm_idle()
+
+    def _start_h2(self) -> None:
+        self._started = True
         conn = self.h2
         conn.local_settings = h2.settings.Settings(
             client=False,
@@ -112,7 +178,6 @@ class GrpcConnection(Protocol):
         conn.decoder.max_header_list_size = MAX_HEADER_LIST
         conn.initiate_connection()
         self._flush()
-        self._arm_idle()
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -149,8 +214,9 @@ class GrpcConnection(Protocol):
 
     def _close_with(self, error_code: int) -> None:
         """A connection error: GOAWAY with ``error_code``, then close."""
-        self.h2.close_connection(error_code=error_code)
-        self._flush()
+        if self._started:
+            self.h2.close_connection(error_code=error_code)
+            self._flush()
         self.shut()
 
     def shut(self) -> None:
@@ -171,6 +237,9 @@ class GrpcConnection(Protocol):
     def close_when_idle(self, quiet: float) -> None:
         """Draining: GOAWAY once, naming the last stream taken; close when
         no call is left (``quiet``: not used, calls say when they end)."""
+        if not self._started:  # still in the TLS handshake: no HTTP/2 yet
+            self.shut()
+            return
         if self.last_stream is None:
             self.last_stream = self.h2.highest_inbound_stream_id
             self._flush()
@@ -185,11 +254,13 @@ class GrpcConnection(Protocol):
         if idle is not None and idle.active():
             idle.cancel()
 
-    def _arm_idle(self) -> None:
+    def _arm_idle(self, seconds: float | None = None) -> None:
         self._stop_idle()
         if self._closing:
             return
-        self._idle = self.shared.clock.callLater(self.shared.client_idle_timeout, self._idle_over)
+        if seconds is None:
+            seconds = self.shared.client_idle_timeout
+        self._idle = self.shared.clock.callLater(seconds, self._idle_over)
 
     def _idle_over(self) -> None:
         self._idle = None

@@ -78,6 +78,41 @@ class ListenSettingTests(TestCase):
         )
 
 
+class TLSSettingTests(TestCase):
+    CERT = {"OTLP_GRPC_TLS_CERT_FILE": "/tls/tls.crt"}
+    KEY = {"OTLP_GRPC_TLS_KEY_FILE": "/tls/tls.key"}
+
+    def test_both_named_files_only_read_later(self) -> None:
+        config = parse_config({**OTLP, "OTLP_GRPC_LISTEN": "4317", **self.CERT, **self.KEY})
+        self.assertEqual(config.otlp_grpc_tls_files, ("/tls/tls.crt", "/tls/tls.key"))
+        self.assertIsNone(config.otlp_grpc_tls)  # tap.load reads them
+        self.assertIsNone(parse_config({**OTLP, "OTLP_GRPC_LISTEN": "4317"}).otlp_grpc_tls_files)
+
+    def test_both_or_neither(self) -> None:
+        on = {**OTLP, "OTLP_GRPC_LISTEN": "4317"}
+        self.assertEqual(
+            problems({**on, **self.CERT}),
+            ["OTLP_GRPC_TLS_KEY_FILE: required for TLS on the gRPC listener (set both or neither)"],
+        )
+        self.assertEqual(
+            problems({**on, **self.KEY}),
+            [
+                "OTLP_GRPC_TLS_CERT_FILE: required for TLS on the gRPC listener (set both or neither)"
+            ],
+        )
+
+    def test_needs_the_listener(self) -> None:
+        for off in ({}, {"OTLP_GRPC_LISTEN": "off"}):
+            self.assertEqual(
+                problems({**OTLP, **off, **self.CERT, **self.KEY}),
+                ["OTLP_GRPC_TLS_CERT_FILE: set, but the gRPC listener is off (OTLP_GRPC_LISTEN)"],
+            )
+        # A bad OTLP_GRPC_LISTEN is the one problem reported.
+        found = problems({**OTLP, "OTLP_GRPC_LISTEN": "0", **self.CERT, **self.KEY})
+        self.assertEqual(len(found), 1)
+        self.assertTrue(found[0].startswith("OTLP_GRPC_LISTEN:"))
+
+
 class StatusTests(TestCase):
     def test_otlp_table(self) -> None:
         table = {
