@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from zope.interface import implementer
 
 from lgmt_proxy.dataplane.dispatcher import Shared
@@ -53,11 +53,24 @@ class StreamOwner(Protocol):
         """The call is answered or gone: forget it."""
 
 
-def read_headers(req: Incoming, headers: RawHeaders) -> tuple[bytes, bytes, bytes, RawHeaders]:
+class CallHead(NamedTuple):
+    """What a call's headers say beyond the facts the rules read."""
+
+    path: bytes
+    content_type: bytes
+    encoding: bytes
+    #: grpc-timeout as sent (None: no deadline).
+    timeout: bytes | None
+    #: The metadata forwarded upstream.
+    forwarded: RawHeaders
+
+
+def read_headers(req: Incoming, headers: RawHeaders) -> CallHead:
     """The facts the rules read, noted on ``req`` (``:authority`` as the
-    Host, the ``authorization`` and ``x-scope-orgid`` metadata); returns the
-    path, content type, grpc-encoding and the metadata forwarded."""
+    Host, the ``authorization`` and ``x-scope-orgid`` metadata), and the
+    rest of the call's head."""
     path = content_type = encoding = b""
+    timeout: bytes | None = None
     forwarded: RawHeaders = []
     for name, value in headers:
         if name == b":method":
@@ -70,6 +83,8 @@ def read_headers(req: Incoming, headers: RawHeaders) -> tuple[bytes, bytes, byte
             content_type = value
         elif name == b"grpc-encoding":
             encoding = value
+        elif name == b"grpc-timeout":
+            timeout = value
         elif name == b"authorization":
             req.authorization = [*(req.authorization or []), value]
         elif name == b"x-scope-orgid":
@@ -81,7 +96,7 @@ def read_headers(req: Incoming, headers: RawHeaders) -> tuple[bytes, bytes, byte
             else:
                 req.request_id = value
     req.target = req.path = path
-    return path, content_type, encoding, forwarded
+    return CallHead(path, content_type, encoding, timeout, forwarded)
 
 
 class CallRefusal(NamedTuple):
@@ -119,6 +134,59 @@ def route_call(
     return match, decision
 
 
+def admit_call(
+    shared: Shared, req: Incoming, path: bytes, encoding: bytes, timeout: bytes | None
+) -> tuple[Proxied[Any], Proxy, float | None] | CallRefusal:
+    """A call whose head is gRPC: its route, decision and deadline (seconds,
+    None: none), or why it is answered without going upstream (an unknown
+    method or encoding, a refusal, a malformed or zero ``grpc-timeout``)."""
+    problem = grpc.call_problem(req.method, path, encoding)
+    if problem is not None:
+        return CallRefusal(*problem)
+    routed = route_call(shared, req, path)
+    if isinstance(routed, CallRefusal):
+        return routed
+    seconds = None
+    if timeout is not None:
+        seconds = grpc.parse_timeout(timeout)
+        if seconds is None:
+            return CallRefusal(400, grpc.INTERNAL, "malformed grpc-timeout")
+        if seconds <= 0:
+            return CallRefusal(408, grpc.DEADLINE_EXCEEDED, "deadline exceeded")
+    return (*routed, seconds)
+
+
+def new_exchange(
+    side: GrpcStream,
+    shared: Shared,
+    match: Proxied[Any],
+    timer: IdleTimer,
+    *,
+    length: int,
+    gzip: bool,
+    client: bytes,
+) -> Exchange:
+    """The exchange posting the message of ``side``'s call to its OTLP path
+    (``gzip``: the message is compressed, and goes as it is)."""
+    upstream = match.upstream
+    req = side.req
+    headers = req.headers
+    if gzip:
+        headers = [*headers, (b"content-encoding", b"gzip")]
+    return Exchange(
+        side,
+        upstream,
+        timer,
+        method=b"POST",
+        target=upstream_target(match.route, upstream.base_path, grpc.METHODS[req.path], None),
+        headers=upstream.forward_headers(headers, client, req.tenant),
+        length=length,
+        chunked=False,
+        retry_safe=False,
+        log_failure=shared.log_upstream_failure,
+    )
+
+
 def call_refusal(refusal: Refusal) -> CallRefusal:
     """An HTTP refusal as a call's answer: its gRPC status, and RetryInfo
     from its ``Retry-After``."""
@@ -142,6 +210,8 @@ class GrpcStream:
         self._reader = grpc.MessageReader()
         self._exchange: Exchange | None = None
         self._timer: IdleTimer | None = None
+        #: The call's deadline (grpc-timeout), armed from its headers.
+        self._deadline: IDelayedCall | None = None
         self._proxied: Proxied[Any] | None = None
         self._answer: list[bytes] | None = None
         self._answer_size = 0
@@ -164,24 +234,24 @@ class GrpcStream:
     def begin(self, headers: RawHeaders) -> None:
         """The request's headers: check them, decide, wait for the message."""
         req = self.req
-        path, content_type, encoding, forwarded = read_headers(req, headers)
+        path, content_type, encoding, timeout, forwarded = read_headers(req, headers)
         if not content_type.startswith(b"application/grpc"):
             self.over = True
             req.status = 415
             self._owner.reply_status(self.stream_id, 415)
             self._finish()
             return
-        problem = grpc.call_problem(req.method, path, encoding)
-        if problem is not None:
-            self._refuse(*problem)
-            return
-        self._gzip = encoding == b"gzip"
         shared = self._shared
-        routed = route_call(shared, req, path)
-        if isinstance(routed, CallRefusal):
-            self._refuse(*routed)
+        admitted = admit_call(shared, req, path, encoding, timeout)
+        if isinstance(admitted, CallRefusal):
+            self._refuse(*admitted)
             return
-        match, decision = routed
+        match, decision, seconds = admitted
+        self._gzip = encoding == b"gzip"
+        if seconds is not None:
+            # Bounds the whole call: the budgets, the connect, the upstream's
+            # answer (UPSTREAM_TIMEOUT_SECONDS still bounds each silence).
+            self._deadline = shared.clock.callLater(seconds, self._deadline_passed)
         req.headers = [(b"content-type", b"application/x-protobuf"), *forwarded]
         limits = decision.limits
         if not limits.limited:
@@ -279,27 +349,13 @@ class GrpcStream:
             return None
         match = self._proxied
         assert match is not None
-        upstream = match.upstream
-        req = self.req
-        headers = req.headers
-        if compressed:
-            headers = [*headers, (b"content-encoding", b"gzip")]
-        self._timer = IdleTimer(shared.clock, shared.upstream_timeout)
-        exchange = self._exchange = Exchange(
-            self,
-            upstream,
-            self._timer,
-            method=b"POST",
-            target=upstream_target(match.route, upstream.base_path, grpc.METHODS[req.path], None),
-            headers=upstream.forward_headers(headers, self._client.encode(), req.tenant),
-            length=length,
-            chunked=False,
-            retry_safe=False,
-            log_failure=shared.log_upstream_failure,
+        timer = self._timer = IdleTimer(shared.clock, shared.upstream_timeout)
+        exchange = self._exchange = new_exchange(
+            self, shared, match, timer, length=length, gzip=compressed, client=self._client.encode()
         )
         exchange.start()
         if not length:
-            req.complete = True
+            self.req.complete = True
             exchange.body_end()
         return exchange
 
@@ -393,6 +449,19 @@ class GrpcStream:
 
     # -- endings ------------------------------------------------------------------------
 
+    def _deadline_passed(self) -> None:
+        """The client's deadline: DEADLINE_EXCEEDED, the exchange (if any)
+        abandoned, its connection never reused. Logged as 504 (reason
+        timeout) once the upstream had the call, else 408."""
+        self._deadline = None
+        if self.over:
+            return
+        if self._exchange is not None:
+            self.req.note_error("timeout")
+        self.req.status = 408 if self._exchange is None else 504
+        self._stop()
+        self._end(grpc.DEADLINE_EXCEEDED, "deadline exceeded")
+
     def _refuse(self, status: int, code: int, message: str, retry: int | None = None) -> None:
         """Answered by the proxy itself, nothing forwarded."""
         self.req.status = status
@@ -421,5 +490,8 @@ class GrpcStream:
         self._finish()
 
     def _finish(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
         self._shared.recorder.finished(self.req, self._client)
         self._owner.call_over(self)

@@ -71,6 +71,32 @@ def call_problem(method: bytes, path: bytes, encoding: bytes) -> tuple[int, int,
     return None
 
 
+#: grpc-timeout's units, in seconds (PROTOCOL-HTTP2.md: TimeoutUnit).
+_TIMEOUT_UNITS = {
+    ord("H"): 3600.0,
+    ord("M"): 60.0,
+    ord("S"): 1.0,
+    ord("m"): 1e-3,
+    ord("u"): 1e-6,
+    ord("n"): 1e-9,
+}
+
+
+def parse_timeout(value: bytes) -> float | None:
+    """A ``grpc-timeout`` value in seconds (PROTOCOL-HTTP2.md: at most 8
+    ASCII digits, then one unit of ``HMSmun``), or None when it is malformed:
+    the call then fails with INTERNAL before anything is sent, as grpc-go's
+    server does (the specification itself says nothing of a bad value). A
+    zero is accepted, as grpc-go does, and is a deadline already past."""
+    digits = value[:-1]
+    if not 1 <= len(digits) <= 8 or not digits.isdigit():
+        return None
+    unit = _TIMEOUT_UNITS.get(value[-1])
+    if unit is None:
+        return None
+    return int(digits) * unit
+
+
 def grpc_status(http_status: int) -> int:
     """The gRPC status for an HTTP answer. 2xx is OK; the OTLP table's
     statuses as listed; any other 5xx is INTERNAL (OTLP/HTTP does not retry

@@ -623,3 +623,89 @@ class _StalledUpstream(protocol.ServerFactory):
             d = self._want[1]
             self._want = None
             d.callback(None)
+
+
+class _Stalled(Resource):
+    """Takes each request and never answers; ``lost`` fires when the proxy
+    drops the upstream connection of one."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[bytes] = []
+        self.lost: Deferred[None] = Deferred()
+
+    def render(self, request: Any) -> Any:
+        self.bodies.append(request.content.read())
+
+        def gone(_: Any) -> None:
+            if not self.lost.called:
+                self.lost.callback(None)
+
+        request.notifyFinish().addErrback(gone)
+        return NOT_DONE_YET
+
+
+class GrpcDeadlineTests(TestCase):
+    """grpc-timeout: the call's deadline bounds the wait for the upstream."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.up = _Stalled()
+        port = listen(upstream_site(self.up))
+        self.addCleanup(port.stopListening)
+        self.upstream_url = f"http://127.0.0.1:{port.getHost().port}"
+
+    async def client(self, **env: str) -> H2Client:
+        proxy = self.proxy = ProxyFixture(env_for(self.upstream_url, **env))
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        grpc_factory = GrpcFactory(proxy.factory)
+        port = listen(grpc_factory)
+
+        async def close() -> None:
+            await port.stopListening()
+            for connection in list(grpc_factory.connections):
+                connection.close_now()
+
+        self.addCleanup(close)
+        client = await h2_connect(port.getHost().port)
+        self.addCleanup(lambda: client.transport.abortConnection())  # type: ignore[union-attr]
+        return client
+
+    async def test_deadline_before_the_upstream_answers(self) -> None:
+        client = await self.client(UPSTREAM_TIMEOUT_SECONDS="30")
+        call = await client.unary(b"spans", extra=[(b"grpc-timeout", b"300m")])
+        self.assertEqual(call.status, grpc.DEADLINE_EXCEEDED)
+        self.assertEqual(call.headers[b"grpc-message"], b"deadline exceeded")
+        self.assertEqual(self.up.bodies, [b"spans"])  # it was sent, then abandoned:
+        await self.up.lost  # the upstream connection is dropped, not left waiting
+        labels = {"upstream": "otlp", "method": "POST", "status": "504"}
+        self.assertEqual(self.proxy.sample("proxy_requests_total", **labels), 1)
+        errors = {"upstream": "otlp", "reason": "timeout"}
+        self.assertEqual(self.proxy.sample("proxy_upstream_errors_total", **errors), 1)
+        self.assertEqual(self.proxy.sample("proxy_requests_in_flight", upstream="otlp"), 0)
+
+    async def test_upstream_timeout_when_shorter(self) -> None:
+        """The deadline is the smaller of the two: UPSTREAM_TIMEOUT_SECONDS
+        first answers as an upstream timeout does (UNAVAILABLE: retried)."""
+        client = await self.client(UPSTREAM_TIMEOUT_SECONDS="0.3")
+        call = await client.unary(b"spans", extra=[(b"grpc-timeout", b"20S")])
+        self.assertEqual(call.status, grpc.UNAVAILABLE)
+
+    async def test_malformed_is_internal_and_not_sent(self) -> None:
+        client = await self.client()
+        for value in (b"10s", b"123456789S", b"soon"):
+            call = await client.unary(b"spans", extra=[(b"grpc-timeout", value)])
+            self.assertEqual(call.status, grpc.INTERNAL, value)
+            self.assertEqual(call.headers[b"grpc-message"], b"malformed grpc-timeout")
+        self.assertEqual(self.up.bodies, [])
+
+    async def test_deadline_already_past(self) -> None:
+        client = await self.client()
+        call = await client.unary(b"spans", extra=[(b"grpc-timeout", b"0n")])
+        self.assertEqual(call.status, grpc.DEADLINE_EXCEEDED)
+        self.assertEqual(self.up.bodies, [])
+        labels = {"upstream": "otlp", "method": "POST", "status": "408"}
+        self.assertEqual(self.proxy.sample("proxy_requests_total", **labels), 1)

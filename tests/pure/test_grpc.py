@@ -113,6 +113,28 @@ class TLSSettingTests(TestCase):
         self.assertTrue(found[0].startswith("OTLP_GRPC_LISTEN:"))
 
 
+class TimeoutTests(TestCase):
+    def test_units(self) -> None:
+        cases = {
+            b"1H": 3600.0,
+            b"2M": 120.0,
+            b"10S": 10.0,
+            b"1500m": 1.5,
+            b"250000u": 0.25,
+            b"99999999n": 0.099999999,
+            b"0S": 0.0,  # grpc-go accepts it: a deadline already past
+        }
+        for value, seconds in cases.items():
+            found = grpc.parse_timeout(value)
+            assert found is not None, value
+            self.assertAlmostEqual(found, seconds, places=9, msg=value)
+
+    def test_malformed(self) -> None:
+        for value in (b"", b"S", b"10", b"10s", b"10X", b"123456789S", b"-1S", b"1.5S",
+                      b" 1S", b"1S ", b"\xd9\xa1S", b"+1S"):  # fmt: skip
+            self.assertIsNone(grpc.parse_timeout(value), value)
+
+
 class StatusTests(TestCase):
     def test_otlp_table(self) -> None:
         table = {
