@@ -29,7 +29,9 @@ UNAUTHENTICATED = 16
 
 #: The unary OTLP methods, by ``:path``, and the client path of OTLP/HTTP
 #: they are routed as: exactly as a POST to ``/otlp/v1/...`` would be (the
-#: otlp route, its upstream, its credentials and tenant).
+#: otlp route, its upstream, its credentials and tenant). Not profiles'
+#: ``ProfilesService/Export``: Grafana Cloud's OTLP gateway takes metrics,
+#: logs and traces only (docs/configuration.md says where that is written).
 METHODS: dict[bytes, bytes] = {
     b"/opentelemetry.proto.collector.trace.v1.TraceService/Export": b"/otlp/v1/traces",
     b"/opentelemetry.proto.collector.metrics.v1.MetricsService/Export": b"/otlp/v1/metrics",

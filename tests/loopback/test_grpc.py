@@ -319,7 +319,12 @@ class GrpcBridgeTests(TestCase):
 
     async def test_unknown_method_unimplemented(self) -> None:
         client = await self.client()
-        for path in (b"/opentelemetry.proto.collector.trace.v1.TraceService/Other", b"/x/y"):
+        profiles = b"/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export"
+        for path in (
+            b"/opentelemetry.proto.collector.trace.v1.TraceService/Other",
+            b"/x/y",
+            profiles,
+        ):
             call = await client.unary(b"", path)
             self.assertEqual(call.status, grpc.UNIMPLEMENTED)
         self.assertEqual(self.up.seen, [])
