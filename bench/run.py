@@ -48,7 +48,7 @@ from benchlib import MiB, log
 #: The workloads run again with the upstream answering over HTTPS (as Grafana
 #: Cloud does): the same method, fresh proxies that talk TLS to the upstream.
 TLS_WORKLOADS = {"tls_get50": "get50", "tls_get1": "get1", "tls_push": "push", "tls_big": "big"}
-WORKLOADS = ("get50", "auth", "budgets", "get1", "push", "big", *TLS_WORKLOADS, "idle", "soak")
+WORKLOADS = ("get50", "auth", "budgets", "get1", "push", "grpc", "big", *TLS_WORKLOADS, "idle", "soak")
 DOCS = b.ROOT / "docs" / "performance.md"
 RESULTS = b.BENCH / "results"
 MARKS = ("<!-- bench:results:start -->", "<!-- bench:results:end -->")
@@ -65,6 +65,8 @@ class Settings:
     auth_consumers: int = 10_000
     push_connections: int = 8
     push_bytes: int = MiB
+    grpc_bytes: int = 256 * 1024  # one OTLP trace export (an SDK batch of ~2,700 spans)
+    grpc_connections: int = 8
     big_bytes: int = 512 * MiB
     big_read_rate: int = 256 * MiB  # bytes/s the big download's reader takes at most
     idle_connections: int = 2000
@@ -301,6 +303,75 @@ class Bench:
         label = f"{size // MiB} MiB" if size % MiB == 0 else f"{size // 1024} KiB"
         return {"size": label, "connections": conns, "runs": runs, "summary": summarize(runs)}
 
+    def grpc(self) -> dict[str, Any]:
+        """The same OTLP trace export to one lgmt-proxy (OTLP_GRPC_LISTEN on)
+        over OTLP/HTTP (``POST /otlp/v1/traces``, HTTP/1.1) and over OTLP/gRPC
+        (``TraceService/Export``, h2c), both sent by h2load, alternating in
+        the same rounds: the proxy's CPU per MiB exported each way."""
+        size, conns, port = self.s.grpc_bytes, self.s.grpc_connections, b.free_port()
+        body, framed = self.workdir / "otlp.bin", self.workdir / "otlp.grpc"
+        message = b.otlp_traces(size)
+        body.write_bytes(message)
+        framed.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)
+        target = self.lgmt("lgmt_grpc", OTLP_GRPC_LISTEN=f"tcp:{port}:interface=127.0.0.1")
+        self.add(target)
+        ways = {
+            "lgmt_http": (target.url + b.OTLP_PATH, body, ["content-type: application/x-protobuf"], True),
+            "lgmt_grpc": (f"http://127.0.0.1:{port}{b.GRPC_EXPORT}", framed,
+                          ["content-type: application/grpc", "te: trailers"], False),
+        }  # fmt: skip
+        try:
+            for way in ways:  # warm-up: pools filled, nothing kept
+                self.exported(target, way, *ways[way], conns, self.s.warmup, len(message))
+            runs: Runs = {way: [] for way in ways}
+            for r in range(self.s.rounds):
+                for way in list(ways) if r % 2 == 0 else list(ways)[::-1]:
+                    run = self.exported(target, way, *ways[way], conns, self.s.seconds, len(message))
+                    runs[way].append(note(f"grpc round {r + 1}/{self.s.rounds} {way}", run))
+        finally:
+            self.targets.pop("lgmt_grpc").stop()
+        summary = summarize(runs)
+        over_grpc, over_http = summary["lgmt_grpc"], summary["lgmt_http"]
+        over_grpc["http_cpu_us_per_mib"] = over_http["cpu_us_per_mib"]
+        ok = over_grpc["non2xx"] == 0 and over_grpc["upstream_requests"] > 0
+        over_grpc["grpc_cost"] = (
+            ratio(over_grpc["cpu_us_per_mib"], over_http["cpu_us_per_mib"]) if ok else math.nan
+        )
+        label = f"{size // 1024} KiB"
+        return {"size": label, "connections": conns, "runs": runs, "summary": summary}
+
+    def exported(
+        self, target: b.Target, way: str, url: str, body: Any, headers: list[str], h1: bool,
+        conns: int, seconds: int, size: int,
+    ) -> dict[str, Any]:  # fmt: skip
+        """One h2load run of the grpc workload: the proxy's CPU and what the
+        upstream received. A gRPC call refused by the proxy is still HTTP
+        200 to h2load, so what counts as answered is what the upstream took."""
+        self.check_alive()
+        time.sleep(0.2)
+        self.log.mark()
+        cpu0 = target.cpu()
+        r = b.h2load(url, conns, seconds, body, headers, h1=h1)
+        cpu = target.cpu() - cpu0
+        time.sleep(0.3)
+        seen = self.log.window(way, size)
+        failed = r["requests"] - r["ok"] + r["errors"]
+        if not h1:  # the gRPC status is in trailers h2load does not read
+            failed += max(0, r["ok"] - seen["upstream_requests"])
+        n = r["requests"]
+        return {
+            "requests": n,
+            "non2xx": failed,
+            "socket_errors": 0,
+            "rps": n / r["seconds"],
+            "mean_ms": r["mean_ms"],
+            "cpu_s": cpu,
+            "cores": cpu / r["seconds"],
+            "cpu_us_per_mib": cpu * 1e6 / (n * size / MiB) if n else math.nan,
+            "mib_per_s": n * size / MiB / r["seconds"],
+            **seen,
+        }
+
     def big(self) -> dict[str, Any]:
         """One big upload, then one download read at a bounded rate, through
         fresh proxies: the peak RSS above where each one started."""
@@ -520,6 +591,12 @@ FIGURES = [
     _latency("push"),
     _conns("push"),
     Fig("push", "pushes not read whole by the upstream", "{pushes_not_read_whole:.0f}", target="0"),
+    Fig("grpc", "CPU per MiB over OTLP/HTTP (µs); over OTLP/gRPC (µs); gRPC / HTTP, same rounds",
+        "{http_cpu_us_per_mib:,.0f}; {cpu_us_per_mib:,.0f}; {grpc_cost:.2f}x",
+        label="{size} OTLP trace export, {connections} conns, h2load", nginx=False, need=("grpc_cost",),
+        target="≤ 1.5x", check="grpc_cost", on="lgmt", limit=1.5, lgmt="lgmt_grpc"),
+    Fig("grpc", "throughput over gRPC (MiB/s); mean latency (ms)", "{mib_per_s:,.0f}; {mean_ms:.2f}",
+        nginx=False, lgmt="lgmt_grpc"),
     *_big("up", "{mib} MiB up (POST)"),
     *_big("down", "{mib} MiB down (GET, read at ≤ {rate} MiB/s)"),
     Fig("idle", "RSS per connection (KiB)", "{kib_per_connection:.1f}", label="{connections:,} idle keep-alive conns",
