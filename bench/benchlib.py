@@ -75,7 +75,10 @@ def ensure_tools() -> None:
         log(f"installing {' '.join(TOOLS[n] for n in missing)} with apt-get")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         packages = [TOOLS[n] for n in missing]
-        for cmd in (["update", "-q"], ["install", "-y", "-q", "--no-install-recommends", *packages]):
+        for cmd in (
+            ["update", "-q"],
+            ["install", "-y", "-q", "--no-install-recommends", *packages],
+        ):
             subprocess.run(["apt-get", *cmd], check=True, env=env, stdout=subprocess.DEVNULL)
     for name in missing:
         which(name)
@@ -471,7 +474,10 @@ def make_tls(directory: Path) -> TlsFiles:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return builder.sign(signer, hashes.SHA256())
 
-    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_key, leaf_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lgmt bench CA")])
     ca = cert("lgmt bench CA", ca_key, ca_name, ca_key, True)
     leaf = cert("127.0.0.1", leaf_key, ca_name, ca_key, False)
@@ -588,8 +594,10 @@ def otlp_traces(size: int) -> bytes:
             _field(1, i.to_bytes(16, "big"))  # trace_id
             + _field(2, (i + 1).to_bytes(8, "big"))  # span_id
             + _field(5, b"GET /api/orders")  # name
-            + b"\x39" + (1_700_000_000_000_000_000 + i).to_bytes(8, "little")  # start (fixed64)
-            + b"\x41" + (1_700_000_000_000_500_000 + i).to_bytes(8, "little")  # end
+            + b"\x39"
+            + (1_700_000_000_000_000_000 + i).to_bytes(8, "little")  # start (fixed64)
+            + b"\x41"
+            + (1_700_000_000_000_500_000 + i).to_bytes(8, "little")  # end
             + _field(9, attribute)
         )
         spans.append(_field(2, span))
@@ -601,15 +609,27 @@ def otlp_traces(size: int) -> bytes:
 
 
 def h2load(
-    url: str, conns: int, seconds: float, body: Path, headers: Sequence[str], h1: bool = False
-) -> dict[str, Any]:
+    url: str,
+    conns: int,
+    seconds: float,
+    body: Path,
+    headers: Sequence[str],
+    h1: bool = False,
+    background: bool = False,
+) -> Any:
     """POST ``body`` to ``url`` for ``seconds`` with h2load (one thread, one
     request in flight per connection): HTTP/2 with prior knowledge, or
-    HTTP/1.1 with ``h1``. Its counts, duration and mean latency."""
+    HTTP/1.1 with ``h1``. Its counts, duration and mean latency
+    (`parse_h2load`), or with ``background`` the process."""
     cmd = [which("h2load"), "-t1", f"-c{conns}", "-m1", f"-D{seconds}", "-d", str(body)]
     cmd += [x for h in headers for x in ("-H", h)] + (["--h1"] if h1 else []) + [url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
-    done = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc if background else parse_h2load(proc.communicate(timeout=seconds + 60)[0])
+
+
+def parse_h2load(out: str) -> dict[str, Any]:
+    counts = r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout"
+    done = re.search(counts, out)
     codes = re.search(r"status codes: (\d+) 2xx", out)
     took = re.search(r"finished in ([\d.]+)(m?s)", out)
     mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)

@@ -48,7 +48,18 @@ from benchlib import MiB, log
 #: The workloads run again with the upstream answering over HTTPS (as Grafana
 #: Cloud does): the same method, fresh proxies that talk TLS to the upstream.
 TLS_WORKLOADS = {"tls_get50": "get50", "tls_get1": "get1", "tls_push": "push", "tls_big": "big"}
-WORKLOADS = ("get50", "auth", "budgets", "get1", "push", "grpc", "big", *TLS_WORKLOADS, "idle", "soak")
+WORKLOADS = (
+    "get50",
+    "auth",
+    "budgets",
+    "get1",
+    "push",
+    "grpc",
+    "big",
+    *TLS_WORKLOADS,
+    "idle",
+    "soak",
+)
 DOCS = b.ROOT / "docs" / "performance.md"
 RESULTS = b.BENCH / "results"
 MARKS = ("<!-- bench:results:start -->", "<!-- bench:results:end -->")
@@ -95,7 +106,9 @@ class Bench:
         self.warmed: dict[str, dict[str, Any]] = {}
         port, sink_port, big = b.free_port(), b.free_port(), workdir / "big.bin"
         self.tls_files, self.tls_port, self.tls = b.make_tls(workdir / "tls"), b.free_port(), False
-        conf = b.upstream_conf(workdir / "upstream", port, sink_port, big, self.tls_files, self.tls_port)
+        conf = b.upstream_conf(
+            workdir / "upstream", port, sink_port, big, self.tls_files, self.tls_port
+        )
         self.upstream = b.Nginx("upstream", "upstream (nginx)", workdir, conf, port, "/health")
         self.log = b.UpstreamLog(self.upstream.prefix / "access.log")
 
@@ -326,7 +339,9 @@ class Bench:
             runs: Runs = {way: [] for way in ways}
             for r in range(self.s.rounds):
                 for way in list(ways) if r % 2 == 0 else list(ways)[::-1]:
-                    run = self.exported(target, way, *ways[way], conns, self.s.seconds, len(message))
+                    run = self.exported(
+                        target, way, *ways[way], conns, self.s.seconds, len(message)
+                    )
                     runs[way].append(note(f"grpc round {r + 1}/{self.s.rounds} {way}", run))
         finally:
             self.targets.pop("lgmt_grpc").stop()

@@ -14,7 +14,7 @@ length first.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
@@ -22,19 +22,16 @@ from zope.interface import implementer
 
 from lgmt_proxy.dataplane.dispatcher import Shared
 from lgmt_proxy.dataplane.exchange import Exchange
+from lgmt_proxy.dataplane.grpc_call import CallRefusal, admit_call, call_refusal, read_headers
 from lgmt_proxy.dataplane.request import Incoming
 from lgmt_proxy.io.timers import IdleTimer
 from lgmt_proxy.limits.budget import Limits, Verdict, budget_refusal
 from lgmt_proxy.rules import errors, grpc
-from lgmt_proxy.rules.dispatch import Proxy, Refuse, decide
-from lgmt_proxy.rules.errors import Refusal
 from lgmt_proxy.rules.headers import RawHeaders
 from lgmt_proxy.rules.routes import Proxied, upstream_target
 
 #: The largest upstream answer turned into a response message.
 MAX_ANSWER = 64 * 1024
-
-_FORWARDED = frozenset({b"user-agent", b"x-request-id"})
 
 
 class StreamOwner(Protocol):
@@ -51,109 +48,6 @@ class StreamOwner(Protocol):
 
     def call_over(self, call: GrpcStream) -> None:
         """The call is answered or gone: forget it."""
-
-
-class CallHead(NamedTuple):
-    """What a call's headers say beyond the facts the rules read."""
-
-    path: bytes
-    content_type: bytes
-    encoding: bytes
-    #: grpc-timeout as sent (None: no deadline).
-    timeout: bytes | None
-    #: The metadata forwarded upstream.
-    forwarded: RawHeaders
-
-
-def read_headers(req: Incoming, headers: RawHeaders) -> CallHead:
-    """The facts the rules read, noted on ``req`` (``:authority`` as the
-    Host, the ``authorization`` and ``x-scope-orgid`` metadata), and the
-    rest of the call's head."""
-    path = content_type = encoding = b""
-    timeout: bytes | None = None
-    forwarded: RawHeaders = []
-    for name, value in headers:
-        if name == b":method":
-            req.method = value
-        elif name == b":path":
-            path = value
-        elif name == b":authority":
-            req.host, req.host_count = value, 1
-        elif name == b"content-type":
-            content_type = value
-        elif name == b"grpc-encoding":
-            encoding = value
-        elif name == b"grpc-timeout":
-            timeout = value
-        elif name == b"authorization":
-            req.authorization = [*(req.authorization or []), value]
-        elif name == b"x-scope-orgid":
-            req.orgids = [*(req.orgids or []), value]
-        elif name in _FORWARDED:
-            forwarded.append((name, value))
-            if name == b"user-agent":
-                req.user_agent = value
-            else:
-                req.request_id = value
-    req.target = req.path = path
-    return CallHead(path, content_type, encoding, timeout, forwarded)
-
-
-class CallRefusal(NamedTuple):
-    """A call the proxy answers itself: the HTTP status (for the log and the
-    metrics), the gRPC status, the message and RetryInfo's seconds."""
-
-    status: int
-    code: int
-    message: str
-    retry: int | None = None
-
-
-def route_call(
-    shared: Shared, req: Incoming, path: bytes
-) -> tuple[Proxied[Any], Proxy] | CallRefusal:
-    """The call's route and decision, those of an HTTP POST to its OTLP path
-    (the same policy, consumers, tenants), or why it is refused. The access
-    log keeps the gRPC method as the path."""
-    mapped = grpc.METHODS[path]
-    match = shared.routes.match(mapped)
-    req.upstream_name = match.upstream_name
-    if not isinstance(match, Proxied):
-        return CallRefusal(404, grpc.UNIMPLEMENTED, f"the {match.upstream_name} upstream is off")
-    req.path = mapped  # the rules see the OTLP/HTTP path
-    auth = shared.client_auth
-    decision = decide(req, match, shared.policy, None if auth is None else auth().authenticate)
-    req.path = path
-    req.counted = True
-    req.consumer = decision.consumer
-    if isinstance(decision, Refuse | Proxy):
-        req.tenant = decision.tenant
-    if isinstance(decision, Refuse):
-        return call_refusal(decision.refusal)
-    assert isinstance(decision, Proxy)
-    return match, decision
-
-
-def admit_call(
-    shared: Shared, req: Incoming, path: bytes, encoding: bytes, timeout: bytes | None
-) -> tuple[Proxied[Any], Proxy, float | None] | CallRefusal:
-    """A call whose head is gRPC: its route, decision and deadline (seconds,
-    None: none), or why it is answered without going upstream (an unknown
-    method or encoding, a refusal, a malformed or zero ``grpc-timeout``)."""
-    problem = grpc.call_problem(req.method, path, encoding)
-    if problem is not None:
-        return CallRefusal(*problem)
-    routed = route_call(shared, req, path)
-    if isinstance(routed, CallRefusal):
-        return routed
-    seconds = None
-    if timeout is not None:
-        seconds = grpc.parse_timeout(timeout)
-        if seconds is None:
-            return CallRefusal(400, grpc.INTERNAL, "malformed grpc-timeout")
-        if seconds <= 0:
-            return CallRefusal(408, grpc.DEADLINE_EXCEEDED, "deadline exceeded")
-    return (*routed, seconds)
 
 
 def new_exchange(
@@ -187,13 +81,6 @@ def new_exchange(
     )
 
 
-def call_refusal(refusal: Refusal) -> CallRefusal:
-    """An HTTP refusal as a call's answer: its gRPC status, and RetryInfo
-    from its ``Retry-After``."""
-    retry = grpc.retry_seconds(dict(refusal.headers).get(b"Retry-After"))
-    return CallRefusal(refusal.status, grpc.grpc_status(refusal.status), refusal.message, retry)
-
-
 @implementer(IPushProducer)
 class GrpcStream:
     """One unary call: the exchange's `ClientSide` and its body producer."""
@@ -210,13 +97,11 @@ class GrpcStream:
         self._reader = grpc.MessageReader()
         self._exchange: Exchange | None = None
         self._timer: IdleTimer | None = None
-        #: The call's deadline (grpc-timeout), armed from its headers.
         self._deadline: IDelayedCall | None = None
         self._proxied: Proxied[Any] | None = None
         self._answer: list[bytes] | None = None
         self._answer_size = 0
         self._retry: int | None = None
-        #: The request's grpc-encoding says gzip.
         self._gzip = False
         self._paused = False
         self._owed = 0
@@ -249,8 +134,7 @@ class GrpcStream:
         match, decision, seconds = admitted
         self._gzip = encoding == b"gzip"
         if seconds is not None:
-            # Bounds the whole call: the budgets, the connect, the upstream's
-            # answer (UPSTREAM_TIMEOUT_SECONDS still bounds each silence).
+            # The whole call (UPSTREAM_TIMEOUT_SECONDS still bounds each silence).
             self._deadline = shared.clock.callLater(seconds, self._deadline_passed)
         req.headers = [(b"content-type", b"application/x-protobuf"), *forwarded]
         limits = decision.limits
@@ -271,14 +155,14 @@ class GrpcStream:
     def _budgeted(self, match: Proxied[Any], name: str, limits: Limits, verdict: Verdict) -> None:
         held, self._held = self._held, None
         if self.over:
-            return
-        if not verdict.allowed:
+            pass
+        elif verdict.allowed:
+            self._admitted(match)
+        else:
             self._charge = None
             self._refuse(*call_refusal(budget_refusal(name, verdict, limits, None)))
-            return
-        self._admitted(match)
         for data, flow_length in held or ():
-            self.data(data, flow_length)
+            self.data(data, flow_length)  # taken, or (refused) only acknowledged
         if held is not None and self.client_done:
             self.client_ended()
 
@@ -289,12 +173,20 @@ class GrpcStream:
         self._proxied = match
 
     def data(self, data: bytes, flow_length: int) -> None:
-        """DATA on this stream; ``flow_length`` counts against its window."""
+        """DATA on this stream; ``flow_length`` counts against the windows,
+        acknowledged once the exchange took the bytes (or the call is over:
+        every byte is acknowledged once, or the connection's window leaks)."""
         if self._held is not None:  # the budgets are being asked (its window stays shut)
             self._held.append((data, flow_length))
             return
-        if self.over or self._proxied is None:
-            return
+        if not self.over and self._proxied is not None:
+            self._take(data)
+        if self._paused and not self.over:
+            self._owed += flow_length
+        elif flow_length:
+            self._owner.open_window(self.stream_id, flow_length)
+
+    def _take(self, data: bytes) -> None:
         reader = self._reader
         try:
             piece = reader.feed(data)
@@ -311,10 +203,6 @@ class GrpcStream:
             if self._charge is not None:
                 self._shared.budgets.charge(*self._charge, len(piece))
             exchange.body(piece)
-        if self._paused:
-            self._owed += flow_length
-        elif flow_length:
-            self._owner.open_window(self.stream_id, flow_length)
         if exchange is not None and reader.done and not self.req.complete:
             self.req.complete = True
             exchange.body_end()
@@ -370,9 +258,7 @@ class GrpcStream:
         if 200 <= status < 300:
             self._answer = []
         elif status == 429:
-            for name, value in headers:
-                if name.lower() == b"retry-after":
-                    self._retry = grpc.retry_seconds(value)
+            self._retry = grpc.retry_after(headers)
 
     def response_body(self, data: bytes) -> None:
         answer = self._answer
@@ -433,7 +319,7 @@ class GrpcStream:
     def resume_body(self) -> None:
         self._paused = False
         owed, self._owed = self._owed, 0
-        if owed and not self.over:
+        if owed:  # over too: the connection's window gets them back
             self._owner.open_window(self.stream_id, owed)
 
     # -- IPushProducer: the upstream's sender pauses the window --------------------------
@@ -493,5 +379,6 @@ class GrpcStream:
         deadline, self._deadline = self._deadline, None
         if deadline is not None and deadline.active():
             deadline.cancel()
+        self.resume_body()  # what was owed is acknowledged
         self._shared.recorder.finished(self.req, self._client)
         self._owner.call_over(self)

@@ -129,6 +129,14 @@ def retry_seconds(value: bytes | None, now: float | None = None) -> int | None:
     return max(0, min(math.ceil(when.timestamp() - now), 86400))
 
 
+def retry_after(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """`retry_seconds` of an answer's ``Retry-After`` header, if any."""
+    for name, value in headers:
+        if name.lower() == b"retry-after":
+            return retry_seconds(value)
+    return None
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
