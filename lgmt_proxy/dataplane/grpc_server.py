@@ -37,10 +37,12 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from lgmt_proxy.dataplane.grpc_flow import CONNECTION_WINDOW, STREAM_WINDOW, Inflow, Outflow
 from lgmt_proxy.dataplane.grpc_stream import GrpcStream
 from lgmt_proxy.dataplane.server import ProxyFactory
 from lgmt_proxy.io.sending import Sender
 from lgmt_proxy.io.tls import TLSCarrier
+from lgmt_proxy.rules import grpc
 from lgmt_proxy.rules.headers import RawHeaders
 
 #: Calls open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
@@ -52,19 +54,21 @@ MAX_HEADER_LIST = 16 * 1024
 MAX_RESETS = 100
 #: PING and SETTINGS frames accepted between two calls.
 MAX_CONTROL = 1000
-#: Each call's receive window (SETTINGS_INITIAL_WINDOW_SIZE): a 256 KiB
-#: export needs no round trip for WINDOW_UPDATE (at 64 KiB it took four).
-STREAM_WINDOW = 256 * 1024
-#: The connection's receive window: what all its calls together may have
-#: sent that the upstream side has not taken yet (the memory bound).
-CONNECTION_WINDOW = 4 * 1024 * 1024
 _DEFAULT_WINDOW = 65535
+#: Our own headers are fixed and valid: h2 checking them per call is CPU
+#: for nothing. What clients send is checked as ever.
+_CONFIG = h2.config.H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
 
 _NO_ERROR = 0
 _PROTOCOL_ERROR = 1
+_FLOW_CONTROL_ERROR = 3
 _REFUSED_STREAM = 7
 _ENHANCE_YOUR_CALM = 11
-_GRPC_HEAD = [(b":status", b"200"), (b"content-type", b"application/grpc")]
 
 
 class GrpcFactory(Factory):
@@ -126,12 +130,9 @@ class GrpcConnection(Protocol):
         self.shared = factory.shared
         self.client_text = "unknown"
         self.out: Sender | None = None
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
-        )
+        self.h2 = h2.connection.H2Connection(_CONFIG)
         self.calls: dict[int, GrpcStream] = {}
-        #: Answers waiting for the client's window: stream -> [data, trailers].
-        self._unsent: dict[int, tuple[bytearray, RawHeaders]] = {}
+        self._outflow = Outflow(self.h2)
         self._idle: IDelayedCall | None = None
         self._resets = 0
         self._answered = 0
@@ -145,6 +146,8 @@ class GrpcConnection(Protocol):
         self._started = False
         #: Handling what the client sent: frames to send go out at its end.
         self._reading = False
+        self._frames = grpc.FrameSplitter()
+        self._inflow = Inflow()
 
     # -- the connection ------------------------------------------------------------------
 
@@ -193,7 +196,21 @@ class GrpcConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self._reading = True
+        self._reading = True  # what the frames make is sent once, at the end
+        try:
+            max_frame = self.h2.local_settings.max_frame_size
+            for part in self._frames.split(data, max_frame):
+                if isinstance(part, grpc.DataFrame):
+                    self._data_frame(part)
+                else:
+                    self._to_h2(part)
+                if self._closing:
+                    return
+        finally:
+            self._reading = False
+        self._flush()
+
+    def _to_h2(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.DenialOfServiceError:
@@ -202,19 +219,30 @@ class GrpcConnection(Protocol):
         except h2.exceptions.ProtocolError:
             self._close_with(_PROTOCOL_ERROR)
             return
-        finally:
-            self._reading = False
-        self._reading = True  # what the events make is sent once, below
-        try:
-            for event in events:
-                handler = _HANDLERS.get(type(event))
-                if handler is not None:
-                    handler(self, event)
-                if self._closing:
-                    return
-        finally:
-            self._reading = False
-        self._flush()
+        for event in events:
+            handler = _HANDLERS.get(type(event))
+            if handler is not None:
+                handler(self, event)
+            if self._closing:
+                return
+
+    def _data_frame(self, frame: grpc.DataFrame) -> None:
+        """A whole DATA frame. A call's (open, still sending) is taken here,
+        its length counted against the windows this connection grants (more
+        is FLOW_CONTROL_ERROR), and h2 only told of its END_STREAM; any other
+        goes to h2 as it came (an unknown or closed stream, bad padding)."""
+        sid = frame.stream_id
+        call = self.calls.get(sid)
+        if call is None or not self._inflow.owns(sid) or call.client_done or frame.flags < 0:
+            self._to_h2(frame.raw)
+            return
+        if not self._inflow.received(sid, frame.length):
+            self._close_with(_FLOW_CONTROL_ERROR)
+            return
+        self._control = 0
+        call.data(frame.payload, frame.length)
+        if frame.flags & grpc.END_STREAM and not self._closing:
+            self._to_h2(grpc.end_stream_frame(frame.stream_id))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closing = True
@@ -223,10 +251,14 @@ class GrpcConnection(Protocol):
         for call in list(self.calls.values()):
             call.reset()
         self.calls.clear()
-        self._unsent.clear()
+        self._outflow.drop()
 
     def _flush(self) -> None:
         data = self.h2.data_to_send()
+        updates = self._inflow.updates
+        if updates:  # after h2's: our SETTINGS always come first
+            data += b"".join(updates)
+            updates.clear()
         if data and self.out is not None:
             self.out.write(data)
 
@@ -264,7 +296,7 @@ class GrpcConnection(Protocol):
             goaway = GoAwayFrame(0, last_stream_id=self.last_stream, error_code=_NO_ERROR)
             if self.out is not None:
                 self.out.write(goaway.serialize())
-        if not self.calls and not self._unsent:
+        if not self.calls and not self._outflow:
             self.shut()
 
     def _stop_idle(self) -> None:
@@ -300,6 +332,7 @@ class GrpcConnection(Protocol):
             self, stream_id, self.shared, self.client_text, self.shared.clock.seconds()
         )
         self.calls[stream_id] = call
+        self._inflow.add(stream_id)  # its DATA is taken past h2
         self._arm_idle()
         if self.factory.draining and self.last_stream is None:
             # As ``Connection: close`` on HTTP/1.1: this call, then GOAWAY.
@@ -307,13 +340,12 @@ class GrpcConnection(Protocol):
         call.begin(list(event.headers or ()))  # type: ignore[arg-type]
 
     def on_data(self, event: h2.events.DataReceived) -> None:
+        """DATA that went through h2, on a stream no call takes: its bytes
+        go back to the connection's window, as h2 counts it."""
         size = event.flow_controlled_length or 0
         self._control = 0
-        call = self.calls.get(event.stream_id)  # type: ignore[arg-type]
-        if call is not None:
-            call.data(event.data or b"", size)  # acknowledged when taken
-        elif size:
-            self.open_window(event.stream_id, size)  # type: ignore[arg-type]
+        if size:
+            self.h2.acknowledge_received_data(size, event.stream_id)  # type: ignore[arg-type]
 
     def on_ended(self, event: h2.events.StreamEnded) -> None:
         call = self.calls.get(event.stream_id)  # type: ignore[arg-type]
@@ -321,7 +353,7 @@ class GrpcConnection(Protocol):
             call.client_ended()
 
     def on_reset(self, event: h2.events.StreamReset) -> None:
-        self._unsent.pop(event.stream_id, None)  # type: ignore[arg-type]
+        self._outflow.drop(event.stream_id)  # type: ignore[arg-type]
         call = self.calls.get(event.stream_id)  # type: ignore[arg-type]
         if call is not None and not call.over:
             self._resets += 1
@@ -330,11 +362,10 @@ class GrpcConnection(Protocol):
                 self._close_with(_ENHANCE_YOUR_CALM)
 
     def on_window(self, event: h2.events.WindowUpdated) -> None:
-        if event.stream_id:
-            self._send_unsent(event.stream_id)
-        else:
-            for stream_id in list(self._unsent):
-                self._send_unsent(stream_id)
+        if self._outflow.window_opened(event.stream_id or 0):
+            self._after_call()
+        if not self._reading:
+            self._flush()
 
     def on_control(self, event: h2.events.Event) -> None:
         self._control += 1
@@ -350,20 +381,11 @@ class GrpcConnection(Protocol):
         if self._closing:
             return
         self._answered += 1
-        conn = self.h2
-        try:
-            if message is None:
-                conn.send_headers(stream_id, [*_GRPC_HEAD, *trailers], end_stream=True)
-            else:
-                conn.send_headers(stream_id, _GRPC_HEAD)
-                self._unsent[stream_id] = (bytearray(message), trailers)
-                self._send_unsent(stream_id)
-            call = self.calls.get(stream_id)
-            if call is not None and not call.client_done and stream_id not in self._unsent:
-                # Answered early: the rest of the request is not wanted.
-                conn.reset_stream(stream_id, error_code=_NO_ERROR)
-        except h2.exceptions.StreamClosedError:
-            self._unsent.pop(stream_id, None)
+        call = self.calls.get(stream_id)
+        if self._outflow.answer(
+            stream_id, message, trailers, call is not None and not call.client_done
+        ):
+            self._after_call()
         self._flush()
 
     def reply_status(self, stream_id: int, status: int) -> None:
@@ -375,45 +397,27 @@ class GrpcConnection(Protocol):
             pass
         self._flush()
 
-    def _send_unsent(self, stream_id: int) -> None:
-        unsent = self._unsent.get(stream_id)
-        if unsent is None:
-            return
-        data, trailers = unsent
-        conn = self.h2
-        try:
-            while data:
-                size = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
-                if size <= 0:
-                    break
-                chunk = bytes(data[:size])
-                del data[:size]
-                conn.send_data(stream_id, chunk)
-            if not data:
-                del self._unsent[stream_id]
-                conn.send_headers(stream_id, trailers, end_stream=True)
-                self._after_call()
-        except h2.exceptions.StreamClosedError:
-            self._unsent.pop(stream_id, None)
-        self._flush()
-
     def open_window(self, stream_id: int, size: int) -> None:
-        """``size`` bytes of ``stream_id`` are taken (or dropped): h2 opens
-        the stream's and the connection's windows again once half of one is
-        taken, so a WINDOW_UPDATE goes out per 128 KiB, not per frame."""
-        if self._closing:
+        """``size`` bytes of ``stream_id`` are taken (or dropped): its window
+        and the connection's are granted again once half of one is (by
+        `Inflow`, or by h2 for the bytes it saw), not per frame."""
+        if self._closing or not size:
             return
-        self.h2.acknowledge_received_data(size, stream_id)
+        if self._inflow.owns(stream_id):
+            self._inflow.taken(stream_id, size)
+        else:
+            self.h2.acknowledge_received_data(size, stream_id)
         if not self._reading:
             self._flush()
 
     def call_over(self, call: GrpcStream) -> None:
+        self._inflow.drop(call.stream_id)
         if self.calls.pop(call.stream_id, None) is not None:
             self._arm_idle()
         self._after_call()
 
     def _after_call(self) -> None:
-        if self.last_stream is not None and not self.calls and not self._unsent:
+        if self.last_stream is not None and not self.calls and not self._outflow:
             self.shut()
 
 

@@ -154,11 +154,9 @@ class GrpcStream:
 
     def _budgeted(self, match: Proxied[Any], name: str, limits: Limits, verdict: Verdict) -> None:
         held, self._held = self._held, None
-        if self.over:
-            pass
-        elif verdict.allowed:
+        if not self.over and verdict.allowed:
             self._admitted(match)
-        else:
+        elif not self.over:
             self._charge = None
             self._refuse(*call_refusal(budget_refusal(name, verdict, limits, None)))
         for data, flow_length in held or ():
@@ -379,6 +377,8 @@ class GrpcStream:
         deadline, self._deadline = self._deadline, None
         if deadline is not None and deadline.active():
             deadline.cancel()
-        self.resume_body()  # what was owed is acknowledged
+        held, self._held = self._held, None  # the budgets' answer finds none
+        self._owed += sum(length for _, length in held or ())
+        self.resume_body()  # what was owed or held is acknowledged, now
         self._shared.recorder.finished(self.req, self._client)
         self._owner.call_over(self)
