@@ -1,14 +1,17 @@
 """The OTLP/gRPC listener (``OTLP_GRPC_LISTEN``): HTTP/2 with prior
-knowledge (h2c) on the `h2` state machine (sans-IO), one `GrpcConnection`
-per client connection, one `GrpcStream` per call.
+knowledge (h2c), or under TLS with ALPN ``h2`` (`GrpcTLSFactory`), on the
+`h2` state machine (sans-IO), one `GrpcConnection` per client connection,
+one `GrpcStream` per call. A call's DATA frames are taken past h2
+(`GrpcConnection._data_frame`, windows in `grpc_flow.Inflow`); every other
+frame is h2's.
 
 Every byte goes out through the connection's `Sender` (`SendQueue.install`);
 the connection's own `ReadGate` is registered with it, so a client that does
 not read what it is sent (answers, PING and SETTINGS acknowledgements) stops
 being read. Bounds: ``SETTINGS_MAX_CONCURRENT_STREAMS`` (`MAX_STREAMS`; one
-more is a connection error), the header list (`MAX_HEADER_LIST`), each
-stream's window (65,535 bytes: what a call can send before the upstream
-takes it), `MAX_RESETS` client resets beyond the calls answered (rapid
+more is a connection error), the header list (`MAX_HEADER_LIST`), the
+windows (`STREAM_WINDOW` a call, `CONNECTION_WINDOW` all of them: what may
+be sent before the upstream takes it), `MAX_RESETS` client resets beyond the calls answered (rapid
 reset), `MAX_CONTROL` PING and SETTINGS frames between two calls, and
 ``CLIENT_IDLE_TIMEOUT_SECONDS`` without a call in progress. Draining sends
 GOAWAY naming the last stream taken; those calls finish, later ones are

@@ -263,14 +263,20 @@ PADDED = 0x8
 class DataFrame(NamedTuple):
     """One whole DATA frame: its stream, flags (-1: its padding is invalid),
     the bytes it carries (padding stripped), the length that counts against
-    the windows, and the frame as received (for h2, when the bridge does not
-    take it itself)."""
+    the windows, and its 9-byte header and padded body (`raw`, for h2 when
+    the bridge does not take the frame itself)."""
 
     stream_id: int
     flags: int
     payload: bytes
     length: int
-    raw: bytes
+    head: bytes
+    body: bytes
+
+    @property
+    def raw(self) -> bytes:
+        """The frame as received."""
+        return self.head + self.body
 
 
 class FrameSplitter:
@@ -321,16 +327,16 @@ class FrameSplitter:
 
 
 def _data_frame(buf: bytearray, pos: int, length: int) -> DataFrame:
-    flags = buf[pos + 4]
-    stream_id = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-    raw = bytes(buf[pos : pos + 9 + length])
-    first, last = 9, 9 + length
-    if flags & PADDED:
-        pad = raw[9] if length else length + 1
-        if pad >= length:  # invalid: h2 refuses the frame (PROTOCOL_ERROR)
-            return DataFrame(stream_id, -1, b"", length, raw)
-        first, last = 10, last - pad
-    return DataFrame(stream_id, flags, raw[first:last], length, raw)
+    head = bytes(buf[pos : pos + 9])
+    flags = head[4]
+    stream_id = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+    body = bytes(buf[pos + 9 : pos + 9 + length])  # the one copy of the bytes
+    if not flags & PADDED:
+        return DataFrame(stream_id, flags, body, length, head, body)
+    pad = body[0] if length else length + 1
+    if pad >= length:  # invalid: h2 refuses the frame (PROTOCOL_ERROR)
+        return DataFrame(stream_id, -1, b"", length, head, body)
+    return DataFrame(stream_id, flags, body[1 : length - pad], length, head, body)
 
 
 def end_stream_frame(stream_id: int) -> bytes:

@@ -460,6 +460,48 @@ class GrpcBridgeTests(TestCase):
         client.flush()
         await stalled.received(total)
 
+    async def test_more_than_the_window_is_a_flow_control_error(self) -> None:
+        """The windows the bridge keeps for the DATA it takes past h2 are
+        enforced: a frame beyond them ends the connection (GOAWAY
+        FLOW_CONTROL_ERROR), nothing of it forwarded."""
+        stalled = _StalledUpstream()
+        port = reactor.listenTCP(0, stalled, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        self.upstream_url = f"http://127.0.0.1:{port.getHost().port}"
+        self.start_proxy()
+        client = await self.client()
+        sid = client.start()
+        total = 48 * 1024 * 1024
+        client.send(sid, b"\x00" + total.to_bytes(4, "big"))
+        for _ in range(100):
+            client.send_filler(sid, total)
+            await sleep(0.02)
+            if not client.h2.local_flow_control_window(sid):
+                break
+        self.assertEqual(client.h2.local_flow_control_window(sid), 0)
+        client.transport.write(DataFrame(sid, data=b"x" * 1024).serialize())  # type: ignore[union-attr]
+        await client.got_goaway
+        assert client.goaway is not None
+        self.assertEqual(client.goaway.error_code, 3)  # FLOW_CONTROL_ERROR
+
+    async def test_content_length_and_padding(self) -> None:
+        """A request with ``content-length`` (h2load and curl send one; h2
+        checks it at END_STREAM) and a padded DATA frame both arrive whole."""
+        client = await self.client()
+        message = os.urandom(70_000)
+        framed = grpc.frame_message(message)
+        extra = [(b"content-length", b"%d" % len(framed))]
+        call = await client.unary(message, extra=extra)
+        self.assertEqual(call.status, 0, call)
+        self.assertEqual(self.up.seen[-1].body, message)
+        sid = client.start()
+        padded = DataFrame(sid, data=grpc.frame_message(b"padded"), flags=["END_STREAM", "PADDED"])
+        padded.pad_length = 17
+        client.transport.write(padded.serialize())  # type: ignore[union-attr]
+        await client.calls[sid].ended
+        self.assertEqual(client.calls[sid].status, 0)
+        self.assertEqual(self.up.seen[-1].body, b"padded")
+
     async def test_rapid_reset_goaway(self) -> None:
         client = await self.client()
         for _ in range(MAX_RESETS + 5):
