@@ -764,6 +764,7 @@ OPTIONS = [
     ("--big-mib", int, "size of the big transfer each way (default 512)"),
     ("--idle-connections", int, "idle keep-alive connections (default 2000)"),
     ("--consumers", int, "consumers in the auth workload's CLIENT_AUTH_FILE (default 10000)"),
+    ("--grpc-kib", int, "size of the grpc workload's OTLP export (default 256)"),
     ("--twistd", str, "twistd with lgmt-proxy installed (default .venv/bin/twistd)"),
     ("--compare-twistd", str, "also run this build (another worktree's twistd) in the same rounds: A/B"),
     ("--workdir", str, "where configs and logs go (default: a temp dir, removed)"),
@@ -790,7 +791,7 @@ def main(argv: list[str]) -> int:
     for key, value in (
         ("soak_seconds", args.soak_seconds), ("rounds", args.rounds), ("seconds", args.seconds),
         ("big_bytes", args.big_mib and args.big_mib * MiB), ("idle_connections", args.idle_connections),
-        ("auth_consumers", args.consumers),
+        ("auth_consumers", args.consumers), ("grpc_bytes", args.grpc_kib and args.grpc_kib * 1024),
     ):  # fmt: skip
         if value is not None:
             setattr(s, key, value)

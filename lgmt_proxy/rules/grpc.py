@@ -261,22 +261,22 @@ PADDED = 0x8
 
 
 class DataFrame(NamedTuple):
-    """One whole DATA frame: its stream, flags (-1: its padding is invalid),
-    the bytes it carries (padding stripped), the length that counts against
-    the windows, and its 9-byte header and padded body (`raw`, for h2 when
-    the bridge does not take the frame itself)."""
+    """Whole DATA frames of one stream, received one after the other: the
+    stream, the last one's flags (-1: its padding is invalid), the bytes
+    they carry (padding stripped), the length that counts against the
+    windows, and each frame's header and padded body (`raw`: the frames as
+    received, for h2 when the bridge does not take them itself)."""
 
     stream_id: int
     flags: int
     payload: bytes
     length: int
-    head: bytes
-    body: bytes
+    frames: tuple[tuple[bytes, bytes], ...]
 
     @property
     def raw(self) -> bytes:
-        """The frame as received."""
-        return self.head + self.body
+        """The frames as received."""
+        return b"".join(head + body for head, body in self.frames)
 
 
 class FrameSplitter:
@@ -284,9 +284,11 @@ class FrameSplitter:
     and whole DATA frames apart, in order, so that the bridge can take a
     call's DATA itself: h2 parses every frame it is given in Python and
     formats each one for a debug log it never writes (the whole DATA payload
-    hexlified), most of the gRPC path's CPU. A partial frame waits for the
-    rest; a frame declared over ``max_frame`` (and everything after it) goes
-    to h2 at once, which refuses it, so no more than one frame is held."""
+    hexlified), most of the gRPC path's CPU. Consecutive DATA frames of one
+    stream come as one `DataFrame` (a read of 64 KiB is one call's data,
+    not four). A partial frame waits for the rest; a frame declared over
+    ``max_frame`` (and everything after it) goes to h2 at once, which
+    refuses it, so no more than one frame is held."""
 
     __slots__ = ("_buf", "_preface")
 
@@ -306,6 +308,7 @@ class FrameSplitter:
         buf += data
         size = len(buf)
         pos = start = 0
+        same: list[DataFrame] = []  # DATA frames of one stream, back to back
         while size - pos >= 9:
             length = int.from_bytes(buf[pos : pos + 3], "big")
             if length > max_frame:
@@ -315,28 +318,58 @@ class FrameSplitter:
             if end > size:
                 break
             if buf[pos + 3] == DATA:
-                if start < pos:
-                    out.append(bytes(buf[start:pos]))
-                out.append(_data_frame(buf, pos, length))
+                frame = _data_frame(buf, pos, length)
+                if start < pos or (same and not _joins(same[-1], frame)):
+                    _emit(out, same)
+                    if start < pos:
+                        out.append(bytes(buf[start:pos]))
+                same.append(frame)
                 start = end
             pos = end
+        _emit(out, same)
         if start < pos:
             out.append(bytes(buf[start:pos]))
         del buf[:pos]
         return out
 
 
+def _joins(before: DataFrame, after: DataFrame) -> bool:
+    """Whether ``after`` can be taken with ``before``: the same stream, and
+    neither ends it, is padded or is invalid (but for ``after`` ending it)."""
+    return (
+        before.stream_id == after.stream_id and before.flags == 0 and after.flags in (0, END_STREAM)
+    )
+
+
+def _emit(out: list[bytes | DataFrame], same: list[DataFrame]) -> None:
+    if len(same) == 1:
+        out.append(same[0])
+    elif same:
+        last = same[-1]
+        out.append(
+            DataFrame(
+                last.stream_id,
+                last.flags,
+                b"".join(f.payload for f in same),
+                sum(f.length for f in same),
+                tuple(f.frames[0] for f in same),
+            )
+        )
+    same.clear()
+
+
 def _data_frame(buf: bytearray, pos: int, length: int) -> DataFrame:
     head = bytes(buf[pos : pos + 9])
     flags = head[4]
     stream_id = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
-    body = bytes(buf[pos + 9 : pos + 9 + length])  # the one copy of the bytes
+    body = bytes(buf[pos + 9 : pos + 9 + length])
+    frames = ((head, body),)
     if not flags & PADDED:
-        return DataFrame(stream_id, flags, body, length, head, body)
+        return DataFrame(stream_id, flags, body, length, frames)
     pad = body[0] if length else length + 1
     if pad >= length:  # invalid: h2 refuses the frame (PROTOCOL_ERROR)
-        return DataFrame(stream_id, -1, b"", length, head, body)
-    return DataFrame(stream_id, flags, body[1 : length - pad], length, head, body)
+        return DataFrame(stream_id, -1, b"", length, frames)
+    return DataFrame(stream_id, flags, body[1 : length - pad], length, frames)
 
 
 def end_stream_frame(stream_id: int) -> bytes:

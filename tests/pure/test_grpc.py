@@ -230,13 +230,21 @@ class FrameSplitterTests(TestCase):
         headers = _frame(1, 4, 1, b"\x82")
         data = _frame(0, 0, 1, b"abc")
         last = _frame(0, 1, 1, b"de")
+        ping = _frame(6, 0, 0, b"\0" * 8)
+        other = _frame(0, 0, 3, b"f")
         splitter = grpc.FrameSplitter()
-        parts = splitter.split(grpc.PREFACE + settings + headers + data + last, 16384)
+        wire = grpc.PREFACE + settings + headers + data + ping + data + last + other
+        parts = splitter.split(wire, 16384)
         self.assertEqual(parts[0], grpc.PREFACE)
         self.assertEqual(parts[1], settings + headers)
-        self.assertEqual(parts[2], grpc.DataFrame(1, 0, b"abc", 3, data[:9], b"abc"))
-        self.assertEqual(parts[3], grpc.DataFrame(1, 1, b"de", 2, last[:9], b"de"))
-        self.assertEqual(parts[3].raw, last)
+        self.assertEqual(parts[2], grpc.DataFrame(1, 0, b"abc", 3, ((data[:9], b"abc"),)))
+        self.assertEqual(parts[3], ping)
+        # Back to back on one stream: one piece of data, the frames kept for h2.
+        both = grpc.DataFrame(1, 1, b"abcde", 5, ((data[:9], b"abc"), (last[:9], b"de")))
+        self.assertEqual(parts[4], both)
+        self.assertEqual(parts[4].raw, data + last)
+        self.assertEqual(parts[5], grpc.DataFrame(3, 0, b"f", 1, ((other[:9], b"f"),)))
+        self.assertEqual(len(parts), 6)
 
     def test_partial_frames_wait_for_the_rest(self) -> None:
         splitter = grpc.FrameSplitter()
