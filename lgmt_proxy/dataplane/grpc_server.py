@@ -11,8 +11,9 @@ not read what it is sent (answers, PING and SETTINGS acknowledgements) stops
 being read. Bounds: ``SETTINGS_MAX_CONCURRENT_STREAMS`` (`MAX_STREAMS`; one
 more is a connection error), the header list (`MAX_HEADER_LIST`), the
 windows (`STREAM_WINDOW` a call, `CONNECTION_WINDOW` all of them: what may
-be sent before the upstream takes it), `MAX_RESETS` client resets beyond the calls answered (rapid
-reset), `MAX_CONTROL` PING and SETTINGS frames between two calls, and
+be sent before the upstream takes it), `MAX_RESETS` client resets beyond
+the calls answered (rapid reset), `MAX_CONTROL` PING and SETTINGS frames
+between two calls, and
 ``CLIENT_IDLE_TIMEOUT_SECONDS`` without a call in progress. Draining sends
 GOAWAY naming the last stream taken; those calls finish, later ones are
 refused (``REFUSED_STREAM``: the client may retry them elsewhere).
