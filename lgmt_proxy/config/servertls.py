@@ -49,18 +49,21 @@ def select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes:
     raise NoApplicationProtocol([("SSL routines", "select_alpn", "client offered no h2 by ALPN")])
 
 
-def parse_server_tls(cert_pem: bytes, key_pem: bytes) -> ServerTLS | tuple[str, str]:
+def parse_server_tls(cert_pem: bytes, key_pem: bytes) -> ServerTLS | list[tuple[str, str]]:
     """The settings from a PEM chain (the server's certificate first, then
-    intermediates) and its PEM private key, or which of the two is wrong and
-    why: ``("cert", problem)`` or ``("key", problem)``."""
+    intermediates) and its PEM private key, or what is wrong with each:
+    ``("cert", problem)``, ``("key", problem)``."""
+    problems = []
     try:
         chain = x509.load_pem_x509_certificates(cert_pem)
     except ValueError:
-        return "cert", "no valid PEM certificate found"
+        problems.append(("cert", "no valid PEM certificate found"))
     try:
         key = load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
-        return "key", "no PEM private key found (an encrypted key is not supported)"
+        problems.append(("key", "no PEM private key found (an encrypted key is not supported)"))
+    if problems:
+        return problems
     leaf = chain[0]
     try:
         options = CertificateOptions(
@@ -75,7 +78,7 @@ def parse_server_tls(cert_pem: bytes, key_pem: bytes) -> ServerTLS | tuple[str, 
         # protocol on no overlap, which OpenSSL answers with internal_error).
         options.getContext().set_alpn_select_callback(select_alpn)
     except (SSL.Error, TypeError, ValueError):
-        return "key", "does not match the first certificate of OTLP_GRPC_TLS_CERT_FILE"
+        return [("key", "does not match the first certificate of OTLP_GRPC_TLS_CERT_FILE")]
     return ServerTLS(
         options=options,
         subject=leaf.subject.rfc4514_string(),
@@ -98,7 +101,8 @@ def load_server_tls(cert_file: str, key_file: str) -> tuple[ServerTLS | None, li
     found = parse_server_tls(cert_pem, key_pem)
     if isinstance(found, ServerTLS):
         return found, []
-    which, problem = found
-    if which == "cert":
-        return None, [f"OTLP_GRPC_TLS_CERT_FILE: {cert_file}: {problem}"]
-    return None, [f"OTLP_GRPC_TLS_KEY_FILE: {key_file}: {problem}"]
+    names = {
+        "cert": ("OTLP_GRPC_TLS_CERT_FILE", cert_file),
+        "key": ("OTLP_GRPC_TLS_KEY_FILE", key_file),
+    }
+    return None, [f"{names[which][0]}: {names[which][1]}: {problem}" for which, problem in found]

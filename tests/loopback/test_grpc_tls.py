@@ -188,3 +188,10 @@ class TLSConfigTests(TestCase):
             self.assertIn(expected, text)
             self.assertEqual(len(caught.exception.problems), 1, text)
             self.assertNotIn(key_text.splitlines()[1], text)
+        # Both wrong: one line for each.
+        with self.assertRaises(ConfigError) as caught:
+            load(self.env(OTLP_GRPC_TLS_CERT_FILE=key_file, OTLP_GRPC_TLS_KEY_FILE=cert_file))
+        self.assertEqual(
+            [line.split(":")[0] for line in caught.exception.problems],
+            ["OTLP_GRPC_TLS_CERT_FILE", "OTLP_GRPC_TLS_KEY_FILE"],
+        )
