@@ -43,6 +43,8 @@ ORG_ID = "1"
 AUTHORIZATION = "Basic " + base64.b64encode(f"{ORG_ID}:{TOKEN}".encode()).decode()
 GET_PATH = "/api/prom/api/v1/query?query=up"
 PUSH_PATH = "/api/prom/push"
+OTLP_PATH = "/otlp/v1/traces"
+GRPC_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 BIG_PATH = "/api/prom/big"
 SMALL_ANSWER = '{"status":"success","data":{"resultType":"vector","result":[]}}'
 MiB = 1024 * 1024
@@ -62,13 +64,21 @@ def which(name: str) -> str:
     return path
 
 
+#: The tools the harness runs, by the Debian package that has them.
+TOOLS = {"wrk": "wrk", "nginx": "nginx", "h2load": "nghttp2-client"}
+
+
 def ensure_tools() -> None:
-    """Install Debian's nginx and wrk when missing and running as root."""
-    missing = [n for n in ("wrk", "nginx") if not shutil.which(n, path="/usr/bin:/usr/sbin")]
+    """Install Debian's nginx, wrk and h2load when missing and running as root."""
+    missing = [n for n in TOOLS if not shutil.which(n, path="/usr/bin:/usr/sbin")]
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
-        log(f"installing {' '.join(missing)} with apt-get")
+        log(f"installing {' '.join(TOOLS[n] for n in missing)} with apt-get")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        for cmd in (["update", "-q"], ["install", "-y", "-q", "--no-install-recommends", *missing]):
+        packages = [TOOLS[n] for n in missing]
+        for cmd in (
+            ["update", "-q"],
+            ["install", "-y", "-q", "--no-install-recommends", *packages],
+        ):
             subprocess.run(["apt-get", *cmd], check=True, env=env, stdout=subprocess.DEVNULL)
     for name in missing:
         which(name)
@@ -338,7 +348,7 @@ def upstream_conf(
     prefix: Path, port: int, sink_port: int, big_file: Path, tls: TlsFiles, tls_port: int
 ) -> str:
     """nginx standing in for Grafana Cloud: small JSON answers to queries;
-    pushes read whole before the 204 (``proxy_pass`` with request buffering
+    pushes (remote write, and OTLP traces) read whole before the 204 (``proxy_pass`` with request buffering
     reads the body, then asks a tiny second server without forwarding it, and
     ``$request_length`` proves every byte arrived); a big file. The same
     locations over plain HTTP on ``port`` and HTTPS on ``tls_port`` (as
@@ -464,7 +474,10 @@ def make_tls(directory: Path) -> TlsFiles:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return builder.sign(signer, hashes.SHA256())
 
-    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_key, leaf_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lgmt bench CA")])
     ca = cert("lgmt bench CA", ca_key, ca_name, ca_key, True)
     leaf = cert("127.0.0.1", leaf_key, ca_name, ca_key, False)
@@ -550,6 +563,86 @@ def parse_wrk(stdout: str, stderr: str) -> dict[str, Any]:
     if match is None:
         raise RuntimeError(f"wrk gave no result:\n{stdout}\n{stderr}")
     return dict(json.loads(match.group(1)))
+
+
+# -- h2load (OTLP over gRPC and HTTP/1.1) -------------------------------------------
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def otlp_traces(size: int) -> bytes:
+    """An ``ExportTraceServiceRequest`` of about ``size`` bytes: one resource
+    and scope, spans with ids, names, timestamps and an attribute each (what
+    an SDK batch looks like; the proxy never parses it, the bytes only have
+    to be a real export)."""
+    spans = []
+    total, i = 0, 0
+    while total < size:
+        attribute = _field(1, b"http.route") + _field(2, _field(1, b"/api/orders/%d" % (i % 97)))
+        span = (
+            _field(1, i.to_bytes(16, "big"))  # trace_id
+            + _field(2, (i + 1).to_bytes(8, "big"))  # span_id
+            + _field(5, b"GET /api/orders")  # name
+            + b"\x39"
+            + (1_700_000_000_000_000_000 + i).to_bytes(8, "little")  # start (fixed64)
+            + b"\x41"
+            + (1_700_000_000_000_500_000 + i).to_bytes(8, "little")  # end
+            + _field(9, attribute)
+        )
+        spans.append(_field(2, span))
+        total += len(spans[-1])
+        i += 1
+    resource = _field(1, _field(1, _field(1, b"service.name") + _field(2, _field(1, b"bench"))))
+    scope_spans = _field(2, b"".join(spans))
+    return _field(1, resource + scope_spans)
+
+
+def h2load(
+    url: str,
+    conns: int,
+    seconds: float,
+    body: Path,
+    headers: Sequence[str],
+    h1: bool = False,
+    background: bool = False,
+) -> Any:
+    """POST ``body`` to ``url`` for ``seconds`` with h2load (one thread, one
+    request in flight per connection): HTTP/2 with prior knowledge, or
+    HTTP/1.1 with ``h1``. Its counts, duration and mean latency
+    (`parse_h2load`), or with ``background`` the process."""
+    cmd = [which("h2load"), "-t1", f"-c{conns}", "-m1", f"-D{seconds}", "-d", str(body)]
+    cmd += [x for h in headers for x in ("-H", h)] + (["--h1"] if h1 else []) + [url]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc if background else parse_h2load(proc.communicate(timeout=seconds + 60)[0])
+
+
+def parse_h2load(out: str) -> dict[str, Any]:
+    counts = r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout"
+    done = re.search(counts, out)
+    codes = re.search(r"status codes: (\d+) 2xx", out)
+    took = re.search(r"finished in ([\d.]+)(m?s)", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
+    if not (done and codes and took and mean):
+        raise RuntimeError(f"h2load gave no result:\n{out}")
+    scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+    return {
+        "requests": int(done.group(2)),
+        "ok": int(codes.group(1)),
+        "errors": sum(int(done.group(k)) for k in (4, 5, 6)),
+        "seconds": float(took.group(1)) * scale[took.group(2)],
+        "mean_ms": float(mean.group(1)) * scale[mean.group(2)] * 1000,
+    }
 
 
 # -- socket clients ------------------------------------------------------------------

@@ -20,7 +20,7 @@ import benchlib as b
 
 sys.path.insert(0, str(b.ROOT))
 
-from tests.support.otlp_bodies import otlp_json, otlp_protobuf  # noqa: E402
+from tests.support.otlp_bodies import otlp_json, otlp_protobuf
 
 OTLP_PATH = "/otlp/v1/traces"
 KINDS = ("json", "protobuf")
@@ -53,11 +53,17 @@ def push_for(port: int, kind: str, body: bytes, seconds: float) -> dict[str, Any
             requests += 1
             non2xx += not 200 <= status < 300
     elapsed = time.monotonic() - start
-    return {"requests": requests, "non2xx": non2xx, "seconds": elapsed, "bytes": requests * len(body)}
+    return {
+        "requests": requests,
+        "non2xx": non2xx,
+        "seconds": elapsed,
+        "bytes": requests * len(body),
+    }
 
 
 _SAMPLE = re.compile(
-    r'^proxy_upstream_compression_bytes_total\{stage="(before|after)",upstream="otlp"\} (\S+)$', re.M
+    r'^proxy_upstream_compression_bytes_total\{stage="(before|after)",upstream="otlp"\} (\S+)$',
+    re.M,
 )
 
 

@@ -5,6 +5,7 @@
                                                       sysctl kernel.yama.ptrace_scope=0)
     python3 bench/profile_proxy.py                   20 s of samples, small GETs at 50 conns
     python3 bench/profile_proxy.py --workload push   1 MiB pushes at 8 conns
+    python3 bench/profile_proxy.py --workload grpc   256 KiB OTLP exports over gRPC (h2load -c8)
     python3 bench/profile_proxy.py --tls             the same against the HTTPS upstream
     python3 bench/profile_proxy.py --summarize FILE  re-read a raw profile
 
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -93,13 +95,27 @@ def summarize(raw: Path, top: int = 25) -> str:
     return "\n".join(out) + "\n"
 
 
+def grpc_load(bench: Bench, workdir: Path, seconds: int) -> tuple[b.Target, Any]:
+    """An lgmt-proxy with OTLP_GRPC_LISTEN, warmed up, and h2load sending it
+    the grpc workload's exports (8 connections) in the background."""
+    port = b.free_port()
+    target = bench.lgmt("lgmt_grpc", OTLP_GRPC_LISTEN=f"tcp:{port}:interface=127.0.0.1")
+    bench.add(target)
+    message = b.otlp_traces(Settings().grpc_bytes)
+    framed = workdir / "otlp.grpc"
+    framed.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)
+    url, headers = f"http://127.0.0.1:{port}{b.GRPC_EXPORT}", ["content-type: application/grpc"]
+    b.h2load(url, 8, 2, framed, headers)  # warm-up
+    return target, b.h2load(url, 8, seconds, framed, headers, background=True)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--seconds", type=int, default=20, help="sampling time (default 20)")
     p.add_argument("--rate", type=int, default=200, help="samples per second (default 200)")
-    p.add_argument("--workload", choices=("get", "push"), default="get")
+    p.add_argument("--workload", choices=("get", "push", "grpc"), default="get")
     p.add_argument("--tls", action="store_true", help="HTTPS upstream (as make bench's tls_*)")
     p.add_argument("--native", action="store_true", help="also sample C frames (py-spy --native)")
     p.add_argument("--twistd", default=str(b.ROOT / ".venv" / "bin" / "twistd"))
@@ -113,7 +129,7 @@ def main(argv: list[str]) -> int:
         sys.exit("profile: py-spy not found: .venv/bin/pip install py-spy")
     b.ensure_tools()
     b.raise_fd_limit()
-    get = args.workload == "get"
+    get, grpc = args.workload == "get", args.workload == "grpc"
     conns, path, wrk_args = (50, b.GET_PATH, []) if get else (8, b.PUSH_PATH, [str(b.MiB), "1"])
     out = b.BENCH / "results" / f"profile-{'tls_' * args.tls}{args.workload}{conns}"
     out.parent.mkdir(exist_ok=True)
@@ -123,21 +139,26 @@ def main(argv: list[str]) -> int:
     try:
         bench.start()
         lgmt = bench.targets["lgmt"]
-        b.wrk(lgmt.url + path, conns, 2, wrk_args)  # warm-up
-        wrk = b.wrk(lgmt.url + path, conns, args.seconds + 4, wrk_args, background=True)
+        if grpc:
+            lgmt, load = grpc_load(bench, workdir, args.seconds + 4)
+        else:
+            b.wrk(lgmt.url + path, conns, 2, wrk_args)  # warm-up
+            load = b.wrk(lgmt.url + path, conns, args.seconds + 4, wrk_args, background=True)
         cpu0 = lgmt.cpu()
         record = [pyspy, "record", "--pid", str(lgmt.proc.pid), "--duration", str(args.seconds)]
         record += ["--rate", str(args.rate), "--format", "raw", "-o", str(out.with_suffix(".txt"))]
         subprocess.run(record + ["--native"] * args.native, check=True, stdout=subprocess.DEVNULL)
         cpu = lgmt.cpu() - cpu0
-        result = b.parse_wrk(*wrk.communicate())
+        output = load.communicate()
+        result = b.parse_h2load(output[0]) if grpc else b.parse_wrk(*output)
     finally:
         bench.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    what = "small GETs" if get else "256 KiB OTLP gRPC exports" if grpc else "1 MiB pushes"
     text = (
-        f"lgmt-proxy under wrk -c{conns} {'small GETs' if get else '1 MiB pushes'}"
+        f"lgmt-proxy under {'h2load' if grpc else 'wrk'} -c{conns} {what}"
         f"{', HTTPS upstream' if args.tls else ''}: "
-        f"{result['requests']} requests, {result['non2xx']} non-2xx; "
+        f"{result['requests']} requests, {result.get('non2xx', 'n/a')} non-2xx; "
         f"proxy CPU while sampled {cpu:.1f} s over {args.seconds} s\n"
         + summarize(out.with_suffix(".txt"))
     )

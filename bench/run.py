@@ -51,7 +51,7 @@ from benchlib import MiB, log
 #: Cloud does): the same method, fresh proxies that talk TLS to the upstream.
 TLS_WORKLOADS = {"tls_get50": "get50", "tls_get1": "get1", "tls_push": "push", "tls_big": "big"}
 WORKLOADS = (
-    "get50", "auth", "budgets", "get1", "push", "gzip", "big", *TLS_WORKLOADS, "idle", "soak"
+    "get50", "auth", "budgets", "get1", "push", "gzip", "grpc", "big", *TLS_WORKLOADS, "idle", "soak"
 )  # fmt: skip
 DOCS = b.ROOT / "docs" / "performance.md"
 RESULTS = b.BENCH / "results"
@@ -70,6 +70,8 @@ class Settings:
     push_connections: int = 8
     push_bytes: int = MiB
     gzip_bytes: int = MiB  # each OTLP body of the gzip workload
+    grpc_bytes: int = 256 * 1024  # one OTLP trace export (an SDK batch of ~2,700 spans)
+    grpc_connections: int = 8
     big_bytes: int = 512 * MiB
     big_read_rate: int = 256 * MiB  # bytes/s the big download's reader takes at most
     idle_connections: int = 2000
@@ -98,7 +100,9 @@ class Bench:
         self.warmed: dict[str, dict[str, Any]] = {}
         port, sink_port, big = b.free_port(), b.free_port(), workdir / "big.bin"
         self.tls_files, self.tls_port, self.tls = b.make_tls(workdir / "tls"), b.free_port(), False
-        conf = b.upstream_conf(workdir / "upstream", port, sink_port, big, self.tls_files, self.tls_port)
+        conf = b.upstream_conf(
+            workdir / "upstream", port, sink_port, big, self.tls_files, self.tls_port
+        )
         self.upstream = b.Nginx("upstream", "upstream (nginx)", workdir, conf, port, "/health")
         self.log = b.UpstreamLog(self.upstream.prefix / "access.log")
 
@@ -336,7 +340,9 @@ class Bench:
         for kind in egress.KINDS:
             on[f"{kind}_saved_pct"] = 100 * (1 - on[f"{kind}_ratio"])
             on[f"{kind}_plain_cpu_us_per_mib"] = off[f"{kind}_cpu_us_per_mib"]
-            on[f"{kind}_cpu_cost"] = ratio(on[f"{kind}_cpu_us_per_mib"], off[f"{kind}_cpu_us_per_mib"])
+            on[f"{kind}_cpu_cost"] = ratio(
+                on[f"{kind}_cpu_us_per_mib"], off[f"{kind}_cpu_us_per_mib"]
+            )
         note("gzip lgmt_gzip", on)
         label = f"{self.s.gzip_bytes // 1024} KiB"
         return {"size": label, "runs": runs, "summary": summary}
@@ -362,6 +368,77 @@ class Bench:
             # Bytes upstream per byte received (NaN without compression).
             "ratio": (after["after"] - counted["after"]) / before if before else math.nan,
         })  # fmt: skip
+
+    def grpc(self) -> dict[str, Any]:
+        """The same OTLP trace export to one lgmt-proxy (OTLP_GRPC_LISTEN on)
+        over OTLP/HTTP (``POST /otlp/v1/traces``, HTTP/1.1) and over OTLP/gRPC
+        (``TraceService/Export``, h2c), both sent by h2load, alternating in
+        the same rounds: the proxy's CPU per MiB exported each way."""
+        size, conns, port = self.s.grpc_bytes, self.s.grpc_connections, b.free_port()
+        body, framed = self.workdir / "otlp.bin", self.workdir / "otlp.grpc"
+        message = b.otlp_traces(size)
+        body.write_bytes(message)
+        framed.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)
+        target = self.lgmt("lgmt_grpc", OTLP_GRPC_LISTEN=f"tcp:{port}:interface=127.0.0.1")
+        self.add(target)
+        ways = {
+            "lgmt_http": (target.url + b.OTLP_PATH, body, ["content-type: application/x-protobuf"], True),
+            "lgmt_grpc": (f"http://127.0.0.1:{port}{b.GRPC_EXPORT}", framed,
+                          ["content-type: application/grpc", "te: trailers"], False),
+        }  # fmt: skip
+        try:
+            for way in ways:  # warm-up: pools filled, nothing kept
+                self.exported(target, way, *ways[way], conns, self.s.warmup, len(message))
+            runs: Runs = {way: [] for way in ways}
+            for r in range(self.s.rounds):
+                for way in list(ways) if r % 2 == 0 else list(ways)[::-1]:
+                    run = self.exported(
+                        target, way, *ways[way], conns, self.s.seconds, len(message)
+                    )
+                    runs[way].append(note(f"grpc round {r + 1}/{self.s.rounds} {way}", run))
+        finally:
+            self.targets.pop("lgmt_grpc").stop()
+        summary = summarize(runs)
+        over_grpc, over_http = summary["lgmt_grpc"], summary["lgmt_http"]
+        over_grpc["http_cpu_us_per_mib"] = over_http["cpu_us_per_mib"]
+        ok = over_grpc["non2xx"] == 0 and over_grpc["upstream_requests"] > 0
+        over_grpc["grpc_cost"] = (
+            ratio(over_grpc["cpu_us_per_mib"], over_http["cpu_us_per_mib"]) if ok else math.nan
+        )
+        label = f"{size // 1024} KiB"
+        return {"size": label, "connections": conns, "runs": runs, "summary": summary}
+
+    def exported(
+        self, target: b.Target, way: str, url: str, body: Any, headers: list[str], h1: bool,
+        conns: int, seconds: int, size: int,
+    ) -> dict[str, Any]:  # fmt: skip
+        """One h2load run of the grpc workload: the proxy's CPU and what the
+        upstream received. A gRPC call refused by the proxy is still HTTP
+        200 to h2load, so what counts as answered is what the upstream took."""
+        self.check_alive()
+        time.sleep(0.2)
+        self.log.mark()
+        cpu0 = target.cpu()
+        r = b.h2load(url, conns, seconds, body, headers, h1=h1)
+        cpu = target.cpu() - cpu0
+        time.sleep(0.3)
+        seen = self.log.window(way, size)
+        failed = r["requests"] - r["ok"] + r["errors"]
+        if not h1:  # the gRPC status is in trailers h2load does not read
+            failed += max(0, r["ok"] - seen["upstream_requests"])
+        n = r["requests"]
+        return {
+            "requests": n,
+            "non2xx": failed,
+            "socket_errors": 0,
+            "rps": n / r["seconds"],
+            "mean_ms": r["mean_ms"],
+            "cpu_s": cpu,
+            "cores": cpu / r["seconds"],
+            "cpu_us_per_mib": cpu * 1e6 / (n * size / MiB) if n else math.nan,
+            "mib_per_s": n * size / MiB / r["seconds"],
+            **seen,
+        }
 
     def big(self) -> dict[str, Any]:
         """One big upload, then one download read at a bounded rate, through
@@ -593,6 +670,12 @@ FIGURES = [
     Fig("gzip", "OTLP protobuf: CPU per MiB received, gzip / plain (µs)",
         "{protobuf_cpu_us_per_mib:,.0f} / {protobuf_plain_cpu_us_per_mib:,.0f} ({protobuf_cpu_cost:.2f}x)", nginx=False,
         lgmt="lgmt_gzip", need=("protobuf_cpu_us_per_mib", "protobuf_plain_cpu_us_per_mib")),
+    Fig("grpc", "CPU per MiB over OTLP/HTTP (µs); over OTLP/gRPC (µs); gRPC / HTTP, same rounds",
+        "{http_cpu_us_per_mib:,.0f}; {cpu_us_per_mib:,.0f}; {grpc_cost:.2f}x",
+        label="{size} OTLP trace export, {connections} conns, h2load", nginx=False, need=("grpc_cost",),
+        target="≤ 1.5x", check="grpc_cost", on="lgmt", limit=1.5, lgmt="lgmt_grpc"),
+    Fig("grpc", "throughput over gRPC (MiB/s); mean latency (ms)", "{mib_per_s:,.0f}; {mean_ms:.2f}",
+        nginx=False, lgmt="lgmt_grpc"),
     *_big("up", "{mib} MiB up (POST)"),
     *_big("down", "{mib} MiB down (GET, read at ≤ {rate} MiB/s)"),
     Fig("idle", "RSS per connection (KiB)", "{kib_per_connection:.1f}", label="{connections:,} idle keep-alive conns",
@@ -745,6 +828,7 @@ OPTIONS = [
     ("--big-mib", int, "size of the big transfer each way (default 512)"),
     ("--idle-connections", int, "idle keep-alive connections (default 2000)"),
     ("--consumers", int, "consumers in the auth workload's CLIENT_AUTH_FILE (default 10000)"),
+    ("--grpc-kib", int, "size of the grpc workload's OTLP export (default 256)"),
     ("--twistd", str, "twistd with lgmt-proxy installed (default .venv/bin/twistd)"),
     ("--compare-twistd", str, "also run this build (another worktree's twistd) in the same rounds: A/B"),
     ("--workdir", str, "where configs and logs go (default: a temp dir, removed)"),
@@ -771,7 +855,7 @@ def main(argv: list[str]) -> int:
     for key, value in (
         ("soak_seconds", args.soak_seconds), ("rounds", args.rounds), ("seconds", args.seconds),
         ("big_bytes", args.big_mib and args.big_mib * MiB), ("idle_connections", args.idle_connections),
-        ("auth_consumers", args.consumers),
+        ("auth_consumers", args.consumers), ("grpc_bytes", args.grpc_kib and args.grpc_kib * 1024),
     ):  # fmt: skip
         if value is not None:
             setattr(s, key, value)

@@ -21,13 +21,14 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.web.server import Site
 
+from lgmt_proxy.announce import log_upstreams
 from lgmt_proxy.config.clientauth import ClientAuth, load_client_auth
 from lgmt_proxy.config.routesfile import RouteSpec
-from lgmt_proxy.config.settings import SIGNALS, Config, Secret, UpstreamConfig
+from lgmt_proxy.config.settings import Config, Secret
 from lgmt_proxy.config.tokens import token_source
 from lgmt_proxy.config.watch import WatchedFile
 from lgmt_proxy.dataplane.drain import drain_connections
-from lgmt_proxy.dataplane.grpc_server import GrpcFactory
+from lgmt_proxy.dataplane.grpc_server import GrpcFactory, GrpcTLSFactory
 from lgmt_proxy.dataplane.resources import build_root
 from lgmt_proxy.dataplane.server import ProxyFactory
 from lgmt_proxy.dataplane.upstream import Upstream, build_upstream
@@ -173,23 +174,6 @@ def default_listen(port: int) -> str:
     return f"tcp:{port}:backlog=1024"
 
 
-def upstream_fields(
-    upstream: UpstreamConfig, *, has_token: bool, from_consumer: bool, via: str = "direct"
-) -> dict[str, str]:
-    """The start-up line's fields for one upstream, as users read them: ``-``
-    where nothing is sent (no Basic user on a bearer or none route, no
-    ``X-Scope-OrgID``), ``from_consumer`` where each consumer's own is;
-    ``via`` is the forward proxy's URL without its credentials, or direct."""
-    auth = upstream.auth if has_token else "none"
-    return {
-        "url": upstream.url,
-        "via": via,
-        "auth": auth,
-        "org_id": upstream.user if auth == "basic" and upstream.user else "-",
-        "tenant_id": "from_consumer" if from_consumer else upstream.tenant or "-",
-    }
-
-
 def _freeze_startup_objects() -> None:
     """Move everything built at start-up out of the cyclic collector's way:
     full collections then only walk what requests allocate (the process-wide
@@ -307,8 +291,10 @@ class ProxyService(MultiService):
         if grpc_listen:
             if grpc_listen.isdigit():
                 grpc_listen = default_listen(int(grpc_listen))
-            self.grpc_factory = GrpcFactory(self.proxy_factory)
-            self._grpc = Listener(grpc_listen, self.grpc_factory, reactor)
+            grpc = self.grpc_factory = GrpcFactory(self.proxy_factory)
+            tls = config.otlp_grpc_tls
+            factory = grpc if tls is None else GrpcTLSFactory(grpc, tls.options, reactor)
+            self._grpc = Listener(grpc_listen, factory, reactor)
             self._grpc.setServiceParent(self)
         if self.client_auth is not None:
             self._watched.append(self.client_auth)
@@ -383,30 +369,18 @@ class ProxyService(MultiService):
             )
         _log.info("listening on {address}", address=self._main.address, listen=self.listen)
         if self._grpc is not None:
+            tls = self.config.otlp_grpc_tls
             _log.info(
-                "OTLP over gRPC (h2c) on {address}, bridged to the otlp route",
+                "OTLP over gRPC ({how}) on {address}, bridged to the otlp route",
+                how="h2c" if tls is None else f"TLS, ALPN h2, {tls.subject} until {tls.not_after}",
                 address=self._grpc.address.replace("http://", "", 1),
             )
-        for name, up in self.upstreams.items():
-            # The event's field names (signal, org_id, tenant_id) are what log
-            # queries match, so they stay; with ROUTES_FILE they hold the
-            # route's upstream name and Basic-auth user.
-            _log.info(
-                "signal {signal} on: {url} via {via} (auth {auth}, org id {org_id}, "
-                "tenant {tenant_id})",
-                signal=name,
-                **upstream_fields(
-                    up.config,
-                    has_token=up.token is not None,
-                    from_consumer=name in self._from_consumer,
-                    via=up.proxy.display if up.proxy is not None else "direct",
-                ),
-            )
-        if gzipped := [n for n, up in self.upstreams.items() if up.config.gzip_level]:
-            _log.info("uncompressed pushes gzip'd on the way to: {names}", names=", ".join(gzipped))
-        off = [n for n in SIGNALS if n not in self.upstreams]
-        if off and self.config.routes_file is None:
-            _log.info("signals off (their routes answer 404): {off}", off=", ".join(off))
+        log_upstreams(
+            _log,
+            self.upstreams,
+            from_consumer=self._from_consumer,
+            routes_file=self.config.routes_file is not None,
+        )
 
     def _install_sigterm(self) -> None:
         # twistd re-raises SIGTERM or SIGINT after stopping (exit status -15,

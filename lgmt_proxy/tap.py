@@ -94,6 +94,12 @@ def load(
     if redis is not None and redis.password_file is not None:
         config, found = _with_redis_password(config, redis)
         problems.extend(found)
+    if config.otlp_grpc_tls_files is not None:
+        from lgmt_proxy.config.servertls import load_server_tls
+
+        server_tls, found = load_server_tls(*config.otlp_grpc_tls_files)
+        problems.extend(found)
+        config = attrs.evolve(config, otlp_grpc_tls=server_tls)
     if problems:
         raise ConfigError(problems)
     return config, token, client_auth, routes

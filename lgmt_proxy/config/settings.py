@@ -19,9 +19,12 @@ import attrs
 from lgmt_proxy.config.compression import VARIABLES as COMPRESSION_VARIABLES
 from lgmt_proxy.config.compression import Compression, parse_compression
 from lgmt_proxy.config.egress import Egress, RouteProxy, parse_egress
+from lgmt_proxy.config.grpclisten import VARIABLES as GRPC_VARIABLES
+from lgmt_proxy.config.grpclisten import parse_grpc_listen
 from lgmt_proxy.config.ratelimit import VARIABLES as RATE_LIMIT_VARIABLES
 from lgmt_proxy.config.ratelimit import RedisSettings, parse_rate_limit_redis
 from lgmt_proxy.config.secret import Secret
+from lgmt_proxy.config.servertls import ServerTLS
 
 #: The signals of the contract, in the order their routes are listed, plus
 #: profiles (Pyroscope), Grafana Cloud's fifth signal, off unless configured.
@@ -130,6 +133,10 @@ class Config:
     otlp_grpc_listen: str | None = None
     #: UPSTREAM_COMPRESSION, UPSTREAM_COMPRESSION_LEVEL (config/compression.py).
     compression: Compression = attrs.field(factory=Compression)
+    #: OTLP_GRPC_TLS_CERT_FILE and OTLP_GRPC_TLS_KEY_FILE (both or neither).
+    otlp_grpc_tls_files: tuple[str, str] | None = None
+    #: What those files hold, read at start-up by the caller (tap.load).
+    otlp_grpc_tls: ServerTLS | None = None
 
 
 def _is_loopback(host: str) -> bool:
@@ -315,9 +322,9 @@ KNOWN_VARIABLES = frozenset(
        "SHUTDOWN_DELAY_SECONDS", "SHUTDOWN_GRACE_SECONDS", "LOG_LEVEL", "LOG_FORMAT",
        "CLIENT_HEADER_TIMEOUT_SECONDS", "CLIENT_IDLE_TIMEOUT_SECONDS", "CLIENT_AUTH_FILE",
        "ROUTES_FILE", "WEBSOCKET_IDLE_TIMEOUT_SECONDS", "ALLOWED_ORIGINS", "ALLOWED_HOSTS",
-       "METRICS_TENANT_LABEL", "UPSTREAM_PROXY_CREDENTIALS_FILE", "OTLP_GRPC_LISTEN",
+       "METRICS_TENANT_LABEL", "UPSTREAM_PROXY_CREDENTIALS_FILE",
        "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy",
-       *RATE_LIMIT_VARIABLES, *COMPRESSION_VARIABLES]
+       *RATE_LIMIT_VARIABLES, *COMPRESSION_VARIABLES, *GRPC_VARIABLES]
 )  # fmt: skip
 #: The beginnings of our variables' names: another name beginning so is likely a typo.
 OUR_PREFIXES = ("GRAFANA_CLOUD_", "UPSTREAM_", "CLIENT_", "MAX_", "SHUTDOWN_", "LOG_",
@@ -345,45 +352,6 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
         hint = f"; did you mean {close[0]}?" if close else " (docs/configuration.md lists them)"
         found.append(f"{name} is not a known variable{hint}")
     return found
-
-
-#: An endpoint description: a plugin name, a colon, its arguments (tcp:4317,
-#: tcp:port=4317:interface=127.0.0.1, unix:/run/grpc.sock).
-_ENDPOINT = re.compile(r"[a-zA-Z][a-zA-Z0-9_-]*:\S+")
-
-
-def _parse_grpc_listen(
-    reader: _Reader, signals: Mapping[str, UpstreamConfig], routes_file: str | None
-) -> str | None:
-    """OTLP_GRPC_LISTEN: unset, empty or ``off``: no gRPC listener; a port
-    (1 to 65535); or an endpoint description as ``--listen`` takes. It
-    bridges to the otlp route, so with the built-in routes the otlp signal
-    must be on."""
-    value = reader.get("OTLP_GRPC_LISTEN")
-    if value is None or value.strip().lower() in ("", "off"):
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        if not 1 <= int(value) <= 65535:
-            reader.problems.append(f"OTLP_GRPC_LISTEN: a port must be 1 to 65535, got {value!r}")
-            return None
-        main = reader.get("PORT") or "8085"
-        if main.isascii() and main.isdigit() and int(main) == int(value):
-            reader.problems.append("OTLP_GRPC_LISTEN: must not be the main listener's PORT")
-            return None
-    elif not _ENDPOINT.fullmatch(value):
-        reader.problems.append(
-            "OTLP_GRPC_LISTEN: expected a port (4317) or an endpoint description "
-            "(tcp:4317, tcp:port=4317:interface=127.0.0.1)"
-        )
-        return None
-    if routes_file is None and "otlp" not in signals:
-        reader.problems.append(
-            "OTLP_GRPC_LISTEN: OTLP over gRPC is bridged to the otlp signal; "
-            "set GRAFANA_CLOUD_OTLP_URL and GRAFANA_CLOUD_OTLP_ORG_ID"
-        )
-        return None
-    return value
 
 
 def parse_config(env: Mapping[str, str]) -> Config:
@@ -442,6 +410,10 @@ def parse_config(env: Mapping[str, str]) -> Config:
         name: attrs.evolve(s, gzip_level=compression.signal_level(name))
         for name, s in signals.items()
     }
+    grpc, grpc_problems = parse_grpc_listen(
+        env, has_otlp="otlp" in signals, routes_file=routes_file is not None
+    )
+    r.problems.extend(grpc_problems)
     config = Config(
         signals=signals,
         token=token,
@@ -473,7 +445,8 @@ def parse_config(env: Mapping[str, str]) -> Config:
         metrics_tenant_label=r.boolean("METRICS_TENANT_LABEL", False),
         egress=egress,
         rate_limit_redis=redis,
-        otlp_grpc_listen=_parse_grpc_listen(r, signals, routes_file),
+        otlp_grpc_listen=grpc.listen,
+        otlp_grpc_tls_files=grpc.tls_files,
         compression=compression,
     )
     if r.problems:

@@ -1,15 +1,19 @@
 """The OTLP/gRPC listener (``OTLP_GRPC_LISTEN``): HTTP/2 with prior
-knowledge (h2c) on the `h2` state machine (sans-IO), one `GrpcConnection`
-per client connection, one `GrpcStream` per call.
+knowledge (h2c), or under TLS with ALPN ``h2`` (`GrpcTLSFactory`), on the
+`h2` state machine (sans-IO), one `GrpcConnection` per client connection,
+one `GrpcStream` per call. A call's DATA frames are taken past h2
+(`GrpcConnection._data_frame`, windows in `grpc_flow.Inflow`); every other
+frame is h2's.
 
 Every byte goes out through the connection's `Sender` (`SendQueue.install`);
 the connection's own `ReadGate` is registered with it, so a client that does
 not read what it is sent (answers, PING and SETTINGS acknowledgements) stops
 being read. Bounds: ``SETTINGS_MAX_CONCURRENT_STREAMS`` (`MAX_STREAMS`; one
-more is a connection error), the header list (`MAX_HEADER_LIST`), each
-stream's window (65,535 bytes: what a call can send before the upstream
-takes it), `MAX_RESETS` client resets beyond the calls answered (rapid
-reset), `MAX_CONTROL` PING and SETTINGS frames between two calls, and
+more is a connection error), the header list (`MAX_HEADER_LIST`), the
+windows (`STREAM_WINDOW` a call, `CONNECTION_WINDOW` all of them: what may
+be sent before the upstream takes it), `MAX_RESETS` client resets beyond
+the calls answered (rapid reset), `MAX_CONTROL` PING and SETTINGS frames
+between two calls, and
 ``CLIENT_IDLE_TIMEOUT_SECONDS`` without a call in progress. Draining sends
 GOAWAY naming the last stream taken; those calls finish, later ones are
 refused (``REFUSED_STREAM``: the client may retry them elsewhere).
@@ -25,13 +29,24 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLServerConnectionCreator,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from lgmt_proxy.dataplane.grpc_flow import CONNECTION_WINDOW, STREAM_WINDOW, Inflow, Outflow
 from lgmt_proxy.dataplane.grpc_stream import GrpcStream
 from lgmt_proxy.dataplane.server import ProxyFactory
 from lgmt_proxy.io.sending import Sender
+from lgmt_proxy.io.tls import TLSCarrier
+from lgmt_proxy.rules import grpc
 from lgmt_proxy.rules.headers import RawHeaders
 
 #: Calls open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
@@ -43,12 +58,21 @@ MAX_HEADER_LIST = 16 * 1024
 MAX_RESETS = 100
 #: PING and SETTINGS frames accepted between two calls.
 MAX_CONTROL = 1000
+_DEFAULT_WINDOW = 65535
+#: Our own headers are fixed and valid: h2 checking them per call is CPU
+#: for nothing. What clients send is checked as ever.
+_CONFIG = h2.config.H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
 
 _NO_ERROR = 0
 _PROTOCOL_ERROR = 1
+_FLOW_CONTROL_ERROR = 3
 _REFUSED_STREAM = 7
 _ENHANCE_YOUR_CALM = 11
-_GRPC_HEAD = [(b":status", b"200"), (b"content-type", b"application/grpc")]
 
 
 class GrpcFactory(Factory):
@@ -71,20 +95,48 @@ class GrpcFactory(Factory):
         return GrpcConnection(self)
 
 
+class GrpcTLSFactory(Factory):
+    """TLS under each connection of ``grpc`` (``OTLP_GRPC_TLS_*``): Twisted's
+    `TLSMemoryBIOProtocol` over a `TLSCarrier`, as for an https upstream, so
+    the records go out through the connection's `Sender`. ``creator`` offers
+    ALPN ``h2`` only (`config.servertls`): a client offering other protocols
+    fails the handshake, and one offering none is closed once it completes
+    (`GrpcConnection.handshakeCompleted`)."""
+
+    noisy = False
+
+    def __init__(
+        self, grpc: GrpcFactory, creator: IOpenSSLServerConnectionCreator, clock: IReactorTime
+    ) -> None:
+        self.grpc = grpc
+        self._tls = TLSMemoryBIOFactory(creator, False, grpc, clock)
+
+    def buildProtocol(self, addr: Any) -> TLSCarrier | None:
+        connection = self.grpc.buildProtocol(addr)
+        if connection is None:
+            return None  # over MAX_CONNECTIONS: closed before any handshake
+        return TLSCarrier(TLSMemoryBIOProtocol(self._tls, connection))
+
+    def doStart(self) -> None:
+        self._tls.doStart()
+
+    def doStop(self) -> None:
+        self._tls.doStop()
+
+
+@implementer(IHandshakeListener)
 class GrpcConnection(Protocol):
-    """One HTTP/2 client connection carrying unary OTLP calls."""
+    """One HTTP/2 client connection carrying unary OTLP calls. Under TLS,
+    HTTP/2 starts once the handshake has selected ``h2``."""
 
     def __init__(self, factory: GrpcFactory) -> None:
         self.factory = factory
         self.shared = factory.shared
         self.client_text = "unknown"
         self.out: Sender | None = None
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
-        )
+        self.h2 = h2.connection.H2Connection(_CONFIG)
         self.calls: dict[int, GrpcStream] = {}
-        #: Answers waiting for the client's window: stream -> [data, trailers].
-        self._unsent: dict[int, tuple[bytearray, RawHeaders]] = {}
+        self._outflow = Outflow(self.h2)
         self._idle: IDelayedCall | None = None
         self._resets = 0
         self._answered = 0
@@ -92,6 +144,14 @@ class GrpcConnection(Protocol):
         #: The last stream taken once GOAWAY was sent (None: not sent).
         self.last_stream: int | None = None
         self._closing = False
+        #: The TLS layer under this connection (None: h2c).
+        self._tls: Any = None
+        #: HTTP/2 has begun (under TLS, not before the handshake).
+        self._started = False
+        #: Handling what the client sent: frames to send go out at its end.
+        self._reading = False
+        self._frames = grpc.FrameSplitter()
+        self._inflow = Inflow()
 
     # -- the connection ------------------------------------------------------------------
 
@@ -99,24 +159,62 @@ class GrpcConnection(Protocol):
         self.factory.connections.add(self)
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.client_text = getattr(peer, "host", "unknown")
+        if ISSLTransport.providedBy(self.transport):
+            self._tls = self.transport
         out = self.out = self.shared.sends.install(self)
         out.register_producer(out.reading)
+        if self._tls is None:
+            self._start_h2()
+            self._arm_idle()
+        else:  # the handshake within the time a client has for its request head
+            self._arm_idle(self.shared.client_header_timeout)
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: HTTP/2 if ALPN selected ``h2``, else close (a client
+        that offered no ALPN; one that offered only others failed the
+        handshake already). Nothing of HTTP/2 was sent to it."""
+        if self._closing:
+            return
+        if getattr(self._tls, "negotiatedProtocol", None) != b"h2":
+            self.shut()
+            return
+        self._start_h2()
+        self._arm_idle()
+
+    def _start_h2(self) -> None:
+        self._started = True
         conn = self.h2
         conn.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             },
         )
         conn.decoder.max_header_list_size = MAX_HEADER_LIST
         conn.initiate_connection()
+        conn.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
         self._flush()
-        self._arm_idle()
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        self._reading = True  # what the frames make is sent once, at the end
+        try:
+            max_frame = self.h2.local_settings.max_frame_size
+            for part in self._frames.split(data, max_frame):
+                if isinstance(part, grpc.DataFrame):
+                    self._data_frame(part)
+                else:
+                    self._to_h2(part)
+                if self._closing:
+                    return
+        finally:
+            self._reading = False
+        self._flush()
+
+    def _to_h2(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.DenialOfServiceError:
@@ -131,7 +229,24 @@ class GrpcConnection(Protocol):
                 handler(self, event)
             if self._closing:
                 return
-        self._flush()
+
+    def _data_frame(self, frame: grpc.DataFrame) -> None:
+        """A whole DATA frame. A call's (open, still sending) is taken here,
+        its length counted against the windows this connection grants (more
+        is FLOW_CONTROL_ERROR), and h2 only told of its END_STREAM; any other
+        goes to h2 as it came (an unknown or closed stream, bad padding)."""
+        sid = frame.stream_id
+        call = self.calls.get(sid)
+        if call is None or not self._inflow.owns(sid) or call.client_done or frame.flags < 0:
+            self._to_h2(frame.raw)
+            return
+        if not self._inflow.received(sid, frame.length):
+            self._close_with(_FLOW_CONTROL_ERROR)
+            return
+        self._control = 0
+        call.data(frame.payload, frame.length)
+        if frame.flags & grpc.END_STREAM and not self._closing:
+            self._to_h2(grpc.end_stream_frame(frame.stream_id))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closing = True
@@ -140,17 +255,22 @@ class GrpcConnection(Protocol):
         for call in list(self.calls.values()):
             call.reset()
         self.calls.clear()
-        self._unsent.clear()
+        self._outflow.drop()
 
     def _flush(self) -> None:
         data = self.h2.data_to_send()
+        updates = self._inflow.updates
+        if updates:  # after h2's: our SETTINGS always come first
+            data += b"".join(updates)
+            updates.clear()
         if data and self.out is not None:
             self.out.write(data)
 
     def _close_with(self, error_code: int) -> None:
         """A connection error: GOAWAY with ``error_code``, then close."""
-        self.h2.close_connection(error_code=error_code)
-        self._flush()
+        if self._started:
+            self.h2.close_connection(error_code=error_code)
+            self._flush()
         self.shut()
 
     def shut(self) -> None:
@@ -171,13 +291,16 @@ class GrpcConnection(Protocol):
     def close_when_idle(self, quiet: float) -> None:
         """Draining: GOAWAY once, naming the last stream taken; close when
         no call is left (``quiet``: not used, calls say when they end)."""
+        if not self._started:  # still in the TLS handshake: no HTTP/2 yet
+            self.shut()
+            return
         if self.last_stream is None:
             self.last_stream = self.h2.highest_inbound_stream_id
             self._flush()
             goaway = GoAwayFrame(0, last_stream_id=self.last_stream, error_code=_NO_ERROR)
             if self.out is not None:
                 self.out.write(goaway.serialize())
-        if not self.calls and not self._unsent:
+        if not self.calls and not self._outflow:
             self.shut()
 
     def _stop_idle(self) -> None:
@@ -185,11 +308,13 @@ class GrpcConnection(Protocol):
         if idle is not None and idle.active():
             idle.cancel()
 
-    def _arm_idle(self) -> None:
+    def _arm_idle(self, seconds: float | None = None) -> None:
         self._stop_idle()
         if self._closing:
             return
-        self._idle = self.shared.clock.callLater(self.shared.client_idle_timeout, self._idle_over)
+        if seconds is None:
+            seconds = self.shared.client_idle_timeout
+        self._idle = self.shared.clock.callLater(seconds, self._idle_over)
 
     def _idle_over(self) -> None:
         self._idle = None
@@ -211,6 +336,7 @@ class GrpcConnection(Protocol):
             self, stream_id, self.shared, self.client_text, self.shared.clock.seconds()
         )
         self.calls[stream_id] = call
+        self._inflow.add(stream_id)  # its DATA is taken past h2
         self._arm_idle()
         if self.factory.draining and self.last_stream is None:
             # As ``Connection: close`` on HTTP/1.1: this call, then GOAWAY.
@@ -218,14 +344,12 @@ class GrpcConnection(Protocol):
         call.begin(list(event.headers or ()))  # type: ignore[arg-type]
 
     def on_data(self, event: h2.events.DataReceived) -> None:
+        """DATA that went through h2, on a stream no call takes: its bytes
+        go back to the connection's window, as h2 counts it."""
         size = event.flow_controlled_length or 0
         self._control = 0
         if size:
-            # The connection's window opens at once: each stream's bounds it.
-            self.h2.increment_flow_control_window(size)
-        call = self.calls.get(event.stream_id)  # type: ignore[arg-type]
-        if call is not None:
-            call.data(event.data or b"", size)
+            self.h2.acknowledge_received_data(size, event.stream_id)  # type: ignore[arg-type]
 
     def on_ended(self, event: h2.events.StreamEnded) -> None:
         call = self.calls.get(event.stream_id)  # type: ignore[arg-type]
@@ -233,7 +357,7 @@ class GrpcConnection(Protocol):
             call.client_ended()
 
     def on_reset(self, event: h2.events.StreamReset) -> None:
-        self._unsent.pop(event.stream_id, None)  # type: ignore[arg-type]
+        self._outflow.drop(event.stream_id)  # type: ignore[arg-type]
         call = self.calls.get(event.stream_id)  # type: ignore[arg-type]
         if call is not None and not call.over:
             self._resets += 1
@@ -242,11 +366,10 @@ class GrpcConnection(Protocol):
                 self._close_with(_ENHANCE_YOUR_CALM)
 
     def on_window(self, event: h2.events.WindowUpdated) -> None:
-        if event.stream_id:
-            self._send_unsent(event.stream_id)
-        else:
-            for stream_id in list(self._unsent):
-                self._send_unsent(stream_id)
+        if self._outflow.window_opened(event.stream_id or 0):
+            self._after_call()
+        if not self._reading:
+            self._flush()
 
     def on_control(self, event: h2.events.Event) -> None:
         self._control += 1
@@ -262,20 +385,11 @@ class GrpcConnection(Protocol):
         if self._closing:
             return
         self._answered += 1
-        conn = self.h2
-        try:
-            if message is None:
-                conn.send_headers(stream_id, [*_GRPC_HEAD, *trailers], end_stream=True)
-            else:
-                conn.send_headers(stream_id, _GRPC_HEAD)
-                self._unsent[stream_id] = (bytearray(message), trailers)
-                self._send_unsent(stream_id)
-            call = self.calls.get(stream_id)
-            if call is not None and not call.client_done and stream_id not in self._unsent:
-                # Answered early: the rest of the request is not wanted.
-                conn.reset_stream(stream_id, error_code=_NO_ERROR)
-        except h2.exceptions.StreamClosedError:
-            self._unsent.pop(stream_id, None)
+        call = self.calls.get(stream_id)
+        if self._outflow.answer(
+            stream_id, message, trailers, call is not None and not call.client_done
+        ):
+            self._after_call()
         self._flush()
 
     def reply_status(self, stream_id: int, status: int) -> None:
@@ -287,44 +401,27 @@ class GrpcConnection(Protocol):
             pass
         self._flush()
 
-    def _send_unsent(self, stream_id: int) -> None:
-        unsent = self._unsent.get(stream_id)
-        if unsent is None:
-            return
-        data, trailers = unsent
-        conn = self.h2
-        try:
-            while data:
-                size = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
-                if size <= 0:
-                    break
-                chunk = bytes(data[:size])
-                del data[:size]
-                conn.send_data(stream_id, chunk)
-            if not data:
-                del self._unsent[stream_id]
-                conn.send_headers(stream_id, trailers, end_stream=True)
-                self._after_call()
-        except h2.exceptions.StreamClosedError:
-            self._unsent.pop(stream_id, None)
-        self._flush()
-
     def open_window(self, stream_id: int, size: int) -> None:
-        if self._closing:
+        """``size`` bytes of ``stream_id`` are taken (or dropped): its window
+        and the connection's are granted again once half of one is (by
+        `Inflow`, or by h2 for the bytes it saw), not per frame."""
+        if self._closing or not size:
             return
-        try:
-            self.h2.increment_flow_control_window(size, stream_id=stream_id)
-        except h2.exceptions.StreamClosedError:
-            return
-        self._flush()
+        if self._inflow.owns(stream_id):
+            self._inflow.taken(stream_id, size)
+        else:
+            self.h2.acknowledge_received_data(size, stream_id)
+        if not self._reading:
+            self._flush()
 
     def call_over(self, call: GrpcStream) -> None:
+        self._inflow.drop(call.stream_id)
         if self.calls.pop(call.stream_id, None) is not None:
             self._arm_idle()
         self._after_call()
 
     def _after_call(self) -> None:
-        if self.last_stream is not None and not self.calls and not self._unsent:
+        if self.last_stream is not None and not self.calls and not self._outflow:
             self.shut()
 
 

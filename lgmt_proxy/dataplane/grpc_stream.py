@@ -18,27 +18,24 @@ the client compressed goes up as it came, ``Content-Encoding: gzip``.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from zope.interface import implementer
 
 from lgmt_proxy.dataplane.dispatcher import Shared
 from lgmt_proxy.dataplane.exchange import Exchange
+from lgmt_proxy.dataplane.grpc_call import CallRefusal, admit_call, call_refusal, read_headers
 from lgmt_proxy.dataplane.request import Incoming
 from lgmt_proxy.io.timers import IdleTimer
 from lgmt_proxy.limits.budget import Limits, Verdict, budget_refusal
 from lgmt_proxy.rules import errors, grpc
-from lgmt_proxy.rules.dispatch import Proxy, Refuse, decide
-from lgmt_proxy.rules.errors import Refusal
 from lgmt_proxy.rules.headers import RawHeaders
 from lgmt_proxy.rules.routes import Proxied, upstream_target
 
 #: The largest upstream answer turned into a response message.
 MAX_ANSWER = 64 * 1024
-
-_FORWARDED = frozenset({b"user-agent", b"x-request-id"})
 
 
 class StreamOwner(Protocol):
@@ -57,77 +54,37 @@ class StreamOwner(Protocol):
         """The call is answered or gone: forget it."""
 
 
-def read_headers(req: Incoming, headers: RawHeaders) -> tuple[bytes, bytes, bytes, RawHeaders]:
-    """The facts the rules read, noted on ``req`` (``:authority`` as the
-    Host, the ``authorization`` and ``x-scope-orgid`` metadata); returns the
-    path, content type, grpc-encoding and the metadata forwarded."""
-    path = content_type = encoding = b""
-    forwarded: RawHeaders = []
-    for name, value in headers:
-        if name == b":method":
-            req.method = value
-        elif name == b":path":
-            path = value
-        elif name == b":authority":
-            req.host, req.host_count = value, 1
-        elif name == b"content-type":
-            content_type = value
-        elif name == b"grpc-encoding":
-            encoding = value
-        elif name == b"authorization":
-            req.authorization = [*(req.authorization or []), value]
-        elif name == b"x-scope-orgid":
-            req.orgids = [*(req.orgids or []), value]
-        elif name in _FORWARDED:
-            forwarded.append((name, value))
-            if name == b"user-agent":
-                req.user_agent = value
-            else:
-                req.request_id = value
-    req.target = req.path = path
-    return path, content_type, encoding, forwarded
-
-
-class CallRefusal(NamedTuple):
-    """A call the proxy answers itself: the HTTP status (for the log and the
-    metrics), the gRPC status, the message and RetryInfo's seconds."""
-
-    status: int
-    code: int
-    message: str
-    retry: int | None = None
-
-
-def route_call(
-    shared: Shared, req: Incoming, path: bytes
-) -> tuple[Proxied[Any], Proxy] | CallRefusal:
-    """The call's route and decision, those of an HTTP POST to its OTLP path
-    (the same policy, consumers, tenants), or why it is refused. The access
-    log keeps the gRPC method as the path."""
-    mapped = grpc.METHODS[path]
-    match = shared.routes.match(mapped)
-    req.upstream_name = match.upstream_name
-    if not isinstance(match, Proxied):
-        return CallRefusal(404, grpc.UNIMPLEMENTED, f"the {match.upstream_name} upstream is off")
-    req.path = mapped  # the rules see the OTLP/HTTP path
-    auth = shared.client_auth
-    decision = decide(req, match, shared.policy, None if auth is None else auth().authenticate)
-    req.path = path
-    req.counted = True
-    req.consumer = decision.consumer
-    if isinstance(decision, Refuse | Proxy):
-        req.tenant = decision.tenant
-    if isinstance(decision, Refuse):
-        return call_refusal(decision.refusal)
-    assert isinstance(decision, Proxy)
-    return match, decision
-
-
-def call_refusal(refusal: Refusal) -> CallRefusal:
-    """An HTTP refusal as a call's answer: its gRPC status, and RetryInfo
-    from its ``Retry-After``."""
-    retry = grpc.retry_seconds(dict(refusal.headers).get(b"Retry-After"))
-    return CallRefusal(refusal.status, grpc.grpc_status(refusal.status), refusal.message, retry)
+def new_exchange(
+    side: GrpcStream,
+    shared: Shared,
+    match: Proxied[Any],
+    timer: IdleTimer,
+    *,
+    length: int,
+    gzip: bool,
+    client: bytes,
+) -> Exchange:
+    """The exchange posting the message of ``side``'s call to its OTLP path
+    (``gzip``: the message is compressed, and goes as it is)."""
+    upstream = match.upstream
+    req = side.req
+    headers = [*req.headers, (b"content-encoding", b"gzip")] if gzip else req.headers
+    target = upstream_target(match.route, upstream.base_path, grpc.METHODS[req.path], None)
+    # An uncompressed message is gzip'd on the way up as an OTLP/HTTP body would be.
+    headers, req.gzip = upstream.forward(b"POST", target, headers, client, req.tenant, length > 0)
+    return Exchange(
+        side,
+        upstream,
+        timer,
+        method=b"POST",
+        target=target,
+        headers=headers,
+        length=length,
+        chunked=False,
+        retry_safe=False,
+        log_failure=shared.log_upstream_failure,
+        gzip=req.gzip,
+    )
 
 
 @implementer(IPushProducer)
@@ -146,11 +103,11 @@ class GrpcStream:
         self._reader = grpc.MessageReader()
         self._exchange: Exchange | None = None
         self._timer: IdleTimer | None = None
+        self._deadline: IDelayedCall | None = None
         self._proxied: Proxied[Any] | None = None
         self._answer: list[bytes] | None = None
         self._answer_size = 0
         self._retry: int | None = None
-        #: The request's grpc-encoding says gzip.
         self._gzip = False
         self._paused = False
         self._owed = 0
@@ -168,24 +125,23 @@ class GrpcStream:
     def begin(self, headers: RawHeaders) -> None:
         """The request's headers: check them, decide, wait for the message."""
         req = self.req
-        path, content_type, encoding, forwarded = read_headers(req, headers)
+        path, content_type, encoding, timeout, forwarded = read_headers(req, headers)
         if not content_type.startswith(b"application/grpc"):
             self.over = True
             req.status = 415
             self._owner.reply_status(self.stream_id, 415)
             self._finish()
             return
-        problem = grpc.call_problem(req.method, path, encoding)
-        if problem is not None:
-            self._refuse(*problem)
-            return
-        self._gzip = encoding == b"gzip"
         shared = self._shared
-        routed = route_call(shared, req, path)
-        if isinstance(routed, CallRefusal):
-            self._refuse(*routed)
+        admitted = admit_call(shared, req, path, encoding, timeout)
+        if isinstance(admitted, CallRefusal):
+            self._refuse(*admitted)
             return
-        match, decision = routed
+        match, decision, seconds = admitted
+        self._gzip = encoding == b"gzip"
+        if seconds is not None:
+            # The whole call (UPSTREAM_TIMEOUT_SECONDS still bounds each silence).
+            self._deadline = shared.clock.callLater(seconds, self._deadline_passed)
         req.headers = [(b"content-type", b"application/x-protobuf"), *forwarded]
         limits = decision.limits
         if not limits.limited:
@@ -204,15 +160,13 @@ class GrpcStream:
 
     def _budgeted(self, match: Proxied[Any], name: str, limits: Limits, verdict: Verdict) -> None:
         held, self._held = self._held, None
-        if self.over:
-            return
-        if not verdict.allowed:
+        if not self.over and verdict.allowed:
+            self._admitted(match)
+        elif not self.over:
             self._charge = None
             self._refuse(*call_refusal(budget_refusal(name, verdict, limits, None)))
-            return
-        self._admitted(match)
         for data, flow_length in held or ():
-            self.data(data, flow_length)
+            self.data(data, flow_length)  # taken, or (refused) only acknowledged
         if held is not None and self.client_done:
             self.client_ended()
 
@@ -223,12 +177,20 @@ class GrpcStream:
         self._proxied = match
 
     def data(self, data: bytes, flow_length: int) -> None:
-        """DATA on this stream; ``flow_length`` counts against its window."""
+        """DATA on this stream; ``flow_length`` counts against the windows,
+        acknowledged once the exchange took the bytes (or the call is over:
+        every byte is acknowledged once, or the connection's window leaks)."""
         if self._held is not None:  # the budgets are being asked (its window stays shut)
             self._held.append((data, flow_length))
             return
-        if self.over or self._proxied is None:
-            return
+        if not self.over and self._proxied is not None:
+            self._take(data)
+        if self._paused and not self.over:
+            self._owed += flow_length
+        elif flow_length:
+            self._owner.open_window(self.stream_id, flow_length)
+
+    def _take(self, data: bytes) -> None:
         reader = self._reader
         try:
             piece = reader.feed(data)
@@ -245,10 +207,6 @@ class GrpcStream:
             if self._charge is not None:
                 self._shared.budgets.charge(*self._charge, len(piece))
             exchange.body(piece)
-        if self._paused:
-            self._owed += flow_length
-        elif flow_length:
-            self._owner.open_window(self.stream_id, flow_length)
         if exchange is not None and reader.done and not self.req.complete:
             self.req.complete = True
             exchange.body_end()
@@ -283,30 +241,13 @@ class GrpcStream:
             return None
         match = self._proxied
         assert match is not None
-        upstream = match.upstream
-        req = self.req
-        headers = [*req.headers, (b"content-encoding", b"gzip")] if compressed else req.headers
-        target = upstream_target(match.route, upstream.base_path, grpc.METHODS[req.path], None)
-        headers, req.gzip = upstream.forward(
-            b"POST", target, headers, self._client.encode(), req.tenant, length > 0
-        )
-        self._timer = IdleTimer(shared.clock, shared.upstream_timeout)
-        exchange = self._exchange = Exchange(
-            self,
-            upstream,
-            self._timer,
-            method=b"POST",
-            target=target,
-            headers=headers,
-            length=length,
-            chunked=False,
-            retry_safe=False,
-            log_failure=shared.log_upstream_failure,
-            gzip=req.gzip,
+        timer = self._timer = IdleTimer(shared.clock, shared.upstream_timeout)
+        exchange = self._exchange = new_exchange(
+            self, shared, match, timer, length=length, gzip=compressed, client=self._client.encode()
         )
         exchange.start()
         if not length:
-            req.complete = True
+            self.req.complete = True
             exchange.body_end()
         return exchange
 
@@ -321,9 +262,7 @@ class GrpcStream:
         if 200 <= status < 300:
             self._answer = []
         elif status == 429:
-            for name, value in headers:
-                if name.lower() == b"retry-after":
-                    self._retry = grpc.retry_seconds(value)
+            self._retry = grpc.retry_after(headers)
 
     def response_body(self, data: bytes) -> None:
         answer = self._answer
@@ -384,7 +323,7 @@ class GrpcStream:
     def resume_body(self) -> None:
         self._paused = False
         owed, self._owed = self._owed, 0
-        if owed and not self.over:
+        if owed:  # over too: the connection's window gets them back
             self._owner.open_window(self.stream_id, owed)
 
     # -- IPushProducer: the upstream's sender pauses the window --------------------------
@@ -399,6 +338,19 @@ class GrpcStream:
         self.reset()
 
     # -- endings ------------------------------------------------------------------------
+
+    def _deadline_passed(self) -> None:
+        """The client's deadline: DEADLINE_EXCEEDED, the exchange (if any)
+        abandoned, its connection never reused. Logged as 504 (reason
+        timeout) once the upstream had the call, else 408."""
+        self._deadline = None
+        if self.over:
+            return
+        if self._exchange is not None:
+            self.req.note_error("timeout")
+        self.req.status = 408 if self._exchange is None else 504
+        self._stop()
+        self._end(grpc.DEADLINE_EXCEEDED, "deadline exceeded")
 
     def _refuse(self, status: int, code: int, message: str, retry: int | None = None) -> None:
         """Answered by the proxy itself, nothing forwarded."""
@@ -428,5 +380,11 @@ class GrpcStream:
         self._finish()
 
     def _finish(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+        held, self._held = self._held, None  # the budgets' answer finds none
+        self._owed += sum(length for _, length in held or ())
+        self.resume_body()  # what was owed or held is acknowledged, now
         self._shared.recorder.finished(self.req, self._client)
         self._owner.call_over(self)

@@ -14,6 +14,7 @@ import base64
 import email.utils
 import math
 import time
+from typing import NamedTuple
 
 #: gRPC status codes used here (grpc/doc/statuscodes.md).
 OK = 0
@@ -29,7 +30,9 @@ UNAUTHENTICATED = 16
 
 #: The unary OTLP methods, by ``:path``, and the client path of OTLP/HTTP
 #: they are routed as: exactly as a POST to ``/otlp/v1/...`` would be (the
-#: otlp route, its upstream, its credentials and tenant).
+#: otlp route, its upstream, its credentials and tenant). Not profiles'
+#: ``ProfilesService/Export``: Grafana Cloud's OTLP gateway takes metrics,
+#: logs and traces only (docs/configuration.md says where that is written).
 METHODS: dict[bytes, bytes] = {
     b"/opentelemetry.proto.collector.trace.v1.TraceService/Export": b"/otlp/v1/traces",
     b"/opentelemetry.proto.collector.metrics.v1.MetricsService/Export": b"/otlp/v1/metrics",
@@ -71,6 +74,32 @@ def call_problem(method: bytes, path: bytes, encoding: bytes) -> tuple[int, int,
     return None
 
 
+#: grpc-timeout's units, in seconds (PROTOCOL-HTTP2.md: TimeoutUnit).
+_TIMEOUT_UNITS = {
+    ord("H"): 3600.0,
+    ord("M"): 60.0,
+    ord("S"): 1.0,
+    ord("m"): 1e-3,
+    ord("u"): 1e-6,
+    ord("n"): 1e-9,
+}
+
+
+def parse_timeout(value: bytes) -> float | None:
+    """A ``grpc-timeout`` value in seconds (PROTOCOL-HTTP2.md: at most 8
+    ASCII digits, then one unit of ``HMSmun``), or None when it is malformed:
+    the call then fails with INTERNAL before anything is sent, as grpc-go's
+    server does (the specification itself says nothing of a bad value). A
+    zero is accepted, as grpc-go does, and is a deadline already past."""
+    digits = value[:-1]
+    if not 1 <= len(digits) <= 8 or not digits.isdigit():
+        return None
+    unit = _TIMEOUT_UNITS.get(value[-1])
+    if unit is None:
+        return None
+    return int(digits) * unit
+
+
 def grpc_status(http_status: int) -> int:
     """The gRPC status for an HTTP answer. 2xx is OK; the OTLP table's
     statuses as listed; any other 5xx is INTERNAL (OTLP/HTTP does not retry
@@ -99,6 +128,14 @@ def retry_seconds(value: bytes | None, now: float | None = None) -> int | None:
         return None
     now = time.time() if now is None else now
     return max(0, min(math.ceil(when.timestamp() - now), 86400))
+
+
+def retry_after(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """`retry_seconds` of an answer's ``Retry-After`` header, if any."""
+    for name, value in headers:
+        if name.lower() == b"retry-after":
+            return retry_seconds(value)
+    return None
 
 
 def _varint(n: int) -> bytes:
@@ -213,3 +250,138 @@ class MessageReader:
             raise FramingError("more than one request message in a unary call")
         self.left -= len(data)
         return data
+
+
+#: What a client sends first (RFC 9113, section 3.4), before any frame.
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: DATA frames' type and flags.
+DATA = 0
+END_STREAM = 0x1
+PADDED = 0x8
+
+
+class DataFrame(NamedTuple):
+    """Whole DATA frames of one stream, received one after the other: the
+    stream, the last one's flags (-1: its padding is invalid), the bytes
+    they carry (padding stripped), the length that counts against the
+    windows, and each frame's header and padded body (`raw`: the frames as
+    received, for h2 when the bridge does not take them itself)."""
+
+    stream_id: int
+    flags: int
+    payload: bytes
+    length: int
+    frames: tuple[tuple[bytes, bytes], ...]
+
+    @property
+    def raw(self) -> bytes:
+        """The frames as received."""
+        return b"".join(head + body for head, body in self.frames)
+
+
+class FrameSplitter:
+    """Cuts what a client connection sends into runs of whole frames for h2
+    and whole DATA frames apart, in order, so that the bridge can take a
+    call's DATA itself: h2 parses every frame it is given in Python and
+    formats each one for a debug log it never writes (the whole DATA payload
+    hexlified), most of the gRPC path's CPU. Consecutive DATA frames of one
+    stream come as one `DataFrame` (a read of 64 KiB is one call's data,
+    not four). A partial frame waits for the rest; a frame declared over
+    ``max_frame`` (and everything after it) goes to h2 at once, which
+    refuses it, so no more than one frame is held."""
+
+    __slots__ = ("_buf", "_preface")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._preface = len(PREFACE)
+
+    def split(self, data: bytes, max_frame: int) -> list[bytes | DataFrame]:
+        """The runs (bytes) and DATA frames of ``data`` and what was held."""
+        out: list[bytes | DataFrame] = []
+        if self._preface:
+            n = min(self._preface, len(data))
+            self._preface -= n
+            out.append(data[:n])
+            data = data[n:]
+        buf = self._buf
+        buf += data
+        size = len(buf)
+        pos = start = 0
+        same: list[DataFrame] = []  # DATA frames of one stream, back to back
+        while size - pos >= 9:
+            length = int.from_bytes(buf[pos : pos + 3], "big")
+            if length > max_frame:
+                pos = size  # h2 answers FRAME_SIZE_ERROR on its header
+                break
+            end = pos + 9 + length
+            if end > size:
+                break
+            if buf[pos + 3] == DATA:
+                frame = _data_frame(buf, pos, length)
+                if start < pos or (same and not _joins(same[-1], frame)):
+                    _emit(out, same)
+                    if start < pos:
+                        out.append(bytes(buf[start:pos]))
+                same.append(frame)
+                start = end
+            pos = end
+        _emit(out, same)
+        if start < pos:
+            out.append(bytes(buf[start:pos]))
+        del buf[:pos]
+        return out
+
+
+def _joins(before: DataFrame, after: DataFrame) -> bool:
+    """Whether ``after`` can be taken with ``before``: the same stream, and
+    neither ends it, is padded or is invalid (but for ``after`` ending it)."""
+    return (
+        before.stream_id == after.stream_id and before.flags == 0 and after.flags in (0, END_STREAM)
+    )
+
+
+def _emit(out: list[bytes | DataFrame], same: list[DataFrame]) -> None:
+    if len(same) == 1:
+        out.append(same[0])
+    elif same:
+        last = same[-1]
+        out.append(
+            DataFrame(
+                last.stream_id,
+                last.flags,
+                b"".join(f.payload for f in same),
+                sum(f.length for f in same),
+                tuple(f.frames[0] for f in same),
+            )
+        )
+    same.clear()
+
+
+def _data_frame(buf: bytearray, pos: int, length: int) -> DataFrame:
+    head = bytes(buf[pos : pos + 9])
+    flags = head[4]
+    stream_id = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+    body = bytes(buf[pos + 9 : pos + 9 + length])
+    frames = ((head, body),)
+    if not flags & PADDED:
+        return DataFrame(stream_id, flags, body, length, frames)
+    pad = body[0] if length else length + 1
+    if pad >= length:  # invalid: h2 refuses the frame (PROTOCOL_ERROR)
+        return DataFrame(stream_id, -1, b"", length, frames)
+    return DataFrame(stream_id, flags, body[1 : length - pad], length, frames)
+
+
+def end_stream_frame(stream_id: int) -> bytes:
+    """An empty trailers block ending ``stream_id`` (HEADERS, END_STREAM and
+    END_HEADERS, no field): what h2 is told of a DATA frame with END_STREAM
+    the bridge took itself, so that its stream states stay right. Not an
+    empty DATA frame: h2 would check a request's ``content-length`` (h2load
+    and curl send one) against the DATA bytes it saw, none; trailers reset
+    that check, and an empty block leaves HPACK's table as it is."""
+    return b"\x00\x00\x00\x01\x05" + stream_id.to_bytes(4, "big")
+
+
+def window_update(stream_id: int, increment: int) -> bytes:
+    """A WINDOW_UPDATE frame (0: the connection's window)."""
+    return b"\x00\x00\x04\x08\x00" + stream_id.to_bytes(4, "big") + increment.to_bytes(4, "big")

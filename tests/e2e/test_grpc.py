@@ -267,3 +267,70 @@ class GrpcDrainTests(TestCase):
         access = [x for x in lines if x.get("msg") == "request"]
         self.assertEqual([(x["path"], x["status"]) for x in access], [(TRACES, 200)])
         self.assertTrue(any("OTLP over gRPC (h2c) on 127.0.0.1:" in x["msg"] for x in lines))
+
+
+def _tls_exports(target: str, ca_pem: bytes) -> tuple[Any, str]:
+    """Over TLS, trusting only ``ca_pem``: one call with a bare grpcio
+    channel, then two spans with the SDK's gRPC exporter (insecure=False)."""
+    import grpc
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    with grpc.secure_channel(target, credentials) as channel:
+        try:
+            answer: Any = ("ok", channel.unary_unary(TRACES)(b"\x0a\x00", timeout=10))
+        except grpc.RpcError as e:
+            answer = (e.code(), e.details())  # type: ignore[attr-defined]
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("lgmt-e2e-tls")
+    with tracer.start_as_current_span("tls-root"), tracer.start_as_current_span("tls-child"):
+        pass
+    exporter = OTLPSpanExporter(
+        endpoint=f"https://{target}", insecure=False, credentials=credentials, timeout=10
+    )
+    result = exporter.export(memory.get_finished_spans())
+    exporter.shutdown()
+    provider.shutdown()
+    return answer, result.name
+
+
+class GrpcTLSTests(TestCase):
+    timeout = 90
+
+    async def test_grpcio_and_sdk_over_tls(self) -> None:
+        """``twistd`` with OTLP_GRPC_TLS_CERT_FILE/_KEY_FILE: grpcio (which
+        requires ALPN h2) and the SDK's exporter, each trusting only the
+        test's CA, get their calls through; the start-up line says TLS."""
+        from tests.loopback.test_grpc_tls import write_tls_files
+
+        need_modules(*OTLP_GRPC_MODULES)
+        cloud = FakeCloud()
+        port = listen(upstream_site(cloud))
+        self.addCleanup(port.stopListening)
+        cert_file, key_file, ca_pem = write_tls_files(self.mktemp())
+        grpc_port = free_port()
+        proxy = await start_proxy(
+            self,
+            {"otlp": f"http://127.0.0.1:{port.getHost().port}"},
+            {
+                "OTLP_GRPC_LISTEN": f"tcp:{grpc_port}:interface=127.0.0.1",
+                "OTLP_GRPC_TLS_CERT_FILE": cert_file,
+                "OTLP_GRPC_TLS_KEY_FILE": key_file,
+                "LOG_LEVEL": "info",
+            },
+        )
+        answer, exported = await deferToThread(_tls_exports, f"localhost:{grpc_port}", ca_pem)
+        self.assertEqual(answer[0], "ok", answer)
+        self.assertEqual(exported, "SUCCESS")
+        traces = [r for r in cloud.otlp if r.kind == "traces"]
+        self.assertEqual(len(traces), 2)
+        spans = traces[1].message.resource_spans[0].scope_spans[0].spans
+        self.assertEqual(sorted(s.name for s in spans), ["tls-child", "tls-root"])
+        auth = {tuple(s.header(b"Authorization") or ()) for s in cloud.seen}
+        self.assertEqual(auth, {(basic(ORG["otlp"]),)})
+        self.assertIn("OTLP over gRPC (TLS, ALPN h2, CN=localhost until", proxy.output.decode())

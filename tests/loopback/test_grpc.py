@@ -319,7 +319,12 @@ class GrpcBridgeTests(TestCase):
 
     async def test_unknown_method_unimplemented(self) -> None:
         client = await self.client()
-        for path in (b"/opentelemetry.proto.collector.trace.v1.TraceService/Other", b"/x/y"):
+        profiles = b"/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export"
+        for path in (
+            b"/opentelemetry.proto.collector.trace.v1.TraceService/Other",
+            b"/x/y",
+            profiles,
+        ):
             call = await client.unary(b"", path)
             self.assertEqual(call.status, grpc.UNIMPLEMENTED)
         self.assertEqual(self.up.seen, [])
@@ -454,6 +459,51 @@ class GrpcBridgeTests(TestCase):
         client.h2.end_stream(sid)
         client.flush()
         await stalled.received(total)
+
+    async def test_more_than_the_window_is_a_flow_control_error(self) -> None:
+        """The windows the bridge keeps for the DATA it takes past h2 are
+        enforced: a frame beyond them ends the connection (GOAWAY
+        FLOW_CONTROL_ERROR), nothing of it forwarded."""
+        stalled = _StalledUpstream()
+        port = reactor.listenTCP(0, stalled, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        self.upstream_url = f"http://127.0.0.1:{port.getHost().port}"
+        self.start_proxy()
+        client = await self.client()
+        sid = client.start()
+        total = 48 * 1024 * 1024
+        client.send(sid, b"\x00" + total.to_bytes(4, "big"))
+        for _ in range(100):
+            client.send_filler(sid, total)
+            await sleep(0.02)
+            if not client.h2.local_flow_control_window(sid):
+                break
+        self.assertEqual(client.h2.local_flow_control_window(sid), 0)
+        # More than a whole stream window past what the client was granted: a
+        # WINDOW_UPDATE still on its way (a loaded machine) cannot cover it.
+        overrun = DataFrame(sid, data=b"x" * 16384).serialize()
+        client.transport.write(overrun * 20)  # type: ignore[union-attr]
+        await client.got_goaway
+        assert client.goaway is not None
+        self.assertEqual(client.goaway.error_code, 3)  # FLOW_CONTROL_ERROR
+
+    async def test_content_length_and_padding(self) -> None:
+        """A request with ``content-length`` (h2load and curl send one; h2
+        checks it at END_STREAM) and a padded DATA frame both arrive whole."""
+        client = await self.client()
+        message = os.urandom(70_000)
+        framed = grpc.frame_message(message)
+        extra = [(b"content-length", b"%d" % len(framed))]
+        call = await client.unary(message, extra=extra)
+        self.assertEqual(call.status, 0, call)
+        self.assertEqual(self.up.seen[-1].body, message)
+        sid = client.start()
+        padded = DataFrame(sid, data=grpc.frame_message(b"padded"), flags=["END_STREAM", "PADDED"])
+        padded.pad_length = 17
+        client.transport.write(padded.serialize())  # type: ignore[union-attr]
+        await client.calls[sid].ended
+        self.assertEqual(client.calls[sid].status, 0)
+        self.assertEqual(self.up.seen[-1].body, b"padded")
 
     async def test_rapid_reset_goaway(self) -> None:
         client = await self.client()
@@ -623,3 +673,89 @@ class _StalledUpstream(protocol.ServerFactory):
             d = self._want[1]
             self._want = None
             d.callback(None)
+
+
+class _Stalled(Resource):
+    """Takes each request and never answers; ``lost`` fires when the proxy
+    drops the upstream connection of one."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[bytes] = []
+        self.lost: Deferred[None] = Deferred()
+
+    def render(self, request: Any) -> Any:
+        self.bodies.append(request.content.read())
+
+        def gone(_: Any) -> None:
+            if not self.lost.called:
+                self.lost.callback(None)
+
+        request.notifyFinish().addErrback(gone)
+        return NOT_DONE_YET
+
+
+class GrpcDeadlineTests(TestCase):
+    """grpc-timeout: the call's deadline bounds the wait for the upstream."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.up = _Stalled()
+        port = listen(upstream_site(self.up))
+        self.addCleanup(port.stopListening)
+        self.upstream_url = f"http://127.0.0.1:{port.getHost().port}"
+
+    async def client(self, **env: str) -> H2Client:
+        proxy = self.proxy = ProxyFixture(env_for(self.upstream_url, **env))
+        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+        grpc_factory = GrpcFactory(proxy.factory)
+        port = listen(grpc_factory)
+
+        async def close() -> None:
+            await port.stopListening()
+            for connection in list(grpc_factory.connections):
+                connection.close_now()
+
+        self.addCleanup(close)
+        client = await h2_connect(port.getHost().port)
+        self.addCleanup(lambda: client.transport.abortConnection())  # type: ignore[union-attr]
+        return client
+
+    async def test_deadline_before_the_upstream_answers(self) -> None:
+        client = await self.client(UPSTREAM_TIMEOUT_SECONDS="30")
+        call = await client.unary(b"spans", extra=[(b"grpc-timeout", b"300m")])
+        self.assertEqual(call.status, grpc.DEADLINE_EXCEEDED)
+        self.assertEqual(call.headers[b"grpc-message"], b"deadline exceeded")
+        self.assertEqual(self.up.bodies, [b"spans"])  # it was sent, then abandoned:
+        await self.up.lost  # the upstream connection is dropped, not left waiting
+        labels = {"upstream": "otlp", "method": "POST", "status": "504"}
+        self.assertEqual(self.proxy.sample("proxy_requests_total", **labels), 1)
+        errors = {"upstream": "otlp", "reason": "timeout"}
+        self.assertEqual(self.proxy.sample("proxy_upstream_errors_total", **errors), 1)
+        self.assertEqual(self.proxy.sample("proxy_requests_in_flight", upstream="otlp"), 0)
+
+    async def test_upstream_timeout_when_shorter(self) -> None:
+        """The deadline is the smaller of the two: UPSTREAM_TIMEOUT_SECONDS
+        first answers as an upstream timeout does (UNAVAILABLE: retried)."""
+        client = await self.client(UPSTREAM_TIMEOUT_SECONDS="0.3")
+        call = await client.unary(b"spans", extra=[(b"grpc-timeout", b"20S")])
+        self.assertEqual(call.status, grpc.UNAVAILABLE)
+
+    async def test_malformed_is_internal_and_not_sent(self) -> None:
+        client = await self.client()
+        for value in (b"10s", b"123456789S", b"soon"):
+            call = await client.unary(b"spans", extra=[(b"grpc-timeout", value)])
+            self.assertEqual(call.status, grpc.INTERNAL, value)
+            self.assertEqual(call.headers[b"grpc-message"], b"malformed grpc-timeout")
+        self.assertEqual(self.up.bodies, [])
+
+    async def test_deadline_already_past(self) -> None:
+        client = await self.client()
+        call = await client.unary(b"spans", extra=[(b"grpc-timeout", b"0n")])
+        self.assertEqual(call.status, grpc.DEADLINE_EXCEEDED)
+        self.assertEqual(self.up.bodies, [])
+        labels = {"upstream": "otlp", "method": "POST", "status": "408"}
+        self.assertEqual(self.proxy.sample("proxy_requests_total", **labels), 1)

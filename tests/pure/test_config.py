@@ -239,8 +239,8 @@ class StartupFieldsTests(TestCase):
     """The start-up line of an upstream: `-` where nothing is sent, never None."""
 
     def test_fields(self) -> None:
+        from lgmt_proxy.announce import upstream_fields
         from lgmt_proxy.config.settings import upstream_from_url
-        from lgmt_proxy.service import upstream_fields
 
         signal = parse_config(BASE).signals["prometheus"]
         self.assertEqual(

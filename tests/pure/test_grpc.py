@@ -78,6 +78,63 @@ class ListenSettingTests(TestCase):
         )
 
 
+class TLSSettingTests(TestCase):
+    CERT = {"OTLP_GRPC_TLS_CERT_FILE": "/tls/tls.crt"}
+    KEY = {"OTLP_GRPC_TLS_KEY_FILE": "/tls/tls.key"}
+
+    def test_both_named_files_only_read_later(self) -> None:
+        config = parse_config({**OTLP, "OTLP_GRPC_LISTEN": "4317", **self.CERT, **self.KEY})
+        self.assertEqual(config.otlp_grpc_tls_files, ("/tls/tls.crt", "/tls/tls.key"))
+        self.assertIsNone(config.otlp_grpc_tls)  # tap.load reads them
+        self.assertIsNone(parse_config({**OTLP, "OTLP_GRPC_LISTEN": "4317"}).otlp_grpc_tls_files)
+
+    def test_both_or_neither(self) -> None:
+        on = {**OTLP, "OTLP_GRPC_LISTEN": "4317"}
+        self.assertEqual(
+            problems({**on, **self.CERT}),
+            ["OTLP_GRPC_TLS_KEY_FILE: required for TLS on the gRPC listener (set both or neither)"],
+        )
+        self.assertEqual(
+            problems({**on, **self.KEY}),
+            [
+                "OTLP_GRPC_TLS_CERT_FILE: required for TLS on the gRPC listener (set both or neither)"
+            ],
+        )
+
+    def test_needs_the_listener(self) -> None:
+        for off in ({}, {"OTLP_GRPC_LISTEN": "off"}):
+            self.assertEqual(
+                problems({**OTLP, **off, **self.CERT, **self.KEY}),
+                ["OTLP_GRPC_TLS_CERT_FILE: set, but the gRPC listener is off (OTLP_GRPC_LISTEN)"],
+            )
+        # A bad OTLP_GRPC_LISTEN is the one problem reported.
+        found = problems({**OTLP, "OTLP_GRPC_LISTEN": "0", **self.CERT, **self.KEY})
+        self.assertEqual(len(found), 1)
+        self.assertTrue(found[0].startswith("OTLP_GRPC_LISTEN:"))
+
+
+class TimeoutTests(TestCase):
+    def test_units(self) -> None:
+        cases = {
+            b"1H": 3600.0,
+            b"2M": 120.0,
+            b"10S": 10.0,
+            b"1500m": 1.5,
+            b"250000u": 0.25,
+            b"99999999n": 0.099999999,
+            b"0S": 0.0,  # grpc-go accepts it: a deadline already past
+        }
+        for value, seconds in cases.items():
+            found = grpc.parse_timeout(value)
+            assert found is not None, value
+            self.assertAlmostEqual(found, seconds, places=9, msg=value)
+
+    def test_malformed(self) -> None:
+        for value in (b"", b"S", b"10", b"10s", b"10X", b"123456789S", b"-1S", b"1.5S",
+                      b" 1S", b"1S ", b"\xd9\xa1S", b"+1S"):  # fmt: skip
+            self.assertIsNone(grpc.parse_timeout(value), value)
+
+
 class StatusTests(TestCase):
     def test_otlp_table(self) -> None:
         table = {
@@ -154,3 +211,96 @@ class FramingTests(TestCase):
             sorted(grpc.METHODS.values()),
             [b"/otlp/v1/logs", b"/otlp/v1/metrics", b"/otlp/v1/traces"],
         )
+
+
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes([kind, flags])
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+class FrameSplitterTests(TestCase):
+    """What the bridge takes past h2 and what it hands to h2, in order."""
+
+    def test_runs_and_data_frames_in_order(self) -> None:
+        settings = _frame(4, 0, 0, b"")
+        headers = _frame(1, 4, 1, b"\x82")
+        data = _frame(0, 0, 1, b"abc")
+        last = _frame(0, 1, 1, b"de")
+        ping = _frame(6, 0, 0, b"\0" * 8)
+        other = _frame(0, 0, 3, b"f")
+        splitter = grpc.FrameSplitter()
+        wire = grpc.PREFACE + settings + headers + data + ping + data + last + other
+        parts = splitter.split(wire, 16384)
+        self.assertEqual(parts[0], grpc.PREFACE)
+        self.assertEqual(parts[1], settings + headers)
+        self.assertEqual(parts[2], grpc.DataFrame(1, 0, b"abc", 3, ((data[:9], b"abc"),)))
+        self.assertEqual(parts[3], ping)
+        # Back to back on one stream: one piece of data, the frames kept for h2.
+        both = grpc.DataFrame(1, 1, b"abcde", 5, ((data[:9], b"abc"), (last[:9], b"de")))
+        self.assertEqual(parts[4], both)
+        self.assertEqual(parts[4].raw, data + last)
+        self.assertEqual(parts[5], grpc.DataFrame(3, 0, b"f", 1, ((other[:9], b"f"),)))
+        self.assertEqual(len(parts), 6)
+
+    def test_partial_frames_wait_for_the_rest(self) -> None:
+        splitter = grpc.FrameSplitter()
+        wire = grpc.PREFACE + _frame(0, 0, 3, b"x" * 100) + _frame(8, 0, 0, b"\0\0\0\1")
+        out: list[bytes | grpc.DataFrame] = []
+        for i in range(0, len(wire), 7):  # a few bytes at a time
+            out += splitter.split(wire[i : i + 7], 16384)
+        self.assertEqual(
+            b"".join(p for p in out if isinstance(p, bytes)), grpc.PREFACE + wire[-13:]
+        )
+        frames = [p for p in out if isinstance(p, grpc.DataFrame)]
+        self.assertEqual([(f.stream_id, f.payload) for f in frames], [(3, b"x" * 100)])
+
+    def test_padding(self) -> None:
+        splitter = grpc.FrameSplitter()
+        splitter.split(grpc.PREFACE, 16384)
+        padded = _frame(0, 0x8 | 0x1, 5, b"\x03" + b"msg" + b"\0\0\0")
+        (frame,) = splitter.split(padded, 16384)
+        assert isinstance(frame, grpc.DataFrame)
+        self.assertEqual((frame.payload, frame.length, frame.flags), (b"msg", 7, 0x9))
+        # Padding as long as the frame: invalid, left to h2 to refuse.
+        (bad,) = splitter.split(_frame(0, 0x8, 5, b"\x05abc"), 16384)
+        assert isinstance(bad, grpc.DataFrame)
+        self.assertEqual(bad.flags, -1)
+
+    def test_oversized_frame_goes_to_h2_at_once(self) -> None:
+        """Nothing is held waiting for a frame over the maximum: h2 gets
+        its header (and refuses it) at once."""
+        splitter = grpc.FrameSplitter()
+        splitter.split(grpc.PREFACE, 16384)
+        head = (16385).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
+        self.assertEqual(splitter.split(head + b"y" * 10, 16384), [head + b"y" * 10])
+
+    def test_frames_the_bridge_writes(self) -> None:
+        self.assertEqual(grpc.window_update(7, 65536), _frame(8, 0, 7, (65536).to_bytes(4, "big")))
+        self.assertEqual(grpc.end_stream_frame(9), _frame(1, 0x5, 9, b""))
+
+
+class InflowTests(TestCase):
+    def test_windows_granted_at_half_and_enforced(self) -> None:
+        from lgmt_proxy.dataplane.grpc_flow import CONNECTION_WINDOW, STREAM_WINDOW, Inflow
+
+        flow = Inflow()
+        flow.add(1)
+        self.assertTrue(flow.received(1, STREAM_WINDOW))  # the whole window
+        flow.taken(1, STREAM_WINDOW // 2 - 1)
+        self.assertEqual(flow.updates, [])  # not yet half
+        flow.taken(1, 1)
+        self.assertEqual(flow.updates, [grpc.window_update(1, STREAM_WINDOW // 2)])
+        self.assertTrue(flow.received(1, STREAM_WINDOW // 2))
+        self.assertFalse(flow.received(1, 1))  # past what was granted
+        # The connection's window counts every call's bytes.
+        other = Inflow()
+        for sid in range(1, 40, 2):
+            other.add(sid)
+        sent = 0
+        for sid in range(1, 40, 2):
+            sent += STREAM_WINDOW
+            self.assertEqual(other.received(sid, STREAM_WINDOW), sent <= CONNECTION_WINDOW)
