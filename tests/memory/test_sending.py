@@ -22,7 +22,7 @@ from zope.interface import implementer
 from lgmt_proxy.dataplane.upstream import trust_root
 from lgmt_proxy.io.reading import Hold, ReadGate
 from lgmt_proxy.io.sending import HIGH_WATER, Sender, SendQueue
-from lgmt_proxy.io.tls import TLSCarrier
+from lgmt_proxy.io.tls import ClientTLS, TLSCarrier
 from tests.loopback.test_tls import make_ca, make_leaf, pem
 from tests.support.memory import small_socket_pair
 
@@ -447,7 +447,7 @@ class RealTLSTests(TestCase):
                 return ours
 
         client = TLSMemoryBIOFactory(
-            ssl.optionsForClientTLS("localhost", trustRoot=trust_root(pem(ca))),  # type: ignore[arg-type]
+            ClientTLS("localhost", trust_root(pem(ca))),
             True,
             Factory.forProtocol(lambda: _Upstream(queue)),
             self.reactor,
@@ -495,6 +495,14 @@ class RealTLSTests(TestCase):
             bytes(self.server_tls.wrappedProtocol.got), b"POST / HTTP/1.1\r\n\r\n" + body
         )
         self.assertEqual(self.layer_writes, [], "encrypted through the layer's 16 KiB writes")
+
+    def test_one_ssl_write_takes_a_whole_turn(self) -> None:
+        # ClientTLS's context has pyOpenSSL's partial writes off: one call
+        # encrypts 64 KiB, not one 16 KiB record (a quarter of the calls).
+        self.pump()
+        conn = self.client_tls.getHandle()
+        self.assertEqual(conn.send(b"x" * 65536), 65536)
+        self.assertGreater(len(conn.bio_read(128 * 1024)), 65536)
 
     def test_written_while_handshaking_the_layer_keeps_the_order(self) -> None:
         # Before the handshake the layer buffers; from then on it writes
