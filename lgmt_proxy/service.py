@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import IO, Any
 
+from OpenSSL.crypto import X509
 from prometheus_client import CollectorRegistry
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -74,7 +75,7 @@ def build_proxy_factory(
     registry: CollectorRegistry,
     readiness: Readiness,
     metrics: ProxyMetrics,
-    trust: object | None = None,
+    trust: Sequence[X509] | None = None,
     client_auth: Callable[[], ClientAuth] | None = None,
     routes: list[tuple[RouteSpec, Callable[[], Secret] | None]] | None = None,
     access_sink: StreamObserver | None = None,
@@ -195,7 +196,7 @@ class ProxyService(MultiService):
         routes: list[RouteSpec] | None = None,
         listen: str | None = None,
         admin_listen: str | None = None,
-        trust: object | None = None,
+        trust: Sequence[X509] | None = None,
         stdout: IO[str] = sys.stdout,
         sandbox: bool = False,
         handle_sigterm: bool = True,

@@ -11,18 +11,13 @@ leaked pooled connections on targets it refused; see docs/architecture.md.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 from OpenSSL import crypto
-from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import (
-    IOpenSSLClientConnectionCreator,
-    IReactorTime,
-    IStreamClientEndpoint,
-)
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
 from lgmt_proxy.config.egress import ForwardProxy
 from lgmt_proxy.config.settings import Config, Secret, UpstreamConfig
@@ -30,7 +25,7 @@ from lgmt_proxy.dataplane.forward import ConnectEndpoint
 from lgmt_proxy.dataplane.pool import UpstreamPool
 from lgmt_proxy.io.compress import Gzip
 from lgmt_proxy.io.sending import SendQueue
-from lgmt_proxy.io.tls import TLSEndpoint
+from lgmt_proxy.io.tls import ClientTLS, TLSEndpoint
 from lgmt_proxy.rules.compression import compress_request
 from lgmt_proxy.rules.headers import RawHeaders, forward_request_headers
 
@@ -43,11 +38,11 @@ def load_pem_bundle(data: bytes) -> list[crypto.X509]:
     return [crypto.X509.from_cryptography(c) for c in certs]
 
 
-def trust_root(ca_pem: bytes | None, system_pem: bytes | None = None) -> object | None:
-    """Trust every certificate of ``ca_pem`` plus the platform's roots
+def trust_root(ca_pem: bytes | None, system_pem: bytes | None = None) -> list[crypto.X509] | None:
+    """Every certificate of ``ca_pem`` plus the platform's roots
     (``system_pem``, the system bundle read at start-up): a private CA for a
     self-hosted stack must not stop Grafana Cloud's certificates verifying.
-    ``Certificate.loadPEM`` alone would keep only a bundle's first one."""
+    None (no ``ca_pem``): the platform's default verify paths."""
     if ca_pem is None:
         return None
     certs = load_pem_bundle(ca_pem)
@@ -56,7 +51,7 @@ def trust_root(ca_pem: bytes | None, system_pem: bytes | None = None) -> object 
             certs += load_pem_bundle(system_pem)
         except ValueError:
             pass
-    return ssl.trustRootFromCertificates([ssl.Certificate(c) for c in certs])
+    return certs
 
 
 def _tcp(reactor: object, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
@@ -67,18 +62,12 @@ def _tcp(reactor: object, host: str, port: int, timeout: float) -> IStreamClient
     return HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
 
 
-def _client_tls(host: str, trust: object | None) -> IOpenSSLClientConnectionCreator:
-    if trust is None:
-        return ssl.optionsForClientTLS(host)
-    return ssl.optionsForClientTLS(host, trustRoot=trust)  # type: ignore[arg-type]
-
-
 def make_endpoint(
     reactor: object,
     upstream: UpstreamConfig,
     *,
     connect_timeout: float,
-    trust: object | None,
+    trust: Sequence[crypto.X509] | None,
     proxy: ForwardProxy | None = None,
 ) -> IStreamClientEndpoint:
     """TCP to the upstream, or through ``proxy`` (``CONNECT``: the proxy
@@ -91,11 +80,11 @@ def make_endpoint(
     else:
         to_proxy = _tcp(reactor, proxy.host, proxy.port, connect_timeout)
         if proxy.scheme == "https":
-            to_proxy = TLSEndpoint(clock, _client_tls(proxy.host, trust), to_proxy)
+            to_proxy = TLSEndpoint(clock, ClientTLS(proxy.host, trust), to_proxy)
         tcp = ConnectEndpoint(to_proxy, upstream.host, upstream.port, proxy.authorization)
     if upstream.scheme != "https":
         return tcp
-    return TLSEndpoint(clock, _client_tls(upstream.host, trust), tcp)
+    return TLSEndpoint(clock, ClientTLS(upstream.host, trust), tcp)
 
 
 def basic_authorization(user: str, token: Secret) -> bytes:
@@ -187,7 +176,7 @@ def build_upstream(
     upstream: UpstreamConfig,
     config: Config,
     token: Callable[[], Secret] | None,
-    trust: object | None,
+    trust: Sequence[crypto.X509] | None,
     *,
     endpoint: IStreamClientEndpoint | None = None,
     sends: SendQueue | None = None,

@@ -14,20 +14,28 @@ the sender's backlog (``backed_up``).
 Until then, or with no socket underneath (TLS inside TLS to an ``https://``
 forward proxy), the carrier writes to the connection's transport.
 
-Verification is unchanged: the connection creator is
-``optionsForClientTLS``'s, and its callbacks reach the `TLSMemoryBIOProtocol`
-as with ``wrapClientTLS``. The endpoint's Deferred fires with the
-application protocol once TCP (or the tunnel) is up; the handshake ends with
+The connection creator is `ClientTLS`: ``optionsForClientTLS``'s policy and
+verification (service_identity against the host name, from the same
+callback), on a context of its own with pyOpenSSL's partial writes turned
+off, so that one ``SSL_write`` takes a whole turn's plaintext rather than one
+16 KiB record a call. The endpoint's Deferred fires with the application
+protocol once TCP (or the tunnel) is up; the handshake ends with
 ``IHandshakeListener.handshakeCompleted``, so a connect deadline that waits
 for it covers both.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Final
 from typing import Protocol as TypingProtocol
 
-from OpenSSL import SSL
+import idna
+from OpenSSL import SSL, crypto
+from service_identity import VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, ServiceID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
@@ -40,14 +48,113 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+_log = Logger(namespace="lgmt_proxy.tls")
 
 #: Most plaintext in one TLS record, and the most a record adds to it
 #: (header, explicit IV, MAC or tag, padding), with room to spare.
 TLS_RECORD = 16 * 1024
 TLS_OVERHEAD = 512
+
+#: OpenSSL's SSL_MODE_ENABLE_PARTIAL_WRITE and SSL_OP_NO_RENEGOTIATION
+#: (openssl/ssl.h; part of its ABI), which pyOpenSSL has no names for.
+PARTIAL_WRITE: Final = 0x1
+NO_RENEGOTIATION: Final = 0x40000000
+
+#: Twisted's default TLS 1.2 cipher list (``_sslverify.defaultCiphers``):
+#: forward secrecy first, AEAD before CBC; TLS 1.3 suites are OpenSSL's.
+CIPHERS: Final = (
+    b"ECDH+AESGCM:ECDH+CHACHA20:DH+AESGCM:DH+CHACHA20:ECDH+AES256:DH+AES256:"
+    b"ECDH+AES128:DH+AES:RSA+AESGCM:RSA+AES:!aNULL:!MD5:!DSS"
+)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ClientTLS:
+    """The client side of TLS to ``host``, as ``optionsForClientTLS(host,
+    trustRoot)`` makes it (TLS 1.2 or later, Twisted's ciphers, no
+    compression or session cache, the peer's chain verified against
+    ``trust``, else the platform's roots, and its leaf against the host name
+    or IP address by service_identity; SNI for a name), plus renegotiation
+    refused, on a context made here: pyOpenSSL turns partial writes on for
+    every context, so each ``SSL_write`` would take one 16 KiB record, and a
+    context can only be changed before its first connection, which
+    ``optionsForClientTLS``'s has had by the time it is returned. A turn's
+    plaintext is one call (`Encryptor`): a quarter of the calls, each costly
+    in pyOpenSSL's Python."""
+
+    def __init__(self, host: str, trust: Sequence[crypto.X509] | None) -> None:
+        self._host = host
+        ip = isIPAddress(host) or isIPv6Address(host)
+        #: SNI for a name, never for an address (RFC 6066).
+        self._server_name = None if ip else idna.encode(host)
+        self._identity: ServiceID = (
+            IPAddress_ID(host) if ip else DNS_ID(idna.encode(host).decode("ascii"))
+        )
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.clear_mode(PARTIAL_WRITE)
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        ctx.set_options(SSL.OP_NO_COMPRESSION | NO_RENEGOTIATION)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+        ctx.set_verify_depth(9)
+        if trust is None:
+            ctx.set_default_verify_paths()
+        else:
+            store = ctx.get_cert_store()
+            assert store is not None
+            for cert in trust:
+                store.add_cert(cert)
+        ctx.set_cipher_list(CIPHERS)  # the last change: this one uses the context
+        self._context = ctx
+
+    def __repr__(self) -> str:
+        return f"<ClientTLS {self._host}>"
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        conn = SSL.Connection(self._context, None)
+        if self._server_name is not None:
+            conn.set_tlsext_host_name(self._server_name)
+        verify = _Verifier(tlsProtocol, self._identity)
+        conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        return conn
+
+
+class _Verifier:
+    """OpenSSL's verify callback for one connection: the chain's verdict,
+    and the leaf checked against the upstream's identity (what Twisted's
+    ``ClientTLSOptions`` does): a mismatch fails the handshake with
+    service_identity's error, which the proxy reports as a TLS failure."""
+
+    __slots__ = ("_identity", "_tls")
+
+    def __init__(self, tls: TLSMemoryBIOProtocol, identity: ServiceID) -> None:
+        self._tls: TLSMemoryBIOProtocol | None = tls
+        self._identity = identity
+
+    def __call__(
+        self, conn: SSL.Connection, cert: crypto.X509, err: int, depth: int, ok: int
+    ) -> bool:
+        if depth != 0:
+            return bool(ok)
+        result = bool(ok)
+        tls, self._tls = self._tls, None  # no cycle once the leaf is seen
+        try:
+            verify_service_identity(extract_patterns(cert), [self._identity], [])
+        except VerificationError:
+            result = False
+            if tls is not None:
+                tls.failVerification(Failure())
+        except Exception:
+            # Raised out of an OpenSSL callback it would be lost: log it.
+            result = False
+            _log.failure("verifying the upstream's certificate")
+        return result
 
 
 class CipherSink(TypingProtocol):
@@ -132,12 +239,13 @@ class TLSCarrier(Protocol):
 
 class Encryptor:
     """Encrypts a sender's plaintext on the TLS layer's OpenSSL connection
-    (the layer's public ``getHandle``) and takes the records in one read of
-    its memory BIO, rather than through the layer's ``write``: a copied
-    slice, a 32 KiB BIO read and a write to the carrier per 16 KiB record,
-    most of a TLS upload's CPU. Only once the handshake is done; after
-    anything else (written while handshaking, an error, the close) the layer
-    writes everything for good, so nothing it buffers is ever overtaken."""
+    (the layer's public ``getHandle``) in one ``SSL_write`` and takes the
+    records in one read of its memory BIO, rather than through the layer's
+    ``write``: a copied slice, a 32 KiB BIO read and a write to the carrier
+    per 16 KiB record, most of a TLS upload's CPU. Only once the handshake
+    is done; after anything else (written while handshaking, an error, the
+    close) the layer writes everything for good, so nothing it buffers is
+    ever overtaken."""
 
     __slots__ = ("_ready", "_ssl")
 
@@ -161,16 +269,21 @@ class Encryptor:
                 self._ssl = None  # still handshaking: the layer buffers
                 return 0
             self._ready = True
-        # SSL_write takes one record a call (pyOpenSSL sets partial writes):
-        # slices of a memoryview, copied by nothing but the cipher.
-        view = memoryview(data)
+        # One SSL_write takes it all on a `ClientTLS` context; with partial
+        # writes on (another creator) it takes one record a call, and the
+        # rest goes as slices of a memoryview, copied by nothing but the cipher.
         total = len(data)
         sent = 0
         try:
-            while sent < total:
-                sent += ssl_conn.send(view[sent:])
+            sent = ssl_conn.send(data)
+            if sent < total:
+                view = memoryview(data)
+                while sent < total:
+                    sent += ssl_conn.send(view[sent:])
         except SSL.Error:
-            self._ssl = None  # the layer meets the error again, and reports it
+            # The layer meets the error again, and reports it. (Renegotiation
+            # is refused, so a write never waits for the peer half-way.)
+            self._ssl = None
         if not sent:
             return 0
         size = sent + TLS_OVERHEAD * (sent // TLS_RECORD + 1)
@@ -239,4 +352,4 @@ def _application(carrier: IProtocol) -> IProtocol:
     return carrier.tls.wrappedProtocol  # type: ignore[no-any-return]
 
 
-__all__ = ["CipherSink", "Encryptor", "TLSCarrier", "TLSEndpoint"]
+__all__ = ["CipherSink", "ClientTLS", "Encryptor", "TLSCarrier", "TLSEndpoint"]

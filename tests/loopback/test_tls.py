@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 from typing import Any
 
@@ -56,8 +57,12 @@ def make_ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
 
 
 def make_leaf(
-    ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, host: str
+    ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, host: str, *, ip: str | None = None
 ) -> tuple[bytes, bytes]:
+    """A certificate for ``host`` (and for the address ``ip``, if given)."""
+    names: list[x509.GeneralName] = [x509.DNSName(host)]
+    if ip is not None:
+        names.append(x509.IPAddress(ipaddress.ip_address(ip)))
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (
@@ -68,7 +73,7 @@ def make_leaf(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     key_pem = key.private_bytes(
@@ -135,6 +140,37 @@ class TLSTests(TestCase):
         response, _ = await call(proxy.url + "/loki/api/v1/labels")
         self.assertEqual(response.code, 502)
         self.assertEqual(self.recorder.seen, [])
+        self.assertEqual(
+            proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="tls"), 1
+        )
+
+    async def test_address_checked_against_the_certificates_addresses(self) -> None:
+        # An upstream URL with an IP address: the certificate must name that
+        # address (an IP SAN), not merely be signed by a trusted CA.
+        key_pem, cert_pem = make_leaf(self.ca_key, self.ca, "localhost", ip="127.0.0.1")
+        server = ssl.PrivateCertificate.loadPEM(key_pem + cert_pem)
+        port = reactor.listenSSL(  # type: ignore[attr-defined]
+            0, upstream_site(self.recorder), server.options(), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        self.env = env_for(f"https://127.0.0.1:{port.getHost().port}")
+        proxy = self.proxy(trust_root(pem(self.ca)))
+        response, _ = await call(proxy.url + "/loki/api/v1/labels")
+        self.assertEqual(response.code, 200)
+        # The same certificate for another address of this host: refused.
+        other = reactor.listenSSL(  # type: ignore[attr-defined]
+            0, upstream_site(self.recorder), server.options(), interface="127.0.0.2"
+        )
+        self.addCleanup(other.stopListening)
+        self.env = env_for(f"https://127.0.0.2:{other.getHost().port}")
+        seen = len(self.recorder.seen)
+        proxy = self.proxy(trust_root(pem(self.ca)))
+        response, _ = await call(proxy.url + "/loki/api/v1/labels")
+        self.assertEqual(response.code, 502)
+        self.assertEqual(len(self.recorder.seen), seen)
+        self.assertEqual(
+            proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="tls"), 1
+        )
 
     def test_bundle_without_certificates(self) -> None:
         self.assertRaises(ValueError, load_pem_bundle, b"not a pem")

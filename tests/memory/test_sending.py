@@ -9,6 +9,7 @@ import os
 import socket
 from typing import Any
 
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IHandshakeListener
@@ -22,7 +23,7 @@ from zope.interface import implementer
 from lgmt_proxy.dataplane.upstream import trust_root
 from lgmt_proxy.io.reading import Hold, ReadGate
 from lgmt_proxy.io.sending import HIGH_WATER, Sender, SendQueue
-from lgmt_proxy.io.tls import TLSCarrier
+from lgmt_proxy.io.tls import ClientTLS, TLSCarrier
 from tests.loopback.test_tls import make_ca, make_leaf, pem
 from tests.support.memory import small_socket_pair
 
@@ -447,7 +448,7 @@ class RealTLSTests(TestCase):
                 return ours
 
         client = TLSMemoryBIOFactory(
-            ssl.optionsForClientTLS("localhost", trustRoot=trust_root(pem(ca))),  # type: ignore[arg-type]
+            ClientTLS("localhost", trust_root(pem(ca))),
             True,
             Factory.forProtocol(lambda: _Upstream(queue)),
             self.reactor,
@@ -496,6 +497,14 @@ class RealTLSTests(TestCase):
         )
         self.assertEqual(self.layer_writes, [], "encrypted through the layer's 16 KiB writes")
 
+    def test_one_ssl_write_takes_a_whole_turn(self) -> None:
+        # ClientTLS's context has pyOpenSSL's partial writes off: one call
+        # encrypts 64 KiB, not one 16 KiB record (a quarter of the calls).
+        self.pump()
+        conn = self.client_tls.getHandle()
+        self.assertEqual(conn.send(b"x" * 65536), 65536)
+        self.assertGreater(len(conn.bio_read(128 * 1024)), 65536)
+
     def test_written_while_handshaking_the_layer_keeps_the_order(self) -> None:
         # Before the handshake the layer buffers; from then on it writes
         # everything, so nothing can overtake what it holds.
@@ -505,6 +514,72 @@ class RealTLSTests(TestCase):
         self.pump()
         self.assertEqual(bytes(self.server_tls.wrappedProtocol.got), b"first second")
         self.assertEqual(self.layer_writes, [6, 6])
+
+
+def _pump_handshake(client: SSL.Connection, server: SSL.Connection) -> None:
+    """Move records between two memory-BIO connections until both are done."""
+    for _ in range(10):
+        for conn in (client, server):
+            try:
+                conn.do_handshake()
+            except SSL.WantReadError:
+                pass
+        for a, b in ((client, server), (server, client)):
+            try:
+                b.bio_write(a.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    assert client.get_finished() is not None and server.get_finished() is not None
+
+
+class ClientTLSTests(TestCase):
+    """What `ClientTLS` adds to optionsForClientTLS's policy, at the OpenSSL
+    level (the verification itself: tests/loopback/test_tls.py)."""
+
+    def connect(self, server_max: int | None = None) -> tuple[SSL.Connection, SSL.Connection]:
+        ca_key, ca = make_ca("lgmt-proxy test CA")
+        key_pem, cert_pem = make_leaf(ca_key, ca, "localhost")
+        server_ctx = SSL.Context(SSL.TLS_METHOD)
+        server_ctx.use_certificate(crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem))
+        server_ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem))
+        if server_max is not None:
+            server_ctx.set_max_proto_version(server_max)
+        server = SSL.Connection(server_ctx, None)
+        server.set_accept_state()
+        layer = TLSMemoryBIOFactory(
+            ssl.CertificateOptions(), True, Factory.forProtocol(Protocol), self.clock
+        ).buildProtocol(None)
+        client = ClientTLS("localhost", trust_root(pem(ca))).clientConnectionForTLS(layer)
+        client.set_connect_state()
+        _pump_handshake(client, server)
+        return client, server
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+
+    def test_renegotiation_refused(self) -> None:
+        # TLS 1.2: the server asks to renegotiate; the client answers with an
+        # alert (record type 21), never a ClientHello (22), so a write can
+        # never wait half-way for a handshake.
+        client, server = self.connect(server_max=SSL.TLS1_2_VERSION)
+        self.assertEqual(client.get_protocol_version_name(), "TLSv1.2")
+        self.assertTrue(server.renegotiate())
+        try:
+            server.do_handshake()  # writes the HelloRequest
+        except SSL.WantReadError:
+            pass
+        client.bio_write(server.bio_read(65536))
+        with self.assertRaises(SSL.Error):
+            client.recv(1024)
+        answer = client.bio_read(65536)
+        self.assertEqual(answer[0], 21, "the client renegotiated")
+        self.assertEqual(client.total_renegotiations(), 0)
+
+    def test_sni_and_verified_leaf(self) -> None:
+        client, server = self.connect()
+        self.assertEqual(server.get_servername(), b"localhost")
+        self.assertEqual(client.get_protocol_version_name(), "TLSv1.3")
+        self.assertEqual(client.send(b"x" * 65536), 65536)  # partial writes off
 
 
 class FailureTests(TestCase):
