@@ -2,11 +2,11 @@
 at a time, and spends them locally. Pure state and arithmetic on a ``now``
 the caller passes: no clock, no Redis (`lgmt_proxy.limits.shared` asks).
 
-One script call reserves (charges in Redis) what the waiting requests need
-plus a lease of `lease_size` more units of each budget in use; the requests
-that follow spend the lease synchronously. A lease is topped up ahead of
-exhaustion (`Lease.low`), so the request path rarely waits, and forgotten
-when unused for `LEASE_SECONDS`.
+One script call reserves (charges in Redis) what a request needs plus a
+lease of `lease_size` more units of each budget in use (`Lease.ask`); the
+requests that follow spend the lease synchronously (`Lease.take`). A lease
+is topped up ahead of exhaustion (`Lease.low`, `Lease.top_up`), so the
+request path rarely waits, and forgotten when unused for `LEASE_SECONDS`.
 
 Each reply also tells how far ahead the shared TAT is; kept as `tats` (a
 lower bound: it is timed from when the call was sent, and only ever moves
@@ -24,7 +24,6 @@ refills (under, never over).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Final
 
 from lgmt_proxy.limits.budget import ADMITTED, BYTES, REQUESTS, Budget, Limits, Verdict, admit
@@ -32,7 +31,7 @@ from lgmt_proxy.limits.budget import ADMITTED, BYTES, REQUESTS, Budget, Limits, 
 #: How long leased units stay usable after the last grant.
 LEASE_SECONDS: Final = 1.0
 #: The share of a budget (its burst, or what refills in `LEASE_SECONDS` if
-#: less) one lease takes beyond what the waiting requests need.
+#: less) one lease takes beyond what a request needs.
 LEASE_SHARE: Final = 0.1
 
 
@@ -121,8 +120,8 @@ class Lease:
         self.tat_requests = 0.0
         self.tat_bytes = 0.0
         self.fresh = 0.0
-        #: A script call is in flight (at most one per consumer).
-        self.asking = False
+        #: Script calls in flight.
+        self.asking = 0
         #: Requests with a declared body have come: leases take bytes too.
         self.bytes_used = False
 
@@ -160,8 +159,7 @@ class Lease:
         return ADMITTED
 
     def spend(self, length: int | None) -> None:
-        """Charge a request to held units (granted for it: may go below 0
-        only if it was not)."""
+        """Charge a request to held units (covered, or just granted for it)."""
         if self.limits.requests is not None:
             self.held_requests -= 1
         if length and self.limits.bytes is not None:
@@ -186,27 +184,29 @@ class Lease:
             and not admit(self.tat_bytes, now, 1, body)[1]
         )
 
-    def ask(self, lengths: Iterable[int | None]) -> Ask:
-        """The next call: the first of ``lengths`` (the waiting requests, in
-        order; none for a top-up) must fit, the others and a lease more are
-        wanted."""
-        count, first, total, any_ = 0, 0, 0, False
-        for length in lengths:
-            cost = 0 if length is None else length
-            if not count:
-                first = cost
-            count += 1
-            total += cost
-            any_ = any_ or length is not None
+    def ask(self, length: int | None, more: bool) -> Ask:
+        """The call of a request the lease does not cover: its whole cost
+        must fit (what is held stays for the others); ``more``: a lease more
+        is wanted too."""
         need_r = want_r = need_b = want_b = 0
         if self.limits.requests is not None:
-            need_r = max(0, min(count, 1) - self.held_requests)
-            want_r = max(need_r, count + self.size_requests - self.held_requests)
+            need_r = want_r = 1
+            if more:
+                want_r += max(0, self.size_requests - self.held_requests)
         if self.limits.bytes is not None:
-            need_b = max(0, first - self.held_bytes)
-            lease = self.size_bytes if (self.bytes_used or total > 0) else 0
-            want_b = max(need_b, total + lease - self.held_bytes)
+            need_b = want_b = 0 if length is None else length
+            if more and (self.bytes_used or need_b):
+                want_b += max(0, self.size_bytes - self.held_bytes)
         return Ask(need_r, want_r, need_b, want_b)
+
+    def top_up(self) -> Ask:
+        """A call ahead of need: back to a whole lease of each budget in use."""
+        want_r = want_b = 0
+        if self.limits.requests is not None:
+            want_r = max(0, self.size_requests - self.held_requests)
+        if self.limits.bytes is not None and self.bytes_used:
+            want_b = max(0, self.size_bytes - self.held_bytes)
+        return Ask(0, want_r, 0, want_b)
 
     def granted(self, sent_at: float, now: float, grant: Grant) -> None:
         """A reply: units granted are held for `LEASE_SECONDS`, the shared

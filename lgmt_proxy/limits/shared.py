@@ -3,7 +3,7 @@ on it: what Redis does not answer within the deadline is decided by the
 replica's own `LocalLimiter`.
 
 Budget is taken from Redis in leases (`lgmt_proxy.limits.lease`): one Lua
-script call reserves what the waiting requests need and a few units more
+script call reserves what a request needs and a few units more
 for this replica, atomically, on Redis's clock (``TIME``), with the GCRA of
 `budget`; the requests that follow spend the lease here, synchronously, and
 a new lease is asked for ahead of exhaustion. Keys are named by consumer
@@ -16,7 +16,6 @@ once.
 from __future__ import annotations
 
 import hashlib
-from collections import deque
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -158,7 +157,7 @@ def error_reason(error: BaseException | None) -> str:
 
 
 class _Waiter:
-    """A request that needs Redis: decided by a reply, or locally at its
+    """A request that asked Redis: decided by the reply, or locally at its
     deadline."""
 
     __slots__ = ("decided", "length", "timer")
@@ -174,9 +173,9 @@ class SharedLimiter:
     else locally.
 
     `check` decides at once from the consumer's lease when it can (spend it,
-    or refuse what Redis could not admit either), else asks Redis (one call
-    in flight per consumer; requests that come meanwhile wait for it) and
-    returns a Deferred that fires within the deadline and never fails. What
+    or refuse what Redis could not admit either), else asks Redis for that
+    request's cost (and a lease more, unless a call is in flight already)
+    and returns a Deferred that fires within the deadline and never fails. What
     is admitted is recorded in the local limiter too, so a fall back starts
     from what this replica spent. The state (shared or local) is a gauge; a
     warning is logged when a decision first falls back, and one when Redis
@@ -201,7 +200,6 @@ class SharedLimiter:
         self.shared = False
         self._outage: str | None = None
         self._leases: dict[str, Lease] = {}
-        self._waiting: dict[Lease, deque[_Waiter]] = {}
         #: Streamed body bytes beyond the lease not yet sent to Redis.
         self._pending: dict[str, tuple[int, Lease]] = {}
         self._charging: set[str] = set()
@@ -268,17 +266,17 @@ class SharedLimiter:
             if verdict.allowed:
                 self.local.record(name, limits, length)
                 if not lease.asking and lease.low(now):
-                    self._ask(name, lease)
+                    self._send(name, lease, lease.top_up(), None)
             return verdict
-        if not lease.asking and not self._pool.ready:
+        waiter = _Waiter(length)
+        timer = waiter.timer = self._clock.callLater(self._timeout, self._late, name, lease, waiter)
+        # A lease more only when no call is in flight: requests that come
+        # together (a burst of new connections) take one lease, not one each.
+        if not self._send(name, lease, lease.ask(length, not lease.asking), waiter):
+            timer.cancel()
             self._metrics.ratelimit_backend_error("down")
             self._fell_back("down")
             return self.local.check(name, limits, length)
-        waiter = _Waiter(length)
-        self._waiting.setdefault(lease, deque()).append(waiter)
-        waiter.timer = self._clock.callLater(self._timeout, self._late, name, lease, waiter)
-        if not lease.asking:
-            self._ask(name, lease)
         return waiter.decided
 
     def check_now(self, name: str, limits: Limits, length: int | None) -> Verdict:
@@ -292,95 +290,57 @@ class SharedLimiter:
                 return verdict
         return self.local.check(name, limits, length)
 
-    def _decide(self, name: str, lease: Lease, waiter: _Waiter, verdict: Verdict) -> None:
-        if waiter.timer is not None and waiter.timer.active():
-            waiter.timer.cancel()
-        if verdict.allowed:
-            self.local.record(name, lease.limits, waiter.length)
-        waiter.decided.callback(verdict)
-
     def _late(self, name: str, lease: Lease, waiter: _Waiter) -> None:
         """A waiter's deadline: decided locally."""
-        waiters = self._waiting.get(lease)
-        if waiters is not None:
-            waiters.remove(waiter)
         self._metrics.ratelimit_backend_error("timeout")
         self._fell_back("timeout")
         waiter.decided.callback(self.local.check(name, lease.limits, waiter.length))
 
-    def _locally(self, name: str, lease: Lease) -> None:
-        """Every waiter of ``lease`` decided locally (Redis failed)."""
-        waiters = self._waiting.pop(lease, None) or deque()
-        for waiter in waiters:
-            if waiter.timer is not None and waiter.timer.active():
-                waiter.timer.cancel()
-            waiter.decided.callback(self.local.check(name, lease.limits, waiter.length))
-
-    def _ask(self, name: str, lease: Lease) -> None:
-        """One script call for ``lease``: its first waiter's need, the other
-        waiters' and a lease more (none waiting: a top-up)."""
-        waiters = self._waiting.get(lease)
-        first = waiters[0] if waiters else None
-        ask = lease.ask(w.length for w in waiters) if waiters else lease.ask(())
+    def _send(self, name: str, lease: Lease, ask: Ask, waiter: _Waiter | None) -> bool:
+        """One script call for ``lease``: a waiting request's (decided by the
+        reply), or a top-up (``waiter`` None). False if no connection is up."""
         sent_at = self._clock.seconds()
         sent = self._eval(b"lease", name, lease.limits, ask)
         if sent is None:
-            if first is not None:
-                self._metrics.ratelimit_backend_error("down")
-                self._fell_back("down")
-                self._locally(name, lease)
-            return
-        lease.asking = True
+            return False
+        lease.asking += 1
 
         def answered(reply: Any) -> None:
-            lease.asking = False
             try:
                 grant = grant_of(reply)
             except (ValueError, TypeError, AttributeError):
                 failed(Failure(RedisError("ERR unexpected reply")))
                 return
+            lease.asking -= 1
             now = self._clock.seconds()
             if now - sent_at < self._timeout:
                 # A late answer is used (its units are charged), but does
                 # not make the budgets shared again: the next one may be.
                 self._answered()
             lease.granted(sent_at, now, grant)
-            self._serve(name, lease, first, grant, now)
+            if waiter is not None and not waiter.decided.called:
+                verdict = grant.verdict
+                if verdict.allowed:
+                    lease.spend(waiter.length)
+                    self.local.record(name, lease.limits, waiter.length)
+                self._decided(waiter, verdict)
 
         def failed(failure: Failure) -> None:
-            lease.asking = False
+            lease.asking -= 1
             reason = error_reason(failure.value)
             self._metrics.ratelimit_backend_error(reason)
-            if self._waiting.get(lease):
+            if waiter is not None and not waiter.decided.called:
                 self._fell_back(reason)
-                self._locally(name, lease)
+                self._decided(waiter, self.local.check(name, lease.limits, waiter.length))
 
         sent.addCallbacks(answered, failed)
+        return True
 
-    def _serve(
-        self, name: str, lease: Lease, first: _Waiter | None, grant: Grant, now: float
-    ) -> None:
-        """Decide the waiters a reply decides: the one it was for by the
-        reply, the next ones from the lease; ask again for the rest."""
-        waiters = self._waiting.get(lease)
-        if not waiters:
-            self._waiting.pop(lease, None)
-            return
-        if first is not None and waiters[0] is first:
-            waiters.popleft()
-            verdict = grant.verdict
-            if verdict.allowed:
-                lease.spend(first.length)
-            self._decide(name, lease, first, verdict)
-        while waiters:
-            taken = lease.take(now, waiters[0].length)
-            if taken is None:
-                self._ask(name, lease)
-                return
-            self._decide(name, lease, waiters.popleft(), taken)
-        self._waiting.pop(lease, None)
-        if lease.low(now):
-            self._ask(name, lease)
+    @staticmethod
+    def _decided(waiter: _Waiter, verdict: Verdict) -> None:
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+        waiter.decided.callback(verdict)
 
     def charge(self, name: str, limits: Limits, nbytes: int) -> None:
         """Body bytes already sent (a chunk of a streamed body): from the
