@@ -168,11 +168,14 @@ class Lease:
 
     def low(self, now: float) -> bool:
         """Time to top the lease up, ahead of need: under half a lease held,
-        and room for some in the shared budget as last seen."""
+        or half its life gone (so a busy consumer's lease never lapses
+        under its requests), and room for some in the shared budget as last
+        seen."""
+        ageing = now >= self.expires - LEASE_SECONDS / 2
         requests = self.limits.requests
         if (
             requests is not None
-            and 2 * self.held_requests < self.size_requests
+            and (ageing or 2 * self.held_requests < self.size_requests)
             and not admit(self.tat_requests, now, 1, requests)[1]
         ):
             return True
@@ -180,7 +183,7 @@ class Lease:
         return (
             body is not None
             and self.bytes_used
-            and 2 * self.held_bytes < self.size_bytes
+            and (ageing or 2 * self.held_bytes < self.size_bytes)
             and not admit(self.tat_bytes, now, 1, body)[1]
         )
 
@@ -200,17 +203,19 @@ class Lease:
         return Ask(need_r, want_r, need_b, want_b)
 
     def top_up(self) -> Ask:
-        """A call ahead of need: back to a whole lease of each budget in use."""
+        """A call ahead of need: back to a whole lease of each budget in use,
+        and at least a unit (a grant renews what is held)."""
         want_r = want_b = 0
         if self.limits.requests is not None:
-            want_r = max(0, self.size_requests - self.held_requests)
+            want_r = max(1, self.size_requests - self.held_requests)
         if self.limits.bytes is not None and self.bytes_used:
-            want_b = max(0, self.size_bytes - self.held_bytes)
+            want_b = max(1, self.size_bytes - self.held_bytes)
         return Ask(0, want_r, 0, want_b)
 
     def granted(self, sent_at: float, now: float, grant: Grant) -> None:
-        """A reply: units granted are held for `LEASE_SECONDS`, the shared
-        TATs seen (timed from ``sent_at``, so never later than they are)."""
+        """A reply: units granted, and those held, are held `LEASE_SECONDS`
+        more; the shared TATs seen (timed from ``sent_at``, so never later
+        than they are)."""
         self._expire(now)
         if grant.requests or grant.bytes:
             self.held_requests += grant.requests
