@@ -14,7 +14,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.config.ratelimit import RedisSettings, parse_redis_url
-from lgmt_proxy.limits.budget import BYTES, REQUESTS, Budget, Limits, Verdict
+from lgmt_proxy.limits.budget import ADMITTED, BYTES, REQUESTS, Budget, Limits, Verdict
 from lgmt_proxy.limits.lease import LEASE_SECONDS, lease_size
 from lgmt_proxy.limits.local import LocalLimiter
 from lgmt_proxy.limits.resp import RedisPool
@@ -172,6 +172,33 @@ class SharedBudgetTests(TestCase):
         self.assertTrue((await verdict(a.limiter.check("team-a", limits, None))).allowed)
         self.assertEqual(len([w for w in self.warnings if "shared again" in w]), 1, self.warnings)
         self.assertEqual(len([w for w in self.warnings if "failed" in w]), 1)
+
+    async def test_a_lease_through_a_restart(self) -> None:
+        """Units leased before Redis stops are spent while it is down, at
+        once and without an error; past them the replica decides alone;
+        Redis back, the next lease comes from it again."""
+        a = self.replica()
+        await self.until(lambda: a.limiter.shared, "shared")
+        limits = Limits(Budget(rate=100, burst=100), None)  # leases of 10
+        self.assertTrue((await verdict(a.limiter.check("team-a", limits, None))).allowed)
+        lease = a.limiter.lease("team-a", limits)
+        self.assertEqual(lease.held_requests, lease_size(limits.requests))
+        self.redis.stop()
+        await self.until(lambda: not a.pool.ready, "connection lost")
+        if reactor.seconds() >= lease.expires:  # type: ignore[attr-defined]
+            self.skipTest("the machine took longer than a lease's life to stop Redis")
+        held = lease.held_requests
+        leased = [a.limiter.check("team-a", limits, None) for _ in range(held)]
+        self.assertEqual(leased, [ADMITTED] * held)
+        self.assertEqual(a.errors("down"), 0)
+        alone = a.limiter.check("team-a", limits, None)
+        self.assertEqual(alone, ADMITTED)  # local, at once: 12 of its 100
+        self.assertEqual(a.errors("down"), 1)
+        self.assertFalse(a.limiter.shared)
+        self.redis.start()  # empty: every budget full again
+        await self.until(lambda: a.limiter.shared, "shared again")
+        self.assertTrue((await verdict(a.limiter.check("team-a", limits, None))).allowed)
+        self.assertEqual(self.redis.cli("EXISTS", keys("team-a")[0].decode()), "1")
 
     async def test_frozen_redis_meets_the_deadline(self) -> None:
         """A Redis that stops answering (SIGSTOP) costs each decision the
