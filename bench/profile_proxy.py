@@ -5,6 +5,8 @@
                                                       sysctl kernel.yama.ptrace_scope=0)
     python3 bench/profile_proxy.py                   20 s of samples, small GETs at 50 conns
     python3 bench/profile_proxy.py --workload push   1 MiB pushes at 8 conns
+    python3 bench/profile_proxy.py --workload budgets  small GETs of a consumer whose
+                                                      budgets are shared through Redis
     python3 bench/profile_proxy.py --tls             the same against the HTTPS upstream
     python3 bench/profile_proxy.py --summarize FILE  re-read a raw profile
 
@@ -99,7 +101,7 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--seconds", type=int, default=20, help="sampling time (default 20)")
     p.add_argument("--rate", type=int, default=200, help="samples per second (default 200)")
-    p.add_argument("--workload", choices=("get", "push"), default="get")
+    p.add_argument("--workload", choices=("get", "push", "budgets"), default="get")
     p.add_argument("--tls", action="store_true", help="HTTPS upstream (as make bench's tls_*)")
     p.add_argument("--native", action="store_true", help="also sample C frames (py-spy --native)")
     p.add_argument("--twistd", default=str(b.ROOT / ".venv" / "bin" / "twistd"))
@@ -113,18 +115,26 @@ def main(argv: list[str]) -> int:
         sys.exit("profile: py-spy not found: .venv/bin/pip install py-spy")
     b.ensure_tools()
     b.raise_fd_limit()
-    get = args.workload == "get"
+    get = args.workload != "push"
     conns, path, wrk_args = (50, b.GET_PATH, []) if get else (8, b.PUSH_PATH, [str(b.MiB), "1"])
+    opts: list[str] = []
     out = b.BENCH / "results" / f"profile-{'tls_' * args.tls}{args.workload}{conns}"
     out.parent.mkdir(exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="lgmt-profile-"))
     bench = Bench(Settings(), workdir, args.twistd, None)
     bench.tls = args.tls
+    redis = b.Redis(workdir) if args.workload == "budgets" else None
     try:
         bench.start()
         lgmt = bench.targets["lgmt"]
-        b.wrk(lgmt.url + path, conns, 2, wrk_args)  # warm-up
-        wrk = b.wrk(lgmt.url + path, conns, args.seconds + 4, wrk_args, background=True)
+        if redis is not None:  # bench/run.py's budgets workload: its proxy instead
+            path_ = workdir / "budget-consumer.yaml"
+            opts = ["-H", f"Authorization: Bearer {b.budget_auth_file(path_)}"]
+            redis.start()
+            env = {"CLIENT_AUTH_FILE": str(path_), "RATE_LIMIT_REDIS_URL": redis.url}
+            bench.add(lgmt := bench.lgmt("lgmt_budget", **env))
+        b.wrk(lgmt.url + path, conns, 2, wrk_args, opts)  # warm-up
+        wrk = b.wrk(lgmt.url + path, conns, args.seconds + 4, wrk_args, opts, background=True)
         cpu0 = lgmt.cpu()
         record = [pyspy, "record", "--pid", str(lgmt.proc.pid), "--duration", str(args.seconds)]
         record += ["--rate", str(args.rate), "--format", "raw", "-o", str(out.with_suffix(".txt"))]
@@ -133,9 +143,12 @@ def main(argv: list[str]) -> int:
         result = b.parse_wrk(*wrk.communicate())
     finally:
         bench.stop()
+        if redis is not None:
+            redis.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     text = (
         f"lgmt-proxy under wrk -c{conns} {'small GETs' if get else '1 MiB pushes'}"
+        f"{', budgets shared through Redis' if redis is not None else ''}"
         f"{', HTTPS upstream' if args.tls else ''}: "
         f"{result['requests']} requests, {result['non2xx']} non-2xx; "
         f"proxy CPU while sampled {cpu:.1f} s over {args.seconds} s\n"
