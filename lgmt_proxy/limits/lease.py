@@ -169,9 +169,10 @@ class Lease:
     def low(self, now: float) -> bool:
         """Time to top the lease up, ahead of need: under half a lease held,
         or half its life gone (so a busy consumer's lease never lapses
-        under its requests), and room for some in the shared budget as last
-        seen."""
-        ageing = now >= self.expires - LEASE_SECONDS / 2
+        under its requests; the shared TATs seen likewise), and room for
+        some in the shared budget as last seen."""
+        half = LEASE_SECONDS / 2
+        ageing = now >= self.expires - half
         requests = self.limits.requests
         if (
             requests is not None
@@ -180,12 +181,11 @@ class Lease:
         ):
             return True
         body = self.limits.bytes
-        return (
-            body is not None
-            and self.bytes_used
-            and (ageing or 2 * self.held_bytes < self.size_bytes)
-            and not admit(self.tat_bytes, now, 1, body)[1]
-        )
+        if body is None or admit(self.tat_bytes, now, 1, body)[1]:
+            return False
+        if now >= self.fresh - half:
+            return True
+        return self.bytes_used and (ageing or 2 * self.held_bytes < self.size_bytes)
 
     def ask(self, length: int | None, more: bool) -> Ask:
         """The call of a request the lease does not cover: its whole cost

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.limits.budget import BYTES, REQUESTS, Budget, Limits, Verdict
+from lgmt_proxy.limits.budget import ADMITTED, BYTES, REQUESTS, Budget, Limits, Verdict
 from lgmt_proxy.limits.keeper import BudgetKeeper
 from lgmt_proxy.limits.lease import LEASE_SECONDS, lease_size
 from lgmt_proxy.limits.local import LocalLimiter
@@ -248,6 +248,21 @@ class LeaseTests(Fixture):
         d = self.limiter.check("team-a", only_bytes, None)
         self.pool.sent[1][1].callback(refused(b"bytes", 4.0, ahead=5.0))
         self.assertEqual(self.decided(d).budget, BYTES)
+
+    def test_what_was_seen_is_renewed_while_in_use(self) -> None:
+        """Requests of no body cost under a byte budget alone: past half
+        `LEASE_SECONDS` one of them sends a call beside it, so none waits."""
+        only_bytes = Limits(None, Budget(rate=1000, burst=1000))
+        d = self.limiter.check("team-a", only_bytes, None)
+        self.pool.sent[0][1].callback(granted(0, 0))
+        self.decided(d)
+        self.clock.advance(LEASE_SECONDS / 2)
+        self.assertTrue(self.limiter.check("team-a", only_bytes, None).allowed)  # type: ignore[union-attr]
+        ((args, renewal),) = self.pool.sent[1:]
+        self.assertEqual(ask_of(args)["bytes"], (0, 0))
+        renewal.callback(granted(0, 0))
+        self.clock.advance(LEASE_SECONDS * 0.6)  # past what the first reply showed
+        self.assertEqual(self.limiter.check("team-a", only_bytes, None), ADMITTED)
 
     def test_streamed_bytes_spend_the_lease_then_one_call_in_flight(self) -> None:
         d = self.limiter.check("team-a", ROOMY, 100)
