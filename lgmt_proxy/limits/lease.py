@@ -203,24 +203,23 @@ class Lease:
         return Ask(need_r, want_r, need_b, want_b)
 
     def top_up(self) -> Ask:
-        """A call ahead of need: back to a whole lease of each budget in use,
-        and at least a unit (a grant renews what is held)."""
+        """A call ahead of need: back to a whole lease of each budget in use
+        (nothing more when it is whole: the reply alone renews it)."""
         want_r = want_b = 0
         if self.limits.requests is not None:
-            want_r = max(1, self.size_requests - self.held_requests)
+            want_r = max(0, self.size_requests - self.held_requests)
         if self.limits.bytes is not None and self.bytes_used:
-            want_b = max(1, self.size_bytes - self.held_bytes)
+            want_b = max(0, self.size_bytes - self.held_bytes)
         return Ask(0, want_r, 0, want_b)
 
     def granted(self, sent_at: float, now: float, grant: Grant) -> None:
         """A reply: units granted, and those held, are held `LEASE_SECONDS`
-        more; the shared TATs seen (timed from ``sent_at``, so never later
-        than they are)."""
+        more (calls go out only while requests spend the lease); the shared
+        TATs seen (timed from ``sent_at``, so never later than they are)."""
         self._expire(now)
-        if grant.requests or grant.bytes:
-            self.held_requests += grant.requests
-            self.held_bytes += grant.bytes
-            self.expires = now + LEASE_SECONDS
+        self.held_requests += grant.requests
+        self.held_bytes += grant.bytes
+        self.expires = now + LEASE_SECONDS
         self.seen(sent_at, grant)
 
     def seen(self, sent_at: float, grant: Grant) -> None:
