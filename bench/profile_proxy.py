@@ -6,6 +6,8 @@
     python3 bench/profile_proxy.py                   20 s of samples, small GETs at 50 conns
     python3 bench/profile_proxy.py --workload push   1 MiB pushes at 8 conns
     python3 bench/profile_proxy.py --workload grpc   256 KiB OTLP exports over gRPC (h2load -c8)
+    python3 bench/profile_proxy.py --workload budgets  small GETs of a consumer whose
+                                                      budgets are shared through Redis
     python3 bench/profile_proxy.py --tls             the same against the HTTPS upstream
     python3 bench/profile_proxy.py --summarize FILE  re-read a raw profile
     python3 bench/profile_proxy.py --perf --tls --workload push
@@ -151,7 +153,7 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--seconds", type=int, default=20, help="sampling time (default 20)")
     p.add_argument("--rate", type=int, default=200, help="samples per second (default 200)")
-    p.add_argument("--workload", choices=("get", "push", "grpc"), default="get")
+    p.add_argument("--workload", choices=("get", "push", "grpc", "budgets"), default="get")
     p.add_argument("--tls", action="store_true", help="HTTPS upstream (as make bench's tls_*)")
     p.add_argument("--native", action="store_true", help="also sample C frames (py-spy --native)")
     p.add_argument("--perf", action="store_true", help="perf's on-CPU samples instead of py-spy")
@@ -170,22 +172,31 @@ def main(argv: list[str]) -> int:
         sys.exit("profile: py-spy not found: .venv/bin/pip install py-spy")
     b.ensure_tools()
     b.raise_fd_limit()
-    get, grpc = args.workload == "get", args.workload == "grpc"
+    grpc = args.workload == "grpc"
+    get = args.workload in ("get", "budgets")
     conns, path, wrk_args = (50, b.GET_PATH, []) if get else (8, b.PUSH_PATH, [str(b.MiB), "1"])
+    opts: list[str] = []
     out = b.BENCH / "results" / f"profile-{'tls_' * args.tls}{args.workload}{conns}"
     raw = out.with_suffix(".perf.data" if args.perf else ".txt")
     out.parent.mkdir(exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="lgmt-profile-"))
     bench = Bench(Settings(), workdir, args.twistd, None)
     bench.tls = args.tls
+    redis = b.Redis(workdir) if args.workload == "budgets" else None
     try:
         bench.start()
         lgmt = bench.targets["lgmt"]
+        if redis is not None:  # bench/run.py's budgets workload: its proxy instead
+            path_ = workdir / "budget-consumer.yaml"
+            opts = ["-H", f"Authorization: Bearer {b.budget_auth_file(path_)}"]
+            redis.start()
+            env = {"CLIENT_AUTH_FILE": str(path_), "RATE_LIMIT_REDIS_URL": redis.url}
+            bench.add(lgmt := bench.lgmt("lgmt_budget", **env))
         if grpc:
             lgmt, load = grpc_load(bench, workdir, args.seconds + 4)
         else:
-            b.wrk(lgmt.url + path, conns, 2, wrk_args)  # warm-up
-            load = b.wrk(lgmt.url + path, conns, args.seconds + 4, wrk_args, background=True)
+            b.wrk(lgmt.url + path, conns, 2, wrk_args, opts)  # warm-up
+            load = b.wrk(lgmt.url + path, conns, args.seconds + 4, wrk_args, opts, background=True)
         cpu0 = lgmt.cpu()
         pid = str(lgmt.proc.pid)
         if args.perf:
@@ -202,10 +213,13 @@ def main(argv: list[str]) -> int:
         result = b.parse_h2load(output[0]) if grpc else b.parse_wrk(*output)
     finally:
         bench.stop()
+        if redis is not None:
+            redis.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     what = "small GETs" if get else "256 KiB OTLP gRPC exports" if grpc else "1 MiB pushes"
     text = (
         f"lgmt-proxy under {'h2load' if grpc else 'wrk'} -c{conns} {what}"
+        f"{', budgets shared through Redis' if redis is not None else ''}"
         f"{', HTTPS upstream' if args.tls else ''}: "
         f"{result['requests']} requests, {result.get('non2xx', 'n/a')} non-2xx; "
         f"proxy CPU while sampled {cpu:.1f} s over {args.seconds} s\n"

@@ -260,33 +260,43 @@ class Bench:
         budgets shared through a real redis-server (RATE_LIMIT_REDIS_URL),
         never exhausted, in the same rounds as lgmt-proxy without client
         auth: what a shared budget decision costs, and Redis commands per
-        request."""
+        request. With --compare-twistd, build B's pair too (its own
+        redis-server), in the same rounds."""
         c, path = self.s.get_connections, self.workdir / "budget-consumer.yaml"
         header = f"Authorization: Bearer {b.budget_auth_file(path)}"
-        redis = b.Redis(self.workdir)
-        redis.start()
-        env = {"CLIENT_AUTH_FILE": str(path), "RATE_LIMIT_REDIS_URL": redis.url}
-        self.add(self.lgmt("lgmt_budget", **env))
+        builds = [("", self.twistd, "lgmt")]
+        if self.compare:
+            builds.append(("_b", self.compare, "lgmt_b"))
+        redis: dict[str, b.Redis] = {}
+        names = ["nginx"]
         try:
-            before = redis.commands()
-            runs = self.rounds(
-                "budgets", ["nginx", "lgmt", "lgmt_budget"], c, b.GET_PATH, opts=["-H", header]
-            )
-            commands = redis.commands() - before
+            for suffix, twistd, plain in builds:
+                redis[suffix] = b.Redis(self.workdir / f"budgets{suffix}")
+                redis[suffix].start()
+                env = {"CLIENT_AUTH_FILE": str(path), "RATE_LIMIT_REDIS_URL": redis[suffix].url}
+                self.add(self.lgmt(f"lgmt_budget{suffix}", twistd, **env))
+                names += [plain, f"lgmt_budget{suffix}"]
+            before = {k: r.commands() for k, r in redis.items()}
+            runs = self.rounds("budgets", names, c, b.GET_PATH, opts=["-H", header])
+            commands = {k: r.commands() - before[k] for k, r in redis.items()}
         finally:
-            self.targets.pop("lgmt_budget").stop()
-            redis.stop()
+            for suffix, _, _ in builds:
+                if f"lgmt_budget{suffix}" in self.targets:
+                    self.targets.pop(f"lgmt_budget{suffix}").stop()
+            for r in redis.values():
+                r.stop()
         summary = summarize(runs)
-        on, off = summary["lgmt_budget"], summary["lgmt"]
-        on["no_auth_cpu_us_per_request"] = off["cpu_us_per_request"]
-        # Warm-up and measured runs together: every request lgmt_budget got.
-        total = self.warmed["lgmt_budget"]["requests"]
-        total += sum(r["requests"] for r in runs["lgmt_budget"])
-        on["redis_commands_per_request"] = commands / total if total else math.nan
-        ok = on["non2xx"] == 0 and on["upstream_requests"] > 0
-        on["budget_cost"] = (
-            ratio(on["cpu_us_per_request"], off["cpu_us_per_request"]) if ok else math.nan
-        )
+        for suffix, _, plain in builds:
+            on, off = summary[f"lgmt_budget{suffix}"], summary[plain]
+            on["no_auth_cpu_us_per_request"] = off["cpu_us_per_request"]
+            # Warm-up and measured runs together: every request it got.
+            total = self.warmed[f"lgmt_budget{suffix}"]["requests"]
+            total += sum(r["requests"] for r in runs[f"lgmt_budget{suffix}"])
+            on["redis_commands_per_request"] = commands[suffix] / total if total else math.nan
+            ok = on["non2xx"] == 0 and on["upstream_requests"] > 0
+            on["budget_cost"] = (
+                ratio(on["cpu_us_per_request"], off["cpu_us_per_request"]) if ok else math.nan
+            )
         return {"connections": c, "runs": runs, "summary": summary}
 
     def get1(self) -> dict[str, Any]:
@@ -773,15 +783,18 @@ def evaluate(results: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, A
 
 def compare_lines(results: dict[str, Any]) -> list[str]:
     """--compare-twistd: each ratio figure of the other build (B) against
-    lgmt-proxy's (A)."""
-    lines = []
+    lgmt-proxy's (A), and checks on lgmt-proxy's own value (budget_cost)."""
+    lines: list[str] = []
     for w, r in results.items():
-        a, b_ = r["summary"].get("lgmt", {}), r["summary"].get("lgmt_b")
-        for k in (k for f in FIGURES if f.workload == w and b_ for k in f.ratio):
-            va, vb = number(a.get(k)), number(b_.get(k))
-            lines.append(
-                f"  A/B {w:6} {k:22} A {va:>10,.3f}  B {vb:>10,.3f}  B/A {fx(ratio(vb, va))}"
-            )
+        for f in (f for f in FIGURES if f.workload == w):
+            a, b_ = r["summary"].get(f.lgmt, {}), r["summary"].get(f"{f.lgmt}_b")
+            if b_ is None:
+                continue
+            for k in (*f.ratio, *((f.check,) if f.on == "lgmt" else ())):
+                va, vb = number(a.get(k)), number(b_.get(k))
+                line = f"  A/B {w:6} {k:22} A {va:>10,.3f}  B {vb:>10,.3f}  B/A {fx(ratio(vb, va))}"
+                if line not in lines:
+                    lines.append(line)
     return lines
 
 

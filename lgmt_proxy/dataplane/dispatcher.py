@@ -147,9 +147,10 @@ class Dispatcher:
         if isinstance(decision, Refuse) or not decision.limits.limited:
             _ACTIONS[type(decision)](self, req, match, decision)
             return
-        # The consumer's budgets, last: at once without Redis; with it, the
-        # body waits (reading held, bytes already read kept) until Redis
-        # answers or the deadline passes.
+        # The consumer's budgets, last: at once without Redis, and with it
+        # while the consumer's lease covers the request; else the body waits
+        # (reading held, bytes already read kept) until Redis answers or
+        # the deadline passes.
         budgets, name = shared.budgets, decision.consumer or ""
         if req.upgrade:
             # The parser stops at an upgrade's head (a WebSocket, or h2c

@@ -14,8 +14,9 @@ from lgmt_proxy.limits.shared import SharedLimiter
 class BudgetKeeper:
     """Decide and charge; ``shared`` is None without RATE_LIMIT_REDIS_URL.
 
-    A local decision is a `Verdict` at once (no Deferred per request); a
-    shared one a Deferred that fires within the deadline and never fails."""
+    A local decision is a `Verdict` at once (no Deferred per request); so is
+    a shared one the consumer's lease covers; one that needs Redis is a
+    Deferred that fires within the deadline and never fails."""
 
     def __init__(self, local: LocalLimiter, shared: SharedLimiter | None = None) -> None:
         self.local = local
@@ -30,9 +31,11 @@ class BudgetKeeper:
 
     def check_now(self, name: str, limits: Limits, length: int | None) -> Verdict:
         """A decision that cannot wait for Redis (a WebSocket upgrade: the
-        parser has already handed the connection over): this replica's own
-        budgets, charged with what Redis admits elsewhere."""
-        return self.local.check(name, limits, length)
+        parser has already handed the connection over): the consumer's lease
+        if it covers it, else this replica's own budgets."""
+        if self.shared is None:
+            return self.local.check(name, limits, length)
+        return self.shared.check_now(name, limits, length)
 
     def charge(self, name: str, limits: Limits, nbytes: int) -> None:
         """Body bytes of a request of unknown length, as they stream."""

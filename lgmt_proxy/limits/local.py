@@ -21,7 +21,9 @@ class LocalLimiter:
 
     def _tat(self, name: str, kind: str, budget: Budget | None, now: float) -> float:
         held = self._tats.get((name, kind))
-        if held is None or budget is None or held[1] != budget:
+        if held is None or budget is None:
+            return now
+        if held[1] is not budget and held[1] != budget:  # `is`: no attrs __eq__ per request
             return now
         return held[0]
 

@@ -252,13 +252,20 @@ class RedisPool:
         handshake.append(protocol.command("PING"))
         timer = self._clock.callLater(self._connect_timeout, protocol.abort)
         refused: BaseException | None = None
-        for step in handshake:  # every reply awaited: none is left unhandled
-            try:
-                await step
-            except (RedisError, NotConnected) as e:
-                refused = refused or e
-        if timer.active():
-            timer.cancel()
+        try:
+            for step in handshake:  # every reply awaited: none is left unhandled
+                try:
+                    await step
+                except (RedisError, NotConnected) as e:
+                    refused = refused or e
+        finally:
+            # Also when the pool stops meanwhile (the attempt cancelled): no
+            # timer left behind, and the replies not awaited any more are
+            # not errors nobody handled.
+            if timer.active():
+                timer.cancel()
+            for step in handshake:
+                step.addErrback(_ignored)
         if refused is not None:
             raise refused
         slot.attempt = None
@@ -279,6 +286,10 @@ class RedisPool:
             return
         slot.backoff = min(self._max_backoff, max(self._first_backoff, slot.backoff * 2))
         slot.retry = self._clock.callLater(slot.backoff, self._connect, slot)
+
+
+def _ignored(failure: Failure) -> None:
+    """A reply nobody waits for any more."""
 
 
 def _auth_refused(error: RedisError) -> bool:

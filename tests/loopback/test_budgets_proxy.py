@@ -19,7 +19,7 @@ from lgmt_proxy.config.ratelimit import RedisSettings, parse_redis_url
 from lgmt_proxy.config.watch import WatchedFile
 from lgmt_proxy.limits.keeper import BudgetKeeper
 from lgmt_proxy.limits.local import LocalLimiter
-from lgmt_proxy.limits.shared import build_shared
+from lgmt_proxy.limits.shared import REASONS, build_shared
 from tests.support.helpers import (
     ProxyFixture,
     Recorder,
@@ -191,10 +191,10 @@ class SharedBudgetProxyTests(Fixture):
         self.fail(f"not shared again within {seconds} s")
 
     async def drive(
-        self, proxies: list[ProxyFixture], per_second: int, seconds: float
+        self, proxies: list[ProxyFixture], per_second: int, seconds: float, body: bytes = b"{}"
     ) -> tuple[list[int], float]:
-        """``per_second`` requests a second, spread over the proxies, for
-        ``seconds``: every status, and how long sending took."""
+        """``per_second`` requests a second (each with ``body``), spread over
+        the proxies, for ``seconds``: every status, and how long sending took."""
         ports = [p.port.getHost().port for p in proxies]
         waves = int(seconds * 10)
         per_wave = per_second // 10
@@ -202,7 +202,7 @@ class SharedBudgetProxyTests(Fixture):
         pending = []
         for wave in range(waves):
             for i in range(per_wave):
-                pending.append(Deferred.fromCoroutine(raw_request(ports[i % 3], post(b"{}"))))
+                pending.append(Deferred.fromCoroutine(raw_request(ports[i % 3], post(body))))
             # Keep to the schedule whatever the last wave cost.
             lag = started + (wave + 1) / 10 - reactor.seconds()  # type: ignore[attr-defined]
             await sleep(max(0.0, lag))
@@ -213,16 +213,27 @@ class SharedBudgetProxyTests(Fixture):
     async def test_three_replicas_share_one_budget(self) -> None:
         """20 requests/s (burst 20) shared by three proxies driven together
         at 300 requests/s for 5 s: about 120 admitted, not up to 360."""
-        proxies = self.replicas("{requests_per_second: 20, burst: 20}", timeout=1.0)
+        await self.accuracy("{requests_per_second: 20, burst: 20}", b"{}")
+
+    async def test_three_replicas_share_one_byte_budget(self) -> None:
+        """The same for bytes: 20 kB/s (burst 20 kB) shared by three proxies
+        driven with 1 kB pushes at 300 a second for 5 s: about 120 admitted."""
+        await self.accuracy("{bytes_per_second: 20000, burst_bytes: 20000}", b"x" * 1000)
+
+    async def accuracy(self, rate_limit: str, body: bytes) -> None:
+        proxies = self.replicas(rate_limit, timeout=1.0)
         await self.until_shared(proxies)
-        statuses, sent = await self.drive(proxies, 300, 5.0)
+        statuses, sent = await self.drive(proxies, 300, 5.0, body)
         admitted = statuses.count(200)
         self.assertEqual(set(statuses), {200, 429})
         self.assertEqual(len(self.up.seen), admitted)
         # The budget over the time the load actually took (5 s unless the
         # machine lagged): a burst of 20, then 20 a second.
         expected = 20 + 20 * sent
-        self.assertLess(abs(admitted - expected), 0.25 * expected, (admitted, sent))
+        errors = {r: sum(p.sample("proxy_ratelimit_backend_errors_total", reason=r) or 0
+                         for p in proxies) for r in REASONS}  # fmt: skip
+        why = (admitted, sent, {r: n for r, n in errors.items() if n})
+        self.assertLess(abs(admitted - expected), 0.25 * expected, why)
         if sent < 5.5:
             self.assertLess(abs(admitted - 120), 30, admitted)
         self.assertEqual(sum(p.sample("proxy_ratelimit_backend_errors_total", reason="timeout")

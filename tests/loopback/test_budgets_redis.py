@@ -9,11 +9,13 @@ from typing import Any
 import attrs
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.config.ratelimit import RedisSettings, parse_redis_url
-from lgmt_proxy.limits.budget import BYTES, REQUESTS, Budget, Limits
+from lgmt_proxy.limits.budget import ADMITTED, BYTES, REQUESTS, Budget, Limits, Verdict
+from lgmt_proxy.limits.lease import LEASE_SECONDS, lease_size
 from lgmt_proxy.limits.local import LocalLimiter
 from lgmt_proxy.limits.resp import RedisPool
 from lgmt_proxy.limits.shared import SharedLimiter, build_shared, keys
@@ -22,6 +24,13 @@ from tests.support.helpers import sleep
 from tests.support.redisserver import RedisServer
 
 PASSWORD = "r3dis-s3cret-passw0rd"
+
+
+async def verdict(decision: Verdict | Deferred[Verdict]) -> Verdict:
+    """A decision taken from the lease at once, or one that asked Redis."""
+    if isinstance(decision, Deferred):
+        return await decision
+    return decision
 
 
 class Replica:
@@ -88,16 +97,21 @@ class SharedBudgetTests(TestCase):
         limits = Limits(Budget(rate=1, burst=10), None)
         verdicts = []
         for i in range(30):
-            verdicts.append(await (a if i % 2 else b).limiter.check("team-a", limits, None))
+            verdicts.append(
+                await verdict((a if i % 2 else b).limiter.check("team-a", limits, None))
+            )
         admitted = sum(v.allowed for v in verdicts)
-        self.assertIn(admitted, (10, 11))  # 11 if a second passed meanwhile
+        # 11 if a second passed meanwhile; a unit or two short if a lease
+        # taken ahead of need was not spent before the end.
+        self.assertLessEqual(10 - 2 * lease_size(limits.requests), admitted)
+        self.assertLessEqual(admitted, 11)
         refused = [v for v in verdicts if not v.allowed]
         self.assertEqual({v.budget for v in refused}, {REQUESTS})
         self.assertTrue(all(0 < v.retry_after <= 1.0 for v in refused))
         self.assertEqual((a.shared_gauge, b.shared_gauge), (1.0, 1.0))
         self.assertTrue(a.limiter.shared)
         # Another consumer has its own keys; keys expire once full again.
-        self.assertTrue((await a.limiter.check("team-b", limits, None)).allowed)
+        self.assertTrue((await verdict(a.limiter.check("team-b", limits, None))).allowed)
         ttl = int(self.redis.cli("PTTL", keys("team-a")[0].decode()))
         self.assertTrue(0 < ttl <= 11_000, ttl)
         self.assertEqual(self.redis.cli("EXISTS", keys("team-a")[1].decode()), "0")
@@ -108,18 +122,22 @@ class SharedBudgetTests(TestCase):
         a, b = self.replica(), self.replica()
         await self.until(lambda: a.pool.ready and b.pool.ready, "both connected")
         limits = Limits(None, Budget(rate=1000, burst=4000))
-        self.assertTrue((await a.limiter.check("team-a", limits, 3000)).allowed)
-        refused = await b.limiter.check("team-a", limits, 2000)
+        self.assertTrue((await verdict(a.limiter.check("team-a", limits, 3000))).allowed)
+        refused = await verdict(b.limiter.check("team-a", limits, 2000))
         self.assertEqual((refused.allowed, refused.budget), (False, BYTES))
-        self.assertTrue(0.8 < refused.retry_after <= 1.0, refused)
-        self.assertTrue((await b.limiter.check("team-a", limits, None)).allowed)
+        # 1 s for the 1000 bytes missing, and a's lease beyond its 3000.
+        lease = lease_size(limits.bytes) / 1000
+        self.assertTrue(0.8 < refused.retry_after <= 1.0 + lease, refused)
+        self.assertTrue((await verdict(b.limiter.check("team-a", limits, None))).allowed)
         for _ in range(5):
             b.limiter.charge("team-a", limits, 2000)  # 10 kB streamed
         await self.until(lambda: not b.limiter._charging, "charges sent")
-        refused = await a.limiter.check("team-a", limits, None)
+        # a sees it when it next asks Redis: once its lease is spent or stale.
+        await sleep(LEASE_SECONDS)
+        refused = await verdict(a.limiter.check("team-a", limits, None))
         self.assertFalse(refused.allowed)
-        self.assertGreater(refused.retry_after, 7.0)
-        too_large = await a.limiter.check("team-a", limits, 4001)
+        self.assertGreater(refused.retry_after, 5.0)
+        too_large = await verdict(a.limiter.check("team-a", limits, 4001))
         self.assertTrue(too_large.too_large)
 
     async def test_script_reloaded_after_flush(self) -> None:
@@ -127,9 +145,9 @@ class SharedBudgetTests(TestCase):
         a = self.replica()
         await self.until(lambda: a.pool.ready, "connected")
         limits = Limits(Budget(1, 1), None)
-        self.assertTrue((await a.limiter.check("team-a", limits, None)).allowed)
+        self.assertTrue((await verdict(a.limiter.check("team-a", limits, None))).allowed)
         self.redis.cli("SCRIPT", "FLUSH")
-        self.assertFalse((await a.limiter.check("team-a", limits, None)).allowed)
+        self.assertFalse((await verdict(a.limiter.check("team-a", limits, None))).allowed)
         self.assertEqual(a.errors("error"), 0)
 
     async def test_stopped_then_back(self) -> None:
@@ -141,7 +159,7 @@ class SharedBudgetTests(TestCase):
         limits = Limits(Budget(rate=1, burst=3), None)
         self.redis.stop()
         await self.until(lambda: not a.pool.ready, "connection lost")
-        verdicts = [await a.limiter.check("team-a", limits, None) for _ in range(5)]
+        verdicts = [await verdict(a.limiter.check("team-a", limits, None)) for _ in range(5)]
         self.assertEqual([v.allowed for v in verdicts], [True, True, True, False, False])
         self.assertEqual(a.shared_gauge, 0.0)
         self.assertGreaterEqual(a.errors("connect"), 1)
@@ -151,9 +169,36 @@ class SharedBudgetTests(TestCase):
         self.redis.start()
         await self.until(lambda: a.limiter.shared, "shared again")
         self.assertEqual(a.shared_gauge, 1.0)
-        self.assertTrue((await a.limiter.check("team-a", limits, None)).allowed)
+        self.assertTrue((await verdict(a.limiter.check("team-a", limits, None))).allowed)
         self.assertEqual(len([w for w in self.warnings if "shared again" in w]), 1, self.warnings)
         self.assertEqual(len([w for w in self.warnings if "failed" in w]), 1)
+
+    async def test_a_lease_through_a_restart(self) -> None:
+        """Units leased before Redis stops are spent while it is down, at
+        once and without an error; past them the replica decides alone;
+        Redis back, the next lease comes from it again."""
+        a = self.replica()
+        await self.until(lambda: a.limiter.shared, "shared")
+        limits = Limits(Budget(rate=100, burst=100), None)  # leases of 10
+        self.assertTrue((await verdict(a.limiter.check("team-a", limits, None))).allowed)
+        lease = a.limiter.lease("team-a", limits)
+        self.assertEqual(lease.held_requests, lease_size(limits.requests))
+        self.redis.stop()
+        await self.until(lambda: not a.pool.ready, "connection lost")
+        if reactor.seconds() >= lease.expires:  # type: ignore[attr-defined]
+            self.skipTest("the machine took longer than a lease's life to stop Redis")
+        held = lease.held_requests
+        leased = [a.limiter.check("team-a", limits, None) for _ in range(held)]
+        self.assertEqual(leased, [ADMITTED] * held)
+        self.assertEqual(a.errors("down"), 0)
+        alone = a.limiter.check("team-a", limits, None)
+        self.assertEqual(alone, ADMITTED)  # local, at once: 12 of its 100
+        self.assertEqual(a.errors("down"), 1)
+        self.assertFalse(a.limiter.shared)
+        self.redis.start()  # empty: every budget full again
+        await self.until(lambda: a.limiter.shared, "shared again")
+        self.assertTrue((await verdict(a.limiter.check("team-a", limits, None))).allowed)
+        self.assertEqual(self.redis.cli("EXISTS", keys("team-a")[0].decode()), "1")
 
     async def test_frozen_redis_meets_the_deadline(self) -> None:
         """A Redis that stops answering (SIGSTOP) costs each decision the
@@ -164,7 +209,7 @@ class SharedBudgetTests(TestCase):
         self.redis.freeze()
         try:
             started = reactor.seconds()  # type: ignore[attr-defined]
-            verdicts = [await a.limiter.check("team-a", limits, None) for _ in range(3)]
+            verdicts = [await verdict(a.limiter.check("team-a", limits, None)) for _ in range(3)]
             elapsed = reactor.seconds() - started  # type: ignore[attr-defined]
         finally:
             self.redis.thaw()
@@ -175,7 +220,7 @@ class SharedBudgetTests(TestCase):
         self.assertLess(elapsed, 5.0)
         # Thawed: the next decision Redis answers makes the budget shared again.
         for _ in range(100):
-            await a.limiter.check("team-b", limits, None)
+            await verdict(a.limiter.check("team-b", limits, None))
             if a.limiter.shared:
                 break
             await sleep(0.05)
@@ -189,16 +234,16 @@ class SharedBudgetTests(TestCase):
         limits = Limits(Budget(rate=1, burst=1), None)
         self.redis.cli("CONFIG", "SET", "maxmemory-policy", "noeviction")
         self.redis.cli("CONFIG", "SET", "maxmemory", "1")
-        self.assertTrue((await a.limiter.check("team-a", limits, None)).allowed)
+        self.assertTrue((await verdict(a.limiter.check("team-a", limits, None))).allowed)
         self.assertEqual(a.errors("oom"), 1)
         self.assertFalse(a.limiter.shared)
         self.redis.cli("CONFIG", "SET", "maxmemory", "0")
         self.redis.cli("REPLICAOF", "127.0.0.1", "1")
         self.addCleanup(self.redis.cli, "REPLICAOF", "NO", "ONE")
-        self.assertFalse((await a.limiter.check("team-a", limits, None)).allowed)
+        self.assertFalse((await verdict(a.limiter.check("team-a", limits, None))).allowed)
         self.assertEqual(a.errors("readonly"), 1)
         self.redis.cli("REPLICAOF", "NO", "ONE")
-        self.assertTrue((await a.limiter.check("team-b", limits, None)).allowed)
+        self.assertTrue((await verdict(a.limiter.check("team-b", limits, None))).allowed)
         self.assertTrue(a.limiter.shared)
 
 
@@ -225,7 +270,7 @@ class PasswordTests(TestCase):
         replica = await self.connected(settings)
         self.assertTrue(replica.pool.ready)
         limits = Limits(Budget(1, 1), None)
-        self.assertTrue((await replica.limiter.check("team-a", limits, None)).allowed)
+        self.assertTrue((await verdict(replica.limiter.check("team-a", limits, None))).allowed)
         self.assertEqual(self.redis.cli("-n", "2", "EXISTS", keys("team-a")[0].decode()), "1")
 
     async def test_password_from_a_file(self) -> None:
@@ -248,6 +293,6 @@ class PasswordTests(TestCase):
             self.assertFalse(replica.pool.ready)
             self.assertGreaterEqual(replica.errors("auth"), 1)
             limits = Limits(Budget(1, 1), None)
-            self.assertTrue((await replica.limiter.check("team-a", limits, None)).allowed)
-            self.assertFalse((await replica.limiter.check("team-a", limits, None)).allowed)
+            self.assertTrue((await verdict(replica.limiter.check("team-a", limits, None))).allowed)
+            self.assertFalse((await verdict(replica.limiter.check("team-a", limits, None))).allowed)
             self.assertEqual(replica.shared_gauge, 0.0)

@@ -16,7 +16,7 @@ from lgmt_proxy.limits.keeper import BudgetKeeper
 from lgmt_proxy.limits.local import LocalLimiter
 from lgmt_proxy.limits.shared import SharedLimiter
 from lgmt_proxy.obs.metrics import ProxyMetrics
-from tests.memory.test_shared_budgets import FakePool
+from tests.memory.test_shared_budgets import FakePool, ask_of, granted, refused
 from tests.support.memory import MemoryProxy, sent_requests
 
 TOKEN = b"team-a-token-0123456789"
@@ -49,12 +49,11 @@ class WaitingForRedisTests(TestCase):
     def test_held_until_admitted_then_the_body_goes_up_whole(self) -> None:
         _, client = self.proxy.send(PUSH)
         self.assertEqual(len(self.pool.sent), 1)
-        args = self.pool.sent[0][0]
-        self.assertEqual(args[-1], 10)  # the Content-Length, charged up front
+        self.assertEqual(ask_of(self.pool.sent[0][0])["bytes"][0], 10)  # needed up front
         self.assertEqual(self.proxy.endpoints["loki"].connections, [])
         self.assertEqual(client.producerState, "paused")
         self.assertEqual(client.value(), b"")
-        self.pool.sent[0][1].callback([1, b"0", b""])
+        self.pool.sent[0][1].callback(granted(2, 110))
         self.assertEqual(client.producerState, "producing")
         self.proxy.clock.advance(0)
         up, upstream = self.proxy.upstream("loki")
@@ -65,9 +64,22 @@ class WaitingForRedisTests(TestCase):
         self.proxy.clock.advance(0)
         self.assertEqual(status(client.value()), 204)
 
+    def test_the_next_request_spends_the_lease_at_once(self) -> None:
+        """Redis granted a lease with the first request: the second is
+        proxied without waiting (a top-up goes out beside it)."""
+        self.proxy.send(PUSH)
+        self.pool.sent[0][1].callback(granted(2, 110))
+        self.proxy.clock.advance(0)
+        _, client = self.proxy.send(PUSH)
+        self.assertEqual(client.producerState, "producing")
+        self.proxy.clock.advance(0)
+        self.assertEqual(len(self.proxy.endpoints["loki"].connections), 2)
+        ((args, _),) = self.pool.sent[1:]
+        self.assertEqual(ask_of(args)["requests"], (0, 1))  # the top-up
+
     def test_refused_429_nothing_upstream(self) -> None:
         _, client = self.proxy.send(PUSH)
-        self.pool.sent[0][1].callback([0, b"2500000", b"bytes"])
+        self.pool.sent[0][1].callback(refused(b"bytes", 2.5))
         self.proxy.clock.advance(0)
         raw = client.value()
         self.assertEqual(status(raw), 429, raw)
@@ -89,12 +101,12 @@ class WaitingForRedisTests(TestCase):
         self.assertEqual(status(second.value()), 429)
         # Redis's late answers change nothing.
         for _, d in self.pool.sent:
-            d.callback([1, b"0", b""])
+            d.callback(granted(2, 110))
         self.assertEqual(len(self.proxy.endpoints["loki"].connections), 1)
 
     def test_client_gone_while_waiting(self) -> None:
         proto, _ = self.proxy.send(PUSH)
         proto.connectionLost(Failure(ConnectionDone()))
-        self.pool.sent[0][1].callback([1, b"0", b""])
+        self.pool.sent[0][1].callback(granted(2, 110))
         self.proxy.clock.advance(0)
         self.assertEqual(self.proxy.endpoints["loki"].connections, [])

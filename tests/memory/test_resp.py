@@ -1,16 +1,22 @@
 """The Redis protocol in memory: pipelined commands, replies in order,
-errors as `RedisError`, a stream that cannot be trusted aborted."""
+errors as `RedisError`, a stream that cannot be trusted aborted; the pool
+stopped mid-handshake leaves nothing behind."""
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from lgmt_proxy.config.ratelimit import RedisSettings
+from lgmt_proxy.config.secret import Secret
 from lgmt_proxy.io.sending import SendQueue
-from lgmt_proxy.limits.resp import NotConnected, RedisError, RespProtocol, encode
+from lgmt_proxy.limits.resp import NotConnected, RedisError, RedisPool, RespProtocol, encode
 from lgmt_proxy.limits.shared import error_reason
 
 
@@ -65,3 +71,27 @@ class RespTests(TestCase):
         self.assertEqual(error_reason(RedisError("READONLY You can't write")), "readonly")
         self.assertEqual(error_reason(RedisError("WRONGPASS invalid")), "auth")
         self.assertEqual(error_reason(RedisError("NOAUTH Authentication required.")), "auth")
+
+
+class PoolTests(TestCase):
+    def test_stopped_during_the_handshake(self) -> None:
+        """Nothing left behind: no handshake timer, no reply nobody handles."""
+        reactor = MemoryReactorClock()
+        settings = RedisSettings("127.0.0.1", password=Secret("pw"))
+        errors: list[str] = []
+        pool = RedisPool(reactor, reactor, settings, on_error=errors.append, on_up=lambda: None,
+                         size=1)  # fmt: skip
+        pool.start()
+        reactor.advance(0)
+        ((_, _, factory, _, _),) = reactor.tcpClients
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        reactor.advance(0)
+        self.assertIn(b"AUTH", transport.value())
+        pool.stop()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        gc.collect()
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        self.assertEqual(errors, [])
+        self.assertFalse(pool.ready)
