@@ -100,5 +100,8 @@ setup(
         "hiredis>=3.0.0,<4",
         # OTLP over gRPC (OTLP_GRPC_LISTEN): the HTTP/2 state machine, sans-IO.
         "h2>=4.1.0,<5",
+        # Host names as TLS checks them (IDNA 2008): lgmt_proxy/io/tls.py, and
+        # config/settings.py refusing at start a name TLS could never verify.
+        "idna>=3.7,<4",
     ],
 )

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 import attrs
+import idna
 
 from lgmt_proxy.config.compression import VARIABLES as COMPRESSION_VARIABLES
 from lgmt_proxy.config.compression import Compression, parse_compression
@@ -285,6 +286,22 @@ def _parse_signal(reader: _Reader, signal: str, allow_insecure: bool) -> Upstrea
     )
 
 
+def _tls_name_problem(host: str) -> str | None:
+    """A host name TLS cannot check a certificate against (IDNA 2008, as
+    service_identity and SNI need it: no underscores, say), said at start
+    rather than as a failure of every request."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    try:
+        idna.encode(host)
+    except idna.IDNAError as e:
+        return f"host {host!r} is not a name TLS can verify a certificate for ({e})"
+    return None
+
+
 def url_problem(url: str, allow_insecure: bool) -> str | None:
     """Say what is wrong with an upstream URL, without echoing userinfo."""
     try:
@@ -304,6 +321,8 @@ def url_problem(url: str, allow_insecure: bool) -> str | None:
         return "port must be 1 to 65535"
     if _has_control(url) or " " in url:
         return "contains spaces or control characters"
+    if parts.scheme == "https" and (problem := _tls_name_problem(parts.hostname)):
+        return problem
     if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
         return (
             "must be https:// unless the host is loopback or "

@@ -151,6 +151,23 @@ class ErrorTests(TestCase):
             self.assertTrue(line.startswith("GRAFANA_CLOUD_PROMETHEUS_URL:"), (url, line))
             self.assertNotIn(":p@", line)
 
+    def test_https_host_tls_cannot_verify(self) -> None:
+        # An underscore is fine in DNS but not in a name a certificate is
+        # checked against: said at start, naming the variable, not as a
+        # failure of every request (nor blamed on --listen).
+        (line,) = problems({**BASE, "GRAFANA_CLOUD_PROMETHEUS_URL": "https://my_host.internal"})
+        self.assertTrue(line.startswith("GRAFANA_CLOUD_PROMETHEUS_URL: host 'my_host.internal'"))
+        for fine in ("https://10.0.0.1:8443", "https://[::1]", "https://bücher.example"):
+            parse_config({**BASE, "GRAFANA_CLOUD_PROMETHEUS_URL": fine})
+        # An http:// upstream is not checked by TLS.
+        parse_config(
+            {
+                **BASE,
+                "GRAFANA_CLOUD_PROMETHEUS_URL": "http://my_host:9090",
+                "ALLOW_INSECURE_UPSTREAM": "true",
+            }
+        )
+
     def test_org_id_without_colon(self) -> None:
         (line,) = problems({**BASE, "GRAFANA_CLOUD_PROMETHEUS_ORG_ID": "a:b"})
         self.assertTrue(line.startswith("GRAFANA_CLOUD_PROMETHEUS_ORG_ID:"))
