@@ -321,7 +321,10 @@ class KeepAliveClient(threading.Thread):
                         return
                     try:
                         conn = Connection("127.0.0.1", self.port)
-                    except ConnectionRefusedError:
+                    except (ConnectionRefusedError, ConnectionResetError):
+                        # A connect racing the listener's close can be reset
+                        # rather than refused (the kernel drops what it had
+                        # queued): either way no request was sent, nothing cut.
                         self.refused = True
                         self.ended_by = "refused"
                         return
