@@ -254,10 +254,22 @@ class MessageReader:
 
 #: What a client sends first (RFC 9113, section 3.4), before any frame.
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-#: DATA frames' type and flags.
+#: Frame types and flags the splitter reads.
 DATA = 0
+HEADERS = 1
+SETTINGS = 4
+PUSH_PROMISE = 5
+CONTINUATION = 9
 END_STREAM = 0x1
+ACK = 0x1
+END_HEADERS = 0x4
 PADDED = 0x8
+
+
+class PrefaceError(Exception):
+    """The client's connection preface does not go on with SETTINGS (RFC
+    9113, section 3.4: a connection error PROTOCOL_ERROR; h2 does not check
+    it)."""
 
 
 class DataFrame(NamedTuple):
@@ -288,13 +300,22 @@ class FrameSplitter:
     stream come as one `DataFrame` (a read of 64 KiB is one call's data,
     not four). A partial frame waits for the rest; a frame declared over
     ``max_frame`` (and everything after it) goes to h2 at once, which
-    refuses it, so no more than one frame is held."""
+    refuses it, so no more than one frame is held.
 
-    __slots__ = ("_buf", "_preface")
+    What h2 must judge stays h2's: between a HEADERS (or PUSH_PROMISE)
+    without END_HEADERS and the CONTINUATION ending it, every frame goes to
+    h2 (a DATA there is its connection error, RFC 9113 section 6.10). The
+    first frame after the preface must be SETTINGS (`PrefaceError`)."""
+
+    __slots__ = ("_block", "_buf", "_preface", "_settings")
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._preface = len(PREFACE)
+        #: The client's SETTINGS is still to come (the preface's end).
+        self._settings = True
+        #: A header block is open: frames go to h2 until its END_HEADERS.
+        self._block = False
 
     def split(self, data: bytes, max_frame: int) -> list[bytes | DataFrame]:
         """The runs (bytes) and DATA frames of ``data`` and what was held."""
@@ -310,6 +331,11 @@ class FrameSplitter:
         pos = start = 0
         same: list[DataFrame] = []  # DATA frames of one stream, back to back
         while size - pos >= 9:
+            kind = buf[pos + 3]
+            if self._settings:
+                if kind != SETTINGS or buf[pos + 4] & ACK:
+                    raise PrefaceError("the connection preface must end with SETTINGS")
+                self._settings = False
             length = int.from_bytes(buf[pos : pos + 3], "big")
             if length > max_frame:
                 pos = size  # h2 answers FRAME_SIZE_ERROR on its header
@@ -317,7 +343,9 @@ class FrameSplitter:
             end = pos + 9 + length
             if end > size:
                 break
-            if buf[pos + 3] == DATA:
+            if self._block:
+                self._block = not (kind == CONTINUATION and buf[pos + 4] & END_HEADERS)
+            elif kind == DATA:
                 frame = _data_frame(buf, pos, length)
                 if start < pos or (same and not _joins(same[-1], frame)):
                     _emit(out, same)
@@ -325,6 +353,8 @@ class FrameSplitter:
                         out.append(bytes(buf[start:pos]))
                 same.append(frame)
                 start = end
+            elif kind in (HEADERS, PUSH_PROMISE):
+                self._block = not buf[pos + 4] & END_HEADERS
             pos = end
         _emit(out, same)
         if start < pos:
