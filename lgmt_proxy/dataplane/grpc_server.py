@@ -242,7 +242,8 @@ class GrpcConnection(Protocol):
         if error:
             self._close_with(error)
             return
-        self._control = 0
+        if frame.length:  # empty DATA is no progress: it does not excuse a PING flood
+            self._control = 0
         call = self.calls.get(sid)
         if call is not None:
             call.data(frame.payload, frame.length)
@@ -349,8 +350,7 @@ class GrpcConnection(Protocol):
     def on_data(self, event: h2.events.DataReceived) -> None:
         """DATA that went through h2, on a stream no call takes: its bytes
         go back to the connection's window, as h2 counts it."""
-        size = event.flow_controlled_length or 0
-        self._control = 0
+        size = event.flow_controlled_length or 0  # no progress: _control stays
         if size:
             self.h2.acknowledge_received_data(size, event.stream_id)  # type: ignore[arg-type]
 

@@ -181,6 +181,18 @@ class BypassTests(TestCase):
         self.assertIn(client.goaway(), (None, _PROTOCOL_ERROR))
         self.assertEqual(self.up.seen, [])
 
+    async def test_ping_flood_between_empty_data_frames(self) -> None:
+        """PINGs between empty DATA frames of a call (or DATA of a closed
+        stream) are still a PING flood: GOAWAY ENHANCE_YOUR_CALM."""
+        ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"\x00" * 8
+        flood = (ping + _data(1, b"") + _data(3, b"x")) * 1100
+        client = await self.raw(
+            grpc.PREFACE + SettingsFrame(0).serialize() + self.head(1) + self.head(3),
+            _data(3, grpc.frame_message(b""), 1),
+            flood,
+        )
+        self.assertEqual(client.goaway(), 11)
+
     # -- stream errors: the connection goes on -------------------------------------------
 
     async def test_data_after_end_stream_or_reset(self) -> None:
