@@ -24,42 +24,72 @@ STREAM_WINDOW = 256 * 1024
 CONNECTION_WINDOW = 4 * 1024 * 1024
 
 
+_FLOW_CONTROL_ERROR = 3
+_PROTOCOL_ERROR = 1
+
+
 class Inflow:
-    """What the client may still send, per taken call and on the connection
-    (only the taken calls' DATA counts here: h2 keeps the rest)."""
+    """What the client may still send, per taken stream and on the
+    connection. A stream is taken from its request headers until the client
+    ends or resets it (or we reset it), whether or not its call is still in
+    progress, so that h2 never sees part of a stream's DATA and the
+    ``content-length`` check is ours too. The connection's window is one for
+    the client: DATA that goes to h2 counts against it as well (``h2_left``,
+    what h2's own accounting still allows, is added)."""
 
     __slots__ = ("_left", "_taken", "_windows", "updates")
 
     def __init__(self) -> None:
-        #: stream -> [bytes it may still send, bytes taken not yet granted].
+        #: stream -> [bytes it may still send, bytes taken not yet granted,
+        #: content-length bytes still to come (-1: none was sent)].
         self._windows: dict[int, list[int]] = {}
         self._left = CONNECTION_WINDOW
         self._taken = 0
         #: WINDOW_UPDATE frames to send (after h2's bytes of the same turn).
         self.updates: list[bytes] = []
 
-    def add(self, stream_id: int) -> None:
-        """A call whose DATA the connection takes itself."""
-        self._windows[stream_id] = [STREAM_WINDOW, 0]
+    def add(self, stream_id: int, content_length: int | None) -> None:
+        """A stream whose DATA the connection takes itself."""
+        expected = -1 if content_length is None else content_length
+        self._windows[stream_id] = [STREAM_WINDOW, 0, expected]
 
     def owns(self, stream_id: int) -> bool:
         return stream_id in self._windows
 
     def drop(self, stream_id: int) -> None:
-        """The call is over: nothing more is granted to its stream."""
+        """The client may send no more on it: nothing more is granted."""
         self._windows.pop(stream_id, None)
 
-    def received(self, stream_id: int, length: int) -> bool:
-        """A DATA frame of ``length`` on a taken call; False when it is more
-        than the call's or the connection's window allowed."""
+    def ended(self, stream_id: int) -> bool:
+        """The client ended the stream: False when it sent fewer bytes than
+        its ``content-length`` (RFC 9113, section 8.1.1)."""
+        window = self._windows.pop(stream_id, None)
+        return window is None or window[2] <= 0
+
+    def fits(self, length: int, h2_left: int) -> bool:
+        """Whether a DATA frame of ``length`` for h2 is within the
+        connection's window (ours and h2's together)."""
+        return self._left + h2_left - CONNECTION_WINDOW >= length
+
+    def received(self, stream_id: int, length: int, size: int, end: bool, h2_left: int) -> int:
+        """DATA frames of ``length`` (``size`` bytes of content) on a taken
+        stream: 0, or the connection error they are. FLOW_CONTROL_ERROR for
+        more than its or the connection's window allowed, PROTOCOL_ERROR for
+        content beyond its ``content-length`` or short of it at ``end``."""
         window = self._windows[stream_id]
         window[0] -= length
         self._left -= length
-        return window[0] >= 0 and self._left >= 0
+        if window[0] < 0 or self._left + h2_left < CONNECTION_WINDOW:
+            return _FLOW_CONTROL_ERROR
+        if window[2] >= 0:
+            window[2] -= size
+            if window[2] < 0 or (end and window[2]):
+                return _PROTOCOL_ERROR
+        return 0
 
     def taken(self, stream_id: int, size: int) -> None:
         """``size`` bytes of ``stream_id`` were taken (or dropped): granted
-        again once half a window is, the call's if it still sends."""
+        again once half a window is, the stream's if it still sends."""
         self._taken += size
         if self._taken >= CONNECTION_WINDOW // 2:
             self._left += self._taken

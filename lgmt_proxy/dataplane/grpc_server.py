@@ -73,6 +73,8 @@ _PROTOCOL_ERROR = 1
 _FLOW_CONTROL_ERROR = 3
 _REFUSED_STREAM = 7
 _ENHANCE_YOUR_CALM = 11
+#: `_close_with`: h2 has queued its GOAWAY already.
+_ALREADY = -1
 
 
 class GrpcFactory(Factory):
@@ -183,18 +185,7 @@ class GrpcConnection(Protocol):
 
     def _start_h2(self) -> None:
         self._started = True
-        conn = self.h2
-        conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            },
-        )
-        conn.decoder.max_header_list_size = MAX_HEADER_LIST
-        conn.initiate_connection()
-        conn.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
+        _initiate(self.h2)
         self._flush()
 
     def dataReceived(self, data: bytes) -> None:
@@ -203,7 +194,12 @@ class GrpcConnection(Protocol):
         self._reading = True  # what the frames make is sent once, at the end
         try:
             max_frame = self.h2.local_settings.max_frame_size
-            for part in self._frames.split(data, max_frame):
+            try:
+                parts = self._frames.split(data, max_frame)
+            except grpc.PrefaceError:
+                self._close_with(_PROTOCOL_ERROR)
+                return
+            for part in parts:
                 if isinstance(part, grpc.DataFrame):
                     self._data_frame(part)
                 else:
@@ -217,11 +213,10 @@ class GrpcConnection(Protocol):
     def _to_h2(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
-        except h2.exceptions.DenialOfServiceError:
-            self._close_with(_ENHANCE_YOUR_CALM)
-            return
-        except h2.exceptions.ProtocolError:
-            self._close_with(_PROTOCOL_ERROR)
+        except h2.exceptions.ProtocolError as e:
+            # Its GOAWAY (the error's own code) is queued, unless the preface was bad.
+            closed = self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED
+            self._close_with(_ALREADY if closed else int(e.error_code))
             return
         for event in events:
             handler = _HANDLERS.get(type(event))
@@ -231,22 +226,31 @@ class GrpcConnection(Protocol):
                 return
 
     def _data_frame(self, frame: grpc.DataFrame) -> None:
-        """A whole DATA frame. A call's (open, still sending) is taken here,
-        its length counted against the windows this connection grants (more
-        is FLOW_CONTROL_ERROR), and h2 only told of its END_STREAM; any other
-        goes to h2 as it came (an unknown or closed stream, bad padding)."""
+        """DATA frames of one stream: a taken one's (`Inflow`) to its call (or
+        back at once: the call is over), h2 told only of END_STREAM; any
+        other to h2 as it came (stream 0, idle, closed, bad padding)."""
         sid = frame.stream_id
-        call = self.calls.get(sid)
-        if call is None or not self._inflow.owns(sid) or call.client_done or frame.flags < 0:
+        h2_left = self.h2.inbound_flow_control_window
+        if frame.flags < 0 or not self._inflow.owns(sid):
+            if not self._inflow.fits(frame.length, h2_left):
+                self._close_with(_FLOW_CONTROL_ERROR)
+                return
             self._to_h2(frame.raw)
             return
-        if not self._inflow.received(sid, frame.length):
-            self._close_with(_FLOW_CONTROL_ERROR)
+        end = frame.flags & grpc.END_STREAM
+        error = self._inflow.received(sid, frame.length, len(frame.payload), bool(end), h2_left)
+        if error:
+            self._close_with(error)
             return
-        self._control = 0
-        call.data(frame.payload, frame.length)
-        if frame.flags & grpc.END_STREAM and not self._closing:
-            self._to_h2(grpc.end_stream_frame(frame.stream_id))
+        if frame.length:  # empty DATA is no progress: it does not excuse a PING flood
+            self._control = 0
+        call = self.calls.get(sid)
+        if call is not None:
+            call.data(frame.payload, frame.length)
+        elif frame.length:  # its call is over: the bytes go back at once
+            self._inflow.taken(sid, frame.length)
+        if end and not self._closing:
+            self._to_h2(grpc.end_stream_frame(sid))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closing = True
@@ -268,9 +272,9 @@ class GrpcConnection(Protocol):
 
     def _close_with(self, error_code: int) -> None:
         """A connection error: GOAWAY with ``error_code``, then close."""
-        if self._started:
+        if self._started and error_code != _ALREADY:
             self.h2.close_connection(error_code=error_code)
-            self._flush()
+        self._flush()
         self.shut()
 
     def shut(self) -> None:
@@ -336,7 +340,7 @@ class GrpcConnection(Protocol):
             self, stream_id, self.shared, self.client_text, self.shared.clock.seconds()
         )
         self.calls[stream_id] = call
-        self._inflow.add(stream_id)  # its DATA is taken past h2
+        self._inflow.add(stream_id, _content_length(event.headers))  # DATA past h2
         self._arm_idle()
         if self.factory.draining and self.last_stream is None:
             # As ``Connection: close`` on HTTP/1.1: this call, then GOAWAY.
@@ -346,18 +350,21 @@ class GrpcConnection(Protocol):
     def on_data(self, event: h2.events.DataReceived) -> None:
         """DATA that went through h2, on a stream no call takes: its bytes
         go back to the connection's window, as h2 counts it."""
-        size = event.flow_controlled_length or 0
-        self._control = 0
+        size = event.flow_controlled_length or 0  # no progress: _control stays
         if size:
             self.h2.acknowledge_received_data(size, event.stream_id)  # type: ignore[arg-type]
 
     def on_ended(self, event: h2.events.StreamEnded) -> None:
+        if not self._inflow.ended(event.stream_id):  # type: ignore[arg-type]
+            self._close_with(_PROTOCOL_ERROR)  # fewer bytes than its content-length
+            return
         call = self.calls.get(event.stream_id)  # type: ignore[arg-type]
         if call is not None:
             call.client_ended()
 
     def on_reset(self, event: h2.events.StreamReset) -> None:
         self._outflow.drop(event.stream_id)  # type: ignore[arg-type]
+        self._inflow.drop(event.stream_id)  # type: ignore[arg-type]
         call = self.calls.get(event.stream_id)  # type: ignore[arg-type]
         if call is not None and not call.over:
             self._resets += 1
@@ -386,9 +393,10 @@ class GrpcConnection(Protocol):
             return
         self._answered += 1
         call = self.calls.get(stream_id)
-        if self._outflow.answer(
-            stream_id, message, trailers, call is not None and not call.client_done
-        ):
+        early = call is not None and not call.client_done
+        if self._outflow.answer(stream_id, message, trailers, early):
+            if early:  # reset (NO_ERROR): what the client still sends is h2's
+                self._inflow.drop(stream_id)
             self._after_call()
         self._flush()
 
@@ -407,15 +415,11 @@ class GrpcConnection(Protocol):
         `Inflow`, or by h2 for the bytes it saw), not per frame."""
         if self._closing or not size:
             return
-        if self._inflow.owns(stream_id):
-            self._inflow.taken(stream_id, size)
-        else:
-            self.h2.acknowledge_received_data(size, stream_id)
+        self._inflow.taken(stream_id, size)  # a call's bytes all came past h2
         if not self._reading:
             self._flush()
 
     def call_over(self, call: GrpcStream) -> None:
-        self._inflow.drop(call.stream_id)
         if self.calls.pop(call.stream_id, None) is not None:
             self._arm_idle()
         self._after_call()
@@ -423,6 +427,29 @@ class GrpcConnection(Protocol):
     def _after_call(self) -> None:
         if self.last_stream is not None and not self.calls and not self._outflow:
             self.shut()
+
+
+def _initiate(conn: h2.connection.H2Connection) -> None:
+    """Our SETTINGS (the bounds) and the connection's window, first sent."""
+    conn.local_settings = h2.settings.Settings(
+        client=False,
+        initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+        },
+    )
+    conn.decoder.max_header_list_size = MAX_HEADER_LIST
+    conn.initiate_connection()
+    conn.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
+
+
+def _content_length(headers: Any) -> int | None:
+    """A request's ``content-length`` (h2 has checked it is digits, one value)."""
+    for name, value in headers or ():
+        if name == b"content-length":
+            return int(value)
+    return None
 
 
 _HANDLERS: dict[type[h2.events.Event], Any] = {

@@ -254,29 +254,44 @@ class MessageReader:
 
 #: What a client sends first (RFC 9113, section 3.4), before any frame.
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-#: DATA frames' type and flags.
+#: Frame types and flags the splitter reads.
 DATA = 0
+HEADERS = 1
+SETTINGS = 4
+PUSH_PROMISE = 5
+CONTINUATION = 9
 END_STREAM = 0x1
+ACK = 0x1
+END_HEADERS = 0x4
 PADDED = 0x8
+
+
+class PrefaceError(Exception):
+    """The client's connection preface does not go on with SETTINGS (RFC
+    9113, section 3.4: a connection error PROTOCOL_ERROR; h2 does not check
+    it)."""
 
 
 class DataFrame(NamedTuple):
     """Whole DATA frames of one stream, received one after the other: the
     stream, the last one's flags (-1: its padding is invalid), the bytes
     they carry (padding stripped), the length that counts against the
-    windows, and each frame's header and padded body (`raw`: the frames as
-    received, for h2 when the bridge does not take them itself)."""
+    windows, and where the frames are in what was read (``source``,
+    ``spans``: start and end of each; `raw` is them as received, for h2
+    when the bridge does not take them itself)."""
 
     stream_id: int
     flags: int
     payload: bytes
     length: int
-    frames: tuple[tuple[bytes, bytes], ...]
+    source: bytes
+    spans: tuple[int, ...]
 
     @property
     def raw(self) -> bytes:
         """The frames as received."""
-        return b"".join(head + body for head, body in self.frames)
+        src, spans = self.source, self.spans
+        return b"".join([src[spans[i] : spans[i + 1]] for i in range(0, len(spans), 2)])
 
 
 class FrameSplitter:
@@ -288,13 +303,23 @@ class FrameSplitter:
     stream come as one `DataFrame` (a read of 64 KiB is one call's data,
     not four). A partial frame waits for the rest; a frame declared over
     ``max_frame`` (and everything after it) goes to h2 at once, which
-    refuses it, so no more than one frame is held."""
+    refuses it, so no more than one frame is held.
 
-    __slots__ = ("_buf", "_preface")
+    What h2 must judge stays h2's: between a HEADERS (or PUSH_PROMISE)
+    without END_HEADERS and the CONTINUATION ending it, every frame goes to
+    h2 (a DATA there is its connection error, RFC 9113 section 6.10). The
+    first frame after the preface must be SETTINGS (`PrefaceError`)."""
+
+    __slots__ = ("_block", "_held", "_preface", "_settings")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        #: The start of a frame not yet whole.
+        self._held = b""
         self._preface = len(PREFACE)
+        #: The client's SETTINGS is still to come (the preface's end).
+        self._settings = True
+        #: A header block is open: frames go to h2 until its END_HEADERS.
+        self._block = False
 
     def split(self, data: bytes, max_frame: int) -> list[bytes | DataFrame]:
         """The runs (bytes) and DATA frames of ``data`` and what was held."""
@@ -304,72 +329,75 @@ class FrameSplitter:
             self._preface -= n
             out.append(data[:n])
             data = data[n:]
-        buf = self._buf
-        buf += data
-        size = len(buf)
+        if self._held:
+            data = self._held + data
+        size = len(data)
         pos = start = 0
-        same: list[DataFrame] = []  # DATA frames of one stream, back to back
+        # The DATA frames of one stream being gathered: its id (-1: none).
+        run = -1
+        run_flags = 0
+        pieces: list[bytes] = []
+        spans: list[int] = []
+        run_length = 0
         while size - pos >= 9:
-            length = int.from_bytes(buf[pos : pos + 3], "big")
+            kind = data[pos + 3]
+            if self._settings:
+                if kind != SETTINGS or data[pos + 4] & ACK:
+                    raise PrefaceError("the connection preface must end with SETTINGS")
+                self._settings = False
+            length = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
             if length > max_frame:
                 pos = size  # h2 answers FRAME_SIZE_ERROR on its header
                 break
             end = pos + 9 + length
             if end > size:
                 break
-            if buf[pos + 3] == DATA:
-                frame = _data_frame(buf, pos, length)
-                if start < pos or (same and not _joins(same[-1], frame)):
-                    _emit(out, same)
+            if self._block:
+                self._block = not (kind == CONTINUATION and data[pos + 4] & END_HEADERS)
+            elif kind == DATA:
+                flags = data[pos + 4]
+                sid = (data[pos + 5] & 0x7F) << 24 | data[pos + 6] << 16 | data[pos + 7] << 8
+                sid |= data[pos + 8]
+                if flags & PADDED:
+                    pad = data[pos + 9] if length else length + 1
+                    if pad >= length:  # invalid: h2 refuses the frame (PROTOCOL_ERROR)
+                        flags, payload = -1, b""
+                    else:
+                        payload = data[pos + 10 : end - pad]
+                else:
+                    payload = data[pos + 9 : end]
+                # Joined to the run: the same stream, right after it, and
+                # neither ends it, is padded or is invalid (but for this one ending it).
+                if not (
+                    sid == run and start == pos and run_flags == 0 and flags in (0, END_STREAM)
+                ):
+                    if run >= 0:
+                        out.append(_run(run, run_flags, pieces, run_length, data, spans))
+                        pieces, spans, run_length = [], [], 0
                     if start < pos:
-                        out.append(bytes(buf[start:pos]))
-                same.append(frame)
+                        out.append(data[start:pos])
+                    run = sid
+                run_flags = flags
+                pieces.append(payload)
+                spans += (pos, end)
+                run_length += length
                 start = end
+            elif kind in (HEADERS, PUSH_PROMISE):
+                self._block = not data[pos + 4] & END_HEADERS
             pos = end
-        _emit(out, same)
+        if run >= 0:
+            out.append(_run(run, run_flags, pieces, run_length, data, spans))
         if start < pos:
-            out.append(bytes(buf[start:pos]))
-        del buf[:pos]
+            out.append(data[start:pos])
+        self._held = data[pos:]
         return out
 
 
-def _joins(before: DataFrame, after: DataFrame) -> bool:
-    """Whether ``after`` can be taken with ``before``: the same stream, and
-    neither ends it, is padded or is invalid (but for ``after`` ending it)."""
-    return (
-        before.stream_id == after.stream_id and before.flags == 0 and after.flags in (0, END_STREAM)
-    )
-
-
-def _emit(out: list[bytes | DataFrame], same: list[DataFrame]) -> None:
-    if len(same) == 1:
-        out.append(same[0])
-    elif same:
-        last = same[-1]
-        out.append(
-            DataFrame(
-                last.stream_id,
-                last.flags,
-                b"".join(f.payload for f in same),
-                sum(f.length for f in same),
-                tuple(f.frames[0] for f in same),
-            )
-        )
-    same.clear()
-
-
-def _data_frame(buf: bytearray, pos: int, length: int) -> DataFrame:
-    head = bytes(buf[pos : pos + 9])
-    flags = head[4]
-    stream_id = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
-    body = bytes(buf[pos + 9 : pos + 9 + length])
-    frames = ((head, body),)
-    if not flags & PADDED:
-        return DataFrame(stream_id, flags, body, length, frames)
-    pad = body[0] if length else length + 1
-    if pad >= length:  # invalid: h2 refuses the frame (PROTOCOL_ERROR)
-        return DataFrame(stream_id, -1, b"", length, frames)
-    return DataFrame(stream_id, flags, body[1 : length - pad], length, frames)
+def _run(
+    stream_id: int, flags: int, pieces: list[bytes], length: int, source: bytes, spans: list[int]
+) -> DataFrame:
+    payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    return DataFrame(stream_id, flags, payload, length, source, tuple(spans))
 
 
 def end_stream_frame(stream_id: int) -> bytes:

@@ -5,11 +5,17 @@ googleapis' own classes)."""
 
 from __future__ import annotations
 
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.config.settings import parse_config
 from lgmt_proxy.rules import grpc
 from tests.pure.test_config import BASE, problems
+
+SPLITS = settings(max_examples=200, deadline=None)
 
 OTLP = {
     **BASE,
@@ -237,30 +243,28 @@ class FrameSplitterTests(TestCase):
         parts = splitter.split(wire, 16384)
         self.assertEqual(parts[0], grpc.PREFACE)
         self.assertEqual(parts[1], settings + headers)
-        self.assertEqual(parts[2], grpc.DataFrame(1, 0, b"abc", 3, ((data[:9], b"abc"),)))
+        self.assertEqual(_taken(parts[2]), (1, 0, b"abc", 3, data))
         self.assertEqual(parts[3], ping)
         # Back to back on one stream: one piece of data, the frames kept for h2.
-        both = grpc.DataFrame(1, 1, b"abcde", 5, ((data[:9], b"abc"), (last[:9], b"de")))
-        self.assertEqual(parts[4], both)
-        self.assertEqual(parts[4].raw, data + last)
-        self.assertEqual(parts[5], grpc.DataFrame(3, 0, b"f", 1, ((other[:9], b"f"),)))
+        self.assertEqual(_taken(parts[4]), (1, 1, b"abcde", 5, data + last))
+        self.assertEqual(_taken(parts[5]), (3, 0, b"f", 1, other))
         self.assertEqual(len(parts), 6)
 
     def test_partial_frames_wait_for_the_rest(self) -> None:
         splitter = grpc.FrameSplitter()
-        wire = grpc.PREFACE + _frame(0, 0, 3, b"x" * 100) + _frame(8, 0, 0, b"\0\0\0\1")
+        wire = grpc.PREFACE + _SETTINGS + _frame(0, 0, 3, b"x" * 100) + _frame(8, 0, 0, b"\0\0\0\1")
         out: list[bytes | grpc.DataFrame] = []
         for i in range(0, len(wire), 7):  # a few bytes at a time
             out += splitter.split(wire[i : i + 7], 16384)
         self.assertEqual(
-            b"".join(p for p in out if isinstance(p, bytes)), grpc.PREFACE + wire[-13:]
+            b"".join(p for p in out if isinstance(p, bytes)), grpc.PREFACE + _SETTINGS + wire[-13:]
         )
         frames = [p for p in out if isinstance(p, grpc.DataFrame)]
         self.assertEqual([(f.stream_id, f.payload) for f in frames], [(3, b"x" * 100)])
 
     def test_padding(self) -> None:
         splitter = grpc.FrameSplitter()
-        splitter.split(grpc.PREFACE, 16384)
+        splitter.split(grpc.PREFACE + _SETTINGS, 16384)
         padded = _frame(0, 0x8 | 0x1, 5, b"\x03" + b"msg" + b"\0\0\0")
         (frame,) = splitter.split(padded, 16384)
         assert isinstance(frame, grpc.DataFrame)
@@ -274,7 +278,7 @@ class FrameSplitterTests(TestCase):
         """Nothing is held waiting for a frame over the maximum: h2 gets
         its header (and refuses it) at once."""
         splitter = grpc.FrameSplitter()
-        splitter.split(grpc.PREFACE, 16384)
+        splitter.split(grpc.PREFACE + _SETTINGS, 16384)
         head = (16385).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
         self.assertEqual(splitter.split(head + b"y" * 10, 16384), [head + b"y" * 10])
 
@@ -282,25 +286,159 @@ class FrameSplitterTests(TestCase):
         self.assertEqual(grpc.window_update(7, 65536), _frame(8, 0, 7, (65536).to_bytes(4, "big")))
         self.assertEqual(grpc.end_stream_frame(9), _frame(1, 0x5, 9, b""))
 
+    @SPLITS
+    @given(cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+    def test_any_cut_of_the_bytes_splits_the_same(self, cuts: list[int]) -> None:
+        """However TCP cuts what a client sends (a frame header at any byte
+        offset included), the same frames come out, in the same order."""
+        whole = _pieces(_split_at(_WIRE, []))
+        self.assertEqual(_pieces(_split_at(_WIRE, cuts)), whole)
+
+    def test_every_byte_offset(self) -> None:
+        whole = _pieces(_split_at(_WIRE, []))
+        for cut in range(1, len(_WIRE)):
+            self.assertEqual(_pieces(_split_at(_WIRE, [cut])), whole, cut)
+        self.assertEqual(_pieces(_split_at(_WIRE, list(range(len(_WIRE))))), whole)
+
+    def test_data_inside_a_header_block_goes_to_h2(self) -> None:
+        """Between a HEADERS without END_HEADERS and the CONTINUATION ending
+        it every frame is h2's (a DATA there is its PROTOCOL_ERROR), even
+        the DATA of another stream the bridge takes."""
+        splitter = grpc.FrameSplitter()
+        splitter.split(grpc.PREFACE + _SETTINGS, 16384)
+        open_block = _frame(1, 0, 3, b"\x82")
+        data = _frame(0, 0, 1, b"abc")
+        cont = _frame(9, 0x4, 3, b"\x84")
+        after = _frame(0, 0, 1, b"de")
+        parts = splitter.split(open_block + data + cont + after, 16384)
+        self.assertEqual(parts[0], open_block + data + cont)
+        self.assertEqual(_taken(parts[1]), (1, 0, b"de", 2, after))
+        # PUSH_PROMISE opens a block as well (h2 refuses it from a client).
+        pushed = _frame(5, 0, 1, b"\0\0\0\2")
+        self.assertEqual(splitter.split(pushed + data, 16384), [pushed + data])
+
+    def test_preface_goes_on_with_settings(self) -> None:
+        """RFC 9113, 3.4: the client's first frame is SETTINGS (h2 does not
+        check it); a SETTINGS acknowledgement is not."""
+        for first in (_frame(0, 0, 1, b"x"), _frame(1, 5, 1, b"\x82"), _frame(4, 1, 0, b"")):
+            splitter = grpc.FrameSplitter()
+            with self.assertRaises(grpc.PrefaceError):
+                splitter.split(grpc.PREFACE + first, 16384)
+        splitter = grpc.FrameSplitter()
+        splitter.split(grpc.PREFACE + _SETTINGS[:5], 16384)  # not yet known
+        self.assertEqual(splitter.split(_SETTINGS[5:], 16384), [_SETTINGS])
+
+
+_SETTINGS = _frame(4, 0, 0, b"")
+#: A client's bytes: DATA frames of two calls (padded, empty, back to back),
+#: a header block in CONTINUATIONs with a PING after it, a WINDOW_UPDATE.
+_WIRE = (
+    grpc.PREFACE
+    + _SETTINGS
+    + _frame(1, 0x4, 1, b"\x82")
+    + _frame(0, 0, 1, b"\0\0\0\0\x20" + b"a" * 20)
+    + _frame(0, 0x8, 1, b"\x02" + b"b" * 12 + b"\0\0")
+    + _frame(0, 0, 1, b"")
+    + _frame(1, 0x0, 3, b"\x82")
+    + _frame(9, 0x4, 3, b"\x84")
+    + _frame(6, 0, 0, b"\0" * 8)
+    + _frame(0, 0, 3, b"c" * 30)
+    + _frame(0, 0, 3, b"d" * 3)
+    + _frame(0, 0x1, 1, b"")
+    + _frame(8, 0, 0, b"\0\0\0\1")
+)
+
+
+def _taken(part: bytes | grpc.DataFrame) -> tuple[int, int, bytes, int, bytes]:
+    assert isinstance(part, grpc.DataFrame)
+    return (part.stream_id, part.flags, part.payload, part.length, part.raw)
+
+
+def _split_at(wire: bytes, cuts: list[int]) -> list[bytes | grpc.DataFrame]:
+    splitter = grpc.FrameSplitter()
+    bounds = sorted({0, len(wire), *(min(c, len(wire)) for c in cuts)})
+    out: list[bytes | grpc.DataFrame] = []
+    for start, end in itertools.pairwise(bounds):
+        out += splitter.split(wire[start:end], 16384)
+    return out
+
+
+def _pieces(parts: list[bytes | grpc.DataFrame]) -> tuple[list[object], dict[int, bytes], bytes]:
+    """Each DATA frame taken (and how many bytes h2 had before it), the
+    payload taken per stream, and all h2 got: how a read joins frames of
+    one stream depends on the cuts, these do not."""
+    frames: list[object] = []
+    payloads: dict[int, bytes] = {}
+    h2_bytes = b""
+    for part in parts:
+        if isinstance(part, bytes):
+            h2_bytes += part
+            continue
+        spans = part.spans
+        for i in range(0, len(spans), 2):
+            frames.append((len(h2_bytes), part.source[spans[i] : spans[i + 1]]))
+        payloads[part.stream_id] = payloads.get(part.stream_id, b"") + part.payload
+    return frames, payloads, h2_bytes
+
 
 class InflowTests(TestCase):
     def test_windows_granted_at_half_and_enforced(self) -> None:
         from lgmt_proxy.dataplane.grpc_flow import CONNECTION_WINDOW, STREAM_WINDOW, Inflow
 
+        full = CONNECTION_WINDOW  # what h2's own accounting allows, untouched
         flow = Inflow()
-        flow.add(1)
-        self.assertTrue(flow.received(1, STREAM_WINDOW))  # the whole window
+        flow.add(1, None)
+        self.assertEqual(flow.received(1, STREAM_WINDOW, STREAM_WINDOW, False, full), 0)
         flow.taken(1, STREAM_WINDOW // 2 - 1)
         self.assertEqual(flow.updates, [])  # not yet half
         flow.taken(1, 1)
         self.assertEqual(flow.updates, [grpc.window_update(1, STREAM_WINDOW // 2)])
-        self.assertTrue(flow.received(1, STREAM_WINDOW // 2))
-        self.assertFalse(flow.received(1, 1))  # past what was granted
+        self.assertEqual(flow.received(1, STREAM_WINDOW // 2, 0, False, full), 0)
+        self.assertEqual(flow.received(1, 1, 1, False, full), 3)  # FLOW_CONTROL_ERROR
         # The connection's window counts every call's bytes.
         other = Inflow()
         for sid in range(1, 40, 2):
-            other.add(sid)
+            other.add(sid, None)
         sent = 0
         for sid in range(1, 40, 2):
             sent += STREAM_WINDOW
-            self.assertEqual(other.received(sid, STREAM_WINDOW), sent <= CONNECTION_WINDOW)
+            error = other.received(sid, STREAM_WINDOW, STREAM_WINDOW, False, full)
+            self.assertEqual(error, 0 if sent <= CONNECTION_WINDOW else 3)
+
+    def test_one_connection_window_with_h2s_share(self) -> None:
+        """The client has one connection window: what h2 was given (DATA of
+        closed streams) and not granted again counts against the calls'
+        DATA, and the other way round."""
+        from lgmt_proxy.dataplane.grpc_flow import CONNECTION_WINDOW, STREAM_WINDOW, Inflow
+
+        flow = Inflow()
+        flow.add(1, None)
+        h2_left = CONNECTION_WINDOW - 100  # h2 saw 100 bytes it has not granted again
+        self.assertEqual(flow.received(1, STREAM_WINDOW - 100, 0, False, h2_left), 0)
+        self.assertTrue(flow.fits(CONNECTION_WINDOW - STREAM_WINDOW, h2_left))
+        self.assertFalse(flow.fits(CONNECTION_WINDOW - STREAM_WINDOW + 1, h2_left))
+        flow.add(3, None)
+        self.assertEqual(flow.received(3, 101, 0, False, CONNECTION_WINDOW - 100), 0)
+        self.assertEqual(flow.received(3, 1, 0, False, STREAM_WINDOW - CONNECTION_WINDOW), 3)
+
+    def test_content_length(self) -> None:
+        """RFC 9113, 8.1.1: the DATA of a request with ``content-length``
+        sums to it; beyond it, or short of it at the end, is
+        PROTOCOL_ERROR. Padding is not content."""
+        from lgmt_proxy.dataplane.grpc_flow import CONNECTION_WINDOW, Inflow
+
+        full = CONNECTION_WINDOW
+        flow = Inflow()
+        flow.add(1, 10)
+        self.assertEqual(flow.received(1, 20, 6, False, full), 0)  # 14 bytes of padding
+        self.assertEqual(flow.received(1, 4, 4, True, full), 0)
+        flow.add(3, 10)
+        self.assertEqual(flow.received(3, 11, 11, False, full), 1)
+        flow.add(5, 10)
+        self.assertEqual(flow.received(5, 9, 9, True, full), 1)
+        flow.add(7, 10)
+        self.assertEqual(flow.received(7, 9, 9, False, full), 0)
+        self.assertFalse(flow.ended(7))  # ended by trailers, one byte short
+        flow.add(9, None)
+        self.assertTrue(flow.ended(9))
+        self.assertFalse(flow.owns(9))
