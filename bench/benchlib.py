@@ -568,46 +568,6 @@ def parse_wrk(stdout: str, stderr: str) -> dict[str, Any]:
 # -- h2load (OTLP over gRPC and HTTP/1.1) -------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def otlp_traces(size: int) -> bytes:
-    """An ``ExportTraceServiceRequest`` of about ``size`` bytes: one resource
-    and scope, spans with ids, names, timestamps and an attribute each (what
-    an SDK batch looks like; the proxy never parses it, the bytes only have
-    to be a real export)."""
-    spans = []
-    total, i = 0, 0
-    while total < size:
-        attribute = _field(1, b"http.route") + _field(2, _field(1, b"/api/orders/%d" % (i % 97)))
-        span = (
-            _field(1, i.to_bytes(16, "big"))  # trace_id
-            + _field(2, (i + 1).to_bytes(8, "big"))  # span_id
-            + _field(5, b"GET /api/orders")  # name
-            + b"\x39"
-            + (1_700_000_000_000_000_000 + i).to_bytes(8, "little")  # start (fixed64)
-            + b"\x41"
-            + (1_700_000_000_000_500_000 + i).to_bytes(8, "little")  # end
-            + _field(9, attribute)
-        )
-        spans.append(_field(2, span))
-        total += len(spans[-1])
-        i += 1
-    resource = _field(1, _field(1, _field(1, b"service.name") + _field(2, _field(1, b"bench"))))
-    scope_spans = _field(2, b"".join(spans))
-    return _field(1, resource + scope_spans)
-
-
 def h2load(
     url: str,
     conns: int,

@@ -44,6 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as b  # re-executes under .venv/bin/python when psutil is missing
+import egress
 from run import Bench, Settings
 
 #: (area, pattern on the frame's file or, for native frames, its name); the
@@ -114,7 +115,7 @@ def grpc_load(bench: Bench, workdir: Path, seconds: int) -> tuple[b.Target, Any]
     port = b.free_port()
     target = bench.lgmt("lgmt_grpc", OTLP_GRPC_LISTEN=f"tcp:{port}:interface=127.0.0.1")
     bench.add(target)
-    message = b.otlp_traces(Settings().grpc_bytes)
+    message = egress.bodies(Settings().grpc_bytes)["protobuf"]
     framed = workdir / "otlp.grpc"
     framed.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)
     url, headers = f"http://127.0.0.1:{port}{b.GRPC_EXPORT}", ["content-type: application/grpc"]

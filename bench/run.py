@@ -70,7 +70,7 @@ class Settings:
     push_connections: int = 8
     push_bytes: int = MiB
     gzip_bytes: int = MiB  # each OTLP body of the gzip workload
-    grpc_bytes: int = 256 * 1024  # one OTLP trace export (an SDK batch of ~2,700 spans)
+    grpc_bytes: int = 256 * 1024  # one OTLP trace export (~770 spans of tests/support/otlp_bodies)
     grpc_connections: int = 8
     big_bytes: int = 512 * MiB
     big_read_rate: int = 256 * MiB  # bytes/s the big download's reader takes at most
@@ -386,7 +386,7 @@ class Bench:
         the same rounds: the proxy's CPU per MiB exported each way."""
         size, conns, port = self.s.grpc_bytes, self.s.grpc_connections, b.free_port()
         body, framed = self.workdir / "otlp.bin", self.workdir / "otlp.grpc"
-        message = b.otlp_traces(size)
+        message = egress.bodies(size)["protobuf"]
         body.write_bytes(message)
         framed.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)
         target = self.lgmt("lgmt_grpc", OTLP_GRPC_LISTEN=f"tcp:{port}:interface=127.0.0.1")
