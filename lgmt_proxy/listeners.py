@@ -26,6 +26,15 @@ _log = Logger(namespace="lgmt_proxy.service")
 ACCEPT_AT_CLOSE = 8192
 
 
+class BadEndpoint(ValueError):
+    """An endpoint description Twisted cannot parse, with the option or
+    variable it came from (what the start-up error names)."""
+
+    def __init__(self, option: str, reason: str) -> None:
+        super().__init__(f"{option}: {reason}")
+        self.option = option
+
+
 class HeldSockets:
     """The reactor a `Listener`'s endpoint listens with. A TCP listening
     socket is bound here and lent to the reactor (`adoptStreamPort` takes
@@ -76,9 +85,13 @@ class Listener(Service):
     there), so the service can print one plain line and exit 1. Stopping
     it answers what the kernel had already queued (`close_listening`)."""
 
-    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
+    def __init__(self, description: str, factory: Any, reactor: Any, *, option: str) -> None:
+        """``option``: where ``description`` came from (``--listen``...)."""
         self.sockets = HeldSockets(reactor)
-        self.endpoint = serverFromString(self.sockets, description)
+        try:
+            self.endpoint = serverFromString(self.sockets, description)
+        except ValueError as e:
+            raise BadEndpoint(option, str(e)) from None
         self.factory = factory
         self.reactor = reactor
         self.port: Any = None

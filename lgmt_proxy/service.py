@@ -277,12 +277,15 @@ class ProxyService(MultiService):
         if admin_listen and admin_listen.isdigit():
             # A bare port: every address, IPv6 and IPv4, like PORT.
             admin_listen = default_listen(int(admin_listen))
-        self._main = Listener(self.listen, self.proxy_factory, reactor)
+        self._main = Listener(self.listen, self.proxy_factory, reactor, option="--listen")
         self._main.setServiceParent(self)
         self._admin: Listener | None = None
         if admin_listen:
             self._admin = Listener(
-                admin_listen, admin_site(self.readiness, self.registry, reactor), reactor
+                admin_listen,
+                admin_site(self.readiness, self.registry, reactor),
+                reactor,
+                option="--admin-listen",
             )
             self._admin.setServiceParent(self)
         #: OTLP over gRPC (OTLP_GRPC_LISTEN), sharing the main listener's rules.
@@ -295,7 +298,7 @@ class ProxyService(MultiService):
             grpc = self.grpc_factory = GrpcFactory(self.proxy_factory)
             tls = config.otlp_grpc_tls
             factory = grpc if tls is None else GrpcTLSFactory(grpc, tls.options, reactor)
-            self._grpc = Listener(grpc_listen, factory, reactor)
+            self._grpc = Listener(grpc_listen, factory, reactor, option="OTLP_GRPC_LISTEN")
             self._grpc.setServiceParent(self)
         if self.client_auth is not None:
             self._watched.append(self.client_auth)

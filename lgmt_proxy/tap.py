@@ -25,6 +25,7 @@ from lgmt_proxy.config.settings import (
     parse_config,
     unknown_variables,
 )
+from lgmt_proxy.listeners import BadEndpoint
 
 
 class Options(usage.Options):
@@ -215,5 +216,5 @@ def makeService(options: Options) -> IService:
             sandbox=sandbox_port is not None,
             warnings=typos,
         )
-    except ValueError as e:  # a bad endpoint string
-        raise _config_exit([f"--listen/--admin-listen/OTLP_GRPC_LISTEN: {e}"]) from None
+    except BadEndpoint as e:  # names its option
+        raise _config_exit([str(e)]) from None

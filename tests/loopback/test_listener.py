@@ -217,7 +217,9 @@ class ListenerTests(TestCase):
         if ipv6_available():
             cases.append(("tcp6:0:interface=\\:\\:1", "::1"))
         for description, host in cases:
-            listener = Listener(description, Factory.forProtocol(_Hello), reactor)
+            listener = Listener(
+                description, Factory.forProtocol(_Hello), reactor, option="--listen"
+            )
             listener.privilegedStartService()
             listener.startService()
             port = listener.port.getHost().port
@@ -235,7 +237,9 @@ class ListenerTests(TestCase):
         taken = listen(Factory.forProtocol(Protocol))
         self.addCleanup(taken.stopListening)
         port = taken.getHost().port
-        listener = Listener(f"tcp:{port}:interface=127.0.0.1", Factory(), reactor)
+        listener = Listener(
+            f"tcp:{port}:interface=127.0.0.1", Factory(), reactor, option="--listen"
+        )
         with self.assertRaises(CannotListenError) as raised:
             listener.privilegedStartService()
         self.assertEqual((raised.exception.interface, raised.exception.port), ("127.0.0.1", port))

@@ -143,3 +143,33 @@ class TypoTests(TestCase):
             "GRAFANA_CLOUD_PROMETHEUS_ORG_ID is set",
             lines,
         )
+
+
+class BadEndpointTests(TestCase):
+    """A bad endpoint description is named by where it came from, in one
+    line, with no traceback, and the start stops (exit 2)."""
+
+    timeout = 30
+
+    async def test_each_names_its_option(self) -> None:
+        env = {
+            "GRAFANA_CLOUD_OTLP_URL": "https://otlp.example",
+            "GRAFANA_CLOUD_OTLP_ORG_ID": "1",
+            "GRAFANA_CLOUD_ACCESS_TOKEN": "supersecret-value",
+        }
+        cases = [
+            (["--listen=bogus:1"], {}, "--listen"),
+            (["--listen=tcp:0:interface=127.0.0.1", "--admin-listen=bogus:1"], {}, "--admin-listen"),
+            (["--listen=tcp:0:interface=127.0.0.1"], {"OTLP_GRPC_LISTEN": "bogus:1"}, "OTLP_GRPC_LISTEN"),
+        ]  # fmt: skip
+        for options, extra, option in cases:
+            args = ["-n", "--pidfile=", "lgmt-proxy", *options]
+            output, code, timed_out = await run_twistd(args, {**env, **extra}, 20)
+            self.assertFalse(timed_out, output)
+            self.assertEqual(code, 2, output)
+            self.assertIn(
+                f"lgmt-proxy: configuration error: {option}: Unknown endpoint type: 'bogus'",
+                output.splitlines(),
+            )
+            self.assertNotIn("Traceback", output)
+            self.assertNotIn("supersecret-value", output)
