@@ -54,7 +54,7 @@ WATCH_SECONDS = 1.0
 
 
 def build_budgets(
-    config: Config, reactor: Any, metrics: ProxyMetrics
+    config: Config, reactor: Any, metrics: ProxyMetrics, trust: Sequence[X509] | None = None
 ) -> tuple[BudgetKeeper, RedisPool | None]:
     """Consumers' budgets: this replica's own, or shared through the Redis of
     RATE_LIMIT_REDIS_URL with this replica's as fall back (the pool is
@@ -63,7 +63,7 @@ def build_budgets(
     settings = config.rate_limit_redis
     if settings is None:
         return BudgetKeeper(local), None
-    shared, pool = build_shared(reactor, settings, local, metrics)
+    shared, pool = build_shared(reactor, settings, local, metrics, trust=trust)
     return BudgetKeeper(local, shared), pool
 
 
@@ -256,7 +256,7 @@ class ProxyService(MultiService):
             )
             self.registry.register(BudgetSeries(self.client_auth))
         #: Consumers' budgets: shared through Redis with RATE_LIMIT_REDIS_URL.
-        self.budgets, self.redis = build_budgets(config, reactor, self.metrics)
+        self.budgets, self.redis = build_budgets(config, reactor, self.metrics, trust)
         self.proxy_factory, self.upstreams = build_proxy_factory(
             config,
             reactor,

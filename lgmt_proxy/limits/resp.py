@@ -11,19 +11,20 @@ every reply. docs/architecture.md says why not txredisapi.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
+from OpenSSL.crypto import X509
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 
 from lgmt_proxy.config.ratelimit import RedisSettings
 from lgmt_proxy.io.sending import Sender, SendQueue
+from lgmt_proxy.io.tls import ClientTLS
 
 Arg = bytes | str | int | float
 
@@ -159,6 +160,7 @@ class RedisPool:
         first_backoff: float = 0.1,
         max_backoff: float = 5.0,
         max_in_flight: int = 1000,
+        trust: Sequence[X509] | None = None,
     ) -> None:
         self._reactor = reactor
         self._clock = clock
@@ -171,13 +173,15 @@ class RedisPool:
         self._first_backoff = first_backoff
         self._max_backoff = max_backoff
         self._max_in_flight = max_in_flight
+        self._trust = trust
         self._running = False
 
     def _endpoint(self) -> Any:
         s = self._settings
         tcp = HostnameEndpoint(self._reactor, s.host, s.port, timeout=self._connect_timeout)
         if s.tls:
-            return wrapClientTLS(optionsForClientTLS(s.host), tcp)
+            # Verified as upstreams are: the platform's roots plus UPSTREAM_CA_FILE.
+            return wrapClientTLS(ClientTLS(s.host, self._trust), tcp)
         return tcp
 
     @property

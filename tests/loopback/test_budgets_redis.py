@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+from OpenSSL.crypto import X509
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -14,12 +15,14 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.config.ratelimit import RedisSettings, parse_redis_url
+from lgmt_proxy.dataplane.upstream import trust_root
 from lgmt_proxy.limits.budget import ADMITTED, BYTES, REQUESTS, Budget, Limits, Verdict
 from lgmt_proxy.limits.lease import LEASE_SECONDS, lease_size
 from lgmt_proxy.limits.local import LocalLimiter
 from lgmt_proxy.limits.resp import RedisPool
 from lgmt_proxy.limits.shared import SharedLimiter, build_shared, keys
 from lgmt_proxy.obs.metrics import ProxyMetrics
+from tests.loopback.test_tls import make_ca, make_leaf, pem
 from tests.support.helpers import sleep
 from tests.support.redisserver import RedisServer
 
@@ -36,14 +39,14 @@ async def verdict(decision: Verdict | Deferred[Verdict]) -> Verdict:
 class Replica:
     """One replica's limiter, pool and metrics."""
 
-    def __init__(self, settings: RedisSettings) -> None:
+    def __init__(self, settings: RedisSettings, trust: list[X509] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.metrics = ProxyMetrics(self.registry, process_collectors=False)
         self.limiter: SharedLimiter
         self.pool: RedisPool
         self.limiter, self.pool = build_shared(
             reactor, settings, LocalLimiter(reactor), self.metrics,
-            first_backoff=0.05, max_backoff=0.2,
+            first_backoff=0.05, max_backoff=0.2, trust=trust,
         )  # fmt: skip
         self.pool.start()
 
@@ -296,3 +299,45 @@ class PasswordTests(TestCase):
             self.assertTrue((await verdict(replica.limiter.check("team-a", limits, None))).allowed)
             self.assertFalse((await verdict(replica.limiter.check("team-a", limits, None))).allowed)
             self.assertEqual(replica.shared_gauge, 0.0)
+
+
+class TLSTests(TestCase):
+    """``rediss://``: a real redis-server speaking TLS only, its certificate
+    from a private CA that the proxy trusts through UPSTREAM_CA_FILE (as its
+    upstreams), verified against the URL's host name."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.ca_key, self.ca = make_ca("lgmt-proxy test Redis CA")
+        key_pem, cert_pem = make_leaf(self.ca_key, self.ca, "localhost")
+        self.redis = RedisServer(self.mktemp(), tls=(key_pem, cert_pem, pem(self.ca)))
+        self.addCleanup(self.redis.stop)
+
+    async def connected(self, trust: list[X509] | None) -> Replica:
+        settings = parse_redis_url(self.redis.url)
+        assert isinstance(settings, RedisSettings) and settings.tls
+        replica = Replica(attrs.evolve(settings, timeout=2.0), trust=trust)
+        self.addCleanup(replica.pool.stop)
+        for _ in range(60):
+            if replica.pool.ready or replica.errors("connect") or replica.errors("tls"):
+                break
+            await sleep(0.05)
+        return replica
+
+    async def test_shared_over_tls_with_a_private_ca(self) -> None:
+        replica = await self.connected(trust_root(pem(self.ca)))
+        self.assertTrue(replica.pool.ready)
+        self.assertEqual(replica.shared_gauge, 1.0)
+        limits = Limits(Budget(1, 1), None)
+        self.assertTrue((await verdict(replica.limiter.check("team-a", limits, None))).allowed)
+        self.assertEqual(self.redis.cli("EXISTS", keys("team-a")[0].decode()), "1")
+
+    async def test_a_ca_not_trusted_is_local_not_failed(self) -> None:
+        _, other = make_ca("some other CA")
+        replica = await self.connected(trust_root(pem(other)))
+        self.assertFalse(replica.pool.ready)
+        limits = Limits(Budget(1, 1), None)
+        self.assertTrue((await verdict(replica.limiter.check("team-a", limits, None))).allowed)
+        self.assertFalse((await verdict(replica.limiter.check("team-a", limits, None))).allowed)
+        self.assertEqual(self.redis.cli("EXISTS", keys("team-a")[0].decode()), "0")

@@ -34,7 +34,13 @@ class RedisServer:
     """One redis-server process; with ``password``, clients must AUTH.
     Under CI=true a missing redis-server is an error, else a skip."""
 
-    def __init__(self, directory: str, password: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        password: str | None = None,
+        tls: tuple[bytes, bytes, bytes] | None = None,
+    ) -> None:
+        """``tls``: (key PEM, certificate PEM, CA PEM): TLS only, no plain port."""
         if (why := redis_missing()) is not None:
             if os.environ.get("CI"):
                 raise RuntimeError(why)
@@ -42,18 +48,29 @@ class RedisServer:
         self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.password = password
+        self.tls = tls is not None
+        if tls is not None:
+            for name, data in zip(("key.pem", "cert.pem", "ca.pem"), tls, strict=True):
+                (self.dir / name).write_bytes(data)
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"rediss://localhost:{self.port}/0"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        port = (
+            ["--port", "0", "--tls-port", str(self.port)]
+            if self.tls
+            else ["--port", str(self.port)]
+        )
         args = [
             "redis-server",
-            "--port", str(self.port),
+            *port,
             "--bind", "127.0.0.1",
             "--dir", str(self.dir),
             "--save", "",
@@ -63,6 +80,13 @@ class RedisServer:
         ]  # fmt: skip
         if self.password is not None:
             args += ["--requirepass", self.password]
+        if self.tls:
+            args += [
+                "--tls-cert-file", str(self.dir / "cert.pem"),
+                "--tls-key-file", str(self.dir / "key.pem"),
+                "--tls-ca-cert-file", str(self.dir / "ca.pem"),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         with open(self.dir / "stderr.log", "ab") as err:  # the child keeps its own copy
             self.proc = subprocess.Popen(args, stdout=err, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
@@ -87,8 +111,13 @@ class RedisServer:
         env = dict(os.environ)
         if self.password is not None:
             env["REDISCLI_AUTH"] = self.password
+        tls = (
+            ["--tls", "--cacert", str(self.dir / "ca.pem"), "--sni", "localhost"]
+            if self.tls
+            else []
+        )
         out = subprocess.run(
-            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args],
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *tls, *args],
             capture_output=True,
             check=True,
             timeout=10,
