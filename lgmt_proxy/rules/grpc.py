@@ -264,6 +264,15 @@ END_STREAM = 0x1
 ACK = 0x1
 END_HEADERS = 0x4
 PADDED = 0x8
+#: The largest header block frame (HEADERS, CONTINUATION, PUSH_PROMISE)
+#: taken, whatever SETTINGS_MAX_FRAME_SIZE allows DATA: h2 holds up to 64
+#: CONTINUATION frames of one block, so this bounds that to 1 MiB.
+MAX_BLOCK_FRAME = 16384
+
+
+class FrameSizeError(Exception):
+    """A header block frame over `MAX_BLOCK_FRAME` (a connection error
+    FRAME_SIZE_ERROR): the header list is bounded far below it anyway."""
 
 
 class PrefaceError(Exception):
@@ -308,9 +317,13 @@ class FrameSplitter:
     What h2 must judge stays h2's: between a HEADERS (or PUSH_PROMISE)
     without END_HEADERS and the CONTINUATION ending it, every frame goes to
     h2 (a DATA there is its connection error, RFC 9113 section 6.10). The
-    first frame after the preface must be SETTINGS (`PrefaceError`)."""
+    first frame after the preface must be SETTINGS (`PrefaceError`).
 
-    __slots__ = ("_block", "_held", "_preface", "_settings")
+    A SETTINGS acknowledgement ends a split (`paused`; the rest is held for
+    the next): it may raise the ``max_frame`` the frames after it are
+    judged by (ours, once h2 has taken the acknowledgement)."""
+
+    __slots__ = ("_block", "_held", "_preface", "_settings", "paused")
 
     def __init__(self) -> None:
         #: The start of a frame not yet whole.
@@ -320,10 +333,14 @@ class FrameSplitter:
         self._settings = True
         #: A header block is open: frames go to h2 until its END_HEADERS.
         self._block = False
+        #: The last split stopped after a SETTINGS acknowledgement: split
+        #: again (``b""``) once h2 has it.
+        self.paused = False
 
     def split(self, data: bytes, max_frame: int) -> list[bytes | DataFrame]:
         """The runs (bytes) and DATA frames of ``data`` and what was held."""
         out: list[bytes | DataFrame] = []
+        self.paused = False
         if self._preface:
             n = min(self._preface, len(data))
             self._preface -= n
@@ -349,6 +366,8 @@ class FrameSplitter:
             if length > max_frame:
                 pos = size  # h2 answers FRAME_SIZE_ERROR on its header
                 break
+            if length > MAX_BLOCK_FRAME and kind in (HEADERS, CONTINUATION, PUSH_PROMISE):
+                raise FrameSizeError("a header block frame over 16 KiB")
             end = pos + 9 + length
             if end > size:
                 break
@@ -384,6 +403,10 @@ class FrameSplitter:
                 start = end
             elif kind in (HEADERS, PUSH_PROMISE):
                 self._block = not data[pos + 4] & END_HEADERS
+            elif kind == SETTINGS and data[pos + 4] & ACK:
+                pos = end
+                self.paused = True
+                break
             pos = end
         if run >= 0:
             out.append(_run(run, run_flags, pieces, run_length, data, spans))

@@ -282,6 +282,35 @@ class FrameSplitterTests(TestCase):
         head = (16385).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
         self.assertEqual(splitter.split(head + b"y" * 10, 16384), [head + b"y" * 10])
 
+    def test_settings_acknowledgement_pauses(self) -> None:
+        """The frames after the client's acknowledgement of our SETTINGS
+        are judged by the ``max_frame`` h2 has once it took it: a 64 KiB
+        DATA frame in the same read is taken whole, not refused."""
+        splitter = grpc.FrameSplitter()
+        ack = _frame(4, 0x1, 0, b"")
+        big = _frame(0, 0x1, 1, b"z" * 65536)
+        parts = splitter.split(grpc.PREFACE + _SETTINGS + ack + big, 16384)
+        self.assertEqual(parts, [grpc.PREFACE, _SETTINGS + ack])
+        self.assertTrue(splitter.paused)
+        (frame,) = splitter.split(b"", 65536)
+        self.assertEqual(_taken(frame), (1, 1, b"z" * 65536, 65536, big))
+        self.assertFalse(splitter.paused)
+
+    def test_header_block_frames_stay_within_16_kib(self) -> None:
+        """Whatever the DATA maximum: h2 holds up to 64 CONTINUATIONs of a
+        block. Refused at the frame's header, before its payload came."""
+        for kind in (1, 5, 9):
+            splitter = grpc.FrameSplitter()
+            splitter.split(grpc.PREFACE + _SETTINGS, 65536)
+            head = (16385).to_bytes(3, "big") + bytes([kind, 0]) + b"\x00\x00\x00\x01"
+            with self.assertRaises(grpc.FrameSizeError):
+                splitter.split(head, 65536)
+        splitter = grpc.FrameSplitter()
+        headers = _frame(1, 0x4, 1, b"h" * 16384)
+        self.assertEqual(
+            splitter.split(grpc.PREFACE + _SETTINGS + headers, 65536)[1:], [_SETTINGS + headers]
+        )
+
     def test_frames_the_bridge_writes(self) -> None:
         self.assertEqual(grpc.window_update(7, 65536), _frame(8, 0, 7, (65536).to_bytes(4, "big")))
         self.assertEqual(grpc.end_stream_frame(9), _frame(1, 0x5, 9, b""))
@@ -336,6 +365,7 @@ _WIRE = (
     grpc.PREFACE
     + _SETTINGS
     + _frame(1, 0x4, 1, b"\x82")
+    + _frame(4, 0x1, 0, b"")
     + _frame(0, 0, 1, b"\0\0\0\0\x20" + b"a" * 20)
     + _frame(0, 0x8, 1, b"\x02" + b"b" * 12 + b"\0\0")
     + _frame(0, 0, 1, b"")
@@ -360,6 +390,8 @@ def _split_at(wire: bytes, cuts: list[int]) -> list[bytes | grpc.DataFrame]:
     out: list[bytes | grpc.DataFrame] = []
     for start, end in itertools.pairwise(bounds):
         out += splitter.split(wire[start:end], 16384)
+        while splitter.paused:  # after a SETTINGS acknowledgement
+            out += splitter.split(b"", 16384)
     return out
 
 
