@@ -10,6 +10,7 @@ the connection's own `ReadGate` is registered with it, so a client that does
 not read what it is sent (answers, PING and SETTINGS acknowledgements) stops
 being read. Bounds: ``SETTINGS_MAX_CONCURRENT_STREAMS`` (`MAX_STREAMS`; one
 more is a connection error), the header list (`MAX_HEADER_LIST`), the
+frame size (`MAX_FRAME`: the splitter holds up to one frame), the
 windows (`STREAM_WINDOW` a call, `CONNECTION_WINDOW` all of them: what may
 be sent before the upstream takes it), `MAX_RESETS` client resets beyond
 the calls answered (rapid reset), `MAX_CONTROL` PING and SETTINGS frames
@@ -58,7 +59,7 @@ MAX_HEADER_LIST = 16 * 1024
 MAX_RESETS = 100
 #: The largest frame a client may send (SETTINGS_MAX_FRAME_SIZE): a 256 KiB
 #: export in four DATA frames, not sixteen. The frame splitter holds up to
-#: one (and a header block frame stays within 16 KiB, `grpc.MAX_BLOCK_FRAME`).
+#: one; a header block is bounded apart (`grpc.MAX_BLOCK`).
 MAX_FRAME = 64 * 1024
 #: PING and SETTINGS frames accepted between two calls.
 MAX_CONTROL = 1000
@@ -75,7 +76,6 @@ _CONFIG = h2.config.H2Configuration(
 _NO_ERROR = 0
 _PROTOCOL_ERROR = 1
 _FLOW_CONTROL_ERROR = 3
-_FRAME_SIZE_ERROR = 6
 _REFUSED_STREAM = 7
 _ENHANCE_YOUR_CALM = 11
 #: `_close_with`: h2 has queued its GOAWAY already.
@@ -197,29 +197,19 @@ class GrpcConnection(Protocol):
         if self._closing:
             return
         self._reading = True  # what the frames make is sent once, at the end
-        frames = self._frames
         try:
-            while True:
-                # Ours once h2 has taken the client's SETTINGS acknowledgement.
-                max_frame = self.h2.max_inbound_frame_size
-                try:
-                    parts = frames.split(data, max_frame)
-                except grpc.PrefaceError:
-                    self._close_with(_PROTOCOL_ERROR)
+            try:
+                parts = self._frames.split(data, MAX_FRAME)
+            except grpc.SplitError as e:
+                self._close_with(e.error_code)
+                return
+            for part in parts:
+                if isinstance(part, grpc.DataFrame):
+                    self._data_frame(part)
+                else:
+                    self._to_h2(part)
+                if self._closing:
                     return
-                except grpc.FrameSizeError:
-                    self._close_with(_FRAME_SIZE_ERROR)
-                    return
-                for part in parts:
-                    if isinstance(part, grpc.DataFrame):
-                        self._data_frame(part)
-                    else:
-                        self._to_h2(part)
-                    if self._closing:
-                        return
-                if not frames.paused:
-                    break
-                data = b""  # what followed the acknowledgement
         finally:
             self._reading = False
         self._flush()
@@ -264,7 +254,7 @@ class GrpcConnection(Protocol):
         elif frame.length:  # its call is over: the bytes go back at once
             self._inflow.taken(sid, frame.length)
         if end and not self._closing:
-            self._to_h2(grpc.end_stream_frame(sid))
+            self._to_h2(self._inflow.end_frame(sid))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closing = True
@@ -397,12 +387,6 @@ class GrpcConnection(Protocol):
         if self._control > MAX_CONTROL:
             self._close_with(_ENHANCE_YOUR_CALM)
 
-    def on_settings_acked(self, event: h2.events.SettingsAcknowledged) -> None:
-        """The client has our SETTINGS: frames up to `MAX_FRAME` from now
-        on. (h2 takes the values given at its start as in force, so it does
-        not raise its own limit.)"""
-        self.h2.max_inbound_frame_size = MAX_FRAME
-
     def on_terminated(self, event: h2.events.ConnectionTerminated) -> None:
         self.shut()
 
@@ -465,6 +449,13 @@ def _initiate(conn: h2.connection.H2Connection) -> None:
     conn.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
 
 
+def _settings_acked(conn: GrpcConnection, event: h2.events.SettingsAcknowledged) -> None:
+    """The client has our SETTINGS: frames up to `MAX_FRAME` from now on
+    (h2 takes the values given at its start as in force already, so it
+    would not raise its own limit)."""
+    conn.h2.max_inbound_frame_size = MAX_FRAME
+
+
 def _content_length(headers: Any) -> int | None:
     """A request's ``content-length`` (h2 has checked it is digits, one value)."""
     for name, value in headers or ():
@@ -482,5 +473,5 @@ _HANDLERS: dict[type[h2.events.Event], Any] = {
     h2.events.PingReceived: GrpcConnection.on_control,
     h2.events.RemoteSettingsChanged: GrpcConnection.on_control,
     h2.events.ConnectionTerminated: GrpcConnection.on_terminated,
-    h2.events.SettingsAcknowledged: GrpcConnection.on_settings_acked,
+    h2.events.SettingsAcknowledged: _settings_acked,
 }

@@ -158,13 +158,6 @@ class BypassTests(TestCase):
         ack = SettingsFrame(0, flags=["ACK"]).serialize()
         await self.refused(_FRAME_SIZE_ERROR, ack, self.head(1), _data(1, b"x" * (MAX_FRAME + 1)))
 
-    async def test_header_block_frame_over_16_kib(self) -> None:
-        """h2 holds up to 64 CONTINUATION frames of a block: those stay
-        within 16 KiB whatever the DATA maximum."""
-        ack = SettingsFrame(0, flags=["ACK"]).serialize()
-        block = b"".join(b"\x00\x01x\x7f\x80\x01" + b"v" * 255 for _ in range(70))
-        await self.refused(_FRAME_SIZE_ERROR, ack, self.head(1, extra=block))
-
     async def test_content_length_exceeded(self) -> None:
         """RFC 9113, 8.1.1 (h2 checks it on the DATA it sees; the bridge on
         the DATA it takes)."""

@@ -282,38 +282,48 @@ class FrameSplitterTests(TestCase):
         head = (16385).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
         self.assertEqual(splitter.split(head + b"y" * 10, 16384), [head + b"y" * 10])
 
-    def test_settings_acknowledgement_pauses(self) -> None:
-        """The frames after the client's acknowledgement of our SETTINGS
-        are judged by the ``max_frame`` h2 has once it took it: a 64 KiB
-        DATA frame in the same read is taken whole, not refused."""
-        splitter = grpc.FrameSplitter()
+    def test_our_maximum_once_acknowledged(self) -> None:
+        """``max_frame`` holds from the client's acknowledgement of our
+        SETTINGS on (16 KiB before: a bigger frame goes to h2, which
+        refuses it); the acknowledgement is a run of its own, so that h2
+        raises its limit before the frames after it."""
         ack = _frame(4, 0x1, 0, b"")
         big = _frame(0, 0x1, 1, b"z" * 65536)
-        parts = splitter.split(grpc.PREFACE + _SETTINGS + ack + big, 16384)
-        self.assertEqual(parts, [grpc.PREFACE, _SETTINGS + ack])
-        self.assertTrue(splitter.paused)
-        (frame,) = splitter.split(b"", 65536)
-        self.assertEqual(_taken(frame), (1, 1, b"z" * 65536, 65536, big))
-        self.assertFalse(splitter.paused)
-
-    def test_header_block_frames_stay_within_16_kib(self) -> None:
-        """Whatever the DATA maximum: h2 holds up to 64 CONTINUATIONs of a
-        block. Refused at the frame's header, before its payload came."""
-        for kind in (1, 5, 9):
-            splitter = grpc.FrameSplitter()
-            splitter.split(grpc.PREFACE + _SETTINGS, 65536)
-            head = (16385).to_bytes(3, "big") + bytes([kind, 0]) + b"\x00\x00\x00\x01"
-            with self.assertRaises(grpc.FrameSizeError):
-                splitter.split(head, 65536)
         splitter = grpc.FrameSplitter()
-        headers = _frame(1, 0x4, 1, b"h" * 16384)
-        self.assertEqual(
-            splitter.split(grpc.PREFACE + _SETTINGS + headers, 65536)[1:], [_SETTINGS + headers]
-        )
+        parts = splitter.split(grpc.PREFACE + _SETTINGS + big, 65536)
+        self.assertEqual(parts, [grpc.PREFACE, _SETTINGS + big])
+        splitter = grpc.FrameSplitter()
+        ping = _frame(6, 0, 0, b"\0" * 8)
+        parts = splitter.split(grpc.PREFACE + _SETTINGS + ack + ping + big, 65536)
+        self.assertEqual(parts[:3], [grpc.PREFACE, _SETTINGS + ack, ping])
+        self.assertEqual(_taken(parts[3]), (1, 1, b"z" * 65536, 65536, big))
+        self.assertEqual(len(parts), 4)
+        # Beyond it: to h2 at once.
+        head = (65537).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
+        self.assertEqual(splitter.split(head, 65536), [head])
+
+    def test_header_block_within_1_mib(self) -> None:
+        """h2 holds a header block whole before decoding it: with 64 KiB
+        frames, still no more than 1 MiB (as 64 CONTINUATIONs of 16 KiB)."""
+        ack = _frame(4, 0x1, 0, b"")
+        splitter = grpc.FrameSplitter()
+        splitter.split(grpc.PREFACE + _SETTINGS + ack, 65536)
+        splitter.split(_frame(1, 0, 1, b"h" * 65536), 65536)
+        for _ in range(15):  # 1 MiB in all: taken
+            splitter.split(_frame(9, 0, 1, b"h" * 65536), 65536)
+        with self.assertRaises(grpc.HeaderBlockError):
+            splitter.split(_frame(9, 0x4, 1, b"h"), 65536)
+        # A block ended is forgotten: the next one counts from nothing.
+        splitter = grpc.FrameSplitter()
+        splitter.split(grpc.PREFACE + _SETTINGS + ack, 65536)
+        for sid in range(1, 41, 2):
+            block = _frame(1, 0, sid, b"h" * 65536) + _frame(9, 0x4, sid, b"h" * 65536)
+            self.assertEqual(splitter.split(block, 65536), [block])
 
     def test_frames_the_bridge_writes(self) -> None:
         self.assertEqual(grpc.window_update(7, 65536), _frame(8, 0, 7, (65536).to_bytes(4, "big")))
         self.assertEqual(grpc.end_stream_frame(9), _frame(1, 0x5, 9, b""))
+        self.assertEqual(grpc.end_data_frame(9), _frame(0, 0x1, 9, b""))
 
     @SPLITS
     @given(cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
@@ -390,8 +400,6 @@ def _split_at(wire: bytes, cuts: list[int]) -> list[bytes | grpc.DataFrame]:
     out: list[bytes | grpc.DataFrame] = []
     for start, end in itertools.pairwise(bounds):
         out += splitter.split(wire[start:end], 16384)
-        while splitter.paused:  # after a SETTINGS acknowledgement
-            out += splitter.split(b"", 16384)
     return out
 
 
