@@ -56,6 +56,15 @@ class Inflow:
     def owns(self, stream_id: int) -> bool:
         return stream_id in self._windows
 
+    def end_frame(self, stream_id: int) -> bytes:
+        """What h2 is told of the END_STREAM of a taken stream: an empty
+        DATA frame (h2's cheapest), or empty trailers if the request had a
+        ``content-length`` (h2 would check it against the bytes it saw)."""
+        window = self._windows.get(stream_id)
+        if window is not None and window[2] >= 0:
+            return grpc.end_stream_frame(stream_id)
+        return grpc.end_data_frame(stream_id)
+
     def drop(self, stream_id: int) -> None:
         """The client may send no more on it: nothing more is granted."""
         self._windows.pop(stream_id, None)

@@ -10,6 +10,7 @@ the connection's own `ReadGate` is registered with it, so a client that does
 not read what it is sent (answers, PING and SETTINGS acknowledgements) stops
 being read. Bounds: ``SETTINGS_MAX_CONCURRENT_STREAMS`` (`MAX_STREAMS`; one
 more is a connection error), the header list (`MAX_HEADER_LIST`), the
+frame size (`MAX_FRAME`: the splitter holds up to one frame), the
 windows (`STREAM_WINDOW` a call, `CONNECTION_WINDOW` all of them: what may
 be sent before the upstream takes it), `MAX_RESETS` client resets beyond
 the calls answered (rapid reset), `MAX_CONTROL` PING and SETTINGS frames
@@ -56,6 +57,10 @@ MAX_STREAMS = 100
 MAX_HEADER_LIST = 16 * 1024
 #: Streams the client may reset beyond the calls answered (CVE-2023-44487).
 MAX_RESETS = 100
+#: The largest frame a client may send (SETTINGS_MAX_FRAME_SIZE): a 256 KiB
+#: export in four DATA frames, not sixteen. The frame splitter holds up to
+#: one; a header block is bounded apart (`grpc.MAX_BLOCK`).
+MAX_FRAME = 64 * 1024
 #: PING and SETTINGS frames accepted between two calls.
 MAX_CONTROL = 1000
 _DEFAULT_WINDOW = 65535
@@ -193,11 +198,10 @@ class GrpcConnection(Protocol):
             return
         self._reading = True  # what the frames make is sent once, at the end
         try:
-            max_frame = self.h2.local_settings.max_frame_size
             try:
-                parts = self._frames.split(data, max_frame)
-            except grpc.PrefaceError:
-                self._close_with(_PROTOCOL_ERROR)
+                parts = self._frames.split(data, MAX_FRAME)
+            except grpc.SplitError as e:
+                self._close_with(e.error_code)
                 return
             for part in parts:
                 if isinstance(part, grpc.DataFrame):
@@ -250,7 +254,7 @@ class GrpcConnection(Protocol):
         elif frame.length:  # its call is over: the bytes go back at once
             self._inflow.taken(sid, frame.length)
         if end and not self._closing:
-            self._to_h2(grpc.end_stream_frame(sid))
+            self._to_h2(self._inflow.end_frame(sid))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closing = True
@@ -437,11 +441,19 @@ def _initiate(conn: h2.connection.H2Connection) -> None:
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
         },
     )
     conn.decoder.max_header_list_size = MAX_HEADER_LIST
     conn.initiate_connection()
     conn.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
+
+
+def _settings_acked(conn: GrpcConnection, event: h2.events.SettingsAcknowledged) -> None:
+    """The client has our SETTINGS: frames up to `MAX_FRAME` from now on
+    (h2 takes the values given at its start as in force already, so it
+    would not raise its own limit)."""
+    conn.h2.max_inbound_frame_size = MAX_FRAME
 
 
 def _content_length(headers: Any) -> int | None:
@@ -461,4 +473,5 @@ _HANDLERS: dict[type[h2.events.Event], Any] = {
     h2.events.PingReceived: GrpcConnection.on_control,
     h2.events.RemoteSettingsChanged: GrpcConnection.on_control,
     h2.events.ConnectionTerminated: GrpcConnection.on_terminated,
+    h2.events.SettingsAcknowledged: _settings_acked,
 }

@@ -264,9 +264,26 @@ END_STREAM = 0x1
 ACK = 0x1
 END_HEADERS = 0x4
 PADDED = 0x8
+#: The largest header block in more than one frame: h2 holds all of it
+#: (up to 64 CONTINUATION frames) before decoding, so 64 frames of 16 KiB,
+#: its bound before the frames could be 64 KiB.
+MAX_BLOCK = 64 * 16384
+#: SETTINGS_MAX_FRAME_SIZE's initial value (RFC 9113, section 6.5.2).
+MIN_MAX_FRAME = 16384
 
 
-class PrefaceError(Exception):
+class SplitError(Exception):
+    """What the splitter refuses itself: a connection error, ``error_code``."""
+
+    error_code = 1  # PROTOCOL_ERROR
+
+
+class HeaderBlockError(SplitError):
+    """A header block over `MAX_BLOCK` (PROTOCOL_ERROR, as h2's own
+    CONTINUATION backlog): its header list is far over the limit anyway."""
+
+
+class PrefaceError(SplitError):
     """The client's connection preface does not go on with SETTINGS (RFC
     9113, section 3.4: a connection error PROTOCOL_ERROR; h2 does not check
     it)."""
@@ -308,9 +325,14 @@ class FrameSplitter:
     What h2 must judge stays h2's: between a HEADERS (or PUSH_PROMISE)
     without END_HEADERS and the CONTINUATION ending it, every frame goes to
     h2 (a DATA there is its connection error, RFC 9113 section 6.10). The
-    first frame after the preface must be SETTINGS (`PrefaceError`)."""
+    first frame after the preface must be SETTINGS (`PrefaceError`).
 
-    __slots__ = ("_block", "_held", "_preface", "_settings")
+    ``max_frame`` is ours (SETTINGS_MAX_FRAME_SIZE): in force from the
+    client's first SETTINGS acknowledgement on, 16 KiB before it. The
+    acknowledgement ends a run, so that h2 takes it (and raises its own
+    limit) before the frames after it."""
+
+    __slots__ = ("_acked", "_block", "_block_size", "_held", "_preface", "_settings")
 
     def __init__(self) -> None:
         #: The start of a frame not yet whole.
@@ -320,10 +342,15 @@ class FrameSplitter:
         self._settings = True
         #: A header block is open: frames go to h2 until its END_HEADERS.
         self._block = False
+        #: The open header block's bytes so far (`MAX_BLOCK`).
+        self._block_size = 0
+        #: The client has acknowledged our SETTINGS: ``max_frame`` holds.
+        self._acked = False
 
     def split(self, data: bytes, max_frame: int) -> list[bytes | DataFrame]:
         """The runs (bytes) and DATA frames of ``data`` and what was held."""
         out: list[bytes | DataFrame] = []
+        limit = max_frame if self._acked else min(max_frame, MIN_MAX_FRAME)
         if self._preface:
             n = min(self._preface, len(data))
             self._preface -= n
@@ -346,7 +373,7 @@ class FrameSplitter:
                     raise PrefaceError("the connection preface must end with SETTINGS")
                 self._settings = False
             length = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
-            if length > max_frame:
+            if length > limit:
                 pos = size  # h2 answers FRAME_SIZE_ERROR on its header
                 break
             end = pos + 9 + length
@@ -354,6 +381,9 @@ class FrameSplitter:
                 break
             if self._block:
                 self._block = not (kind == CONTINUATION and data[pos + 4] & END_HEADERS)
+                self._block_size += length
+                if self._block_size > MAX_BLOCK:
+                    raise HeaderBlockError("a header block over 1 MiB")
             elif kind == DATA:
                 flags = data[pos + 4]
                 sid = (data[pos + 5] & 0x7F) << 24 | data[pos + 6] << 16 | data[pos + 7] << 8
@@ -384,6 +414,15 @@ class FrameSplitter:
                 start = end
             elif kind in (HEADERS, PUSH_PROMISE):
                 self._block = not data[pos + 4] & END_HEADERS
+                self._block_size = length
+            elif kind == SETTINGS and data[pos + 4] & ACK and not self._acked:
+                self._acked = True
+                limit = max_frame
+                if run >= 0:
+                    out.append(_run(run, run_flags, pieces, run_length, data, spans))
+                    pieces, spans, run_length, run = [], [], 0, -1
+                out.append(data[start:end])  # h2 raises its limit on it, then the rest
+                start = end
             pos = end
         if run >= 0:
             out.append(_run(run, run_flags, pieces, run_length, data, spans))
@@ -403,11 +442,20 @@ def _run(
 def end_stream_frame(stream_id: int) -> bytes:
     """An empty trailers block ending ``stream_id`` (HEADERS, END_STREAM and
     END_HEADERS, no field): what h2 is told of a DATA frame with END_STREAM
-    the bridge took itself, so that its stream states stay right. Not an
-    empty DATA frame: h2 would check a request's ``content-length`` (h2load
-    and curl send one) against the DATA bytes it saw, none; trailers reset
-    that check, and an empty block leaves HPACK's table as it is."""
+    the bridge took itself, so that its stream states stay right, when the
+    request had a ``content-length`` (h2load and curl send one): h2 would
+    check it against the DATA bytes it saw, none, on an empty DATA frame
+    (`end_data_frame`); trailers reset that check, and an empty block
+    leaves HPACK's table as it is."""
     return b"\x00\x00\x00\x01\x05" + stream_id.to_bytes(4, "big")
+
+
+def end_data_frame(stream_id: int) -> bytes:
+    """An empty DATA frame with END_STREAM: what h2 is told instead of
+    `end_stream_frame` when the request had no ``content-length`` (gRPC
+    clients send none), h2's cheapest way to end a stream (no HPACK, no
+    header checks: about half the time)."""
+    return b"\x00\x00\x00\x00\x01" + stream_id.to_bytes(4, "big")
 
 
 def window_update(stream_id: int, increment: int) -> bytes:

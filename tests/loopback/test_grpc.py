@@ -536,6 +536,7 @@ class GrpcBridgeTests(TestCase):
         await client.settings
         self.assertEqual(client.h2.remote_settings.max_concurrent_streams, 100)
         self.assertEqual(client.h2.remote_settings.max_header_list_size, 16384)
+        self.assertEqual(client.h2.remote_settings.max_frame_size, 65536)
 
     async def test_oversized_header_list_closes(self) -> None:
         """An HPACK-decoded header list over 16 KiB is a connection error

@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.dataplane.grpc_server import GrpcFactory
+from lgmt_proxy.dataplane.grpc_server import MAX_FRAME, GrpcFactory
 from lgmt_proxy.rules import grpc
 from tests.loopback.test_grpc import TRACES, Call, H2Client, _frames, h2_connect
 from tests.support.helpers import ProxyFixture, Recorder, env_for, listen, sleep, upstream_site
@@ -150,7 +150,13 @@ class BypassTests(TestCase):
         await self.refused(_FRAME_SIZE_ERROR, self.head(1), _data(1, b"", flags=0x8))
 
     async def test_frame_over_the_maximum_size(self) -> None:
+        """Until the client acknowledges our SETTINGS the maximum is 16 KiB."""
         await self.refused(_FRAME_SIZE_ERROR, self.head(1), _data(1, b"x" * 16385))
+
+    async def test_frame_over_our_maximum_size(self) -> None:
+        """Once acknowledged, ours (`MAX_FRAME`, 64 KiB)."""
+        ack = SettingsFrame(0, flags=["ACK"]).serialize()
+        await self.refused(_FRAME_SIZE_ERROR, ack, self.head(1), _data(1, b"x" * (MAX_FRAME + 1)))
 
     async def test_content_length_exceeded(self) -> None:
         """RFC 9113, 8.1.1 (h2 checks it on the DATA it sees; the bridge on
@@ -253,6 +259,30 @@ class BypassTests(TestCase):
         await client.calls[sid].ended
         self.assertEqual(client.calls[sid].status, 0)
         self.assertEqual(self.up.seen[-1].body, b"one byte at a time")
+
+    async def test_64_kib_frames_right_after_the_acknowledgement(self) -> None:
+        """A client sending our maximum, 64 KiB DATA frames, in the same
+        read as its acknowledgement of our SETTINGS: the message is whole."""
+        message = os.urandom(150_000)
+        body = grpc.frame_message(message)
+        ack = SettingsFrame(0, flags=["ACK"]).serialize()
+        frames = [
+            _data(1, body[i : i + MAX_FRAME], 1 if i + MAX_FRAME >= len(body) else 0)
+            for i in range(0, len(body), MAX_FRAME)
+        ]
+        self.assertEqual(len(frames[0]), 9 + MAX_FRAME)
+        client = RawClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
+        self.addCleanup(lambda: client.transport.abortConnection())  # type: ignore[union-attr]
+        client.transport.write(grpc.PREFACE + SettingsFrame(0).serialize())  # type: ignore[union-attr]
+        await sleep(0.01)
+        client.transport.write(ack + self.head(1) + b"".join(frames))  # type: ignore[union-attr]
+        for _ in range(500):
+            if self.up.seen:
+                break
+            await sleep(0.01)
+        self.assertEqual([s.body for s in self.up.seen], [message])
+        self.assertIsNone(client.goaway())
 
     async def test_many_tiny_frames(self) -> None:
         """A message in 1-byte DATA frames (some padded): whole, and every

@@ -282,9 +282,48 @@ class FrameSplitterTests(TestCase):
         head = (16385).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
         self.assertEqual(splitter.split(head + b"y" * 10, 16384), [head + b"y" * 10])
 
+    def test_our_maximum_once_acknowledged(self) -> None:
+        """``max_frame`` holds from the client's acknowledgement of our
+        SETTINGS on (16 KiB before: a bigger frame goes to h2, which
+        refuses it); the acknowledgement is a run of its own, so that h2
+        raises its limit before the frames after it."""
+        ack = _frame(4, 0x1, 0, b"")
+        big = _frame(0, 0x1, 1, b"z" * 65536)
+        splitter = grpc.FrameSplitter()
+        parts = splitter.split(grpc.PREFACE + _SETTINGS + big, 65536)
+        self.assertEqual(parts, [grpc.PREFACE, _SETTINGS + big])
+        splitter = grpc.FrameSplitter()
+        ping = _frame(6, 0, 0, b"\0" * 8)
+        parts = splitter.split(grpc.PREFACE + _SETTINGS + ack + ping + big, 65536)
+        self.assertEqual(parts[:3], [grpc.PREFACE, _SETTINGS + ack, ping])
+        self.assertEqual(_taken(parts[3]), (1, 1, b"z" * 65536, 65536, big))
+        self.assertEqual(len(parts), 4)
+        # Beyond it: to h2 at once.
+        head = (65537).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
+        self.assertEqual(splitter.split(head, 65536), [head])
+
+    def test_header_block_within_1_mib(self) -> None:
+        """h2 holds a header block whole before decoding it: with 64 KiB
+        frames, still no more than 1 MiB (as 64 CONTINUATIONs of 16 KiB)."""
+        ack = _frame(4, 0x1, 0, b"")
+        splitter = grpc.FrameSplitter()
+        splitter.split(grpc.PREFACE + _SETTINGS + ack, 65536)
+        splitter.split(_frame(1, 0, 1, b"h" * 65536), 65536)
+        for _ in range(15):  # 1 MiB in all: taken
+            splitter.split(_frame(9, 0, 1, b"h" * 65536), 65536)
+        with self.assertRaises(grpc.HeaderBlockError):
+            splitter.split(_frame(9, 0x4, 1, b"h"), 65536)
+        # A block ended is forgotten: the next one counts from nothing.
+        splitter = grpc.FrameSplitter()
+        splitter.split(grpc.PREFACE + _SETTINGS + ack, 65536)
+        for sid in range(1, 41, 2):
+            block = _frame(1, 0, sid, b"h" * 65536) + _frame(9, 0x4, sid, b"h" * 65536)
+            self.assertEqual(splitter.split(block, 65536), [block])
+
     def test_frames_the_bridge_writes(self) -> None:
         self.assertEqual(grpc.window_update(7, 65536), _frame(8, 0, 7, (65536).to_bytes(4, "big")))
         self.assertEqual(grpc.end_stream_frame(9), _frame(1, 0x5, 9, b""))
+        self.assertEqual(grpc.end_data_frame(9), _frame(0, 0x1, 9, b""))
 
     @SPLITS
     @given(cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
@@ -336,6 +375,7 @@ _WIRE = (
     grpc.PREFACE
     + _SETTINGS
     + _frame(1, 0x4, 1, b"\x82")
+    + _frame(4, 0x1, 0, b"")
     + _frame(0, 0, 1, b"\0\0\0\0\x20" + b"a" * 20)
     + _frame(0, 0x8, 1, b"\x02" + b"b" * 12 + b"\0\0")
     + _frame(0, 0, 1, b"")
