@@ -116,6 +116,23 @@ def machine() -> dict[str, Any]:
 # -- the processes -----------------------------------------------------------------
 
 
+def machine_cpu() -> dict[str, float]:
+    """CPU seconds the whole machine spent so far: ``busy`` (user, system,
+    irq and softirq: everything but idle, iowait and steal), ``softirq``
+    alone (loopback TCP is mostly that, and the kernel may or may not charge
+    it to the process that sent) and ``steal`` (the hypervisor ran someone
+    else), plus ``children``: what the bench's reaped children (wrk) used."""
+    t = psutil.cpu_times()
+    busy = sum(t) - t.idle - t.iowait - t.steal - t.guest - t.guest_nice
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "busy": busy,
+        "softirq": t.softirq,
+        "steal": t.steal,
+        "children": kids.ru_utime + kids.ru_stime,
+    }
+
+
 def peak_rss_kib(pid: int, reset: bool = False) -> int:
     """VmHWM, the peak RSS (psutil has none); ``reset`` first sets it back to
     the current RSS (``clear_refs`` 5, Linux 4.0+) where the kernel allows."""

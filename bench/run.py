@@ -200,9 +200,12 @@ class Bench:
         target, min_body = self.targets[name], kw.pop("min_body", 0)
         time.sleep(0.2)  # let the previous run's tail settle
         self.log.mark()
+        machine0, upstream0 = b.machine_cpu(), self.upstream.cpu()
         cpu0, t0 = target.cpu(), time.monotonic()
         r = b.wrk(target.url + path, conns, seconds, **kw)
         elapsed, cpu = time.monotonic() - t0, target.cpu() - cpu0
+        machine = {k: v - machine0[k] for k, v in b.machine_cpu().items()}
+        upstream = self.upstream.cpu() - upstream0
         time.sleep(0.3)  # requests cut by wrk's stop reach the upstream's log
         return {
             **{k: r[k] for k in ("requests", "non2xx", "socket_errors")},
@@ -211,6 +214,12 @@ class Bench:
             "cpu_s": cpu,
             "cores": cpu / elapsed,
             "cpu_us_per_request": cpu * 1e6 / r["requests"] if r["requests"] else math.nan,
+            # How busy the machine was besides this run's own processes (the
+            # target, the upstream, wrk): other work on the shared cores.
+            "others_cores": max(machine["busy"] - cpu - upstream - machine["children"], 0.0)
+            / elapsed,
+            "softirq_cores": machine["softirq"] / elapsed,
+            "steal_cores": machine["steal"] / elapsed,
             **self.log.window(name, min_body),
         }
 
@@ -549,9 +558,14 @@ def note(what: str, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+#: Figures whose ratio to nginx's is also taken round by round (`paired`).
+PAIRED = ("cpu_us_per_request", "cpu_us_per_mib")
+
+
 def summarize(runs: Runs) -> Summary:
     """Per target: the median of each figure over the rounds, counts summed,
-    and the upstream connection reuse (used per run / opened while measured)."""
+    the upstream connection reuse (used per run / opened while measured),
+    and the `paired` ratios to nginx (and for a ``*_b`` build to its A)."""
     summary: Summary = {}
     for name, target_runs in runs.items():
         keys = [k for k, v in target_runs[0].items() if isinstance(v, int | float)]
@@ -562,7 +576,28 @@ def summarize(runs: Runs) -> Summary:
         per = f"{row['upstream_requests'] / opened:,.0f}" if opened else "all reused"
         row["conns"] = f"{row['upstream_connections']:,.0f} / {opened} ({per})"
         summary[name] = row
+    for name, row in summary.items():
+        for base, suffix in (("nginx", "vs_nginx"), (name[:-2] * name.endswith("_b"), "vs_a")):
+            if base in runs and base != name:
+                row.update(paired(runs[name], runs[base], suffix))
     return summary
+
+
+def paired(runs: list[dict[str, Any]], base: list[dict[str, Any]], suffix: str) -> dict[str, float]:
+    """The ratio of each `PAIRED` figure to ``base``'s in the same round,
+    the median over the rounds and the lowest and highest. Adjacent runs
+    share the machine's state of the moment (other work on the cores, the
+    CPU's clock), which a ratio of the medians over every round does not
+    cancel: a busy round raised nginx's figure and lgmt-proxy's by different
+    amounts from round to round, and the ratio of medians moved with it."""
+    out: dict[str, float] = {}
+    for k in PAIRED:
+        ratios = [ratio(r.get(k), b_.get(k)) for r, b_ in zip(runs, base, strict=False)]
+        ratios = [x for x in ratios if not math.isnan(x)]
+        if ratios:
+            out[f"{k}_{suffix}"] = statistics.median(ratios)
+            out[f"{k}_{suffix}_low"], out[f"{k}_{suffix}_high"] = min(ratios), max(ratios)
+    return out
 
 
 def soak_growth(samples: list[dict[str, float]]) -> dict[str, float]:
@@ -643,7 +678,7 @@ FIGURES = [
         need=("cpu_us_per_request", "rps"), target="≤ 5x", check="cpu_us_per_request", limit=5),
     Fig("get50", "throughput (req/s)", "{rps:,.0f}", ratio=("rps",)),
     _latency("get50"),
-    Fig("get50", "CPU used (cores)", "{cores:.2f}"),
+    Fig("get50", "CPU used (cores); other work on the machine meanwhile (cores)", "{cores:.2f}; {others_cores:.2f}"),
     _conns("get50"),
     Fig("auth", CPU, "{cpu_us_per_request:,.1f}", label="small GET, {connections} conns, Bearer of the last of {consumers:,} consumers",
         ratio=("cpu_us_per_request",), need=("cpu_us_per_request",), lgmt="lgmt_auth"),
@@ -736,6 +771,20 @@ def fx(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.2f}x"
 
 
+def pair_or_ratio(lg: dict[str, Any], n: dict[str, Any], key: str) -> float:
+    """lgmt-proxy / nginx for ``key``: the median of the per-round ratios
+    where the rounds paired them (`paired`), else the ratio of the medians."""
+    pair = number(lg.get(f"{key}_vs_nginx"))
+    return pair if not math.isnan(pair) else ratio(lg.get(key), n.get(key))
+
+
+def ratio_cell(lg: dict[str, Any], n: dict[str, Any], key: str) -> str:
+    """A ratio cell; for a paired figure with its range over the rounds."""
+    low, high = (number(lg.get(f"{key}_vs_nginx_{end}")) for end in ("low", "high"))
+    text = fx(pair_or_ratio(lg, n, key))
+    return text if math.isnan(low + high) else f"{text} ({low:.2f}-{high:.2f})"
+
+
 def evaluate(results: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]], list[str]]:
     """The table rows, the target checks, and the figures that are missing."""
     rows, checks, missing = [], [], []
@@ -749,11 +798,7 @@ def evaluate(results: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, A
             missing.append(f"{f.workload}: {f.figure}")
         verdict = ""
         if f.check:
-            value = (
-                ratio(lg.get(f.check), n.get(f.check))
-                if f.on == "ratio"
-                else number(lg.get(f.check))
-            )
+            value = pair_or_ratio(lg, n, f.check) if f.on == "ratio" else number(lg.get(f.check))
             # nginx adding no measurable latency (a 0 or negative difference
             # at wrk's resolution) leaves a ratio undefined, not a figure missing.
             base = number(n.get(f.check))
@@ -769,7 +814,7 @@ def evaluate(results: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, A
         ]
         rows.append([
             label, f.figure, f.cell.format_map(_Values(d)) if f.direct else "", *cells,
-            " / ".join(fx(ratio(lg.get(k), n.get(k))) for k in f.ratio), f.target, verdict,
+            " / ".join(ratio_cell(lg, n, k) for k in f.ratio), f.target, verdict,
         ])  # fmt: skip
     every = [t for r in results.values() for t in r["summary"].values()]
     totals = [int(sum(number(t.get(k, 0)) for t in every)) for k in TOTALS]
@@ -793,6 +838,10 @@ def compare_lines(results: dict[str, Any]) -> list[str]:
             for k in (*f.ratio, *((f.check,) if f.on == "lgmt" else ())):
                 va, vb = number(a.get(k)), number(b_.get(k))
                 line = f"  A/B {w:6} {k:22} A {va:>10,.3f}  B {vb:>10,.3f}  B/A {fx(ratio(vb, va))}"
+                low, high = (number(b_.get(f"{k}_vs_a{end}")) for end in ("_low", "_high"))
+                if not math.isnan(low + high):
+                    by_round = fx(number(b_.get(f"{k}_vs_a")))
+                    line += f", by round {by_round} ({low:.2f}-{high:.2f})"
                 if line not in lines:
                     lines.append(line)
     return lines

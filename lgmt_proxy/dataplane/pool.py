@@ -25,7 +25,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from lgmt_proxy.io.reading import Hold, ReadGate
 from lgmt_proxy.io.sending import Sender, SendQueue
@@ -52,7 +52,6 @@ class ResponseSink(TypingProtocol):
     def upstream_lost(self, reason: Failure, answered: bool) -> None: ...
 
 
-@implementer(IHandshakeListener)
 class UpstreamConnection(Protocol):
     """One connection to an upstream, TLS or not, speaking HTTP/1.1."""
 
@@ -259,6 +258,11 @@ class UpstreamConnection(Protocol):
             return
         self.sink = None
         sink.upstream_lost(reason, self._answered)
+
+
+# Not ``@implementer``: a class decorator keeps mypyc from compiling the class
+# as a native class (attributes in a dict, methods called as Python objects).
+classImplements(UpstreamConnection, IHandshakeListener)
 
 
 class _OneConnection(Factory):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from twisted.internet.interfaces import IPushProducer
-from zope.interface import implementer
+from zope.interface import classImplements
 
 
 class Hold:
@@ -32,7 +32,6 @@ class Hold:
     REQUEST: Final = QUEUED | WAITING
 
 
-@implementer(IPushProducer)
 class ReadGate:
     """Pauses one transport's reading for named reasons (see `Hold`). As an
     `IPushProducer` it is what a peer's sender (or a TLS transport) pauses
@@ -69,3 +68,8 @@ class ReadGate:
     def stopProducing(self) -> None:
         """The consumer is gone (Twisted tells a registered producer so)."""
         self._transport.stopProducing()
+
+
+# Not ``@implementer``: a class decorator keeps mypyc from compiling the class
+# as a native class (attributes in a dict, methods called as Python objects).
+classImplements(ReadGate, IPushProducer)

@@ -47,7 +47,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import classImplements, implementer
 
 from lgmt_proxy.io.reading import Hold, ReadGate
 from lgmt_proxy.io.tls import Encryptor, TLSCarrier
@@ -120,7 +120,6 @@ class SendQueue:
                 sender.abort()
 
 
-@implementer(ITransport, IConsumer)
 class Sender:
     """The write owner of one connection (see the module docstring); a
     transport to the protocol that installed it."""
@@ -421,6 +420,11 @@ class Sender:
         if self.tls:
             mode += ", TLS"
         return f"<Sender {mode}, {len(self._backlog)} bytes waiting>"
+
+
+# Not ``@implementer``: a class decorator keeps mypyc from compiling the class
+# as a native class (attributes in a dict, methods called as Python objects).
+classImplements(Sender, ITransport, IConsumer)
 
 
 @implementer(IWriteDescriptor)

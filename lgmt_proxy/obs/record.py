@@ -143,7 +143,7 @@ class Recorder:
             "path": (request.path or request.target).decode("latin-1"),
             "upstream": upstream,
             "status": status,
-            "duration": round(duration, 6),
+            "duration": duration,
             "bytes_in": request.body_in,
             "bytes_out": request.body_out,
             "client": client,

@@ -71,10 +71,24 @@ def connection_listed(values: Iterable[bytes] | None) -> frozenset[bytes]:
     return frozenset(names)
 
 
+#: What the one ``Connection`` value nearly every peer sends lists beyond
+#: the hop-by-hop fields (the answer of `_also_listed` without a split).
+_USUAL_LISTED: dict[bytes, frozenset[bytes]] = {
+    b"keep-alive": frozenset(),
+    b"close": frozenset({b"close"}),
+}
+
+
 def _also_listed(values: list[bytes] | None) -> frozenset[bytes]:
     """What ``Connection`` lists beyond the hop-by-hop fields, dropped anyway
     (``keep-alive`` and ``close``, nearly always: then nothing more to do)."""
-    return connection_listed(values) - HOP_BY_HOP if values else frozenset()
+    if not values:
+        return frozenset()
+    if len(values) == 1:
+        usual = _USUAL_LISTED.get(values[0].lower())
+        if usual is not None:
+            return usual
+    return connection_listed(values) - HOP_BY_HOP
 
 
 def forward_request_headers(

@@ -140,12 +140,14 @@ def split_target(target: bytes) -> tuple[bytes, bytes | None]:
         # absolute-form (GET http://host/...), authority-form (CONNECT) and "*":
         # a reverse proxy never forwards to a host the client names.
         raise Refusal(400, "only origin-form request targets are accepted")
-    path, sep, query = target.partition(b"?")
-    if _BAD_BYTES.search(path) or (sep and _BAD_BYTES.search(query)):
+    if _BAD_BYTES.search(target):  # the path and the query alike
         raise Refusal(400, "request target contains forbidden characters")
-    if _DOT_SEGMENT.search(path):
+    path, sep, query = target.partition(b"?")
+    # Most paths have neither a dot nor a percent sign: no search for them.
+    encoded = b"%" in path
+    if (encoded or b"." in path) and _DOT_SEGMENT.search(path):
         raise Refusal(400, "dot segments are not allowed in the path")
-    if _ENCODED_SLASH.search(path):
+    if encoded and _ENCODED_SLASH.search(path):
         raise Refusal(400, "encoded slashes are not allowed in the path")
     return path, (query if sep else None)
 
