@@ -116,6 +116,20 @@ def machine() -> dict[str, Any]:
 # -- the processes -----------------------------------------------------------------
 
 
+#: With ``--pin``, the CPU wrk runs on (``taskset``); None: wherever the
+#: scheduler puts it.
+WRK_CPU: list[int] = []
+
+
+def place(target: Target, cpu: int) -> None:
+    """Pin every process of ``target`` (an nginx's master too) to ``cpu``."""
+    procs = target.processes()
+    if target.proc is not None:
+        procs = [psutil.Process(target.proc.pid), *procs]
+    for proc in procs:
+        proc.cpu_affinity([cpu])
+
+
 def machine_cpu() -> dict[str, float]:
     """CPU seconds the whole machine spent so far: ``busy`` (user, system,
     irq and softirq: everything but idle, iowait and steal), ``softirq``
@@ -570,6 +584,8 @@ def wrk(
     bench.lua, which counts non-2xx answers and prints one ``BENCH {json}``:
     that result, or with ``background`` the process, for `parse_wrk`."""
     cmd = f"{which('wrk')} -t1 -c{conns} -d{seconds}s --timeout 10s --latency -s".split()
+    if WRK_CPU:
+        cmd = [which("taskset"), "-c", str(WRK_CPU[0]), *cmd]
     cmd += [str(BENCH / "bench.lua"), *opts, url, "--", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc if background else parse_wrk(*proc.communicate(timeout=seconds + 60))

@@ -83,6 +83,8 @@ class Settings:
     soak_push_bytes: int = 64 * 1024
     soak_close_every: int = 50
     settle: float = 1.0  # seconds for RSS to settle after idle connections open/close
+    #: --pin: each proxy on the first CPU, wrk and the upstream on the second.
+    pin: bool = False
 
     @classmethod
     def quick(cls) -> Settings:
@@ -110,6 +112,9 @@ class Bench:
         with open(self.workdir / "big.bin", "wb") as f:
             f.truncate(self.s.big_bytes)  # sparse: costs no disk
         self.upstream.start()  # stopped by `stop` even if what follows fails
+        if self.s.pin:
+            b.place(self.upstream, 1)
+            b.WRK_CPU[:] = [1]
         self.targets["direct"] = b.Direct(self.upstream.url)
         self.start_proxies()
 
@@ -158,6 +163,8 @@ class Bench:
     def add(self, target: b.Target) -> None:
         self.targets[target.name] = target
         target.start()
+        if self.s.pin and isinstance(target, b.Nginx | b.LgmtProxy):
+            b.place(target, 0)
 
     def fresh_proxies(self) -> None:
         """New proxy processes, warmed up with a little of every kind of
@@ -897,6 +904,7 @@ OPTIONS = [
     ("--json", str, "also write the results here (always: bench/results/latest.json)"),
     ("--update-docs", bool, "rewrite the results table in docs/performance.md"),
     ("--strict", bool, "exit 1 when a target is missed"),
+    ("--pin", bool, "pin each proxy (nginx's and lgmt-proxy's alike) to CPU 0, wrk and the upstream to CPU 1"),
 ]  # fmt: skip
 
 
@@ -918,6 +926,7 @@ def main(argv: list[str]) -> int:
         ("soak_seconds", args.soak_seconds), ("rounds", args.rounds), ("seconds", args.seconds),
         ("big_bytes", args.big_mib and args.big_mib * MiB), ("idle_connections", args.idle_connections),
         ("auth_consumers", args.consumers), ("grpc_bytes", args.grpc_kib and args.grpc_kib * 1024),
+        ("pin", args.pin or None),
     ):  # fmt: skip
         if value is not None:
             setattr(s, key, value)

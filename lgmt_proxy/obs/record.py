@@ -18,14 +18,16 @@ _MAX_ID = 128
 
 class _Ids:
     """Request ids unique across processes and restarts: a random per-process
-    prefix and a counter (os.urandom per request cost ~1.5% of a small GET)."""
+    prefix and a counter (os.urandom per request cost ~1.5% of a small GET),
+    in hex from 2**32 on (nine digits for the first 64 Gi requests: ``hex``
+    costs half of a fixed-width format)."""
 
     def __init__(self) -> None:
         self._prefix = os.urandom(5).hex()
-        self._next = itertools.count(1).__next__
+        self._next = itertools.count(1 << 32).__next__
 
     def __call__(self) -> str:
-        return f"{self._prefix}{self._next():08x}"
+        return self._prefix + hex(self._next())[2:]
 
 
 _new_id = _Ids()
