@@ -23,7 +23,7 @@ from lgmt_proxy.dataplane.request import Incoming
 from lgmt_proxy.io.reading import Hold
 from lgmt_proxy.io.sending import Sender
 from lgmt_proxy.rules import errors
-from lgmt_proxy.rules.headers import RawHeaders, head_lines, response_headers
+from lgmt_proxy.rules.headers import RawHeaders, response_lines
 
 _log = Logger(namespace="lgmt_proxy.server")
 
@@ -173,9 +173,7 @@ class ResponseWriter:
             self.ending = Ending.DRAIN
         framing += self._connection_line(req)
         self.started = True
-        self.out.write(
-            errors.format_head(status, reason, head_lines(response_headers(headers)), framing)
-        )
+        self.out.write(errors.format_head(status, reason, response_lines(headers), framing))
 
     def response_body(self, data: bytes) -> None:
         req = self.req

@@ -159,6 +159,24 @@ def response_headers(upstream: RawHeaders) -> RawHeaders:
     return out
 
 
+def response_lines(upstream: RawHeaders) -> bytes:
+    """`head_lines` of `response_headers`: one pass, no list of pairs, when
+    the upstream's ``Connection`` lists nothing more than the usual."""
+    lines: list[bytes] = []
+    connection: list[bytes] | None = None
+    drop = _RESPONSE_DROP
+    for name, value in upstream:
+        low = name.lower()
+        if low in drop:
+            if low == b"connection":
+                connection = [value] if connection is None else [*connection, value]
+            continue
+        lines.append(name + b": " + value + b"\r\n")
+    if connection is not None and _also_listed(connection):
+        return head_lines(response_headers(upstream))
+    return b"".join(lines)
+
+
 def head_lines(headers: RawHeaders) -> bytes:
     """``name: value\\r\\n`` for each header, joined."""
     return b"".join([n + b": " + v + b"\r\n" for n, v in headers])

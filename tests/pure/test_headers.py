@@ -3,7 +3,13 @@
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
-from lgmt_proxy.rules.headers import HOP_BY_HOP, forward_request_headers, response_headers
+from lgmt_proxy.rules.headers import (
+    HOP_BY_HOP,
+    forward_request_headers,
+    head_lines,
+    response_headers,
+    response_lines,
+)
 
 
 def fwd(pairs: list[tuple[bytes, bytes]]) -> Headers:
@@ -248,3 +254,23 @@ class ResponseHeaderTests(TestCase):
         self.assertEqual(out.getRawHeaders(b"content-encoding"), [b"gzip"])
         self.assertEqual(out.getRawHeaders(b"set-cookie"), [b"a=1", b"b=2"])
         self.assertEqual(out.getRawHeaders(b"retry-after"), [b"30"])
+
+    def test_response_lines_are_the_kept_headers_as_lines(self) -> None:
+        # One pass for the usual answer, the same bytes as the two steps
+        # whatever Connection lists.
+        base = [
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", b"63"),
+            (b"Set-Cookie", b"a=1"),
+            (b"X-Hop", b"1"),
+            (b"Keep-Alive", b"timeout=5"),
+        ]
+        for connection in ([], [b"keep-alive"], [b"Close"], [b"X-Hop"], [b"keep-alive", b"x-hop"]):
+            up = base + [(b"Connection", c) for c in connection]
+            self.assertEqual(response_lines(up), head_lines(response_headers(up)), connection)
+        usual = [*base, (b"Connection", b"keep-alive")]
+        self.assertEqual(
+            response_lines(usual),
+            b"Content-Type: application/json\r\nSet-Cookie: a=1\r\nX-Hop: 1\r\n",
+        )
+        self.assertNotIn(b"X-Hop", response_lines([*base, (b"Connection", b"X-Hop")]))
