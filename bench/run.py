@@ -789,7 +789,7 @@ def ratio_cell(lg: dict[str, Any], n: dict[str, Any], key: str) -> str:
     """A ratio cell; for a paired figure with its range over the rounds."""
     low, high = (number(lg.get(f"{key}_vs_nginx_{end}")) for end in ("low", "high"))
     text = fx(pair_or_ratio(lg, n, key))
-    return text if math.isnan(low + high) else f"{text} ({low:.2f}-{high:.2f})"
+    return text if math.isnan(low + high) or low == high else f"{text} ({low:.2f}-{high:.2f})"
 
 
 def evaluate(results: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]], list[str]]:
