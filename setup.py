@@ -34,6 +34,7 @@ COMPILED = [
     "lgmt_proxy/io/reading.py",
     "lgmt_proxy/io/sending.py",
     "lgmt_proxy/io/timers.py",
+    "lgmt_proxy/io/tlswire.py",
     "lgmt_proxy/dataplane/dispatcher.py",
     "lgmt_proxy/dataplane/drain.py",
     "lgmt_proxy/dataplane/exchange.py",

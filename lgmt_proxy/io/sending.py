@@ -37,6 +37,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -71,7 +72,11 @@ class SendQueue:
     def sender(self, transport: Any) -> Sender:
         """A sender for ``transport``: direct for a plain TCP socket, and for
         TLS over a `TLSCarrier` on one (the records go out through the
-        sender), else through the transport."""
+        sender), else through the transport. A transport that made its own
+        sender (TLS on the socket, ``io/tlswire.py``) gives that one."""
+        own = getattr(transport, "sender", None)
+        if isinstance(own, Sender):
+            return own
         carrier = getattr(transport, "transport", None)
         if isinstance(carrier, TLSCarrier) and carrier.tls is transport:
             sock = self._socket(carrier.transport)
@@ -133,6 +138,8 @@ class Sender:
         *,
         raw: Any = None,
         tls: bool = False,
+        ssl: SSL.Connection | None = None,
+        watch: Any = None,
     ) -> None:
         #: What the protocol writes to (for TLS, the `TLSMemoryBIOProtocol`).
         self.transport = transport
@@ -144,12 +151,23 @@ class Sender:
         self.sock = sock
         #: Whether ``transport`` is a TLS layer whose records come back
         #: through `wire_write` (a turn's plaintext is encrypted in one go).
-        self.tls = tls
+        self.tls = tls or ssl is not None
+        #: Records made by a TLS layer come back through `wire_write`.
+        self._layer = tls
         self._encryptor = Encryptor(transport) if tls else None
+        #: TLS on the socket itself (``io/tlswire.py``): sends are
+        #: ``SSL_write``s, all or nothing, and the backlog is plaintext that
+        #: OpenSSL asked to be retried with (it may hold part of it encrypted).
+        self.ssl = ssl
+        #: Held until the handshake is done (`tls_ready`).
+        self._held = ssl is not None
         self._pending: list[bytes] | None = None
         self._records: list[bytes] = []
         self._backlog = bytearray()
-        self._watch: _Writable | None = None
+        #: The descriptor watched for room: our own duplicate, or, for TLS
+        #: on the socket, the TLS transport's (which it closes itself).
+        self._watch: Any = watch
+        self._own_watch = watch is None
         self._producer: Any = None
         self._paused = False
         self._close_when_sent = False
@@ -183,9 +201,11 @@ class Sender:
 
     def flush(self) -> None:
         """Send what this turn wrote (called by the queue; early before a close)."""
-        if self.tls:
+        if self._layer:
             self._flush_tls()
             return
+        if self._held:
+            return  # still handshaking: sent by `tls_ready`
         pending, self._pending = self._pending, None
         if not pending or self.done:
             return
@@ -220,11 +240,16 @@ class Sender:
     def _send(self, data: bytes | memoryview) -> bool:
         """Send what the kernel takes, keep the rest; False if the connection broke."""
         assert self.sock is not None
+        ssl = self.ssl
         try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
+            if ssl is not None:
+                ssl.send(data)
+                sent = len(data)
+            else:
+                sent = self.sock.send(data)
+        except (BlockingIOError, SSL.WantWriteError, SSL.WantReadError):
             sent = 0
-        except OSError:
+        except (OSError, SSL.Error):
             self.abort()
             return False
         if sent:
@@ -265,12 +290,19 @@ class Sender:
             self._unwatch()
             return
         broken = False
+        ssl = self.ssl
         with memoryview(backlog) as view:
             try:
-                sent = self.sock.send(view)  # type: ignore[union-attr]
-            except BlockingIOError:
+                if ssl is not None:
+                    # The same bytes again, and what was added since
+                    # (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER: pyOpenSSL's default).
+                    ssl.send(view)
+                    sent = len(view)
+                else:
+                    sent = self.sock.send(view)  # type: ignore[union-attr]
+            except (BlockingIOError, SSL.WantWriteError, SSL.WantReadError):
                 return
-            except OSError:
+            except (OSError, SSL.Error):
                 broken = True  # aborted once the view is released
         if broken:
             self.abort()
@@ -350,7 +382,7 @@ class Sender:
         close, whose records come back through `wire_write`)."""
         if self.done:
             return
-        if self.sock is None or self.tls:
+        if self.sock is None or self._layer:
             self.flush()
             if self._encryptor is not None:
                 self._encryptor.stop()  # the TLS layer decides what is written now
@@ -372,6 +404,12 @@ class Sender:
             return
         self.connection_lost()
         self.transport.abortConnection()
+
+    def tls_ready(self) -> None:
+        """TLS on the socket finished its handshake: send what waited."""
+        self._held = False
+        if self._pending and not self.done:
+            self.queue.add(self)
 
     # -- the records of a TLS layer (`TLSCarrier.sink`) ------------------------------
 
@@ -412,9 +450,10 @@ class Sender:
             if producer is not None:
                 producer.resumeProducing()
         self._unwatch()
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.close()
+        if self._own_watch:
+            watch, self._watch = self._watch, None
+            if watch is not None:
+                watch.close()
 
     def __repr__(self) -> str:
         mode = "through the transport" if self.sock is None else "direct"

@@ -124,6 +124,24 @@ class ClientTLS:
         conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
         return conn
 
+    def wire_connection(self, wire: Any, tls: Verifiable) -> SSL.Connection:
+        """A client connection whose BIO is ``wire``'s descriptor (TLS on the
+        socket, ``io/tlswire.py``); a certificate not for the host name is
+        reported to ``tls.failVerification``."""
+        conn = SSL.Connection(self._context, wire)
+        conn.set_connect_state()
+        if self._server_name is not None:
+            conn.set_tlsext_host_name(self._server_name)
+        verify = _Verifier(tls, self._identity)
+        conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        return conn
+
+
+class Verifiable(TypingProtocol):
+    """What a failed host name check is reported to (a TLS layer)."""
+
+    def failVerification(self, reason: Failure) -> None: ...
+
 
 class _Verifier:
     """OpenSSL's verify callback for one connection: the chain's verdict,
@@ -133,8 +151,8 @@ class _Verifier:
 
     __slots__ = ("_identity", "_tls")
 
-    def __init__(self, tls: TLSMemoryBIOProtocol, identity: ServiceID) -> None:
-        self._tls: TLSMemoryBIOProtocol | None = tls
+    def __init__(self, tls: Verifiable, identity: ServiceID) -> None:
+        self._tls: Verifiable | None = tls
         self._identity = identity
 
     def __call__(
