@@ -44,12 +44,12 @@ from twisted.internet.interfaces import (
     IReactorFDSet,
     IReactorTime,
     ITransport,
-    IWriteDescriptor,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from lgmt_proxy.io.descriptor import Duplicate
 from lgmt_proxy.io.reading import Hold, ReadGate
 from lgmt_proxy.io.tls import Encryptor, TLSCarrier
 
@@ -82,7 +82,7 @@ class SendQueue:
             sock = self._socket(carrier.transport)
             if sock is None:
                 return Sender(transport, self, None)
-            sender = Sender(transport, self, sock, raw=carrier.transport, tls=True)
+            sender = LayerSender(transport, self, sock, raw=carrier.transport)
             carrier.sink = sender
             return sender
         return Sender(transport, self, self._socket(transport))
@@ -137,7 +137,6 @@ class Sender:
         sock: socket.socket | None,
         *,
         raw: Any = None,
-        tls: bool = False,
         ssl: SSL.Connection | None = None,
         watch: Any = None,
     ) -> None:
@@ -149,23 +148,14 @@ class Sender:
         self.reading = ReadGate(self.raw)
         self.queue = queue
         self.sock = sock
-        #: Whether ``transport`` is a TLS layer whose records come back
-        #: through `wire_write` (a turn's plaintext is encrypted in one go).
-        self.tls = tls or ssl is not None
-        #: Records made by a TLS layer come back through `wire_write`.
-        self._layer = tls
-        self._encryptor = Encryptor(transport) if tls else None
-        #: TLS on the socket itself (``io/tlswire.py``): sends are
-        #: ``SSL_write``s, all or nothing, and the backlog is plaintext that
-        #: OpenSSL asked to be retried with (it may hold part of it encrypted).
+        #: TLS on the socket itself (`_put`), held until its handshake is
+        #: done (`tls_ready`); or over a TLS layer (`LayerSender`).
         self.ssl = ssl
-        #: Held until the handshake is done (`tls_ready`).
+        self.tls = ssl is not None
         self._held = ssl is not None
         self._pending: list[bytes] | None = None
-        self._records: list[bytes] = []
         self._backlog = bytearray()
-        #: The descriptor watched for room: our own duplicate, or, for TLS
-        #: on the socket, the TLS transport's (which it closes itself).
+        #: Watched for room: our own duplicate, or the TLS transport's.
         self._watch: Any = watch
         self._own_watch = watch is None
         self._producer: Any = None
@@ -201,9 +191,6 @@ class Sender:
 
     def flush(self) -> None:
         """Send what this turn wrote (called by the queue; early before a close)."""
-        if self._layer:
-            self._flush_tls()
-            return
         if self._held:
             return  # still handshaking: sent by `tls_ready`
         pending, self._pending = self._pending, None
@@ -211,24 +198,6 @@ class Sender:
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         self._queue_bytes(data)
-
-    def _flush_tls(self) -> None:
-        """Encrypt this turn's plaintext in one go (`Encryptor`, else the TLS
-        layer's write), then send every record made since the last turn."""
-        pending = self._pending
-        if pending and not self.done:
-            self._pending = []  # still queued: records written meanwhile wait here
-            data = pending[0] if len(pending) == 1 else b"".join(pending)
-            taken = self._encryptor.encrypt(data, self._records) if self._encryptor else 0
-            if taken < len(data):
-                self.transport.write(data[taken:] if taken else data)
-        self._pending = None
-        self._send_records()
-
-    def _send_records(self) -> None:
-        records, self._records = self._records, []
-        if records and not self.done:
-            self._queue_bytes(records[0] if len(records) == 1 else b"".join(records))
 
     def _queue_bytes(self, data: bytes) -> None:
         if self._backlog:
@@ -239,16 +208,8 @@ class Sender:
 
     def _send(self, data: bytes | memoryview) -> bool:
         """Send what the kernel takes, keep the rest; False if the connection broke."""
-        assert self.sock is not None
-        ssl = self.ssl
         try:
-            if ssl is not None:
-                ssl.send(data)
-                sent = len(data)
-            else:
-                sent = self.sock.send(data)
-        except (BlockingIOError, SSL.WantWriteError, SSL.WantReadError):
-            sent = 0
+            sent = self._put(data)
         except (OSError, SSL.Error):
             self.abort()
             return False
@@ -260,6 +221,20 @@ class Sender:
                 return False
             self._over_high_water()
         return True
+
+    def _put(self, data: bytes | memoryview) -> int:
+        """What the kernel took of ``data``. With TLS on the socket, all or
+        nothing: the bytes OpenSSL asked to be retried with are the start of
+        the backlog, sent again with what was added since (partial writes
+        off, moving write buffers accepted: `tls.ClientTLS`)."""
+        try:
+            ssl = self.ssl
+            if ssl is None:
+                return self.sock.send(data)  # type: ignore[union-attr]
+            ssl.send(data)
+            return len(data)
+        except (BlockingIOError, SSL.WantWriteError, SSL.WantReadError):
+            return 0
 
     def _over_high_water(self) -> None:
         if len(self._backlog) > HIGH_WATER and self._producer is not None and not self._paused:
@@ -277,7 +252,7 @@ class Sender:
             except OSError:
                 self.abort()
                 return False
-            watch = self._watch = _Writable(fd, self)
+            watch = self._watch = Duplicate(fd, write=self.writable, lost=self.abort)
         if not watch.watching:
             watch.watching = True
             self.queue.reactor.addWriter(watch)  # type: ignore[attr-defined]
@@ -290,18 +265,9 @@ class Sender:
             self._unwatch()
             return
         broken = False
-        ssl = self.ssl
         with memoryview(backlog) as view:
             try:
-                if ssl is not None:
-                    # The same bytes again, and what was added since
-                    # (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER: pyOpenSSL's default).
-                    ssl.send(view)
-                    sent = len(view)
-                else:
-                    sent = self.sock.send(view)  # type: ignore[union-attr]
-            except (BlockingIOError, SSL.WantWriteError, SSL.WantReadError):
-                return
+                sent = self._put(view)
             except (OSError, SSL.Error):
                 broken = True  # aborted once the view is released
         if broken:
@@ -382,10 +348,7 @@ class Sender:
         close, whose records come back through `wire_write`)."""
         if self.done:
             return
-        if self.sock is None or self._layer:
-            self.flush()
-            if self._encryptor is not None:
-                self._encryptor.stop()  # the TLS layer decides what is written now
+        if self.sock is None:
             self.transport.loseConnection()
             return
         self.flush()
@@ -411,6 +374,73 @@ class Sender:
         if self._pending and not self.done:
             self.queue.add(self)
 
+    def connection_lost(self) -> None:
+        """The connection is gone: drop what is unsent, close the duplicate."""
+        self.done = True
+        self.discard_unsent()
+
+    def discard_unsent(self) -> None:
+        self._pending = None
+        self._backlog.clear()
+        producer, self._producer = self._producer, None
+        if self._paused:
+            # Paused by this backlog, which is gone: nothing else would resume it.
+            self._paused = False
+            if producer is not None:
+                producer.resumeProducing()
+        self._unwatch()
+        if self._own_watch:
+            watch, self._watch = self._watch, None
+            if watch is not None:
+                watch.close()
+
+    def __repr__(self) -> str:
+        mode = "through the transport" if self.sock is None else "direct"
+        if self.tls:
+            mode += ", TLS"
+        return f"<Sender {mode}, {len(self._backlog)} bytes waiting>"
+
+
+class LayerSender(Sender):
+    """The sender of TLS over a `TLSCarrier` on a socket (Twisted's TLS
+    layer: TLS inside TLS, the gRPC listener's TLS): a turn's plaintext is
+    encrypted in one go (`Encryptor`) and the records the layer makes come
+    back through `wire_write`, to be sent as a plain sender sends."""
+
+    def __init__(self, transport: Any, queue: SendQueue, sock: socket.socket, *, raw: Any) -> None:
+        super().__init__(transport, queue, sock, raw=raw)
+        self.tls = True
+        self._encryptor: Encryptor | None = Encryptor(transport)
+        self._records: list[bytes] = []
+
+    def flush(self) -> None:
+        """Encrypt this turn's plaintext in one go (`Encryptor`, else the TLS
+        layer's write), then send every record made since the last turn."""
+        pending = self._pending
+        if pending and not self.done:
+            self._pending = []  # still queued: records written meanwhile wait here
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            taken = self._encryptor.encrypt(data, self._records) if self._encryptor else 0
+            if taken < len(data):
+                self.transport.write(data[taken:] if taken else data)
+        self._pending = None
+        self._send_records()
+
+    def _send_records(self) -> None:
+        records, self._records = self._records, []
+        if records and not self.done:
+            self._queue_bytes(records[0] if len(records) == 1 else b"".join(records))
+
+    def close(self) -> None:
+        """Close through the TLS layer, whose close records come back
+        through `wire_write`."""
+        if self.done:
+            return
+        self.flush()
+        if self._encryptor is not None:
+            self._encryptor.stop()  # the TLS layer decides what is written now
+        self.transport.loseConnection()
+
     # -- the records of a TLS layer (`TLSCarrier.sink`) ------------------------------
 
     def wire_write(self, data: bytes) -> None:
@@ -434,61 +464,6 @@ class Sender:
         """The TLS layer aborts the connection (its carrier cuts the socket)."""
         self.connection_lost()
 
-    def connection_lost(self) -> None:
-        """The connection is gone: drop what is unsent, close the duplicate."""
-        self.done = True
-        self._drop()
-
-    def _drop(self) -> None:
-        self._pending = None
+    def discard_unsent(self) -> None:
         self._records = []
-        self._backlog.clear()
-        producer, self._producer = self._producer, None
-        if self._paused:
-            # Paused by this backlog, which is gone: nothing else would resume it.
-            self._paused = False
-            if producer is not None:
-                producer.resumeProducing()
-        self._unwatch()
-        if self._own_watch:
-            watch, self._watch = self._watch, None
-            if watch is not None:
-                watch.close()
-
-    def __repr__(self) -> str:
-        mode = "through the transport" if self.sock is None else "direct"
-        if self.tls:
-            mode += ", TLS"
-        return f"<Sender {mode}, {len(self._backlog)} bytes waiting>"
-
-
-@implementer(IWriteDescriptor)
-class _Writable:
-    """A duplicate of a connection's descriptor, watched for writability only."""
-
-    def __init__(self, fd: int, sender: Sender) -> None:
-        self.fd = fd
-        self.sender = sender
-        self.watching = False
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def doWrite(self) -> None:
-        self.sender.writable()
-
-    def connectionLost(self, reason: Failure) -> None:
-        # The reactor dropped the descriptor: an error or hang-up on the
-        # socket (a reset from the peer). The transport may not be reading
-        # (paused, or closing with this backlog), so it would never see it:
-        # cut the connection here.
-        self.watching = False
-        self.sender.abort()
-
-    def logPrefix(self) -> str:
-        return "lgmt-proxy sender"
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        super().discard_unsent()

@@ -10,7 +10,7 @@ upload's CPU (docs/performance.md).
 
 The TCP connection's transport stays Twisted's (connecting, closing, the
 reason it closed), but its reading is paused (its public ``pauseProducing``)
-for good: the duplicate descriptor (`_Wire`) is watched with the reactor's
+for good: the duplicate descriptor (`descriptor.Duplicate`) is watched with the reactor's
 public ``addReader``/``addWriter`` instead, for the handshake, ``SSL_read``
 and the sender's backlog. The application protocol's transport is this
 object; its writes go through its `Sender`, made here and handed out by
@@ -38,7 +38,6 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IPushProducer,
     IReactorFDSet,
-    IReadWriteDescriptor,
     IStreamClientEndpoint,
     ITransport,
 )
@@ -46,6 +45,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from lgmt_proxy.io.descriptor import Duplicate
 from lgmt_proxy.io.sending import Sender, SendQueue
 from lgmt_proxy.io.tls import ClientTLS
 
@@ -70,51 +70,6 @@ def _lost(error: SSL.Error) -> Failure:
     return Failure(error)
 
 
-@implementer(IReadWriteDescriptor)
-class _Wire:
-    """The duplicate of a TCP connection's descriptor that OpenSSL reads and
-    writes, and the reactor watches for `WireTLS`."""
-
-    __slots__ = ("fd", "reading", "tls", "watching")
-
-    def __init__(self, fd: int, tls: WireTLS) -> None:
-        self.fd = fd
-        self.tls: WireTLS | None = tls
-        #: Registered with the reactor for reading / for writing.
-        self.reading = False
-        self.watching = False
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def doRead(self) -> None:
-        tls = self.tls
-        if tls is not None:
-            tls.readable()
-
-    def doWrite(self) -> None:
-        tls = self.tls
-        if tls is not None:
-            tls.writable()
-
-    def connectionLost(self, reason: Failure) -> None:
-        # The reactor dropped the descriptor (an error or hang-up it saw
-        # while nothing read it): the connection is gone.
-        self.reading = self.watching = False
-        tls = self.tls
-        if tls is not None:
-            tls.wire_lost()
-
-    def logPrefix(self) -> str:
-        return "lgmt-proxy TLS"
-
-    def close(self) -> None:
-        self.tls = None
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-
 @implementer(ITransport, IPushProducer)
 class WireTLS(Protocol):
     """The protocol of one TCP connection and the transport of the
@@ -131,13 +86,15 @@ class WireTLS(Protocol):
         #: The connection's write owner (None until connected).
         self.sender: Sender | None = None
         self.ssl: SSL.Connection | None = None
-        self._wire: _Wire | None = None
+        self._wire: Duplicate | None = None
         self._handshaking = True
         self._paused = False
         #: The first failure seen (a verification error, a TLS alert),
         #: reported to the application rather than the TCP close's reason.
         self._reason: Failure | None = None
         self._ending = False
+        #: An ``SSL_read`` asked for room to write (`readable` again then).
+        self._read_waits = False
 
     # -- the TCP connection's protocol -------------------------------------------------
 
@@ -151,7 +108,13 @@ class WireTLS(Protocol):
             tcp.loseConnection()
             return
         tcp.pauseProducing()  # type: ignore[attr-defined]  # for good: the wire reads
-        wire = self._wire = _Wire(os.dup(sock.fileno()), self)
+        wire = self._wire = Duplicate(
+            os.dup(sock.fileno()),
+            read=self.readable,
+            write=self.writable,
+            lost=self.wire_lost,
+            name="lgmt-proxy TLS",
+        )
         self.ssl = self.creator.wire_connection(wire, self)
         self.sender = Sender(self, self.sends, sock, raw=self, ssl=self.ssl, watch=wire)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -167,12 +130,6 @@ class WireTLS(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_wire()
-        ssl, self.ssl = self.ssl, None
-        if ssl is not None:
-            ssl.set_app_data(None)
-        sender = self.sender
-        if sender is not None:
-            sender.connection_lost()
         failure, self._reason = self._reason, None
         self.app.connectionLost(failure or reason)
 
@@ -206,13 +163,14 @@ class WireTLS(Protocol):
             return
         ssl = self.ssl
         budget = READ_BUDGET
-        while ssl is not None and not self._paused and budget > 0:
+        while ssl is not None and not self._paused and (budget > 0 or ssl.pending()):
             try:
                 data = ssl.recv(READ_SIZE)
             except SSL.WantReadError:
                 return
             except SSL.WantWriteError:
-                self._want_write()  # a key update's answer waits for room
+                self._read_waits = True  # a key update's answer waits for room
+                self._want_write()
                 return
             except SSL.ZeroReturnError:
                 self._closed_by_peer()
@@ -229,6 +187,9 @@ class WireTLS(Protocol):
             self._unwant_write()
             self._handshake()
             return
+        if self._read_waits:
+            self._read_waits = False
+            self.readable()
         if self.sender is not None:
             self.sender.writable()
         else:
@@ -268,9 +229,6 @@ class WireTLS(Protocol):
         if self._ending:
             return
         self._ending = True
-        sender = self.sender
-        if sender is not None:
-            sender.connection_lost()
         self._stop_wire()
         tcp = self.transport
         if tcp is not None:
@@ -280,7 +238,13 @@ class WireTLS(Protocol):
                 tcp.loseConnection()
 
     def _stop_wire(self) -> None:
+        """Unregister and close the duplicate, after the sender is done and
+        with the OpenSSL connection that wrote to it forgotten: its number
+        may be reused at once."""
+        if self.sender is not None:
+            self.sender.connection_lost()
         wire, self._wire = self._wire, None
+        self.ssl = None
         if wire is None:
             return
         if wire.reading:
@@ -352,6 +316,10 @@ class WireTLS(Protocol):
     def resumeProducing(self) -> None:
         self._paused = False
         self._want_read()
+        ssl = self.ssl
+        if ssl is not None and not self._handshaking and ssl.pending():
+            # Plaintext OpenSSL holds already: no readiness event will come.
+            self.reactor.callLater(0, self.readable)  # type: ignore[attr-defined]
 
     def stopProducing(self) -> None:
         self.abortConnection()
