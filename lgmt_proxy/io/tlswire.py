@@ -55,7 +55,7 @@ READ_SIZE: Final = 65536
 READ_BUDGET: Final = 262144
 
 
-def _lost(error: SSL.Error) -> Failure:
+def lost_reason(error: SSL.Error) -> Failure:
     """What the application is told for an OpenSSL error on the wire: the
     peer going away without ``close_notify`` (EOF, reset) is a lost
     connection, as Twisted's TLS layer reports it; anything else (a bad
@@ -147,7 +147,7 @@ class WireTLS(Protocol):
             self._want_write()
             return
         except SSL.Error as e:
-            self.fail(_lost(e))
+            self.fail(lost_reason(e))
             return
         self._handshaking = False
         if self._paused:
@@ -176,7 +176,7 @@ class WireTLS(Protocol):
                 self._closed_by_peer()
                 return
             except SSL.Error as e:
-                self.fail(_lost(e))
+                self.fail(lost_reason(e))
                 return
             budget -= len(data)
             self.app.dataReceived(data)
@@ -394,4 +394,4 @@ def _application(wire: IProtocol) -> IProtocol:
     return wire.app
 
 
-__all__ = ["WireTLS", "WireTLSEndpoint"]
+__all__ = ["WireTLS", "WireTLSEndpoint", "lost_reason"]
