@@ -11,6 +11,7 @@ one (`tlswire.WireTLS`, whose OpenSSL connection uses it as its BIO).
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IReadWriteDescriptor
@@ -76,4 +77,22 @@ class Duplicate:
             os.close(fd)
 
 
-__all__ = ["Duplicate"]
+def duplicate(
+    sock: socket.socket | None,
+    *,
+    write: Callable[[], None],
+    lost: Callable[[], None],
+    read: Callable[[], None] = _nothing,
+    name: str = "lgmt-proxy sender",
+) -> Duplicate | None:
+    """A `Duplicate` of ``sock``'s descriptor, or None if none is left (EMFILE)."""
+    if sock is None:
+        return None
+    try:
+        fd = os.dup(sock.fileno())
+    except OSError:
+        return None
+    return Duplicate(fd, write=write, lost=lost, read=read, name=name)
+
+
+__all__ = ["Duplicate", "duplicate"]

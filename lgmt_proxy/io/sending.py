@@ -2,12 +2,17 @@
 upstream connection goes through its `Sender`, which a protocol installs as
 its ``transport`` when connected (`SendQueue.install`), so nothing can write
 around it. On plain TCP it sends straight to the socket, gathered per
-reactor turn; so it does for TLS over a `TLSCarrier` (``io/tls.py``, every
-https upstream): a turn's plaintext goes through the TLS layer in one write
-and the records it makes come back (`Sender.wire_write`) to be sent the same
-way. On anything else (the in-memory transports of tests, TLS inside TLS) it
-writes through. Its `ReadGate` (``reading``) owns pausing the same
-connection's reading.
+reactor turn. An https upstream's connection runs TLS on the socket itself
+(``io/tlswire.py``): a turn's plaintext is one ``SSL_write`` (`Sender.ssl`),
+which encrypts and sends from OpenSSL's record buffer, all or nothing; when
+the kernel is full, OpenSSL must be asked again with the same bytes, so the
+whole plaintext waits in the backlog and is retried with what was added
+since (partial writes off, moving write buffers accepted: `tls.ClientTLS`).
+TLS over a `TLSCarrier` (``io/tls.py``: TLS inside TLS, the gRPC listener)
+sends a turn's plaintext through the TLS layer in one write, and the records
+it makes come back (`Sender.wire_write`) to be sent as plain bytes are. On
+anything else (the in-memory transports of tests) it writes through. Its
+`ReadGate` (``reading``) owns pausing the same connection's reading.
 
 Twisted's ``transport.write`` buffers and registers the socket with epoll for
 writing, sends on the next turn, then unregisters: two ``epoll_ctl`` calls per
@@ -32,7 +37,6 @@ transport buffers and pauses the registered producer itself.
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterable
 from typing import Any
@@ -49,7 +53,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lgmt_proxy.io.descriptor import Duplicate
+from lgmt_proxy.io.descriptor import duplicate
 from lgmt_proxy.io.reading import Hold, ReadGate
 from lgmt_proxy.io.tls import Encryptor, TLSCarrier
 
@@ -82,7 +86,7 @@ class SendQueue:
             sock = self._socket(carrier.transport)
             if sock is None:
                 return Sender(transport, self, None)
-            sender = LayerSender(transport, self, sock, raw=carrier.transport)
+            sender = Sender(transport, self, sock, raw=carrier.transport, tls=True)
             carrier.sink = sender
             return sender
         return Sender(transport, self, self._socket(transport))
@@ -137,6 +141,7 @@ class Sender:
         sock: socket.socket | None,
         *,
         raw: Any = None,
+        tls: bool = False,
         ssl: SSL.Connection | None = None,
         watch: Any = None,
     ) -> None:
@@ -148,10 +153,11 @@ class Sender:
         self.reading = ReadGate(self.raw)
         self.queue = queue
         self.sock = sock
-        #: TLS on the socket itself (`_put`), held until its handshake is
-        #: done (`tls_ready`); or over a TLS layer (`LayerSender`).
+        #: TLS over a layer (`wire_write`), or on the socket (`_put`, `tls_ready`).
+        self.tls = tls or ssl is not None
+        self._encryptor = Encryptor(transport) if tls else None
+        self._records: list[bytes] = []
         self.ssl = ssl
-        self.tls = ssl is not None
         self._held = ssl is not None
         self._pending: list[bytes] | None = None
         self._backlog = bytearray()
@@ -162,8 +168,7 @@ class Sender:
         self._paused = False
         self._close_when_sent = False
         self.done = False
-        #: When the peer last took bytes (for closing a connection that
-        #: stopped taking them).
+        #: When the peer last took bytes (closing one that stopped taking them).
         self.last_sent = 0.0
 
     @property
@@ -172,8 +177,7 @@ class Sender:
 
     @property
     def backed_up(self) -> bool:
-        """Bytes the peer has not taken yet (it stopped reading); known for
-        direct sockets only."""
+        """Bytes the peer has not taken yet (direct sockets only)."""
         return bool(self._backlog)
 
     def write(self, data: bytes) -> None:
@@ -191,6 +195,9 @@ class Sender:
 
     def flush(self) -> None:
         """Send what this turn wrote (called by the queue; early before a close)."""
+        if self._encryptor is not None:
+            self._flush_tls()
+            return
         if self._held:
             return  # still handshaking: sent by `tls_ready`
         pending, self._pending = self._pending, None
@@ -198,6 +205,23 @@ class Sender:
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         self._queue_bytes(data)
+
+    def _flush_tls(self) -> None:
+        """Encrypt this turn's plaintext in one go, send the records made since."""
+        pending = self._pending
+        if pending and not self.done:
+            self._pending = []  # still queued: records written meanwhile wait here
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            taken = self._encryptor.encrypt(data, self._records) if self._encryptor else 0
+            if taken < len(data):
+                self.transport.write(data[taken:] if taken else data)
+        self._pending = None
+        self._send_records()
+
+    def _send_records(self) -> None:
+        records, self._records = self._records, []
+        if records and not self.done:
+            self._queue_bytes(records[0] if len(records) == 1 else b"".join(records))
 
     def _queue_bytes(self, data: bytes) -> None:
         if self._backlog:
@@ -223,10 +247,7 @@ class Sender:
         return True
 
     def _put(self, data: bytes | memoryview) -> int:
-        """What the kernel took of ``data``. With TLS on the socket, all or
-        nothing: the bytes OpenSSL asked to be retried with are the start of
-        the backlog, sent again with what was added since (partial writes
-        off, moving write buffers accepted: `tls.ClientTLS`)."""
+        """What the kernel took of ``data`` (TLS on the socket: all or none)."""
         try:
             ssl = self.ssl
             if ssl is None:
@@ -246,13 +267,10 @@ class Sender:
         no descriptor is left for the watch (EMFILE)."""
         watch = self._watch
         if watch is None:
-            assert self.sock is not None
-            try:
-                fd = os.dup(self.sock.fileno())
-            except OSError:
+            watch = self._watch = duplicate(self.sock, write=self.writable, lost=self.abort)
+            if watch is None:
                 self.abort()
                 return False
-            watch = self._watch = Duplicate(fd, write=self.writable, lost=self.abort)
         if not watch.watching:
             watch.watching = True
             self.queue.reactor.addWriter(watch)  # type: ignore[attr-defined]
@@ -264,13 +282,12 @@ class Sender:
         if not backlog or self.done:
             self._unwatch()
             return
-        broken = False
         with memoryview(backlog) as view:
             try:
                 sent = self._put(view)
             except (OSError, SSL.Error):
-                broken = True  # aborted once the view is released
-        if broken:
+                sent = -1  # aborted once the view is released
+        if sent < 0:
             self.abort()
             return
         if sent:
@@ -292,11 +309,9 @@ class Sender:
             watch.watching = False
             self.queue.reactor.removeWriter(watch)  # type: ignore[attr-defined]
 
-    # -- producers ------------------------------------------------------------------
-
     def register_producer(self, producer: Any) -> None:
-        """Pause ``producer`` (a streaming producer: the other side's
-        `ReadGate`) while this connection is not taking what it writes."""
+        """Pause ``producer`` (the other side's `ReadGate`) while this
+        connection is not taking what it writes."""
         self._producer = producer
         if self.sock is None:
             self.transport.registerProducer(producer, True)
@@ -305,8 +320,7 @@ class Sender:
         self._over_high_water()
 
     def unregister_producer(self) -> None:
-        """The producer is done with this connection; if it was paused for
-        this backlog it is resumed: nothing else would (it may be pooled)."""
+        """The producer is done here: resumed if this backlog paused it (or none would)."""
         producer, self._producer = self._producer, None
         if self.sock is None:
             self.transport.unregisterProducer()
@@ -317,8 +331,6 @@ class Sender:
             self._paused = False
             if producer is not None:
                 producer.resumeProducing()
-
-    # -- ITransport and IConsumer, for the protocol that installed it --------------------
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
@@ -341,18 +353,17 @@ class Sender:
     def unregisterProducer(self) -> None:
         self.unregister_producer()
 
-    # -- ends -----------------------------------------------------------------------
-
     def close(self) -> None:
-        """Close once everything written so far is sent (TLS: the layer's
-        close, whose records come back through `wire_write`)."""
+        """Close once everything written so far is sent (or through the TLS layer)."""
         if self.done:
             return
-        if self.sock is None:
-            self.transport.loseConnection()
-            return
         self.flush()
-        self._close_raw()
+        if self._encryptor is not None:
+            self._encryptor.stop()  # the TLS layer decides what is written now
+        if self.sock is None or self._encryptor is not None:
+            self.transport.loseConnection()
+        else:
+            self._close_raw()
 
     def _close_raw(self) -> None:
         if self._backlog:
@@ -374,78 +385,8 @@ class Sender:
         if self._pending and not self.done:
             self.queue.add(self)
 
-    def connection_lost(self) -> None:
-        """The connection is gone: drop what is unsent, close the duplicate."""
-        self.done = True
-        self.discard_unsent()
-
-    def discard_unsent(self) -> None:
-        self._pending = None
-        self._backlog.clear()
-        producer, self._producer = self._producer, None
-        if self._paused:
-            # Paused by this backlog, which is gone: nothing else would resume it.
-            self._paused = False
-            if producer is not None:
-                producer.resumeProducing()
-        self._unwatch()
-        if self._own_watch:
-            watch, self._watch = self._watch, None
-            if watch is not None:
-                watch.close()
-
-    def __repr__(self) -> str:
-        mode = "through the transport" if self.sock is None else "direct"
-        if self.tls:
-            mode += ", TLS"
-        return f"<Sender {mode}, {len(self._backlog)} bytes waiting>"
-
-
-class LayerSender(Sender):
-    """The sender of TLS over a `TLSCarrier` on a socket (Twisted's TLS
-    layer: TLS inside TLS, the gRPC listener's TLS): a turn's plaintext is
-    encrypted in one go (`Encryptor`) and the records the layer makes come
-    back through `wire_write`, to be sent as a plain sender sends."""
-
-    def __init__(self, transport: Any, queue: SendQueue, sock: socket.socket, *, raw: Any) -> None:
-        super().__init__(transport, queue, sock, raw=raw)
-        self.tls = True
-        self._encryptor: Encryptor | None = Encryptor(transport)
-        self._records: list[bytes] = []
-
-    def flush(self) -> None:
-        """Encrypt this turn's plaintext in one go (`Encryptor`, else the TLS
-        layer's write), then send every record made since the last turn."""
-        pending = self._pending
-        if pending and not self.done:
-            self._pending = []  # still queued: records written meanwhile wait here
-            data = pending[0] if len(pending) == 1 else b"".join(pending)
-            taken = self._encryptor.encrypt(data, self._records) if self._encryptor else 0
-            if taken < len(data):
-                self.transport.write(data[taken:] if taken else data)
-        self._pending = None
-        self._send_records()
-
-    def _send_records(self) -> None:
-        records, self._records = self._records, []
-        if records and not self.done:
-            self._queue_bytes(records[0] if len(records) == 1 else b"".join(records))
-
-    def close(self) -> None:
-        """Close through the TLS layer, whose close records come back
-        through `wire_write`."""
-        if self.done:
-            return
-        self.flush()
-        if self._encryptor is not None:
-            self._encryptor.stop()  # the TLS layer decides what is written now
-        self.transport.loseConnection()
-
-    # -- the records of a TLS layer (`TLSCarrier.sink`) ------------------------------
-
     def wire_write(self, data: bytes) -> None:
-        """Records from the TLS layer: sent with this turn's (a handshake
-        message or alert made outside a flush is queued for the next)."""
+        """Records from the TLS layer: sent with this turn's, or the next."""
         if self.done:
             return
         self._records.append(data)
@@ -464,6 +405,28 @@ class LayerSender(Sender):
         """The TLS layer aborts the connection (its carrier cuts the socket)."""
         self.connection_lost()
 
+    def connection_lost(self) -> None:
+        """The connection is gone: drop what is unsent, close the duplicate."""
+        self.done = True
+        self.discard_unsent()
+
     def discard_unsent(self) -> None:
+        self._pending = None
         self._records = []
-        super().discard_unsent()
+        self._backlog.clear()
+        producer, self._producer = self._producer, None
+        if self._paused:
+            # Paused by this backlog, which is gone: nothing else would resume it.
+            self._paused = False
+            if producer is not None:
+                producer.resumeProducing()
+        self._unwatch()
+        if self._own_watch and self._watch is not None:
+            self._watch.close()
+            self._watch = None
+
+    def __repr__(self) -> str:
+        mode = "through the transport" if self.sock is None else "direct"
+        if self.tls:
+            mode += ", TLS"
+        return f"<Sender {mode}, {len(self._backlog)} bytes waiting>"

@@ -60,9 +60,11 @@ _log = Logger(namespace="lgmt_proxy.tls")
 TLS_RECORD = 16 * 1024
 TLS_OVERHEAD = 512
 
-#: OpenSSL's SSL_MODE_ENABLE_PARTIAL_WRITE and SSL_OP_NO_RENEGOTIATION
-#: (openssl/ssl.h; part of its ABI), which pyOpenSSL has no names for.
+#: OpenSSL's SSL_MODE_ENABLE_PARTIAL_WRITE, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
+#: and SSL_OP_NO_RENEGOTIATION (openssl/ssl.h; part of its ABI), which
+#: pyOpenSSL has no names for.
 PARTIAL_WRITE: Final = 0x1
+ACCEPT_MOVING_WRITE_BUFFER: Final = 0x2
 NO_RENEGOTIATION: Final = 0x40000000
 
 #: Twisted's default TLS 1.2 cipher list (``_sslverify.defaultCiphers``):
@@ -97,7 +99,9 @@ class ClientTLS:
         )
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.clear_mode(PARTIAL_WRITE)
-        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        # Moving write buffers: TLS on the socket retries an SSL_write the
+        # kernel had no room for with its backlog, the same bytes first.
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS | ACCEPT_MOVING_WRITE_BUFFER)
         ctx.set_options(SSL.OP_NO_COMPRESSION | NO_RENEGOTIATION)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)

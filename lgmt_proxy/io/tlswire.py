@@ -24,7 +24,6 @@ upstream's TLS and keeps Twisted's layer (`tls.TLSEndpoint`).
 
 from __future__ import annotations
 
-import os
 import socket
 from typing import Any, Final
 
@@ -45,7 +44,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lgmt_proxy.io.descriptor import Duplicate
+from lgmt_proxy.io.descriptor import Duplicate, duplicate
 from lgmt_proxy.io.sending import Sender, SendQueue
 from lgmt_proxy.io.tls import ClientTLS
 
@@ -103,18 +102,18 @@ class WireTLS(Protocol):
         assert tcp is not None
         handle = getattr(tcp, "getHandle", None)
         sock = handle() if handle is not None else None
-        if not isinstance(sock, socket.socket):
-            self._reason = Failure(ConnectError(string="TLS on the wire needs a socket"))
+        wire = None
+        if isinstance(sock, socket.socket):
+            wire = duplicate(
+                sock, read=self.readable, write=self.writable, lost=self.wire_lost, name="TLS"
+            )
+        if wire is None or sock is None:
+            # Not a socket (a test's transport), or no descriptor left (EMFILE).
+            self._reason = Failure(ConnectError(string="no socket descriptor for TLS"))
             tcp.loseConnection()
             return
+        self._wire = wire
         tcp.pauseProducing()  # type: ignore[attr-defined]  # for good: the wire reads
-        wire = self._wire = Duplicate(
-            os.dup(sock.fileno()),
-            read=self.readable,
-            write=self.writable,
-            lost=self.wire_lost,
-            name="lgmt-proxy TLS",
-        )
         self.ssl = self.creator.wire_connection(wire, self)
         self.sender = Sender(self, self.sends, sock, raw=self, ssl=self.ssl, watch=wire)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
