@@ -31,6 +31,7 @@ COMPILED = [
     "lgmt_proxy/rules/policy.py",
     "lgmt_proxy/rules/routes.py",
     "lgmt_proxy/io/compress.py",
+    "lgmt_proxy/io/descriptor.py",
     "lgmt_proxy/io/reading.py",
     "lgmt_proxy/io/sending.py",
     "lgmt_proxy/io/timers.py",
