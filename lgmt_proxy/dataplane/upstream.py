@@ -74,8 +74,10 @@ def make_endpoint(
 ) -> IStreamClientEndpoint:
     """TCP to the upstream, or through ``proxy`` (``CONNECT``: the proxy
     resolves the upstream's name), then TLS verified against the upstream's
-    own name for an https upstream (TLS to an https proxy as well), its
-    records sent by the connection's sender (`TLSEndpoint`)."""
+    own name for an https upstream (TLS to an https proxy as well): on the
+    socket itself (`WireTLSEndpoint`, its plaintext sent by the connection's
+    sender), or, inside TLS to an https proxy or without a send queue,
+    through Twisted's TLS layer (`TLSEndpoint`)."""
     clock: IReactorTime = reactor  # type: ignore[assignment]
     if proxy is None:
         tcp = _tcp(reactor, upstream.host, upstream.port, connect_timeout)

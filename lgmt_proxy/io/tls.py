@@ -1,7 +1,10 @@
-"""TLS to an upstream on our own write path: `TLSEndpoint` runs Twisted's
+"""TLS through Twisted's layer on our own write path, where there is no
+socket under TLS for `tlswire.WireTLS` (TLS inside TLS to an ``https://``
+forward proxy), and for the gRPC listener: `TLSEndpoint` runs Twisted's
 `TLSMemoryBIOProtocol` over a `TLSCarrier`, the protocol of the TCP
 connection (or of a forward proxy's CONNECT tunnel), instead of over
-Twisted's TCP transport as ``wrapClientTLS`` does.
+Twisted's TCP transport as ``wrapClientTLS`` does. `ClientTLS`, the
+client context and verification, serves both.
 
 The carrier is the TLS layer's transport. Once the application protocol
 installs its `Sender` (``SendQueue.install``, from its ``connectionMade``,
