@@ -89,7 +89,9 @@ class WireTLSTests(TestCase):
         )
         self.tcp = _TCP(ours)
         self.wire.makeConnection(self.tcp)
-        self.addCleanup(self.wire.abortConnection)
+        self.addCleanup(
+            lambda: self.wire.abortConnection()
+        )  # a lambda: compiled methods have no __name__
 
     def descriptor(self) -> Any:
         (wire,) = self.reactor.getReaders()
