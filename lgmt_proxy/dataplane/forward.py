@@ -2,7 +2,7 @@
 caller's protocol (TLS to the upstream, usually) runs over the tunnel.
 
 `ConnectEndpoint` is an ordinary client endpoint, so everything above it is
-unchanged: ``TLSEndpoint(clock, options_for_upstream, ConnectEndpoint(...))`` runs
+unchanged: ``WireTLSEndpoint(reactor, creator, ConnectEndpoint(...), sends)`` runs
 TLS, verified against the upstream's own name (SNI), inside the tunnel; the
 pool's one connect deadline covers the TCP connect to the proxy, the CONNECT
 answer and the TLS handshake, because cancelling the endpoint's Deferred

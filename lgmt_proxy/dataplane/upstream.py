@@ -26,6 +26,7 @@ from lgmt_proxy.dataplane.pool import UpstreamPool
 from lgmt_proxy.io.compress import Gzip
 from lgmt_proxy.io.sending import SendQueue
 from lgmt_proxy.io.tls import ClientTLS, TLSEndpoint
+from lgmt_proxy.io.tlswire import WireTLSEndpoint
 from lgmt_proxy.rules.compression import compress_request
 from lgmt_proxy.rules.headers import RawHeaders, forward_request_headers
 
@@ -69,11 +70,14 @@ def make_endpoint(
     connect_timeout: float,
     trust: Sequence[crypto.X509] | None,
     proxy: ForwardProxy | None = None,
+    sends: SendQueue | None = None,
 ) -> IStreamClientEndpoint:
     """TCP to the upstream, or through ``proxy`` (``CONNECT``: the proxy
     resolves the upstream's name), then TLS verified against the upstream's
-    own name for an https upstream (TLS to an https proxy as well), its
-    records sent by the connection's sender (`TLSEndpoint`)."""
+    own name for an https upstream (TLS to an https proxy as well): on the
+    socket itself (`WireTLSEndpoint`, its plaintext sent by the connection's
+    sender), or, inside TLS to an https proxy or without a send queue,
+    through Twisted's TLS layer (`TLSEndpoint`)."""
     clock: IReactorTime = reactor  # type: ignore[assignment]
     if proxy is None:
         tcp = _tcp(reactor, upstream.host, upstream.port, connect_timeout)
@@ -84,7 +88,10 @@ def make_endpoint(
         tcp = ConnectEndpoint(to_proxy, upstream.host, upstream.port, proxy.authorization)
     if upstream.scheme != "https":
         return tcp
-    return TLSEndpoint(clock, ClientTLS(upstream.host, trust), tcp)
+    creator = ClientTLS(upstream.host, trust)
+    if sends is None or (proxy is not None and proxy.scheme == "https"):
+        return TLSEndpoint(clock, creator, tcp)  # no socket under it: TLS inside TLS
+    return WireTLSEndpoint(reactor, creator, tcp, sends)  # type: ignore[arg-type]
 
 
 def basic_authorization(user: str, token: Secret) -> bytes:
@@ -186,6 +193,8 @@ def build_upstream(
     The forward proxy is the route's own (``upstream.proxy``) if it names
     one, else the environment's."""
     proxy = config.egress.proxy_for(upstream.scheme, upstream.host, upstream.port, upstream.proxy)
+    if sends is None:
+        sends = SendQueue(reactor)
     if endpoint is None:
         endpoint = make_endpoint(
             reactor,
@@ -193,6 +202,7 @@ def build_upstream(
             connect_timeout=config.upstream_connect_timeout,
             trust=trust,
             proxy=proxy,
+            sends=sends,
         )
     pool = UpstreamPool(
         endpoint,

@@ -2,12 +2,17 @@
 upstream connection goes through its `Sender`, which a protocol installs as
 its ``transport`` when connected (`SendQueue.install`), so nothing can write
 around it. On plain TCP it sends straight to the socket, gathered per
-reactor turn; so it does for TLS over a `TLSCarrier` (``io/tls.py``, every
-https upstream): a turn's plaintext goes through the TLS layer in one write
-and the records it makes come back (`Sender.wire_write`) to be sent the same
-way. On anything else (the in-memory transports of tests, TLS inside TLS) it
-writes through. Its `ReadGate` (``reading``) owns pausing the same
-connection's reading.
+reactor turn. An https upstream's connection runs TLS on the socket itself
+(``io/tlswire.py``): a turn's plaintext is one ``SSL_write`` (`Sender.ssl`),
+which encrypts and sends from OpenSSL's record buffer, all or nothing; when
+the kernel is full, OpenSSL must be asked again with the same bytes, so the
+whole plaintext waits in the backlog and is retried with what was added
+since (partial writes off, moving write buffers accepted: `tls.ClientTLS`).
+TLS over a `TLSCarrier` (``io/tls.py``: TLS inside TLS, the gRPC listener)
+sends a turn's plaintext through the TLS layer in one write, and the records
+it makes come back (`Sender.wire_write`) to be sent as plain bytes are. On
+anything else (the in-memory transports of tests) it writes through. Its
+`ReadGate` (``reading``) owns pausing the same connection's reading.
 
 Twisted's ``transport.write`` buffers and registers the socket with epoll for
 writing, sends on the next turn, then unregisters: two ``epoll_ctl`` calls per
@@ -32,23 +37,23 @@ transport buffers and pauses the registered producer itself.
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterable
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
     IReactorFDSet,
     IReactorTime,
     ITransport,
-    IWriteDescriptor,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import classImplements, implementer
+from zope.interface import classImplements
 
+from lgmt_proxy.io.descriptor import duplicate
 from lgmt_proxy.io.reading import Hold, ReadGate
 from lgmt_proxy.io.tls import Encryptor, TLSCarrier
 
@@ -71,7 +76,11 @@ class SendQueue:
     def sender(self, transport: Any) -> Sender:
         """A sender for ``transport``: direct for a plain TCP socket, and for
         TLS over a `TLSCarrier` on one (the records go out through the
-        sender), else through the transport."""
+        sender), else through the transport. A transport that made its own
+        sender (TLS on the socket, ``io/tlswire.py``) gives that one."""
+        own = getattr(transport, "sender", None)
+        if isinstance(own, Sender):
+            return own
         carrier = getattr(transport, "transport", None)
         if isinstance(carrier, TLSCarrier) and carrier.tls is transport:
             sock = self._socket(carrier.transport)
@@ -132,6 +141,8 @@ class Sender:
         *,
         raw: Any = None,
         tls: bool = False,
+        ssl: SSL.Connection | None = None,
+        watch: Any = None,
     ) -> None:
         #: What the protocol writes to (for TLS, the `TLSMemoryBIOProtocol`).
         self.transport = transport
@@ -141,20 +152,22 @@ class Sender:
         self.reading = ReadGate(self.raw)
         self.queue = queue
         self.sock = sock
-        #: Whether ``transport`` is a TLS layer whose records come back
-        #: through `wire_write` (a turn's plaintext is encrypted in one go).
-        self.tls = tls
+        #: TLS over a layer (`wire_write`), or on the socket (`_put`, `tls_ready`).
+        self.tls = tls or ssl is not None
         self._encryptor = Encryptor(transport) if tls else None
-        self._pending: list[bytes] | None = None
         self._records: list[bytes] = []
+        self.ssl = ssl
+        self._held = ssl is not None
+        self._pending: list[bytes] | None = None
         self._backlog = bytearray()
-        self._watch: _Writable | None = None
+        #: Watched for room: our own duplicate, or the TLS transport's.
+        self._watch: Any = watch
+        self._own_watch = watch is None
         self._producer: Any = None
         self._paused = False
         self._close_when_sent = False
         self.done = False
-        #: When the peer last took bytes (for closing a connection that
-        #: stopped taking them).
+        #: When the peer last took bytes (closing one that stopped taking them).
         self.last_sent = 0.0
 
     @property
@@ -163,8 +176,7 @@ class Sender:
 
     @property
     def backed_up(self) -> bool:
-        """Bytes the peer has not taken yet (it stopped reading); known for
-        direct sockets only."""
+        """Bytes the peer has not taken yet (direct sockets only)."""
         return bool(self._backlog)
 
     def write(self, data: bytes) -> None:
@@ -182,9 +194,11 @@ class Sender:
 
     def flush(self) -> None:
         """Send what this turn wrote (called by the queue; early before a close)."""
-        if self.tls:
+        if self._encryptor is not None:
             self._flush_tls()
             return
+        if self._held:
+            return  # still handshaking: sent by `tls_ready`
         pending, self._pending = self._pending, None
         if not pending or self.done:
             return
@@ -192,8 +206,7 @@ class Sender:
         self._queue_bytes(data)
 
     def _flush_tls(self) -> None:
-        """Encrypt this turn's plaintext in one go (`Encryptor`, else the TLS
-        layer's write), then send every record made since the last turn."""
+        """Encrypt this turn's plaintext in one go, send the records made since."""
         pending = self._pending
         if pending and not self.done:
             self._pending = []  # still queued: records written meanwhile wait here
@@ -218,12 +231,9 @@ class Sender:
 
     def _send(self, data: bytes | memoryview) -> bool:
         """Send what the kernel takes, keep the rest; False if the connection broke."""
-        assert self.sock is not None
         try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
+            sent = self._put(data)
+        except (OSError, SSL.Error):
             self.abort()
             return False
         if sent:
@@ -235,6 +245,17 @@ class Sender:
             self._over_high_water()
         return True
 
+    def _put(self, data: bytes | memoryview) -> int:
+        """What the kernel took of ``data`` (TLS on the socket: all or none)."""
+        try:
+            ssl = self.ssl
+            if ssl is None:
+                return self.sock.send(data)  # type: ignore[union-attr]
+            ssl.send(data)
+            return len(data)
+        except (BlockingIOError, SSL.WantWriteError, SSL.WantReadError):
+            return 0
+
     def _over_high_water(self) -> None:
         if len(self._backlog) > HIGH_WATER and self._producer is not None and not self._paused:
             self._paused = True
@@ -245,13 +266,10 @@ class Sender:
         no descriptor is left for the watch (EMFILE)."""
         watch = self._watch
         if watch is None:
-            assert self.sock is not None
-            try:
-                fd = os.dup(self.sock.fileno())
-            except OSError:
+            watch = self._watch = duplicate(self.sock, write=self.writable, lost=self.abort)
+            if watch is None:
                 self.abort()
                 return False
-            watch = self._watch = _Writable(fd, self)
         if not watch.watching:
             watch.watching = True
             self.queue.reactor.addWriter(watch)  # type: ignore[attr-defined]
@@ -263,15 +281,12 @@ class Sender:
         if not backlog or self.done:
             self._unwatch()
             return
-        broken = False
         with memoryview(backlog) as view:
             try:
-                sent = self.sock.send(view)  # type: ignore[union-attr]
-            except BlockingIOError:
-                return
-            except OSError:
-                broken = True  # aborted once the view is released
-        if broken:
+                sent = self._put(view)
+            except (OSError, SSL.Error):
+                sent = -1  # aborted once the view is released
+        if sent < 0:
             self.abort()
             return
         if sent:
@@ -293,11 +308,9 @@ class Sender:
             watch.watching = False
             self.queue.reactor.removeWriter(watch)  # type: ignore[attr-defined]
 
-    # -- producers ------------------------------------------------------------------
-
     def register_producer(self, producer: Any) -> None:
-        """Pause ``producer`` (a streaming producer: the other side's
-        `ReadGate`) while this connection is not taking what it writes."""
+        """Pause ``producer`` (the other side's `ReadGate`) while this
+        connection is not taking what it writes."""
         self._producer = producer
         if self.sock is None:
             self.transport.registerProducer(producer, True)
@@ -306,8 +319,7 @@ class Sender:
         self._over_high_water()
 
     def unregister_producer(self) -> None:
-        """The producer is done with this connection; if it was paused for
-        this backlog it is resumed: nothing else would (it may be pooled)."""
+        """The producer is done here: resumed if this backlog paused it (or none would)."""
         producer, self._producer = self._producer, None
         if self.sock is None:
             self.transport.unregisterProducer()
@@ -318,8 +330,6 @@ class Sender:
             self._paused = False
             if producer is not None:
                 producer.resumeProducing()
-
-    # -- ITransport and IConsumer, for the protocol that installed it --------------------
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
@@ -342,21 +352,17 @@ class Sender:
     def unregisterProducer(self) -> None:
         self.unregister_producer()
 
-    # -- ends -----------------------------------------------------------------------
-
     def close(self) -> None:
-        """Close once everything written so far is sent (TLS: the layer's
-        close, whose records come back through `wire_write`)."""
+        """Close once everything written so far is sent (or through the TLS layer)."""
         if self.done:
             return
-        if self.sock is None or self.tls:
-            self.flush()
-            if self._encryptor is not None:
-                self._encryptor.stop()  # the TLS layer decides what is written now
-            self.transport.loseConnection()
-            return
         self.flush()
-        self._close_raw()
+        if self._encryptor is not None:
+            self._encryptor.stop()  # the TLS layer decides what is written now
+        if self.sock is None or self._encryptor is not None:
+            self.transport.loseConnection()
+        else:
+            self._close_raw()
 
     def _close_raw(self) -> None:
         if self._backlog:
@@ -372,11 +378,14 @@ class Sender:
         self.connection_lost()
         self.transport.abortConnection()
 
-    # -- the records of a TLS layer (`TLSCarrier.sink`) ------------------------------
+    def tls_ready(self) -> None:
+        """TLS on the socket finished its handshake: send what waited."""
+        self._held = False
+        if self._pending and not self.done:
+            self.queue.add(self)
 
     def wire_write(self, data: bytes) -> None:
-        """Records from the TLS layer: sent with this turn's (a handshake
-        message or alert made outside a flush is queued for the next)."""
+        """Records from the TLS layer: sent with this turn's, or the next."""
         if self.done:
             return
         self._records.append(data)
@@ -398,9 +407,9 @@ class Sender:
     def connection_lost(self) -> None:
         """The connection is gone: drop what is unsent, close the duplicate."""
         self.done = True
-        self._drop()
+        self.discard_unsent()
 
-    def _drop(self) -> None:
+    def discard_unsent(self) -> None:
         self._pending = None
         self._records = []
         self._backlog.clear()
@@ -411,9 +420,9 @@ class Sender:
             if producer is not None:
                 producer.resumeProducing()
         self._unwatch()
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.close()
+        if self._own_watch and self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
     def __repr__(self) -> str:
         mode = "through the transport" if self.sock is None else "direct"
@@ -425,35 +434,3 @@ class Sender:
 # Not ``@implementer``: a class decorator keeps mypyc from compiling the class
 # as a native class (attributes in a dict, methods called as Python objects).
 classImplements(Sender, ITransport, IConsumer)
-
-
-@implementer(IWriteDescriptor)
-class _Writable:
-    """A duplicate of a connection's descriptor, watched for writability only."""
-
-    def __init__(self, fd: int, sender: Sender) -> None:
-        self.fd = fd
-        self.sender = sender
-        self.watching = False
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def doWrite(self) -> None:
-        self.sender.writable()
-
-    def connectionLost(self, reason: Failure) -> None:
-        # The reactor dropped the descriptor: an error or hang-up on the
-        # socket (a reset from the peer). The transport may not be reading
-        # (paused, or closing with this backlog), so it would never see it:
-        # cut the connection here.
-        self.watching = False
-        self.sender.abort()
-
-    def logPrefix(self) -> str:
-        return "lgmt-proxy sender"
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)

@@ -1,7 +1,10 @@
-"""TLS to an upstream on our own write path: `TLSEndpoint` runs Twisted's
+"""TLS through Twisted's layer on our own write path, where there is no
+socket under TLS for `tlswire.WireTLS` (TLS inside TLS to an ``https://``
+forward proxy), and for the gRPC listener: `TLSEndpoint` runs Twisted's
 `TLSMemoryBIOProtocol` over a `TLSCarrier`, the protocol of the TCP
 connection (or of a forward proxy's CONNECT tunnel), instead of over
-Twisted's TCP transport as ``wrapClientTLS`` does.
+Twisted's TCP transport as ``wrapClientTLS`` does. `ClientTLS`, the
+client context and verification, serves both.
 
 The carrier is the TLS layer's transport. Once the application protocol
 installs its `Sender` (``SendQueue.install``, from its ``connectionMade``,
@@ -60,9 +63,11 @@ _log = Logger(namespace="lgmt_proxy.tls")
 TLS_RECORD = 16 * 1024
 TLS_OVERHEAD = 512
 
-#: OpenSSL's SSL_MODE_ENABLE_PARTIAL_WRITE and SSL_OP_NO_RENEGOTIATION
-#: (openssl/ssl.h; part of its ABI), which pyOpenSSL has no names for.
+#: OpenSSL's SSL_MODE_ENABLE_PARTIAL_WRITE, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
+#: and SSL_OP_NO_RENEGOTIATION (openssl/ssl.h; part of its ABI), which
+#: pyOpenSSL has no names for.
 PARTIAL_WRITE: Final = 0x1
+ACCEPT_MOVING_WRITE_BUFFER: Final = 0x2
 NO_RENEGOTIATION: Final = 0x40000000
 
 #: Twisted's default TLS 1.2 cipher list (``_sslverify.defaultCiphers``):
@@ -97,7 +102,9 @@ class ClientTLS:
         )
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.clear_mode(PARTIAL_WRITE)
-        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        # Moving write buffers: TLS on the socket retries an SSL_write the
+        # kernel had no room for with its backlog, the same bytes first.
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS | ACCEPT_MOVING_WRITE_BUFFER)
         ctx.set_options(SSL.OP_NO_COMPRESSION | NO_RENEGOTIATION)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
@@ -124,6 +131,24 @@ class ClientTLS:
         conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
         return conn
 
+    def wire_connection(self, wire: Any, tls: Verifiable) -> SSL.Connection:
+        """A client connection whose BIO is ``wire``'s descriptor (TLS on the
+        socket, ``io/tlswire.py``); a certificate not for the host name is
+        reported to ``tls.failVerification``."""
+        conn = SSL.Connection(self._context, wire)
+        conn.set_connect_state()
+        if self._server_name is not None:
+            conn.set_tlsext_host_name(self._server_name)
+        verify = _Verifier(tls, self._identity)
+        conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        return conn
+
+
+class Verifiable(TypingProtocol):
+    """What a failed host name check is reported to (a TLS layer)."""
+
+    def failVerification(self, reason: Failure) -> None: ...
+
 
 class _Verifier:
     """OpenSSL's verify callback for one connection: the chain's verdict,
@@ -133,8 +158,8 @@ class _Verifier:
 
     __slots__ = ("_identity", "_tls")
 
-    def __init__(self, tls: TLSMemoryBIOProtocol, identity: ServiceID) -> None:
-        self._tls: TLSMemoryBIOProtocol | None = tls
+    def __init__(self, tls: Verifiable, identity: ServiceID) -> None:
+        self._tls: Verifiable | None = tls
         self._identity = identity
 
     def __call__(

@@ -24,7 +24,9 @@ PACKAGE = ROOT / "lgmt_proxy"
 MAX_MODULE_LINES = 500
 MAX_CLASS_LINES = 300
 #: The only modules that may write to a transport or pause and resume one.
-IO_OWNERS = frozenset({"lgmt_proxy.io.sending", "lgmt_proxy.io.reading", "lgmt_proxy.io.tls"})
+IO_OWNERS = frozenset(
+    {"lgmt_proxy.io.sending", "lgmt_proxy.io.reading", "lgmt_proxy.io.tls", "lgmt_proxy.io.tlswire"}
+)
 #: Writes allowed before a connection has an owner, each with why it cannot
 #: reorder anything: (module, what) -> reason.
 BEFORE_THE_OWNER = {
