@@ -10,6 +10,8 @@ h2, which keeps its windows for it.
 
 from __future__ import annotations
 
+from typing import Final
+
 from h2.connection import H2Connection
 from h2.exceptions import StreamClosedError
 
@@ -18,14 +20,14 @@ from lgmt_proxy.rules.headers import RawHeaders
 
 #: Each call's receive window (SETTINGS_INITIAL_WINDOW_SIZE): a 256 KiB
 #: export needs no round trip for WINDOW_UPDATE (at 64 KiB it took four).
-STREAM_WINDOW = 256 * 1024
+STREAM_WINDOW: Final = 256 * 1024
 #: The connection's receive window: what all its calls together may have
 #: sent that the upstream side has not taken yet (the memory bound).
-CONNECTION_WINDOW = 4 * 1024 * 1024
+CONNECTION_WINDOW: Final = 4 * 1024 * 1024
 
 
-_FLOW_CONTROL_ERROR = 3
-_PROTOCOL_ERROR = 1
+_FLOW_CONTROL_ERROR: Final = 3
+_PROTOCOL_ERROR: Final = 1
 
 
 class Inflow:
@@ -115,7 +117,7 @@ class Inflow:
 
 #: A call's response head (the status and content type of every answer).
 GRPC_HEAD = [(b":status", b"200"), (b"content-type", b"application/grpc")]
-_NO_ERROR = 0
+_NO_ERROR: Final = 0
 
 
 class Outflow:

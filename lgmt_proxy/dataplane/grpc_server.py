@@ -22,7 +22,7 @@ refused (``REFUSED_STREAM``: the client may retry them elsewhere).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import h2.config
 import h2.connection
@@ -51,19 +51,19 @@ from lgmt_proxy.rules import grpc
 from lgmt_proxy.rules.headers import RawHeaders
 
 #: Calls open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
-MAX_STREAMS = 100
+MAX_STREAMS: Final = 100
 #: The largest header list accepted (SETTINGS_MAX_HEADER_LIST_SIZE), as the
 #: HTTP/1.1 side's head limit.
-MAX_HEADER_LIST = 16 * 1024
+MAX_HEADER_LIST: Final = 16 * 1024
 #: Streams the client may reset beyond the calls answered (CVE-2023-44487).
-MAX_RESETS = 100
+MAX_RESETS: Final = 100
 #: The largest frame a client may send (SETTINGS_MAX_FRAME_SIZE): a 256 KiB
 #: export in four DATA frames, not sixteen. The frame splitter holds up to
 #: one; a header block is bounded apart (`grpc.MAX_BLOCK`).
-MAX_FRAME = 64 * 1024
+MAX_FRAME: Final = 64 * 1024
 #: PING and SETTINGS frames accepted between two calls.
-MAX_CONTROL = 1000
-_DEFAULT_WINDOW = 65535
+MAX_CONTROL: Final = 1000
+_DEFAULT_WINDOW: Final = 65535
 #: Our own headers are fixed and valid: h2 checking them per call is CPU
 #: for nothing. What clients send is checked as ever.
 _CONFIG = h2.config.H2Configuration(
@@ -73,13 +73,13 @@ _CONFIG = h2.config.H2Configuration(
     normalize_outbound_headers=False,
 )
 
-_NO_ERROR = 0
-_PROTOCOL_ERROR = 1
-_FLOW_CONTROL_ERROR = 3
-_REFUSED_STREAM = 7
-_ENHANCE_YOUR_CALM = 11
+_NO_ERROR: Final = 0
+_PROTOCOL_ERROR: Final = 1
+_FLOW_CONTROL_ERROR: Final = 3
+_REFUSED_STREAM: Final = 7
+_ENHANCE_YOUR_CALM: Final = 11
 #: `_close_with`: h2 has queued its GOAWAY already.
-_ALREADY = -1
+_ALREADY: Final = -1
 
 
 class GrpcFactory(Factory):
