@@ -40,6 +40,7 @@ COMPILED = [
     "lgmt_proxy/dataplane/exchange.py",
     "lgmt_proxy/dataplane/grpc_call.py",
     "lgmt_proxy/dataplane/grpc_flow.py",
+    "lgmt_proxy/dataplane/grpc_h2.py",
     "lgmt_proxy/dataplane/grpc_server.py",
     "lgmt_proxy/dataplane/grpc_stream.py",
     "lgmt_proxy/dataplane/inbound.py",

@@ -156,9 +156,7 @@ class GrpcStream:
             self._budgeted(verdict, match, name, limits)
             return
         self._held = []
-        # No closure: mypyc fails with an internal error on one in a method
-        # of this class (left a Python class by `implementer`).
-        verdict.addCallback(self._budgeted, match, name, limits)
+        verdict.addCallback(self._budgeted, match, name, limits)  # no closure (mypyc)
 
     def _budgeted(self, verdict: Verdict, match: Proxied[Any], name: str, limits: Limits) -> None:
         held, self._held = self._held, None

@@ -458,6 +458,43 @@ def end_data_frame(stream_id: int) -> bytes:
     return b"\x00\x00\x00\x00\x01" + stream_id.to_bytes(4, "big")
 
 
+#: The header blocks of an answer that succeeded, HPACK-encoded once: the
+#: response head (``:status: 200`` from the static table, ``content-type:
+#: application/grpc`` a literal without indexing) and the trailers
+#: (``grpc-status: 0``, a literal without indexing). Neither reads nor adds
+#: to the dynamic table, so h2's encoder and the client's decoder stay in
+#: step whatever h2 sends between them (a table size update aside: see
+#: `dataplane.grpc_h2.answered`).
+OK_HEAD_BLOCK: Final = b"\x88\x0f\x10\x10application/grpc"
+OK_TRAILERS_BLOCK: Final = b"\x00\x0bgrpc-status\x010"
+#: The trailers of a call that succeeded, as `trailers` gives them.
+OK_TRAILERS: Final = [(b"grpc-status", b"0")]
+
+
+def ok_answer_frames(stream_id: int, message: bytes) -> bytes:
+    """The three frames answering a call that succeeded: HEADERS (the
+    response head), DATA (``message``, prefix included: it must fit the
+    peer's frame size and windows) and HEADERS with END_STREAM (the
+    trailers)."""
+    sid = stream_id.to_bytes(4, "big")
+    return b"".join(
+        [
+            len(OK_HEAD_BLOCK).to_bytes(3, "big"),
+            b"\x01\x04",
+            sid,
+            OK_HEAD_BLOCK,
+            len(message).to_bytes(3, "big"),
+            b"\x00\x00",
+            sid,
+            message,
+            len(OK_TRAILERS_BLOCK).to_bytes(3, "big"),
+            b"\x01\x05",
+            sid,
+            OK_TRAILERS_BLOCK,
+        ]
+    )
+
+
 def window_update(stream_id: int, increment: int) -> bytes:
     """A WINDOW_UPDATE frame (0: the connection's window)."""
     return b"\x00\x00\x04\x08\x00" + stream_id.to_bytes(4, "big") + increment.to_bytes(4, "big")
