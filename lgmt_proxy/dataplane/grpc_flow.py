@@ -10,22 +10,25 @@ h2, which keeps its windows for it.
 
 from __future__ import annotations
 
+from typing import Final
+
 from h2.connection import H2Connection
 from h2.exceptions import StreamClosedError
 
+from lgmt_proxy.dataplane import grpc_h2
 from lgmt_proxy.rules import grpc
 from lgmt_proxy.rules.headers import RawHeaders
 
 #: Each call's receive window (SETTINGS_INITIAL_WINDOW_SIZE): a 256 KiB
 #: export needs no round trip for WINDOW_UPDATE (at 64 KiB it took four).
-STREAM_WINDOW = 256 * 1024
+STREAM_WINDOW: Final = 256 * 1024
 #: The connection's receive window: what all its calls together may have
 #: sent that the upstream side has not taken yet (the memory bound).
-CONNECTION_WINDOW = 4 * 1024 * 1024
+CONNECTION_WINDOW: Final = 4 * 1024 * 1024
 
 
-_FLOW_CONTROL_ERROR = 3
-_PROTOCOL_ERROR = 1
+_FLOW_CONTROL_ERROR: Final = 3
+_PROTOCOL_ERROR: Final = 1
 
 
 class Inflow:
@@ -115,7 +118,7 @@ class Inflow:
 
 #: A call's response head (the status and content type of every answer).
 GRPC_HEAD = [(b":status", b"200"), (b"content-type", b"application/grpc")]
-_NO_ERROR = 0
+_NO_ERROR: Final = 0
 
 
 class Outflow:
@@ -125,12 +128,15 @@ class Outflow:
     never opens its window holds its answers here until the connection
     closes (idle timeout): bounded, never sent around flow control."""
 
-    __slots__ = ("_h2", "_unsent")
+    __slots__ = ("_h2", "_unsent", "sent")
 
     def __init__(self, conn: H2Connection) -> None:
         self._h2 = conn
         #: stream -> [what is left of the message, the trailers].
         self._unsent: dict[int, tuple[bytearray, RawHeaders]] = {}
+        #: Bytes to send, in order, before what h2 has queued since: answers
+        #: built past h2 (`grpc_h2.answered`) and what h2 had queued before them.
+        self.sent: list[bytes] = []
 
     def __bool__(self) -> bool:
         return bool(self._unsent)
@@ -142,6 +148,11 @@ class Outflow:
         ``early``: the client is still sending, and the rest of its request
         is not wanted (RST_STREAM NO_ERROR once the answer is out)."""
         conn = self._h2
+        if message is not None and not early and trailers == grpc.OK_TRAILERS:
+            frames = grpc_h2.answered(conn, stream_id, message)
+            if frames is not None:  # h2's state moved, its frames not built
+                self.sent += (conn.data_to_send(), frames)
+                return True
         try:
             if message is None:
                 conn.send_headers(stream_id, [*GRPC_HEAD, *trailers], end_stream=True)

@@ -22,7 +22,7 @@ refused (``REFUSED_STREAM``: the client may retry them elsewhere).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import h2.config
 import h2.connection
@@ -31,7 +31,6 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import (
-    IDelayedCall,
     IHandshakeListener,
     IOpenSSLServerConnectionCreator,
     IReactorTime,
@@ -42,28 +41,30 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from lgmt_proxy.dataplane import grpc_h2
 from lgmt_proxy.dataplane.grpc_flow import CONNECTION_WINDOW, STREAM_WINDOW, Inflow, Outflow
 from lgmt_proxy.dataplane.grpc_stream import GrpcStream
 from lgmt_proxy.dataplane.server import ProxyFactory
 from lgmt_proxy.io.sending import Sender
+from lgmt_proxy.io.timers import IdleTimer
 from lgmt_proxy.io.tls import TLSCarrier
 from lgmt_proxy.rules import grpc
 from lgmt_proxy.rules.headers import RawHeaders
 
 #: Calls open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
-MAX_STREAMS = 100
+MAX_STREAMS: Final = 100
 #: The largest header list accepted (SETTINGS_MAX_HEADER_LIST_SIZE), as the
 #: HTTP/1.1 side's head limit.
-MAX_HEADER_LIST = 16 * 1024
+MAX_HEADER_LIST: Final = 16 * 1024
 #: Streams the client may reset beyond the calls answered (CVE-2023-44487).
-MAX_RESETS = 100
+MAX_RESETS: Final = 100
 #: The largest frame a client may send (SETTINGS_MAX_FRAME_SIZE): a 256 KiB
 #: export in four DATA frames, not sixteen. The frame splitter holds up to
 #: one; a header block is bounded apart (`grpc.MAX_BLOCK`).
-MAX_FRAME = 64 * 1024
+MAX_FRAME: Final = 64 * 1024
 #: PING and SETTINGS frames accepted between two calls.
-MAX_CONTROL = 1000
-_DEFAULT_WINDOW = 65535
+MAX_CONTROL: Final = 1000
+_DEFAULT_WINDOW: Final = 65535
 #: Our own headers are fixed and valid: h2 checking them per call is CPU
 #: for nothing. What clients send is checked as ever.
 _CONFIG = h2.config.H2Configuration(
@@ -73,13 +74,13 @@ _CONFIG = h2.config.H2Configuration(
     normalize_outbound_headers=False,
 )
 
-_NO_ERROR = 0
-_PROTOCOL_ERROR = 1
-_FLOW_CONTROL_ERROR = 3
-_REFUSED_STREAM = 7
-_ENHANCE_YOUR_CALM = 11
+_NO_ERROR: Final = 0
+_PROTOCOL_ERROR: Final = 1
+_FLOW_CONTROL_ERROR: Final = 3
+_REFUSED_STREAM: Final = 7
+_ENHANCE_YOUR_CALM: Final = 11
 #: `_close_with`: h2 has queued its GOAWAY already.
-_ALREADY = -1
+_ALREADY: Final = -1
 
 
 class GrpcFactory(Factory):
@@ -144,7 +145,7 @@ class GrpcConnection(Protocol):
         self.h2 = h2.connection.H2Connection(_CONFIG)
         self.calls: dict[int, GrpcStream] = {}
         self._outflow = Outflow(self.h2)
-        self._idle: IDelayedCall | None = None
+        self._idle: IdleTimer | None = None
         self._resets = 0
         self._answered = 0
         self._control = 0
@@ -172,7 +173,6 @@ class GrpcConnection(Protocol):
         out.register_producer(out.reading)
         if self._tls is None:
             self._start_h2()
-            self._arm_idle()
         else:  # the handshake within the time a client has for its request head
             self._arm_idle(self.shared.client_header_timeout)
 
@@ -186,12 +186,12 @@ class GrpcConnection(Protocol):
             self.shut()
             return
         self._start_h2()
-        self._arm_idle()
 
     def _start_h2(self) -> None:
         self._started = True
         _initiate(self.h2)
         self._flush()
+        self._arm_idle(self.shared.client_idle_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -254,7 +254,10 @@ class GrpcConnection(Protocol):
         elif frame.length:  # its call is over: the bytes go back at once
             self._inflow.taken(sid, frame.length)
         if end and not self._closing:
-            self._to_h2(self._inflow.end_frame(sid))
+            if grpc_h2.received_end(self.h2, sid):
+                self._ended(sid)
+            else:
+                self._to_h2(self._inflow.end_frame(sid))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closing = True
@@ -267,6 +270,10 @@ class GrpcConnection(Protocol):
 
     def _flush(self) -> None:
         data = self.h2.data_to_send()
+        sent = self._outflow.sent
+        if sent:  # answers built past h2: after what h2 had queued before them
+            data = b"".join([*sent, data])
+            sent.clear()
         updates = self._inflow.updates
         if updates:  # after h2's: our SETTINGS always come first
             data += b"".join(updates)
@@ -313,21 +320,19 @@ class GrpcConnection(Protocol):
 
     def _stop_idle(self) -> None:
         idle, self._idle = self._idle, None
-        if idle is not None and idle.active():
+        if idle is not None:
             idle.cancel()
 
-    def _arm_idle(self, seconds: float | None = None) -> None:
+    def _arm_idle(self, seconds: float) -> None:
+        """Close once ``seconds`` pass with no call begun or ended (`touch`:
+        a time stamp, no timer moved per call)."""
         self._stop_idle()
-        if self._closing:
-            return
-        if seconds is None:
-            seconds = self.shared.client_idle_timeout
-        self._idle = self.shared.clock.callLater(seconds, self._idle_over)
+        if not self._closing:
+            self._idle = IdleTimer(self.shared.clock, seconds, self._idle_over)
 
     def _idle_over(self) -> None:
-        self._idle = None
-        if self.calls:
-            self._arm_idle()  # each call has its upstream timeout
+        if self.calls and self._idle is not None:
+            self._idle.start(self._idle_over)  # each call has its upstream timeout
             return
         # Nothing in progress (or answers the client never let us send).
         self._close_with(_NO_ERROR)
@@ -345,24 +350,21 @@ class GrpcConnection(Protocol):
         )
         self.calls[stream_id] = call
         self._inflow.add(stream_id, _content_length(event.headers))  # DATA past h2
-        self._arm_idle()
+        if self._idle is not None:
+            self._idle.touch()
         if self.factory.draining and self.last_stream is None:
             # As ``Connection: close`` on HTTP/1.1: this call, then GOAWAY.
             self.close_when_idle(0.0)
         call.begin(list(event.headers or ()))  # type: ignore[arg-type]
 
-    def on_data(self, event: h2.events.DataReceived) -> None:
-        """DATA that went through h2, on a stream no call takes: its bytes
-        go back to the connection's window, as h2 counts it."""
-        size = event.flow_controlled_length or 0  # no progress: _control stays
-        if size:
-            self.h2.acknowledge_received_data(size, event.stream_id)  # type: ignore[arg-type]
-
     def on_ended(self, event: h2.events.StreamEnded) -> None:
-        if not self._inflow.ended(event.stream_id):  # type: ignore[arg-type]
+        self._ended(event.stream_id)  # type: ignore[arg-type]
+
+    def _ended(self, stream_id: int) -> None:
+        if not self._inflow.ended(stream_id):
             self._close_with(_PROTOCOL_ERROR)  # fewer bytes than its content-length
             return
-        call = self.calls.get(event.stream_id)  # type: ignore[arg-type]
+        call = self.calls.get(stream_id)
         if call is not None:
             call.client_ended()
 
@@ -386,9 +388,6 @@ class GrpcConnection(Protocol):
         self._control += 1
         if self._control > MAX_CONTROL:
             self._close_with(_ENHANCE_YOUR_CALM)
-
-    def on_terminated(self, event: h2.events.ConnectionTerminated) -> None:
-        self.shut()
 
     # -- StreamOwner: what the calls ask -------------------------------------------------
 
@@ -424,8 +423,8 @@ class GrpcConnection(Protocol):
             self._flush()
 
     def call_over(self, call: GrpcStream) -> None:
-        if self.calls.pop(call.stream_id, None) is not None:
-            self._arm_idle()
+        if self.calls.pop(call.stream_id, None) is not None and self._idle is not None:
+            self._idle.touch()
         self._after_call()
 
     def _after_call(self) -> None:
@@ -449,6 +448,18 @@ def _initiate(conn: h2.connection.H2Connection) -> None:
     conn.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
 
 
+def _data_to_h2(conn: GrpcConnection, event: h2.events.DataReceived) -> None:
+    """DATA that went through h2, on a stream no call takes: its bytes go
+    back to the connection's window, as h2 counts it."""
+    size = event.flow_controlled_length or 0  # no progress: _control stays
+    if size:
+        conn.h2.acknowledge_received_data(size, event.stream_id)  # type: ignore[arg-type]
+
+
+def _terminated(conn: GrpcConnection, event: h2.events.ConnectionTerminated) -> None:
+    conn.shut()
+
+
 def _settings_acked(conn: GrpcConnection, event: h2.events.SettingsAcknowledged) -> None:
     """The client has our SETTINGS: frames up to `MAX_FRAME` from now on
     (h2 takes the values given at its start as in force already, so it
@@ -466,12 +477,12 @@ def _content_length(headers: Any) -> int | None:
 
 _HANDLERS: dict[type[h2.events.Event], Any] = {
     h2.events.RequestReceived: GrpcConnection.on_request,
-    h2.events.DataReceived: GrpcConnection.on_data,
+    h2.events.DataReceived: _data_to_h2,
     h2.events.StreamEnded: GrpcConnection.on_ended,
     h2.events.StreamReset: GrpcConnection.on_reset,
     h2.events.WindowUpdated: GrpcConnection.on_window,
     h2.events.PingReceived: GrpcConnection.on_control,
     h2.events.RemoteSettingsChanged: GrpcConnection.on_control,
-    h2.events.ConnectionTerminated: GrpcConnection.on_terminated,
+    h2.events.ConnectionTerminated: _terminated,
     h2.events.SettingsAcknowledged: _settings_acked,
 }

@@ -18,7 +18,7 @@ the client compressed goes up as it came, ``Content-Encoding: gzip``.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
@@ -35,7 +35,7 @@ from lgmt_proxy.rules.headers import RawHeaders
 from lgmt_proxy.rules.routes import Proxied, upstream_target
 
 #: The largest upstream answer turned into a response message.
-MAX_ANSWER = 64 * 1024
+MAX_ANSWER: Final = 64 * 1024
 
 
 class StreamOwner(Protocol):
@@ -153,12 +153,12 @@ class GrpcStream:
             self._charge = (name, limits)
         verdict = shared.budgets.check(name, limits, None)
         if not isinstance(verdict, Deferred):
-            self._budgeted(match, name, limits, verdict)
+            self._budgeted(verdict, match, name, limits)
             return
         self._held = []
-        verdict.addCallback(lambda v: self._budgeted(match, name, limits, v))
+        verdict.addCallback(self._budgeted, match, name, limits)  # no closure (mypyc)
 
-    def _budgeted(self, match: Proxied[Any], name: str, limits: Limits, verdict: Verdict) -> None:
+    def _budgeted(self, verdict: Verdict, match: Proxied[Any], name: str, limits: Limits) -> None:
         held, self._held = self._held, None
         if not self.over and verdict.allowed:
             self._admitted(match)

@@ -14,19 +14,19 @@ import base64
 import email.utils
 import math
 import time
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 #: gRPC status codes used here (grpc/doc/statuscodes.md).
-OK = 0
-UNKNOWN = 2
-INVALID_ARGUMENT = 3
-DEADLINE_EXCEEDED = 4
-PERMISSION_DENIED = 7
-RESOURCE_EXHAUSTED = 8
-INTERNAL = 13
-UNIMPLEMENTED = 12
-UNAVAILABLE = 14
-UNAUTHENTICATED = 16
+OK: Final = 0
+UNKNOWN: Final = 2
+INVALID_ARGUMENT: Final = 3
+DEADLINE_EXCEEDED: Final = 4
+PERMISSION_DENIED: Final = 7
+RESOURCE_EXHAUSTED: Final = 8
+INTERNAL: Final = 13
+UNIMPLEMENTED: Final = 12
+UNAVAILABLE: Final = 14
+UNAUTHENTICATED: Final = 16
 
 #: The unary OTLP methods, by ``:path``, and the client path of OTLP/HTTP
 #: they are routed as: exactly as a POST to ``/otlp/v1/...`` would be (the
@@ -56,11 +56,11 @@ _BY_HTTP = {
 }
 
 #: The 5-byte prefix of a gRPC message: compressed flag, 4-byte length.
-PREFIX = 5
+PREFIX: Final = 5
 
 
 #: The message encodings a call may use (grpc-encoding).
-ENCODINGS = (b"identity", b"gzip")
+ENCODINGS: Final = (b"identity", b"gzip")
 
 
 def call_problem(method: bytes, path: bytes, encoding: bytes) -> tuple[int, int, str] | None:
@@ -253,29 +253,29 @@ class MessageReader:
 
 
 #: What a client sends first (RFC 9113, section 3.4), before any frame.
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: Frame types and flags the splitter reads.
-DATA = 0
-HEADERS = 1
-SETTINGS = 4
-PUSH_PROMISE = 5
-CONTINUATION = 9
-END_STREAM = 0x1
-ACK = 0x1
-END_HEADERS = 0x4
-PADDED = 0x8
+DATA: Final = 0
+HEADERS: Final = 1
+SETTINGS: Final = 4
+PUSH_PROMISE: Final = 5
+CONTINUATION: Final = 9
+END_STREAM: Final = 0x1
+ACK: Final = 0x1
+END_HEADERS: Final = 0x4
+PADDED: Final = 0x8
 #: The largest header block in more than one frame: h2 holds all of it
 #: (up to 64 CONTINUATION frames) before decoding, so 64 frames of 16 KiB,
 #: its bound before the frames could be 64 KiB.
-MAX_BLOCK = 64 * 16384
+MAX_BLOCK: Final = 64 * 16384
 #: SETTINGS_MAX_FRAME_SIZE's initial value (RFC 9113, section 6.5.2).
-MIN_MAX_FRAME = 16384
+MIN_MAX_FRAME: Final = 16384
 
 
 class SplitError(Exception):
     """What the splitter refuses itself: a connection error, ``error_code``."""
 
-    error_code = 1  # PROTOCOL_ERROR
+    error_code: Final = 1  # PROTOCOL_ERROR
 
 
 class HeaderBlockError(SplitError):
@@ -456,6 +456,43 @@ def end_data_frame(stream_id: int) -> bytes:
     clients send none), h2's cheapest way to end a stream (no HPACK, no
     header checks: about half the time)."""
     return b"\x00\x00\x00\x00\x01" + stream_id.to_bytes(4, "big")
+
+
+#: The header blocks of an answer that succeeded, HPACK-encoded once: the
+#: response head (``:status: 200`` from the static table, ``content-type:
+#: application/grpc`` a literal without indexing) and the trailers
+#: (``grpc-status: 0``, a literal without indexing). Neither reads nor adds
+#: to the dynamic table, so h2's encoder and the client's decoder stay in
+#: step whatever h2 sends between them (a table size update aside: see
+#: `dataplane.grpc_h2.answered`).
+OK_HEAD_BLOCK: Final = b"\x88\x0f\x10\x10application/grpc"
+OK_TRAILERS_BLOCK: Final = b"\x00\x0bgrpc-status\x010"
+#: The trailers of a call that succeeded, as `trailers` gives them.
+OK_TRAILERS: Final = [(b"grpc-status", b"0")]
+
+
+def ok_answer_frames(stream_id: int, message: bytes) -> bytes:
+    """The three frames answering a call that succeeded: HEADERS (the
+    response head), DATA (``message``, prefix included: it must fit the
+    peer's frame size and windows) and HEADERS with END_STREAM (the
+    trailers)."""
+    sid = stream_id.to_bytes(4, "big")
+    return b"".join(
+        [
+            len(OK_HEAD_BLOCK).to_bytes(3, "big"),
+            b"\x01\x04",
+            sid,
+            OK_HEAD_BLOCK,
+            len(message).to_bytes(3, "big"),
+            b"\x00\x00",
+            sid,
+            message,
+            len(OK_TRAILERS_BLOCK).to_bytes(3, "big"),
+            b"\x01\x05",
+            sid,
+            OK_TRAILERS_BLOCK,
+        ]
+    )
 
 
 def window_update(stream_id: int, increment: int) -> bytes:
