@@ -105,7 +105,8 @@ class GrpcFactory(Factory):
 
 class GrpcTLSFactory(Factory):
     """TLS under each connection of ``grpc`` (``OTLP_GRPC_TLS_*``): Twisted's
-    `TLSMemoryBIOProtocol` over a `TLSCarrier`, as for an https upstream, so
+    `TLSMemoryBIOProtocol` over a `TLSCarrier`, as for TLS inside an https
+    forward proxy's tunnel (an https upstream takes `io.tlswire`), so
     the records go out through the connection's `Sender`. ``creator`` offers
     ALPN ``h2`` only (`config.servertls`): a client offering other protocols
     fails the handshake, and one offering none is closed once it completes
