@@ -132,6 +132,15 @@ class ClientConnection(Protocol):
             return
         self.last_read = self.clock.seconds()
         reader = self._reader
+        if reader.left:
+            try:
+                data = reader.take_body(data)
+            except Exception:
+                _log.failure("error handling a request", Failure())
+                self.close_refusing(500, "internal error")
+                return
+            if not data:
+                return
         try:
             reader.feed(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -141,8 +150,11 @@ class ClientConnection(Protocol):
             self.close_refusing(*reader.refusal_for(e))
             return
         parsing = reader.parsing
-        if parsing is not None and parsing.in_head:
-            self.timers.head_pending()
+        if parsing is not None:
+            if parsing.in_head:
+                self.timers.head_pending()
+            else:
+                reader.direct()
 
     def _not_parsed(self, phase: Phase, data: bytes) -> None:
         """Bytes for the tunnel (before or after the switch), or ignored."""
@@ -175,6 +187,7 @@ class ClientConnection(Protocol):
             self._record(active)
         self._pipelined.clear()
         self._reader.parsing = None
+        self._reader.left = 0
 
     # -- one request after another -------------------------------------------------------
 

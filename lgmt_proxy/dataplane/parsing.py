@@ -37,7 +37,16 @@ class RequestParser:
     """llhttp's callbacks for one connection (see the module docstring).
     ``head`` is called with each request once its head is read."""
 
-    __slots__ = ("_clock", "_head", "_head_size", "_parser", "feed", "parsing", "refusal")
+    __slots__ = (
+        "_clock",
+        "_head",
+        "_head_size",
+        "_parser",
+        "feed",
+        "left",
+        "parsing",
+        "refusal",
+    )
 
     def __init__(self, clock: IReactorTime, head: Callable[[Incoming], None]) -> None:
         self._clock = clock
@@ -52,6 +61,54 @@ class RequestParser:
         self.parsing: Incoming | None = None
         #: Why a callback stopped the parser: the status and message to answer.
         self.refusal: tuple[int, str] | None = None
+        #: Body bytes still to come of a Content-Length request taken past
+        #: llhttp (`direct`); 0 when every byte goes through the parser.
+        self.left = 0
+
+    def direct(self) -> None:
+        """After a feed: if the request being read is in a Content-Length
+        body, take its later reads straight (`take_body`), uncopied and past
+        llhttp's per-chunk callbacks. Chunked bodies, upgrades, CONNECT and a
+        connection ending with this request stay with llhttp (what follows
+        those is llhttp's to judge)."""
+        req = self.parsing
+        if (
+            req is None
+            or req.in_head
+            or req.length is None
+            or req.chunked
+            or req.upgrade
+            or not req.keep_alive
+            or req.method == b"CONNECT"
+        ):
+            return
+        self.left = req.length - req.body_in
+
+    def take_body(self, data: bytes) -> bytes:
+        """Hand ``data`` (up to `left` bytes) to the request's body as
+        `on_body` does; at its end, end the request as
+        `on_message_complete` does, with a fresh parser for what follows.
+        Returns the bytes after the body (empty if none)."""
+        req = self.parsing
+        assert req is not None
+        left = self.left
+        size = len(data)
+        rest = b""
+        if size > left:
+            data, rest = data[:left], data[left:]
+            size = left
+        self.left = left - size
+        req.body_in += size
+        on_body = req.on_body
+        if on_body is not None:
+            on_body(data)
+        elif req.buffered is not None:
+            req.buffered.append(data)
+        if self.left == 0 and self.parsing is req:
+            self._parser = httptools.HttpRequestParser(self)
+            self.feed = self._parser.feed_data
+            self.on_message_complete()
+        return rest
 
     def head_so_far(self) -> tuple[bytes, bytes]:
         """The method and path of a head refused before it was whole (414,
