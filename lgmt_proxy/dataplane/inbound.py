@@ -132,16 +132,11 @@ class ClientConnection(Protocol):
             return
         self.last_read = self.clock.seconds()
         reader = self._reader
-        if reader.left:
-            try:
-                data = reader.take_body(data)
-            except Exception:
-                _log.failure("error handling a request", Failure())
-                self.close_refusing(500, "internal error")
-                return
-            if not data:
-                return
         try:
+            if reader.left:
+                data = reader.take_body(data)
+                if not data:
+                    return
             reader.feed(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgraded(data[upgrade.args[0] :] if upgrade.args else b"")
@@ -154,7 +149,7 @@ class ClientConnection(Protocol):
             if parsing.in_head:
                 self.timers.head_pending()
             else:
-                reader.direct()
+                reader.start_direct_body()
 
     def _not_parsed(self, phase: Phase, data: bytes) -> None:
         """Bytes for the tunnel (before or after the switch), or ignored."""

@@ -5,6 +5,7 @@ counts the body once, and a client gone mid-body is a client abort."""
 
 from __future__ import annotations
 
+import httptools
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -101,16 +102,14 @@ class SplitBodyTests(TestCase):
 
     def test_client_closing_mid_body_is_a_client_abort(self) -> None:
         proxy = MemoryProxy()
-        proto, client = proxy.connect()
+        proto, _client = proxy.connect()
         proto.dataReceived(PUSH[:-6])
         proto.dataReceived(BODY[4:6])
         upstream = proxy.endpoints["loki"].connections[-1][1]
         proto.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(upstream.disconnecting)  # a half body never looks whole
         self.assertEqual(
-            proxy.sample(
-                "proxy_upstream_errors_total", upstream="loki", reason="client_abort"
-            ),
+            proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="client_abort"),
             1,
         )
         self.assertEqual(
@@ -118,3 +117,19 @@ class SplitBodyTests(TestCase):
             1,
         )
         self.assertEqual(proxy.sample("proxy_request_body_bytes_total", upstream="loki"), 6)
+
+    def test_error_in_a_body_callback_is_a_500_as_in_llhttp(self) -> None:
+        proxy = MemoryProxy()
+        proto, client = proxy.connect()
+        proto.dataReceived(PUSH[:-6])
+        upstream = proxy.endpoints["loki"].connections[-1][1]
+
+        def broken(data: bytes) -> None:
+            raise RuntimeError("broken")
+
+        proto._reader.parsing.on_body = broken
+        proto.dataReceived(BODY[4:])
+        self.assertEqual(len(self.flushLoggedErrors(httptools.HttpParserCallbackError)), 1)
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 500 "), client.value())
+        self.assertTrue(client.disconnecting)
+        self.assertTrue(upstream.disconnecting)
