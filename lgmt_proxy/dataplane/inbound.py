@@ -133,10 +133,6 @@ class ClientConnection(Protocol):
         self.last_read = self.clock.seconds()
         reader = self._reader
         try:
-            if reader.left:
-                data = reader.take_body(data)
-                if not data:
-                    return
             reader.feed(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgraded(data[upgrade.args[0] :] if upgrade.args else b"")
@@ -145,11 +141,8 @@ class ClientConnection(Protocol):
             self.close_refusing(*reader.refusal_for(e))
             return
         parsing = reader.parsing
-        if parsing is not None:
-            if parsing.in_head:
-                self.timers.head_pending()
-            else:
-                reader.start_direct_body()
+        if parsing is not None and parsing.in_head:
+            self.timers.head_pending()
 
     def _not_parsed(self, phase: Phase, data: bytes) -> None:
         """Bytes for the tunnel (before or after the switch), or ignored."""
@@ -182,7 +175,6 @@ class ClientConnection(Protocol):
             self._record(active)
         self._pipelined.clear()
         self._reader.parsing = None
-        self._reader.left = 0
 
     # -- one request after another -------------------------------------------------------
 

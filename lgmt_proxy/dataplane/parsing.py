@@ -1,10 +1,9 @@
 """Reading requests off one client connection with llhttp (httptools): the
 head under its limits (target 414, head size and header count 431, transfer
 codings 501) into an `Incoming`, its facts gathered in the same pass, then
-its body handed on as it arrives (a Content-Length body's later reads past
-llhttp, uncopied: `RequestParser.take_body`). What llhttp refuses by itself
-(CL with TE, two lengths, bad chunks, obsolete line folding, bare CR, control
-bytes in values) becomes a 400 by `refusal_for`.
+its body handed on as it arrives. What llhttp refuses by itself (CL with TE,
+two lengths, bad chunks, obsolete line folding, bare CR, control bytes in
+values) becomes a 400 by `refusal_for`.
 """
 
 from __future__ import annotations
@@ -38,16 +37,7 @@ class RequestParser:
     """llhttp's callbacks for one connection (see the module docstring).
     ``head`` is called with each request once its head is read."""
 
-    __slots__ = (
-        "_clock",
-        "_head",
-        "_head_size",
-        "_parser",
-        "feed",
-        "left",
-        "parsing",
-        "refusal",
-    )
+    __slots__ = ("_clock", "_head", "_head_size", "_parser", "feed", "parsing", "refusal")
 
     def __init__(self, clock: IReactorTime, head: Callable[[Incoming], None]) -> None:
         self._clock = clock
@@ -62,58 +52,6 @@ class RequestParser:
         self.parsing: Incoming | None = None
         #: Why a callback stopped the parser: the status and message to answer.
         self.refusal: tuple[int, str] | None = None
-        #: Body bytes still to come of a Content-Length request taken past
-        #: llhttp (`start_direct_body`); 0 when every byte goes through the parser.
-        self.left = 0
-
-    def start_direct_body(self) -> None:
-        """After a feed: if the request being read is in a Content-Length
-        body, take its later reads straight (`take_body`), uncopied and past
-        llhttp's per-chunk callbacks. Chunked bodies, upgrades, CONNECT and a
-        connection ending with this request stay with llhttp (what follows
-        those is llhttp's to judge)."""
-        req = self.parsing
-        if (
-            req is None
-            or req.in_head
-            or req.length is None
-            or req.chunked
-            or req.upgrade
-            or not req.keep_alive
-            or req.method == b"CONNECT"
-        ):
-            return
-        self.left = req.length - req.body_in
-
-    def take_body(self, data: bytes) -> bytes:
-        """Hand ``data`` (up to `left` bytes) to the request's body as
-        `on_body` does; at its end, end the request as
-        `on_message_complete` does, with a fresh parser for what follows.
-        Returns the bytes after the body (empty if none). A callback's
-        error is raised as llhttp raises it (`refusal_for`: 500)."""
-        try:
-            req = self.parsing
-            assert req is not None
-            left = self.left
-            size = len(data)
-            rest = b""
-            if size > left:
-                data, rest = data[:left], data[left:]
-                size = left
-            self.left = left - size
-            req.body_in += size
-            on_body = req.on_body
-            if on_body is not None:
-                on_body(data)
-            elif req.buffered is not None:
-                req.buffered.append(data)
-            if self.left == 0 and self.parsing is req:
-                self._parser = httptools.HttpRequestParser(self)
-                self.feed = self._parser.feed_data
-                self.on_message_complete()
-            return rest
-        except Exception as e:
-            raise httptools.HttpParserCallbackError("error in a body callback") from e
 
     def head_so_far(self) -> tuple[bytes, bytes]:
         """The method and path of a head refused before it was whole (414,

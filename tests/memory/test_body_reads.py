@@ -72,7 +72,7 @@ class SplitBodyTests(TestCase):
         )
         self.assertEqual(client.value().count(b"HTTP/1.1 200 OK"), 2)
 
-    def test_bytes_after_the_body_are_refused_as_today(self) -> None:
+    def test_garbage_after_the_body_is_refused(self) -> None:
         # What follows a body is still parsed at once, whatever read it came
         # in: a broken request line refuses the connection (501, the request
         # in progress is not answered) and nothing of it goes upstream.
@@ -118,7 +118,7 @@ class SplitBodyTests(TestCase):
         )
         self.assertEqual(proxy.sample("proxy_request_body_bytes_total", upstream="loki"), 6)
 
-    def test_error_in_a_body_callback_is_a_500_as_in_llhttp(self) -> None:
+    def test_error_in_a_body_callback_is_a_500(self) -> None:
         proxy = MemoryProxy()
         proto, client = proxy.connect()
         proto.dataReceived(PUSH[:-6])
