@@ -414,9 +414,8 @@ def _pieces(parts: list[bytes | grpc.DataFrame]) -> tuple[list[object], dict[int
         if isinstance(part, bytes):
             h2_bytes += part
             continue
-        spans = part.spans
-        for i in range(0, len(spans), 2):
-            frames.append((len(h2_bytes), part.source[spans[i] : spans[i + 1]]))
+        for frame in part.frames:
+            frames.append((len(h2_bytes), bytes(frame)))
         payloads[part.stream_id] = payloads.get(part.stream_id, b"") + part.payload
     return frames, payloads, h2_bytes
 
