@@ -19,11 +19,10 @@ from lgmt_proxy.dataplane import grpc_h2
 from lgmt_proxy.rules import grpc
 from lgmt_proxy.rules.headers import RawHeaders
 
-#: Each call's receive window (SETTINGS_INITIAL_WINDOW_SIZE): an export up
-#: to 512 KiB needs no WINDOW_UPDATE at all, neither a round trip nor a
-#: frame (granted at half a window; at 64 KiB it took four round trips).
-#: The memory bound is the connection's window, not this.
-STREAM_WINDOW: Final = 1024 * 1024
+#: Each call's receive window (SETTINGS_INITIAL_WINDOW_SIZE): a 256 KiB
+#: export needs no round trip for WINDOW_UPDATE (at 64 KiB it took four).
+#: 1 MiB (no WINDOW_UPDATE for it at all) measured worse: docs/performance.md.
+STREAM_WINDOW: Final = 256 * 1024
 #: The connection's receive window: what all its calls together may have
 #: sent that the upstream side has not taken yet (the memory bound).
 CONNECTION_WINDOW: Final = 4 * 1024 * 1024
