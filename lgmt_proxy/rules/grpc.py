@@ -361,11 +361,11 @@ class FrameSplitter:
         if held:
             head = held if len(held) >= 9 else held + data[: 9 - len(held)]
             whole = 9 + (head[0] << 16 | head[1] << 8 | head[2]) if len(head) >= 9 else 0
-            if not whole or whole - len(held) > len(data):
+            if whole - 9 > limit:
+                data = held + data  # h2 refuses it at its header: all of it goes to h2
+            elif not whole or whole - len(held) > len(data):
                 self._held = held + data  # still not whole (at most one frame held)
                 return out
-            if whole - 9 > limit:
-                data = held + data  # h2 refuses it: all of it goes to h2
             else:
                 skip = whole - len(held)
                 first = held + data[:skip]

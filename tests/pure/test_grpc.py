@@ -281,6 +281,10 @@ class FrameSplitterTests(TestCase):
         splitter.split(grpc.PREFACE + _SETTINGS, 16384)
         head = (16385).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
         self.assertEqual(splitter.split(head + b"y" * 10, 16384), [head + b"y" * 10])
+        # Its header cut across reads: the same once the header is whole.
+        splitter = grpc.FrameSplitter()
+        splitter.split(grpc.PREFACE + _SETTINGS + head[:4], 16384)
+        self.assertEqual(splitter.split(head[4:] + b"y" * 10, 16384), [head + b"y" * 10])
 
     def test_our_maximum_once_acknowledged(self) -> None:
         """``max_frame`` holds from the client's acknowledgement of our
