@@ -21,6 +21,7 @@ from lgmt_proxy.rules.headers import RawHeaders
 
 #: Each call's receive window (SETTINGS_INITIAL_WINDOW_SIZE): a 256 KiB
 #: export needs no round trip for WINDOW_UPDATE (at 64 KiB it took four).
+#: 1 MiB (no WINDOW_UPDATE for it at all) measured worse: docs/performance.md.
 STREAM_WINDOW: Final = 256 * 1024
 #: The connection's receive window: what all its calls together may have
 #: sent that the upstream side has not taken yet (the memory bound).

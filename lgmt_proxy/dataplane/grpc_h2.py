@@ -5,17 +5,17 @@ h2 did each in Python, per call, about a third of the bridge's own CPU
 (framing, HPACK, its state machines and a debug line formatted for every
 frame); here its state moves as its own calls would move it, through its
 public state machines and windows, and the frames are built once
-(`rules.grpc.ok_answer_frames`). h2 stays the judge of everything else: the
+(`ok_answer_frames`). h2 stays the judge of everything else: the
 client's HEADERS (HPACK, header checks, stream limits), every stream that
 is not in the expected state, every answer that is not a plain success.
 """
 
 from __future__ import annotations
 
+from typing import Final
+
 from h2.connection import ConnectionInputs, ConnectionState, H2Connection
 from h2.stream import StreamInputs, StreamState
-
-from lgmt_proxy.rules import grpc
 
 
 def received_end(conn: H2Connection, stream_id: int) -> bool:
@@ -70,4 +70,39 @@ def answered(conn: H2Connection, stream_id: int, message: bytes) -> bytes | None
     connection.process_input(ConnectionInputs.SEND_HEADERS)
     machine.process_input(StreamInputs.SEND_HEADERS)
     machine.process_input(StreamInputs.SEND_END_STREAM)
-    return grpc.ok_answer_frames(stream_id, message)
+    return ok_answer_frames(stream_id, message)
+
+
+#: The header blocks of an answer that succeeded, HPACK-encoded once: the
+#: response head (``:status: 200`` from the static table, ``content-type:
+#: application/grpc`` a literal without indexing) and the trailers
+#: (``grpc-status: 0``, a literal without indexing). Neither reads nor adds
+#: to the dynamic table, so h2's encoder and the client's decoder stay in
+#: step whatever h2 sends between them (a table size update aside: see
+#: `answered`).
+OK_HEAD_BLOCK: Final = b"\x88\x0f\x10\x10application/grpc"
+OK_TRAILERS_BLOCK: Final = b"\x00\x0bgrpc-status\x010"
+
+
+def ok_answer_frames(stream_id: int, message: bytes) -> bytes:
+    """The three frames answering a call that succeeded: HEADERS (the
+    response head), DATA (``message``, prefix included: it must fit the
+    peer's frame size and windows) and HEADERS with END_STREAM (the
+    trailers)."""
+    sid = stream_id.to_bytes(4, "big")
+    return b"".join(
+        [
+            len(OK_HEAD_BLOCK).to_bytes(3, "big"),
+            b"\x01\x04",
+            sid,
+            OK_HEAD_BLOCK,
+            len(message).to_bytes(3, "big"),
+            b"\x00\x00",
+            sid,
+            message,
+            len(OK_TRAILERS_BLOCK).to_bytes(3, "big"),
+            b"\x01\x05",
+            sid,
+            OK_TRAILERS_BLOCK,
+        ]
+    )

@@ -293,22 +293,19 @@ class DataFrame(NamedTuple):
     """Whole DATA frames of one stream, received one after the other: the
     stream, the last one's flags (-1: its padding is invalid), the bytes
     they carry (padding stripped), the length that counts against the
-    windows, and where the frames are in what was read (``source``,
-    ``spans``: start and end of each; `raw` is them as received, for h2
-    when the bridge does not take them itself)."""
+    windows, and each frame as received (views of the reads, for h2 when
+    the bridge does not take them itself: `raw`)."""
 
     stream_id: int
     flags: int
     payload: bytes
     length: int
-    source: bytes
-    spans: tuple[int, ...]
+    frames: list[bytes | memoryview]
 
     @property
     def raw(self) -> bytes:
         """The frames as received."""
-        src, spans = self.source, self.spans
-        return b"".join([src[spans[i] : spans[i + 1]] for i in range(0, len(spans), 2)])
+        return b"".join(self.frames)
 
 
 class FrameSplitter:
@@ -318,9 +315,11 @@ class FrameSplitter:
     formats each one for a debug log it never writes (the whole DATA payload
     hexlified), most of the gRPC path's CPU. Consecutive DATA frames of one
     stream come as one `DataFrame` (a read of 64 KiB is one call's data,
-    not four). A partial frame waits for the rest; a frame declared over
-    ``max_frame`` (and everything after it) goes to h2 at once, which
-    refuses it, so no more than one frame is held.
+    not four), their payloads copied once (views of the read, joined). A
+    partial frame waits for the rest and is completed apart, not joined to
+    the whole next read; a frame declared over ``max_frame`` (and
+    everything after it) goes to h2 at once, which refuses it, so no more
+    than one frame is held.
 
     What h2 must judge stays h2's: between a HEADERS (or PUSH_PROMISE)
     without END_HEADERS and the CONTINUATION ending it, every frame goes to
@@ -356,87 +355,107 @@ class FrameSplitter:
             self._preface -= n
             out.append(data[:n])
             data = data[n:]
-        if self._held:
-            data = self._held + data
-        size = len(data)
-        pos = start = 0
+        # What is scanned: the held frame completed (``first``), then the read from ``skip``.
+        first, skip = b"", 0
+        held = self._held
+        if held:
+            head = held if len(held) >= 9 else held + data[: 9 - len(held)]
+            whole = 9 + (head[0] << 16 | head[1] << 8 | head[2]) if len(head) >= 9 else 0
+            if whole - 9 > limit:
+                data = held + data  # h2 refuses it at its header: all of it goes to h2
+            elif not whole or whole - len(held) > len(data):
+                self._held = held + data  # still not whole (at most one frame held)
+                return out
+            else:
+                skip = whole - len(held)
+                first = held + data[:skip]
         # The DATA frames of one stream being gathered: its id (-1: none).
         run = -1
         run_flags = 0
-        pieces: list[bytes] = []
-        spans: list[int] = []
+        pieces: list[bytes | memoryview] = []
+        frames: list[bytes | memoryview] = []
         run_length = 0
-        while size - pos >= 9:
-            kind = data[pos + 3]
-            if self._settings:
-                if kind != SETTINGS or data[pos + 4] & ACK:
-                    raise PrefaceError("the connection preface must end with SETTINGS")
-                self._settings = False
-            length = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
-            if length > limit:
-                pos = size  # h2 answers FRAME_SIZE_ERROR on its header
-                break
-            end = pos + 9 + length
-            if end > size:
-                break
-            if self._block:
-                self._block = not (kind == CONTINUATION and data[pos + 4] & END_HEADERS)
-                self._block_size += length
-                if self._block_size > MAX_BLOCK:
-                    raise HeaderBlockError("a header block over 1 MiB")
-            elif kind == DATA:
-                flags = data[pos + 4]
-                sid = (data[pos + 5] & 0x7F) << 24 | data[pos + 6] << 16 | data[pos + 7] << 8
-                sid |= data[pos + 8]
-                if flags & PADDED:
-                    pad = data[pos + 9] if length else length + 1
-                    if pad >= length:  # invalid: h2 refuses the frame (PROTOCOL_ERROR)
-                        flags, payload = -1, b""
-                    else:
-                        payload = data[pos + 10 : end - pad]
-                else:
-                    payload = data[pos + 9 : end]
-                # Joined to the run: the same stream, right after it, and
-                # neither ends it, is padded or is invalid (but for this one ending it).
-                if not (
-                    sid == run and start == pos and run_flags == 0 and flags in (0, END_STREAM)
-                ):
+        for source, pos in ((first, 0), (data, skip)) if first else ((data, 0),):
+            view = memoryview(source)
+            size = len(source)
+            start = pos
+            while size - pos >= 9:
+                kind = source[pos + 3]
+                if self._settings:
+                    if kind != SETTINGS or source[pos + 4] & ACK:
+                        raise PrefaceError("the connection preface must end with SETTINGS")
+                    self._settings = False
+                length = source[pos] << 16 | source[pos + 1] << 8 | source[pos + 2]
+                if length > limit:
+                    pos = size  # h2 answers FRAME_SIZE_ERROR on its header
+                    break
+                end = pos + 9 + length
+                if end > size:
+                    break
+                if self._block:
+                    self._block = not (kind == CONTINUATION and source[pos + 4] & END_HEADERS)
+                    self._block_size += length
+                    if self._block_size > MAX_BLOCK:
+                        raise HeaderBlockError("a header block over 1 MiB")
+                elif kind == DATA:
+                    flags = source[pos + 4]
+                    sid = (source[pos + 5] & 0x7F) << 24 | source[pos + 6] << 16
+                    sid |= source[pos + 7] << 8 | source[pos + 8]
+                    payload = view[pos + 9 : end]
+                    if flags & PADDED:
+                        pad = source[pos + 9] if length else length + 1
+                        if pad >= length:  # invalid: h2 refuses the frame (PROTOCOL_ERROR)
+                            flags, payload = -1, view[0:0]
+                        else:
+                            payload = view[pos + 10 : end - pad]
+                    # Joined to the run: the same stream, right after it, and
+                    # neither ends it, is padded or is invalid (but for this one ending it).
+                    if not (
+                        sid == run and start == pos and run_flags == 0 and flags in (0, END_STREAM)
+                    ):
+                        if run >= 0:
+                            out.append(_run(run, run_flags, pieces, run_length, frames))
+                            pieces, frames, run_length = [], [], 0
+                        if start < pos:
+                            out.append(source[start:pos])
+                        run = sid
+                    run_flags = flags
+                    pieces.append(payload)
+                    frames.append(view[pos:end])
+                    run_length += length
+                    start = end
+                elif kind in (HEADERS, PUSH_PROMISE):
+                    self._block = not source[pos + 4] & END_HEADERS
+                    self._block_size = length
+                elif kind == SETTINGS and source[pos + 4] & ACK and not self._acked:
+                    self._acked = True
+                    limit = max_frame
                     if run >= 0:
-                        out.append(_run(run, run_flags, pieces, run_length, data, spans))
-                        pieces, spans, run_length = [], [], 0
-                    if start < pos:
-                        out.append(data[start:pos])
-                    run = sid
-                run_flags = flags
-                pieces.append(payload)
-                spans += (pos, end)
-                run_length += length
-                start = end
-            elif kind in (HEADERS, PUSH_PROMISE):
-                self._block = not data[pos + 4] & END_HEADERS
-                self._block_size = length
-            elif kind == SETTINGS and data[pos + 4] & ACK and not self._acked:
-                self._acked = True
-                limit = max_frame
+                        out.append(_run(run, run_flags, pieces, run_length, frames))
+                        pieces, frames, run_length, run = [], [], 0, -1
+                    out.append(source[start:end])  # h2 raises its limit on it, then the rest
+                    start = end
+                pos = end
+            if start < pos:  # h2's frames: the run before them goes first
                 if run >= 0:
-                    out.append(_run(run, run_flags, pieces, run_length, data, spans))
-                    pieces, spans, run_length, run = [], [], 0, -1
-                out.append(data[start:end])  # h2 raises its limit on it, then the rest
-                start = end
-            pos = end
+                    out.append(_run(run, run_flags, pieces, run_length, frames))
+                    pieces, frames, run_length, run = [], [], 0, -1
+                out.append(source[start:pos])
+            self._held = source[pos:]
         if run >= 0:
-            out.append(_run(run, run_flags, pieces, run_length, data, spans))
-        if start < pos:
-            out.append(data[start:pos])
-        self._held = data[pos:]
+            out.append(_run(run, run_flags, pieces, run_length, frames))
         return out
 
 
 def _run(
-    stream_id: int, flags: int, pieces: list[bytes], length: int, source: bytes, spans: list[int]
+    stream_id: int,
+    flags: int,
+    pieces: list[bytes | memoryview],
+    length: int,
+    frames: list[bytes | memoryview],
 ) -> DataFrame:
-    payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-    return DataFrame(stream_id, flags, payload, length, source, tuple(spans))
+    payload = bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+    return DataFrame(stream_id, flags, payload, length, frames)
 
 
 def end_stream_frame(stream_id: int) -> bytes:
@@ -458,41 +477,8 @@ def end_data_frame(stream_id: int) -> bytes:
     return b"\x00\x00\x00\x00\x01" + stream_id.to_bytes(4, "big")
 
 
-#: The header blocks of an answer that succeeded, HPACK-encoded once: the
-#: response head (``:status: 200`` from the static table, ``content-type:
-#: application/grpc`` a literal without indexing) and the trailers
-#: (``grpc-status: 0``, a literal without indexing). Neither reads nor adds
-#: to the dynamic table, so h2's encoder and the client's decoder stay in
-#: step whatever h2 sends between them (a table size update aside: see
-#: `dataplane.grpc_h2.answered`).
-OK_HEAD_BLOCK: Final = b"\x88\x0f\x10\x10application/grpc"
-OK_TRAILERS_BLOCK: Final = b"\x00\x0bgrpc-status\x010"
 #: The trailers of a call that succeeded, as `trailers` gives them.
 OK_TRAILERS: Final = [(b"grpc-status", b"0")]
-
-
-def ok_answer_frames(stream_id: int, message: bytes) -> bytes:
-    """The three frames answering a call that succeeded: HEADERS (the
-    response head), DATA (``message``, prefix included: it must fit the
-    peer's frame size and windows) and HEADERS with END_STREAM (the
-    trailers)."""
-    sid = stream_id.to_bytes(4, "big")
-    return b"".join(
-        [
-            len(OK_HEAD_BLOCK).to_bytes(3, "big"),
-            b"\x01\x04",
-            sid,
-            OK_HEAD_BLOCK,
-            len(message).to_bytes(3, "big"),
-            b"\x00\x00",
-            sid,
-            message,
-            len(OK_TRAILERS_BLOCK).to_bytes(3, "big"),
-            b"\x01\x05",
-            sid,
-            OK_TRAILERS_BLOCK,
-        ]
-    )
 
 
 def window_update(stream_id: int, increment: int) -> bytes:

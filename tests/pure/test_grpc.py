@@ -281,6 +281,10 @@ class FrameSplitterTests(TestCase):
         splitter.split(grpc.PREFACE + _SETTINGS, 16384)
         head = (16385).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
         self.assertEqual(splitter.split(head + b"y" * 10, 16384), [head + b"y" * 10])
+        # Its header cut across reads: the same once the header is whole.
+        splitter = grpc.FrameSplitter()
+        splitter.split(grpc.PREFACE + _SETTINGS + head[:4], 16384)
+        self.assertEqual(splitter.split(head[4:] + b"y" * 10, 16384), [head + b"y" * 10])
 
     def test_our_maximum_once_acknowledged(self) -> None:
         """``max_frame`` holds from the client's acknowledgement of our
@@ -414,9 +418,8 @@ def _pieces(parts: list[bytes | grpc.DataFrame]) -> tuple[list[object], dict[int
         if isinstance(part, bytes):
             h2_bytes += part
             continue
-        spans = part.spans
-        for i in range(0, len(spans), 2):
-            frames.append((len(h2_bytes), part.source[spans[i] : spans[i + 1]]))
+        for frame in part.frames:
+            frames.append((len(h2_bytes), bytes(frame)))
         payloads[part.stream_id] = payloads.get(part.stream_id, b"") + part.payload
     return frames, payloads, h2_bytes
 
