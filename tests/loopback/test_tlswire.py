@@ -112,36 +112,33 @@ class WireTLSTests(TestCase):
         self.assertIsInstance(pooled.sender.transport, WireTLS)
         self.assertIsNotNone(pooled.sender.ssl)
 
-    async def test_close_notify_on_an_idle_connection_is_seen_at_once(self) -> None:
+    async def _idle_close_seen(self, close: str, what: str) -> Any:
+        """An idle pooled connection the upstream closes (``close``: the TLS
+        transport's method) is dropped at once, and the next request opens a
+        new one; the proxy, for further checks."""
+
         def answer_then_close(p: Any, _: str) -> None:
             p.transport.write(OK)
-            self.later(0.05, p.transport.loseConnection)
+            self.later(0.05, getattr(p.transport, close))
 
         factory, port = self.upstream(answer_then_close)
         proxy = self.proxy(port)
         response, _ = await call(proxy.url + "/loki/api/v1/labels")
         self.assertEqual(response.code, 200)
-        self.assertTrue(await self.idle_emptied(proxy, "loki"), "close_notify not seen")
+        self.assertTrue(await self.idle_emptied(proxy, "loki"), f"{what} not seen")
         response, _ = await call(proxy.url + "/loki/api/v1/labels")
         self.assertEqual(response.code, 200)
         self.assertEqual(factory.accepted, 2)
+        return proxy
+
+    async def test_close_notify_on_an_idle_connection_is_seen_at_once(self) -> None:
+        proxy = await self._idle_close_seen("loseConnection", "close_notify")
         self.assertEqual(
             proxy.sample("proxy_upstream_errors_total", upstream="loki", reason="reset"), 0
         )
 
     async def test_reset_of_an_idle_connection_is_seen_at_once(self) -> None:
-        def answer_then_reset(p: Any, _: str) -> None:
-            p.transport.write(OK)
-            self.later(0.05, p.transport.abortConnection)
-
-        factory, port = self.upstream(answer_then_reset)
-        proxy = self.proxy(port)
-        response, _ = await call(proxy.url + "/loki/api/v1/labels")
-        self.assertEqual(response.code, 200)
-        self.assertTrue(await self.idle_emptied(proxy, "loki"), "reset not seen")
-        response, _ = await call(proxy.url + "/loki/api/v1/labels")
-        self.assertEqual(response.code, 200)
-        self.assertEqual(factory.accepted, 2)
+        await self._idle_close_seen("abortConnection", "reset")
 
     async def test_reset_mid_response_cuts_the_client(self) -> None:
         def half_then_reset(p: Any, _: str) -> None:
