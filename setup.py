@@ -54,6 +54,7 @@ COMPILED = [
     "lgmt_proxy/dataplane/grpc_heads.py",
     "lgmt_proxy/dataplane/grpc_server.py",
     "lgmt_proxy/dataplane/grpc_stream.py",
+    "lgmt_proxy/dataplane/grpc_streams.py",
     "lgmt_proxy/dataplane/inbound.py",
     "lgmt_proxy/dataplane/parsing.py",
     "lgmt_proxy/dataplane/pool.py",
