@@ -85,8 +85,9 @@ class HeadReader:
         """A request's headers and ``content-length``, or the connection
         error its block is."""
         table = self._decoder.header_table
-        entries = table.dynamic_entries
-        newest = entries[0] if entries else None
+        # Any: compiled, a typed tuple would be unboxed and boxed anew (no identity).
+        entries: Any = table.dynamic_entries
+        newest: object = entries[0] if entries else None
         count = len(entries)
         maxsize = table.maxsize
         kept = self._cache.get(block)
@@ -98,7 +99,7 @@ class HeadReader:
         length = content_length(headers)
         if (length is not None and length < 0) or self._request_problem(headers) is not None:
             return _PROTOCOL_ERROR
-        after = table.dynamic_entries
+        after: Any = table.dynamic_entries
         if (
             len(block) <= _CACHED_SIZE
             and block[:1]
