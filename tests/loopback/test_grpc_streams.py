@@ -13,6 +13,7 @@ from typing import Any
 import hpack
 from hyperframe.frame import (
     ContinuationFrame,
+    DataFrame,
     Frame,
     GoAwayFrame,
     HeadersFrame,
@@ -65,7 +66,7 @@ class HoldingUpstream(Recorder):
         if self.seen[-1].body != HOLD:
             return answer
         self.held.append(request)
-        request.notifyFinish().addErrback(lambda _: self.lost.called or self.lost.callback(None))
+        request.notifyFinish().addErrback(lambda _: _fire(self.lost))
         return NOT_DONE_YET
 
 
@@ -114,7 +115,7 @@ class Wire(RawClient):
         elif isinstance(frame, RstStreamFrame) and call is not None:
             call.reset = frame.error_code
             _fire(call.ended)
-        elif frame.type == 0 and call is not None:
+        elif isinstance(frame, DataFrame) and call is not None:
             call.data += frame.data
             if "END_STREAM" in frame.flags:
                 _fire(call.ended)
@@ -144,6 +145,10 @@ class Wire(RawClient):
     def call(self, sid: int) -> Call:
         return self.calls.setdefault(sid, Call())
 
+    def acks(self) -> int:
+        """SETTINGS acknowledgements received."""
+        return sum(1 for f in self.frames if isinstance(f, SettingsFrame) and "ACK" in f.flags)
+
     def resets(self) -> dict[int, int]:
         return {f.stream_id: f.error_code for f in self.frames if isinstance(f, RstStreamFrame)}
 
@@ -163,6 +168,13 @@ def headers_frame(sid: int, block: bytes, *flags: str, **kw: Any) -> bytes:
 
 def continuation(sid: int, block: bytes, *flags: str) -> bytes:
     return ContinuationFrame(sid, data=block, flags=flags).serialize()
+
+
+def settings(**values: int) -> bytes:
+    """A SETTINGS frame, ``values`` by hyperframe's names (``INITIAL_WINDOW_SIZE``)."""
+    return SettingsFrame(
+        0, settings={getattr(SettingsFrame, k): v for k, v in values.items()}
+    ).serialize()
 
 
 def message(sid: int, payload: bytes = b"spans", end: bool = True) -> bytes:
@@ -191,16 +203,21 @@ class StreamsCase(TestCase):
         for connection in list(self.grpc.connections):
             connection.close_now()
 
-    async def wire(self, **settings: int) -> Wire:
-        """A connection past the preface, its SETTINGS (``settings``: by
-        hyperframe's names, e.g. ``INITIAL_WINDOW_SIZE``) acknowledged."""
+    async def wire(self, **values: int) -> Wire:
+        """A connection past the preface, its SETTINGS (``values``, see
+        `settings`) acknowledged."""
         client = Wire()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
         self.addCleanup(lambda: client.transport.abortConnection())  # type: ignore[union-attr]
-        values = {getattr(SettingsFrame, name): v for name, v in settings.items()}
-        client.send(grpc.PREFACE, SettingsFrame(0, settings=values).serialize())
-        await self.until(lambda: any("ACK" in f.flags for f in client.frames if f.type == 4))
+        client.send(grpc.PREFACE)
+        await self.settle(client, settings(**values))
         return client
+
+    async def settle(self, client: Wire, frame: bytes) -> None:
+        """Send a SETTINGS ``frame``; back once the proxy acknowledged it."""
+        acks = client.acks()
+        client.send(frame)
+        await self.until(lambda: client.acks() > acks, "SETTINGS acknowledged")
 
     async def until(self, condition: Any, what: str = "condition") -> None:
         for _ in range(1000):
@@ -350,7 +367,11 @@ class HeaderBlockTests(StreamsCase):
         request = [*REQUEST, (b"user-agent", b"grpc-test/1")]
         client.send(headers_frame(1, client.block(request), "END_HEADERS"), message(1))
         await self.answered(client, 1)
-        for sid, size, start in ((3, 256, b"\x3f\xe1\x01"), (5, 0, b"\x20"), (7, 4096, b"\x3f\xe1\x1f")):
+        for sid, size, start in (
+            (3, 256, b"\x3f\xe1\x01"),
+            (5, 0, b"\x20"),
+            (7, 4096, b"\x3f\xe1\x1f"),
+        ):
             client.encoder.header_table_size = size
             block = client.block(request)
             self.assertTrue(block.startswith(start), block)
