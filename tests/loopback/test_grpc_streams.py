@@ -17,6 +17,7 @@ from hyperframe.frame import (
     Frame,
     GoAwayFrame,
     HeadersFrame,
+    PriorityFrame,
     RstStreamFrame,
     SettingsFrame,
 )
@@ -35,6 +36,7 @@ from tests.support.helpers import ProxyFixture, Recorder, env_for, listen, sleep
 PROTOCOL_ERROR = 1
 FLOW_CONTROL_ERROR = 3
 STREAM_CLOSED = 5
+FRAME_SIZE_ERROR = 6
 CANCEL = 8
 #: What the recording upstream answers (an ExportTraceServiceResponse).
 ANSWER = b"\x0a\x02\x08\x01"
@@ -104,13 +106,15 @@ class Wire(RawClient):
 
     def _take(self, frame: Frame) -> None:
         sid = frame.stream_id
+        if self._block is not None:  # a header block's frames are contiguous (RFC 9113, 4.3)
+            assert isinstance(frame, ContinuationFrame) and sid == self._block[0], frame
         call = self.calls.setdefault(sid, Call()) if sid else None
         if isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
             self.send(SettingsFrame(0, flags=["ACK"]).serialize())
         elif isinstance(frame, HeadersFrame):
             self._block = (sid, bytearray(frame.data), "END_STREAM" in frame.flags)
         elif isinstance(frame, ContinuationFrame):
-            assert self._block is not None and self._block[0] == sid
+            assert self._block is not None, frame
             self._block[1].extend(frame.data)
         elif isinstance(frame, RstStreamFrame) and call is not None:
             call.reset = frame.error_code
@@ -234,7 +238,7 @@ class StreamsCase(TestCase):
         self.assertIsNone(call.reset)
         self.assertEqual(call.headers.get(b":status"), b"200", call)
         self.assertEqual(call.headers.get(b"content-type"), b"application/grpc")
-        self.assertEqual(call.message, ANSWER)
+        self.assertEqual(call.message, self.up.body)
         self.assertEqual(call.status, 0)
         self.assertIn(payload, [seen.body for seen in self.up.seen])
 
@@ -276,6 +280,19 @@ class HeaderBlockTests(StreamsCase):
         await self.answered(client, 3, b"three")
         await self.serves(client, 5)
 
+    async def test_continuation_out_of_place(self) -> None:
+        """RFC 9113, 6.10: a CONTINUATION with no header block open, or of
+        another stream than the open block's, and HEADERS inside a block
+        are connection errors PROTOCOL_ERROR."""
+        cases = [
+            lambda c: [continuation(1, c.block(), "END_HEADERS")],
+            lambda c: [headers_frame(1, c.block()[:3]), continuation(3, b"", "END_HEADERS")],
+            lambda c: [headers_frame(1, c.block()[:3]), headers_frame(3, b"", "END_HEADERS")],
+        ]
+        for frames in cases:
+            client = await self.wire()
+            await self.refused(client, PROTOCOL_ERROR, *frames(client))
+
     async def test_padded_headers(self) -> None:
         client = await self.wire()
         client.send(
@@ -284,26 +301,31 @@ class HeaderBlockTests(StreamsCase):
         await self.answered(client, 1)
         await self.serves(client, 3)
 
-    async def test_headers_with_priority(self) -> None:
+    async def test_priority(self) -> None:
         """HEADERS with the PRIORITY flag, depending on stream 0 and on
-        another stream (exclusive, weighted): answered as any call."""
+        another stream (exclusive, weighted), and PRIORITY frames on a
+        call's stream and on an idle one (RFC 9113, 5.1: it stays idle):
+        every call answered as any other."""
         client = await self.wire()
-        priority = {"depends_on": 0, "stream_weight": 200}
+        priority: dict[str, Any] = {"depends_on": 0, "stream_weight": 200}
         client.send(headers_frame(1, client.block(), "END_HEADERS", "PRIORITY", **priority))
-        client.send(message(1))
+        client.send(PriorityFrame(1, depends_on=0, stream_weight=3).serialize(), message(1))
         await self.answered(client, 1)
         priority = {"depends_on": 1, "stream_weight": 15, "exclusive": True}
         client.send(headers_frame(3, client.block(), "END_HEADERS", "PRIORITY", **priority))
-        client.send(message(3, b"three"))
+        client.send(PriorityFrame(9, depends_on=3).serialize(), message(3, b"three"))
         await self.answered(client, 3, b"three")
-        await self.serves(client, 5)
+        await self.serves(client, 5)  # below 9: PRIORITY opened no stream
 
     async def test_stream_depending_on_itself(self) -> None:
         """RFC 9113, 5.3.1: a stream error PROTOCOL_ERROR, which h2 makes a
-        connection error (5.4.1 allows it)."""
+        connection error (5.4.1 allows it), in HEADERS or in PRIORITY."""
         client = await self.wire()
         frame = headers_frame(1, client.block(), "END_HEADERS", "PRIORITY", depends_on=1)
         await self.refused(client, PROTOCOL_ERROR, frame, message(1))
+        client = await self.wire()
+        await self.serves(client, 1)
+        await self.refused(client, PROTOCOL_ERROR, PriorityFrame(3, depends_on=3).serialize())
 
     # -- client trailers -------------------------------------------------------------------
 

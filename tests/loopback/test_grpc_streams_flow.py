@@ -7,7 +7,11 @@ loopback, as a client sees them whoever owns the streams (h2 today)."""
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from hyperframe.frame import (
+    DataFrame,
     GoAwayFrame,
     RstStreamFrame,
     WindowUpdateFrame,
@@ -19,6 +23,7 @@ from tests.loopback.test_grpc_streams import (
     ANSWER,
     CANCEL,
     FLOW_CONTROL_ERROR,
+    FRAME_SIZE_ERROR,
     HOLD,
     PROTOCOL_ERROR,
     REQUEST,
@@ -167,6 +172,40 @@ class WindowTests(StreamsCase):
         client.send(window_update(1, len(answer) - 4))
         await self.answered(client, 1)
 
+    async def test_answers_within_the_client_windows(self) -> None:
+        """Two 40 KB answers to a client with 20 KB stream windows and the
+        default 64 KiB connection window, which it opens by hand: each
+        window is used to its last byte and never past it, every DATA frame
+        within the client's SETTINGS_MAX_FRAME_SIZE (16 KiB), the trailers
+        after the whole message."""
+        self.up.body = os.urandom(40_000)
+        answer = grpc.frame_message(self.up.body)
+        client = await self.wire(INITIAL_WINDOW_SIZE=20_000)
+        one, three = client.call(1), client.call(3)
+
+        async def have(n1: int, n3: int) -> None:
+            await self.until(lambda: (len(one.data), len(three.data)) == (n1, n3), f"{n1}, {n3}")
+            await sleep(0.05)  # and no more
+            self.assertEqual((len(one.data), len(three.data)), (n1, n3))
+
+        for sid in (1, 3):
+            client.send(
+                _open_1(client) if sid == 1 else headers_frame(3, client.block(), "END_HEADERS")
+            )
+            client.send(message(sid, b"%d" % sid))
+        await have(20_000, 20_000)
+        client.send(window_update(1, 40_000))
+        await one.ended  # 20 005 more: the connection's window has 25 535
+        client.send(window_update(3, 40_000))
+        await have(len(answer), 25_530)
+        self.assertEqual(three.trailers, {})
+        client.send(window_update(0, 100_000))
+        for sid in (1, 3):
+            await self.answered(client, sid, b"%d" % sid)
+        self.assertEqual((one.data, three.data), (answer, answer))
+        sizes = [len(f.data) for f in client.frames if isinstance(f, DataFrame)]
+        self.assertLessEqual(max(sizes), 16_384)
+
     async def test_overflowing_window(self) -> None:
         """An increment taking a window past 2^31-1 (RFC 9113, 6.9.1): on a
         call's stream RST_STREAM FLOW_CONTROL_ERROR, the call abandoned and
@@ -217,3 +256,81 @@ class GoawayTests(StreamsCase):
         await client.closed
         await self.up.lost
         await self.until(lambda: not self.proxy.sample("proxy_requests_in_flight", upstream="otlp"))
+
+
+def _frame(kind: int, sid: int, payload: bytes, flags: int = 0) -> bytes:
+    """Any frame as bytes (hyperframe refuses to build the wrong ones)."""
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + sid.to_bytes(4, "big") + payload
+
+
+def _open_1(client: Wire) -> bytes:
+    """The HEADERS opening stream 1."""
+    return headers_frame(1, client.block(), "END_HEADERS")
+
+
+class StreamStateTests(StreamsCase):
+    async def test_connection_errors(self) -> None:
+        """Frames no stream state allows: RST_STREAM or WINDOW_UPDATE on an
+        idle stream (RFC 9113, 5.1), HEADERS or RST_STREAM on stream 0 (6.2,
+        6.4), HEADERS padded past its end (6.2): PROTOCOL_ERROR; RST_STREAM,
+        WINDOW_UPDATE or PRIORITY of the wrong length (6.3, 6.4, 6.9):
+        FRAME_SIZE_ERROR (a stream error for PRIORITY, which h2 makes a
+        connection error: 5.4.1 allows it)."""
+        cases: list[tuple[int, list[Any]]] = [
+            (PROTOCOL_ERROR, [RstStreamFrame(1, error_code=CANCEL).serialize()]),
+            (PROTOCOL_ERROR, [window_update(1, 8)]),
+            (PROTOCOL_ERROR, [lambda c: _frame(1, 0, c.block(), 0x4)]),
+            (PROTOCOL_ERROR, [_frame(3, 0, b"\0\0\0\x08")]),
+            (PROTOCOL_ERROR, [_frame(1, 1, b"\x09abc", 0xC)]),  # PADDED, END_HEADERS
+            (FRAME_SIZE_ERROR, [_open_1, _frame(3, 1, b"\0\0\0\x08\0")]),
+            (FRAME_SIZE_ERROR, [_open_1, _frame(8, 1, b"\0\0\0\x01\0")]),
+            (FRAME_SIZE_ERROR, [_frame(2, 1, b"\0\0\0\0")]),
+        ]
+        for code, frames in cases:
+            client = await self.wire()
+            sent = [f if isinstance(f, bytes) else f(client) for f in frames]
+            await self.refused(client, code, *sent)
+
+    async def test_data_on_a_stream_the_client_ended(self) -> None:
+        """DATA after END_STREAM while the call waits for the upstream (RFC
+        9113, 5.1, half-closed (remote)): RST_STREAM STREAM_CLOSED, the call
+        abandoned upstream, the connection serving on."""
+        client = await self.wire()
+        client.send(headers_frame(1, client.block(), "END_HEADERS"), message(1, HOLD))
+        await self.until(lambda: self.up.held, "upstream holds the call")
+        client.send(_data(1, b"late"))
+        await self.until(lambda: client.resets(), "RST_STREAM")
+        self.assertEqual(client.resets(), {1: STREAM_CLOSED})
+        await self.up.lost
+        await self.serves(client, 3)
+
+    async def test_trailers_on_a_stream_the_client_ended(self) -> None:
+        """HEADERS after END_STREAM while the call waits: RST_STREAM
+        STREAM_CLOSED, the call abandoned; the block was decoded (RFC 9113,
+        4.3): a later call refers to what it indexed."""
+        client = await self.wire()
+        client.send(headers_frame(1, client.block(), "END_HEADERS"), message(1, HOLD))
+        await self.until(lambda: self.up.held, "upstream holds the call")
+        indexed = [*REQUEST, (b"x-request-id", b"late")]
+        client.send(headers_frame(1, client.block(indexed), "END_HEADERS", "END_STREAM"))
+        await self.until(lambda: client.resets(), "RST_STREAM")
+        self.assertEqual(client.resets(), {1: STREAM_CLOSED})
+        await self.up.lost
+        block = client.block(indexed)
+        self.assertEqual(len(block), len(indexed))  # references only
+        client.send(headers_frame(3, block, "END_HEADERS"), message(3, b"three"))
+        await self.answered(client, 3, b"three")
+        self.assertEqual(self.up.seen[-1].header(b"X-Request-Id"), [b"late"])
+
+    async def test_window_update_and_reset_after_the_client_reset(self) -> None:
+        """WINDOW_UPDATE and RST_STREAM on a stream the client reset: no
+        RST_STREAM in answer (RFC 9113, 5.4.2), the connection serving on."""
+        client = await self.wire()
+        client.send(headers_frame(1, client.block(), "END_HEADERS"), message(1, HOLD))
+        await self.until(lambda: self.up.held, "upstream holds the call")
+        reset = RstStreamFrame(1, error_code=CANCEL).serialize()
+        client.send(reset, window_update(1, 100), reset)
+        await self.up.lost
+        await self.serves(client, 3)
+        self.assertEqual(client.resets(), {})
+        self.assertEqual([f for f in client.frames if f.stream_id == 1], [])
