@@ -33,6 +33,8 @@ from tests.loopback.test_grpc import TRACES, Call, _frames
 from tests.loopback.test_grpc_frames import RawClient, _data
 from tests.support.helpers import ProxyFixture, Recorder, env_for, listen, sleep, upstream_site
 
+#: RFC 9113, 3.4 (spelled out: the tests do not lean on where the listener keeps it).
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 PROTOCOL_ERROR = 1
 FLOW_CONTROL_ERROR = 3
 STREAM_CLOSED = 5
@@ -213,7 +215,7 @@ class StreamsCase(TestCase):
         client = Wire()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
         self.addCleanup(lambda: client.transport.abortConnection())  # type: ignore[union-attr]
-        client.send(grpc.PREFACE)
+        client.send(PREFACE)
         await self.settle(client, settings(**values))
         return client
 
