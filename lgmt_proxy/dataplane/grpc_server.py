@@ -1,9 +1,16 @@
 """The OTLP/gRPC listener (``OTLP_GRPC_LISTEN``): HTTP/2 with prior
-knowledge (h2c), or under TLS with ALPN ``h2`` (`GrpcTLSFactory`), on the
-`h2` state machine (sans-IO), one `GrpcConnection` per client connection,
-one `GrpcStream` per call. A call's DATA frames are taken past h2
-(`GrpcConnection._data_frame`, windows in `grpc_flow.Inflow`); every other
-frame is h2's.
+knowledge (h2c), or under TLS with ALPN ``h2`` (`GrpcTLSFactory`), one
+`GrpcConnection` per client connection, one `GrpcStream` per call.
+
+The calls' streams are the bridge's own: their header blocks (decoded by
+h2's HPACK decoder, checked as h2 checks them: `grpc_heads.HeadReader`),
+DATA, RST_STREAM and WINDOW_UPDATE frames, and every frame of an answer
+(`grpc_flow`). The `h2` state machine (sans-IO) keeps the connection: the
+preface, SETTINGS, PING, GOAWAY, PRIORITY, the connection's send window,
+and every frame on a stream that is not an open call's, which it judges as
+it would any stream it does not know (closed: RST_STREAM STREAM_CLOSED for
+DATA; idle or even: a connection error). h2 doing a call's frames in
+Python was most of the bridge's CPU.
 
 Every byte goes out through the connection's `Sender` (`SendQueue.install`);
 the connection's own `ReadGate` is registered with it, so a client that does
@@ -41,23 +48,17 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lgmt_proxy.dataplane import grpc_h2
-from lgmt_proxy.dataplane.grpc_flow import CONNECTION_WINDOW, STREAM_WINDOW, Inflow, Outflow
-from lgmt_proxy.dataplane.grpc_stream import GrpcStream
+from lgmt_proxy.dataplane.grpc_flow import CONNECTION_WINDOW, STREAM_WINDOW
+from lgmt_proxy.dataplane.grpc_streams import MAX_STREAMS, CallStreams
 from lgmt_proxy.dataplane.server import ProxyFactory
 from lgmt_proxy.io.sending import Sender
 from lgmt_proxy.io.timers import IdleTimer
 from lgmt_proxy.io.tls import TLSCarrier
-from lgmt_proxy.rules import grpc
-from lgmt_proxy.rules.headers import RawHeaders
+from lgmt_proxy.rules import h2frames
 
-#: Calls open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
-MAX_STREAMS: Final = 100
 #: The largest header list accepted (SETTINGS_MAX_HEADER_LIST_SIZE), as the
 #: HTTP/1.1 side's head limit.
 MAX_HEADER_LIST: Final = 16 * 1024
-#: Streams the client may reset beyond the calls answered (CVE-2023-44487).
-MAX_RESETS: Final = 100
 #: The largest frame a client may send (SETTINGS_MAX_FRAME_SIZE): a 256 KiB
 #: export in four DATA frames, not sixteen. The frame splitter holds up to
 #: one; a header block is bounded apart (`grpc.MAX_BLOCK`).
@@ -75,9 +76,6 @@ _CONFIG = h2.config.H2Configuration(
 )
 
 _NO_ERROR: Final = 0
-_PROTOCOL_ERROR: Final = 1
-_FLOW_CONTROL_ERROR: Final = 3
-_REFUSED_STREAM: Final = 7
 _ENHANCE_YOUR_CALM: Final = 11
 #: `_close_with`: h2 has queued its GOAWAY already.
 _ALREADY: Final = -1
@@ -144,11 +142,7 @@ class GrpcConnection(Protocol):
         self.client_text = "unknown"
         self.out: Sender | None = None
         self.h2 = h2.connection.H2Connection(_CONFIG)
-        self.calls: dict[int, GrpcStream] = {}
-        self._outflow = Outflow(self.h2)
         self._idle: IdleTimer | None = None
-        self._resets = 0
-        self._answered = 0
         self._control = 0
         #: The last stream taken once GOAWAY was sent (None: not sent).
         self.last_stream: int | None = None
@@ -159,8 +153,8 @@ class GrpcConnection(Protocol):
         self._started = False
         #: Handling what the client sent: frames to send go out at its end.
         self._reading = False
-        self._frames = grpc.FrameSplitter()
-        self._inflow = Inflow()
+        self._frames = h2frames.FrameSplitter()
+        self.streams = CallStreams(self)
 
     # -- the connection ------------------------------------------------------------------
 
@@ -201,27 +195,32 @@ class GrpcConnection(Protocol):
         try:
             try:
                 parts = self._frames.split(data, MAX_FRAME)
-            except grpc.SplitError as e:
-                self._close_with(e.error_code)
+            except h2frames.SplitError as e:
+                self.close_with(e.error_code)
                 return
+            streams = self.streams
             for part in parts:
-                if isinstance(part, grpc.DataFrame):
-                    self._data_frame(part)
+                if isinstance(part, h2frames.DataFrame):
+                    streams.data_frame(part)
+                elif isinstance(part, h2frames.HeaderBlock):
+                    streams.header_block(part)
+                elif isinstance(part, h2frames.StreamFrame):
+                    streams.stream_frame(part)
                 else:
-                    self._to_h2(part)
+                    self.to_h2(part)
                 if self._closing:
                     return
         finally:
             self._reading = False
         self._flush()
 
-    def _to_h2(self, data: bytes) -> None:
+    def to_h2(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             # Its GOAWAY (the error's own code) is queued, unless the preface was bad.
             closed = self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED
-            self._close_with(_ALREADY if closed else int(e.error_code))
+            self.close_with(_ALREADY if closed else int(e.error_code))
             return
         for event in events:
             handler = _HANDLERS.get(type(event))
@@ -230,59 +229,26 @@ class GrpcConnection(Protocol):
             if self._closing:
                 return
 
-    def _data_frame(self, frame: grpc.DataFrame) -> None:
-        """DATA frames of one stream: a taken one's (`Inflow`) to its call (or
-        back at once: the call is over), h2 told only of END_STREAM; any
-        other to h2 as it came (stream 0, idle, closed, bad padding)."""
-        sid = frame.stream_id
-        h2_left = self.h2.inbound_flow_control_window
-        if frame.flags < 0 or not self._inflow.owns(sid):
-            if not self._inflow.fits(frame.length, h2_left):
-                self._close_with(_FLOW_CONTROL_ERROR)
-                return
-            self._to_h2(frame.raw)
-            return
-        end = frame.flags & grpc.END_STREAM
-        error = self._inflow.received(sid, frame.length, len(frame.payload), bool(end), h2_left)
-        if error:
-            self._close_with(error)
-            return
-        if frame.length:  # empty DATA is no progress: it does not excuse a PING flood
-            self._control = 0
-        call = self.calls.get(sid)
-        if call is not None:
-            call.data(frame.payload, frame.length)
-        elif frame.length:  # its call is over: the bytes go back at once
-            self._inflow.taken(sid, frame.length)
-        if end and not self._closing:
-            if grpc_h2.received_end(self.h2, sid):
-                self._ended(sid)
-            else:
-                self._to_h2(self._inflow.end_frame(sid))
-
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closing = True
         self.factory.connections.discard(self)
         self._stop_idle()
-        for call in list(self.calls.values()):
-            call.reset()
-        self.calls.clear()
-        self._outflow.drop()
+        self.streams.close_all()
 
     def _flush(self) -> None:
         data = self.h2.data_to_send()
-        sent = self._outflow.sent
-        if sent:  # answers built past h2: after what h2 had queued before them
+        sent = self.streams.outflow.frames
+        if sent:  # our frames: after what h2 had queued before each
             data = b"".join([*sent, data])
             sent.clear()
-        updates = self._inflow.updates
+        updates = self.streams.inflow.updates
         if updates:  # after h2's: our SETTINGS always come first
             data += b"".join(updates)
             updates.clear()
         if data and self.out is not None:
             self.out.write(data)
 
-    def _close_with(self, error_code: int) -> None:
+    def close_with(self, error_code: int) -> None:
         """A connection error: GOAWAY with ``error_code``, then close."""
         if self._started and error_code != _ALREADY:
             self.h2.close_connection(error_code=error_code)
@@ -316,7 +282,7 @@ class GrpcConnection(Protocol):
             goaway = GoAwayFrame(0, last_stream_id=self.last_stream, error_code=_NO_ERROR)
             if self.out is not None:
                 self.out.write(goaway.serialize())
-        if not self.calls and not self._outflow:
+        if self.streams.idle:
             self.shut()
 
     def _stop_idle(self) -> None:
@@ -332,105 +298,53 @@ class GrpcConnection(Protocol):
             self._idle = IdleTimer(self.shared.clock, seconds, self._idle_over)
 
     def _idle_over(self) -> None:
-        if self.calls and self._idle is not None:
+        if self.streams.calls and self._idle is not None:
             self._idle.start(self._idle_over)  # each call has its upstream timeout
             return
         # Nothing in progress (or answers the client never let us send).
-        self._close_with(_NO_ERROR)
+        self.close_with(_NO_ERROR)
 
-    # -- h2 events -----------------------------------------------------------------------
+    # -- h2 events: the connection's own frames ------------------------------------------
 
-    def on_request(self, event: h2.events.RequestReceived) -> None:
-        stream_id = event.stream_id
+    def on_window(self, event: h2.events.WindowUpdated) -> None:
+        self.streams.window_opened()
+
+    def on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+        """The client's SETTINGS: a new initial window moves the streams'."""
+        changed = event.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
+        if changed is not None and changed.original_value is not None:
+            self.streams.settings_changed(changed.new_value - changed.original_value)
+        if not self._closing:
+            self.on_control(event)
+
+    def on_control(self, event: h2.events.Event) -> None:
+        self._control += 1
+        if self._control > MAX_CONTROL:
+            self.close_with(_ENHANCE_YOUR_CALM)
+
+    # -- Connection: what the streams ask ------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def progress(self) -> None:
         self._control = 0
-        if self.last_stream is not None and stream_id > self.last_stream:
-            self.h2.reset_stream(stream_id, error_code=_REFUSED_STREAM)
-            return
-        call = GrpcStream(
-            self, stream_id, self.shared, self.client_text, self.shared.clock.seconds()
-        )
-        self.calls[stream_id] = call
-        self._inflow.add(stream_id, _content_length(event.headers))  # DATA past h2
+
+    def call_began(self) -> None:
         if self._idle is not None:
             self._idle.touch()
         if self.factory.draining and self.last_stream is None:
             # As ``Connection: close`` on HTTP/1.1: this call, then GOAWAY.
             self.close_when_idle(0.0)
-        call.begin(list(event.headers or ()))  # type: ignore[arg-type]
 
-    def on_ended(self, event: h2.events.StreamEnded) -> None:
-        self._ended(event.stream_id)  # type: ignore[arg-type]
-
-    def _ended(self, stream_id: int) -> None:
-        if not self._inflow.ended(stream_id):
-            self._close_with(_PROTOCOL_ERROR)  # fewer bytes than its content-length
-            return
-        call = self.calls.get(stream_id)
-        if call is not None:
-            call.client_ended()
-
-    def on_reset(self, event: h2.events.StreamReset) -> None:
-        self._outflow.drop(event.stream_id)  # type: ignore[arg-type]
-        self._inflow.drop(event.stream_id)  # type: ignore[arg-type]
-        call = self.calls.get(event.stream_id)  # type: ignore[arg-type]
-        if call is not None and not call.over:
-            self._resets += 1
-            call.reset()
-            if self._resets > MAX_RESETS + self._answered:
-                self._close_with(_ENHANCE_YOUR_CALM)
-
-    def on_window(self, event: h2.events.WindowUpdated) -> None:
-        if self._outflow.window_opened(event.stream_id or 0):
-            self._after_call()
-        if not self._reading:
-            self._flush()
-
-    def on_control(self, event: h2.events.Event) -> None:
-        self._control += 1
-        if self._control > MAX_CONTROL:
-            self._close_with(_ENHANCE_YOUR_CALM)
-
-    # -- StreamOwner: what the calls ask -------------------------------------------------
-
-    def answer(self, stream_id: int, message: bytes | None, trailers: RawHeaders) -> None:
-        if self._closing:
-            return
-        self._answered += 1
-        call = self.calls.get(stream_id)
-        early = call is not None and not call.client_done
-        if self._outflow.answer(stream_id, message, trailers, early):
-            if early:  # reset (NO_ERROR): what the client still sends is h2's
-                self._inflow.drop(stream_id)
-            self._after_call()
-        self._flush()
-
-    def reply_status(self, stream_id: int, status: int) -> None:
-        if self._closing:
-            return
-        try:
-            self.h2.send_headers(stream_id, [(b":status", b"%d" % status)], end_stream=True)
-        except h2.exceptions.StreamClosedError:
-            pass
-        self._flush()
-
-    def open_window(self, stream_id: int, size: int) -> None:
-        """``size`` bytes of ``stream_id`` are taken (or dropped): its window
-        and the connection's are granted again once half of one is (by
-        `Inflow`, or by h2 for the bytes it saw), not per frame."""
-        if self._closing or not size:
-            return
-        self._inflow.taken(stream_id, size)  # a call's bytes all came past h2
-        if not self._reading:
-            self._flush()
-
-    def call_over(self, call: GrpcStream) -> None:
-        if self.calls.pop(call.stream_id, None) is not None and self._idle is not None:
+    def calls_changed(self) -> None:
+        if self._idle is not None:
             self._idle.touch()
-        self._after_call()
-
-    def _after_call(self) -> None:
-        if self.last_stream is not None and not self.calls and not self._outflow:
+        if self.last_stream is not None and self.streams.idle:
             self.shut()
+        elif not self._reading:
+            self._flush()
 
 
 def _initiate(conn: h2.connection.H2Connection) -> None:
@@ -449,14 +363,6 @@ def _initiate(conn: h2.connection.H2Connection) -> None:
     conn.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
 
 
-def _data_to_h2(conn: GrpcConnection, event: h2.events.DataReceived) -> None:
-    """DATA that went through h2, on a stream no call takes: its bytes go
-    back to the connection's window, as h2 counts it."""
-    size = event.flow_controlled_length or 0  # no progress: _control stays
-    if size:
-        conn.h2.acknowledge_received_data(size, event.stream_id)  # type: ignore[arg-type]
-
-
 def _terminated(conn: GrpcConnection, event: h2.events.ConnectionTerminated) -> None:
     conn.shut()
 
@@ -468,22 +374,11 @@ def _settings_acked(conn: GrpcConnection, event: h2.events.SettingsAcknowledged)
     conn.h2.max_inbound_frame_size = MAX_FRAME
 
 
-def _content_length(headers: Any) -> int | None:
-    """A request's ``content-length`` (h2 has checked it is digits, one value)."""
-    for name, value in headers or ():
-        if name == b"content-length":
-            return int(value)
-    return None
-
-
+#: The events h2 has of the connection's own frames (it knows no stream).
 _HANDLERS: dict[type[h2.events.Event], Any] = {
-    h2.events.RequestReceived: GrpcConnection.on_request,
-    h2.events.DataReceived: _data_to_h2,
-    h2.events.StreamEnded: GrpcConnection.on_ended,
-    h2.events.StreamReset: GrpcConnection.on_reset,
     h2.events.WindowUpdated: GrpcConnection.on_window,
     h2.events.PingReceived: GrpcConnection.on_control,
-    h2.events.RemoteSettingsChanged: GrpcConnection.on_control,
+    h2.events.RemoteSettingsChanged: GrpcConnection.on_settings,
     h2.events.ConnectionTerminated: _terminated,
     h2.events.SettingsAcknowledged: _settings_acked,
 }

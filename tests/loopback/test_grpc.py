@@ -27,7 +27,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from lgmt_proxy.config.clientauth import load_client_auth
 from lgmt_proxy.config.watch import WatchedFile
-from lgmt_proxy.dataplane.grpc_server import MAX_RESETS, GrpcFactory
+from lgmt_proxy.dataplane.grpc_server import GrpcFactory
+from lgmt_proxy.dataplane.grpc_streams import MAX_RESETS
 from lgmt_proxy.rules import grpc
 from tests.pure.test_clientauth import ALLOY, DOC, KUBECOST
 from tests.support.helpers import (

@@ -1,5 +1,5 @@
 """The OTLP/gRPC bridge takes a call's DATA frames past h2
-(`rules.grpc.FrameSplitter`, `GrpcConnection._data_frame`): here, raw frames
+(`rules.h2frames.FrameSplitter`, `GrpcConnection._data_frame`): here, raw frames
 on loopback that h2 alone would refuse are refused the same way (the GOAWAY
 or RST_STREAM code RFC 9113 asks for), and frames cut or spread in odd ways
 still make a whole message. The h2 library is the client; frames it would
@@ -23,7 +23,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.dataplane.grpc_server import MAX_FRAME, GrpcFactory
-from lgmt_proxy.rules import grpc
+from lgmt_proxy.rules import grpc, h2frames
 from tests.loopback.test_grpc import TRACES, Call, H2Client, _frames, h2_connect
 from tests.support.helpers import ProxyFixture, Recorder, env_for, listen, sleep, upstream_site
 
@@ -104,7 +104,7 @@ class BypassTests(TestCase):
     async def refused(self, code: int, *frames: bytes) -> None:
         """After the preface and SETTINGS, ``frames`` end the connection
         with GOAWAY ``code``; nothing reached the upstream."""
-        client = await self.raw(grpc.PREFACE + SettingsFrame(0).serialize(), b"".join(frames))
+        client = await self.raw(h2frames.PREFACE + SettingsFrame(0).serialize(), b"".join(frames))
         self.assertEqual(client.goaway(), code)
         self.assertEqual(self.up.seen, [])
 
@@ -178,7 +178,7 @@ class BypassTests(TestCase):
 
     async def test_no_settings_after_the_preface(self) -> None:
         """RFC 9113, 3.4: the preface is the magic then SETTINGS."""
-        client = await self.raw(grpc.PREFACE + self.head(1) + _data(1, b"x", 1))
+        client = await self.raw(h2frames.PREFACE + self.head(1) + _data(1, b"x", 1))
         self.assertEqual(client.goaway(), _PROTOCOL_ERROR)
         self.assertEqual(self.up.seen, [])
 
@@ -193,7 +193,7 @@ class BypassTests(TestCase):
         ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"\x00" * 8
         flood = (ping + _data(1, b"") + _data(3, b"x")) * 1100
         client = await self.raw(
-            grpc.PREFACE + SettingsFrame(0).serialize() + self.head(1) + self.head(3),
+            h2frames.PREFACE + SettingsFrame(0).serialize() + self.head(1) + self.head(3),
             _data(3, grpc.frame_message(b""), 1),
             flood,
         )
@@ -274,7 +274,7 @@ class BypassTests(TestCase):
         client = RawClient()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
         self.addCleanup(lambda: client.transport.abortConnection())  # type: ignore[union-attr]
-        client.transport.write(grpc.PREFACE + SettingsFrame(0).serialize())  # type: ignore[union-attr]
+        client.transport.write(h2frames.PREFACE + SettingsFrame(0).serialize())  # type: ignore[union-attr]
         await sleep(0.01)
         client.transport.write(ack + self.head(1) + b"".join(frames))  # type: ignore[union-attr]
         for _ in range(500):

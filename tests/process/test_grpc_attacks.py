@@ -12,7 +12,7 @@ from typing import Any
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 from twisted.trial.unittest import TestCase
 
-from lgmt_proxy.dataplane.grpc_server import MAX_RESETS
+from lgmt_proxy.dataplane.grpc_streams import MAX_RESETS
 from lgmt_proxy.rules import grpc
 from tests.loopback.test_grpc import H2Client, h2_connect
 from tests.support.helpers import Recorder, env_for, free_port, listen, sleep, spawn_proxy

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
 from lgmt_proxy.config.settings import parse_config
-from lgmt_proxy.rules import grpc
+from lgmt_proxy.rules import grpc, h2frames
 from tests.pure.test_config import BASE, problems
 
 SPLITS = settings(max_examples=200, deadline=None)
@@ -238,52 +238,113 @@ class FrameSplitterTests(TestCase):
         last = _frame(0, 1, 1, b"de")
         ping = _frame(6, 0, 0, b"\0" * 8)
         other = _frame(0, 0, 3, b"f")
-        splitter = grpc.FrameSplitter()
-        wire = grpc.PREFACE + settings + headers + data + ping + data + last + other
+        splitter = h2frames.FrameSplitter()
+        wire = h2frames.PREFACE + settings + headers + data + ping + data + last + other
         parts = splitter.split(wire, 16384)
-        self.assertEqual(parts[0], grpc.PREFACE)
-        self.assertEqual(parts[1], settings + headers)
-        self.assertEqual(_taken(parts[2]), (1, 0, b"abc", 3, data))
-        self.assertEqual(parts[3], ping)
+        self.assertEqual(parts[0], h2frames.PREFACE)
+        self.assertEqual(parts[1], settings)
+        self.assertEqual(parts[2], h2frames.HeaderBlock(1, False, b"\x82", [headers]))
+        self.assertEqual(_taken(parts[3]), (1, 0, b"abc", 3, data))
+        self.assertEqual(parts[4], ping)
         # Back to back on one stream: one piece of data, the frames kept for h2.
-        self.assertEqual(_taken(parts[4]), (1, 1, b"abcde", 5, data + last))
-        self.assertEqual(_taken(parts[5]), (3, 0, b"f", 1, other))
-        self.assertEqual(len(parts), 6)
+        self.assertEqual(_taken(parts[5]), (1, 1, b"abcde", 5, data + last))
+        self.assertEqual(_taken(parts[6]), (3, 0, b"f", 1, other))
+        self.assertEqual(len(parts), 7)
+
+    def test_header_blocks_whole(self) -> None:
+        """A header block comes whole, padding and priority removed, its
+        CONTINUATIONs joined; a stream's RST_STREAM and WINDOW_UPDATE come
+        apart, the connection's WINDOW_UPDATE goes to h2."""
+        splitter = h2frames.FrameSplitter()
+        splitter.split(h2frames.PREFACE + _SETTINGS, 16384)
+        padded = _frame(
+            1, 0x8 | 0x20 | 0x4 | 0x1, 5, b"\x02" + b"\0\0\0\3\xff" + b"\x82\x84" + b"\0\0"
+        )
+        first = _frame(1, 0, 7, b"\x82")
+        cont = _frame(9, 0, 7, b"\x84")
+        last = _frame(9, 0x4, 7, b"\x86")
+        reset = _frame(3, 0, 7, b"\0\0\0\x08")
+        grant = _frame(8, 0, 7, b"\0\0\1\0")
+        conn_grant = _frame(8, 0, 0, b"\0\0\1\0")
+        parts = splitter.split(padded + first + cont + last + reset + grant + conn_grant, 16384)
+        self.assertEqual(parts[0], h2frames.HeaderBlock(5, True, b"\x82\x84", [padded]))
+        block = parts[1]
+        assert isinstance(block, h2frames.HeaderBlock)
+        self.assertEqual(
+            (block.stream_id, block.end_stream, block.block), (7, False, b"\x82\x84\x86")
+        )
+        self.assertEqual(block.raw, first + cont + last)
+        self.assertEqual(
+            parts[2:],
+            [
+                h2frames.StreamFrame(h2frames.RST_STREAM, 7, 8, reset),
+                h2frames.StreamFrame(h2frames.WINDOW_UPDATE, 7, 256, grant),
+                conn_grant,
+            ],
+        )
+
+    def test_header_blocks_refused(self) -> None:
+        """What is a connection error in a header block (RFC 9113, 6.2,
+        6.10, 5.3.1; 8.4: a client does not push)."""
+        for wire in (
+            _frame(1, 0x4, 0, b"\x82"),  # stream 0
+            _frame(1, 0x20 | 0x4, 1, b"\0\0\0\1\xff\x82"),  # depends on itself
+            _frame(1, 0x8 | 0x4, 1, b"\x05\x82"),  # padding past the end
+            _frame(1, 0x20 | 0x4, 1, b"\0\0"),  # too short for its priority
+            _frame(1, 0, 1, b"\x82") + _frame(9, 0x4, 3, b"\x84"),  # continued on another stream
+            _frame(5, 0x4, 1, b"\0\0\0\2"),  # PUSH_PROMISE
+        ):
+            splitter = h2frames.FrameSplitter()
+            splitter.split(h2frames.PREFACE + _SETTINGS, 16384)
+            with self.assertRaises(h2frames.SplitError):
+                splitter.split(wire, 16384)
+        splitter = h2frames.FrameSplitter()
+        splitter.split(h2frames.PREFACE + _SETTINGS + _frame(1, 0, 1, b"\x82"), 16384)
+        for _ in range(h2frames.MAX_CONTINUATIONS):  # empty ones: no memory, but CPU
+            self.assertEqual(splitter.split(_frame(9, 0, 1, b""), 16384), [])
+        with self.assertRaises(h2frames.HeaderBlockError):
+            splitter.split(_frame(9, 0, 1, b""), 16384)
 
     def test_partial_frames_wait_for_the_rest(self) -> None:
-        splitter = grpc.FrameSplitter()
-        wire = grpc.PREFACE + _SETTINGS + _frame(0, 0, 3, b"x" * 100) + _frame(8, 0, 0, b"\0\0\0\1")
-        out: list[bytes | grpc.DataFrame] = []
+        splitter = h2frames.FrameSplitter()
+        wire = (
+            h2frames.PREFACE
+            + _SETTINGS
+            + _frame(0, 0, 3, b"x" * 100)
+            + _frame(8, 0, 0, b"\0\0\0\1")
+        )
+        out: list[bytes | h2frames.DataFrame] = []
         for i in range(0, len(wire), 7):  # a few bytes at a time
             out += splitter.split(wire[i : i + 7], 16384)
         self.assertEqual(
-            b"".join(p for p in out if isinstance(p, bytes)), grpc.PREFACE + _SETTINGS + wire[-13:]
+            b"".join(p for p in out if isinstance(p, bytes)),
+            h2frames.PREFACE + _SETTINGS + wire[-13:],
         )
-        frames = [p for p in out if isinstance(p, grpc.DataFrame)]
+        frames = [p for p in out if isinstance(p, h2frames.DataFrame)]
         self.assertEqual([(f.stream_id, f.payload) for f in frames], [(3, b"x" * 100)])
 
     def test_padding(self) -> None:
-        splitter = grpc.FrameSplitter()
-        splitter.split(grpc.PREFACE + _SETTINGS, 16384)
+        splitter = h2frames.FrameSplitter()
+        splitter.split(h2frames.PREFACE + _SETTINGS, 16384)
         padded = _frame(0, 0x8 | 0x1, 5, b"\x03" + b"msg" + b"\0\0\0")
         (frame,) = splitter.split(padded, 16384)
-        assert isinstance(frame, grpc.DataFrame)
+        assert isinstance(frame, h2frames.DataFrame)
         self.assertEqual((frame.payload, frame.length, frame.flags), (b"msg", 7, 0x9))
         # Padding as long as the frame: invalid, left to h2 to refuse.
         (bad,) = splitter.split(_frame(0, 0x8, 5, b"\x05abc"), 16384)
-        assert isinstance(bad, grpc.DataFrame)
+        assert isinstance(bad, h2frames.DataFrame)
         self.assertEqual(bad.flags, -1)
 
     def test_oversized_frame_goes_to_h2_at_once(self) -> None:
         """Nothing is held waiting for a frame over the maximum: h2 gets
         its header (and refuses it) at once."""
-        splitter = grpc.FrameSplitter()
-        splitter.split(grpc.PREFACE + _SETTINGS, 16384)
+        splitter = h2frames.FrameSplitter()
+        splitter.split(h2frames.PREFACE + _SETTINGS, 16384)
         head = (16385).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
         self.assertEqual(splitter.split(head + b"y" * 10, 16384), [head + b"y" * 10])
         # Its header cut across reads: the same once the header is whole.
-        splitter = grpc.FrameSplitter()
-        splitter.split(grpc.PREFACE + _SETTINGS + head[:4], 16384)
+        splitter = h2frames.FrameSplitter()
+        splitter.split(h2frames.PREFACE + _SETTINGS + head[:4], 16384)
         self.assertEqual(splitter.split(head[4:] + b"y" * 10, 16384), [head + b"y" * 10])
 
     def test_our_maximum_once_acknowledged(self) -> None:
@@ -293,13 +354,13 @@ class FrameSplitterTests(TestCase):
         raises its limit before the frames after it."""
         ack = _frame(4, 0x1, 0, b"")
         big = _frame(0, 0x1, 1, b"z" * 65536)
-        splitter = grpc.FrameSplitter()
-        parts = splitter.split(grpc.PREFACE + _SETTINGS + big, 65536)
-        self.assertEqual(parts, [grpc.PREFACE, _SETTINGS + big])
-        splitter = grpc.FrameSplitter()
+        splitter = h2frames.FrameSplitter()
+        parts = splitter.split(h2frames.PREFACE + _SETTINGS + big, 65536)
+        self.assertEqual(parts, [h2frames.PREFACE, _SETTINGS + big])
+        splitter = h2frames.FrameSplitter()
         ping = _frame(6, 0, 0, b"\0" * 8)
-        parts = splitter.split(grpc.PREFACE + _SETTINGS + ack + ping + big, 65536)
-        self.assertEqual(parts[:3], [grpc.PREFACE, _SETTINGS + ack, ping])
+        parts = splitter.split(h2frames.PREFACE + _SETTINGS + ack + ping + big, 65536)
+        self.assertEqual(parts[:3], [h2frames.PREFACE, _SETTINGS + ack, ping])
         self.assertEqual(_taken(parts[3]), (1, 1, b"z" * 65536, 65536, big))
         self.assertEqual(len(parts), 4)
         # Beyond it: to h2 at once.
@@ -310,24 +371,33 @@ class FrameSplitterTests(TestCase):
         """h2 holds a header block whole before decoding it: with 64 KiB
         frames, still no more than 1 MiB (as 64 CONTINUATIONs of 16 KiB)."""
         ack = _frame(4, 0x1, 0, b"")
-        splitter = grpc.FrameSplitter()
-        splitter.split(grpc.PREFACE + _SETTINGS + ack, 65536)
+        splitter = h2frames.FrameSplitter()
+        splitter.split(h2frames.PREFACE + _SETTINGS + ack, 65536)
         splitter.split(_frame(1, 0, 1, b"h" * 65536), 65536)
         for _ in range(15):  # 1 MiB in all: taken
             splitter.split(_frame(9, 0, 1, b"h" * 65536), 65536)
-        with self.assertRaises(grpc.HeaderBlockError):
+        with self.assertRaises(h2frames.HeaderBlockError):
             splitter.split(_frame(9, 0x4, 1, b"h"), 65536)
         # A block ended is forgotten: the next one counts from nothing.
-        splitter = grpc.FrameSplitter()
-        splitter.split(grpc.PREFACE + _SETTINGS + ack, 65536)
+        splitter = h2frames.FrameSplitter()
+        splitter.split(h2frames.PREFACE + _SETTINGS + ack, 65536)
         for sid in range(1, 41, 2):
             block = _frame(1, 0, sid, b"h" * 65536) + _frame(9, 0x4, sid, b"h" * 65536)
-            self.assertEqual(splitter.split(block, 65536), [block])
+            (part,) = splitter.split(block, 65536)
+            assert isinstance(part, h2frames.HeaderBlock)
+            self.assertEqual((part.stream_id, part.block), (sid, b"h" * 131072))
 
     def test_frames_the_bridge_writes(self) -> None:
-        self.assertEqual(grpc.window_update(7, 65536), _frame(8, 0, 7, (65536).to_bytes(4, "big")))
-        self.assertEqual(grpc.end_stream_frame(9), _frame(1, 0x5, 9, b""))
-        self.assertEqual(grpc.end_data_frame(9), _frame(0, 0x1, 9, b""))
+        self.assertEqual(
+            h2frames.window_update(7, 65536), _frame(8, 0, 7, (65536).to_bytes(4, "big"))
+        )
+        self.assertEqual(h2frames.rst_stream(9, 7), _frame(3, 0, 9, b"\0\0\0\7"))
+        self.assertEqual(h2frames.data_frame(9, b"abc"), _frame(0, 0, 9, b"abc"))
+        self.assertEqual(
+            h2frames.headers_frames(3, b"x" * 5, True, 2),
+            _frame(1, 0x1, 3, b"xx") + _frame(9, 0, 3, b"xx") + _frame(9, 0x4, 3, b"x"),
+        )
+        self.assertEqual(h2frames.headers_frames(3, b"xy", False, 16384), _frame(1, 0x4, 3, b"xy"))
 
     @SPLITS
     @given(cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
@@ -343,40 +413,32 @@ class FrameSplitterTests(TestCase):
             self.assertEqual(_pieces(_split_at(_WIRE, [cut])), whole, cut)
         self.assertEqual(_pieces(_split_at(_WIRE, list(range(len(_WIRE))))), whole)
 
-    def test_data_inside_a_header_block_goes_to_h2(self) -> None:
+    def test_data_inside_a_header_block_refused(self) -> None:
         """Between a HEADERS without END_HEADERS and the CONTINUATION ending
-        it every frame is h2's (a DATA there is its PROTOCOL_ERROR), even
-        the DATA of another stream the bridge takes."""
-        splitter = grpc.FrameSplitter()
-        splitter.split(grpc.PREFACE + _SETTINGS, 16384)
-        open_block = _frame(1, 0, 3, b"\x82")
-        data = _frame(0, 0, 1, b"abc")
-        cont = _frame(9, 0x4, 3, b"\x84")
-        after = _frame(0, 0, 1, b"de")
-        parts = splitter.split(open_block + data + cont + after, 16384)
-        self.assertEqual(parts[0], open_block + data + cont)
-        self.assertEqual(_taken(parts[1]), (1, 0, b"de", 2, after))
-        # PUSH_PROMISE opens a block as well (h2 refuses it from a client).
-        pushed = _frame(5, 0, 1, b"\0\0\0\2")
-        self.assertEqual(splitter.split(pushed + data, 16384), [pushed + data])
+        it, any other frame is a connection error (RFC 9113, 6.10)."""
+        splitter = h2frames.FrameSplitter()
+        splitter.split(h2frames.PREFACE + _SETTINGS, 16384)
+        with self.assertRaises(h2frames.SplitError):
+            splitter.split(_frame(1, 0, 3, b"\x82") + _frame(0, 0, 1, b"abc"), 16384)
 
     def test_preface_goes_on_with_settings(self) -> None:
         """RFC 9113, 3.4: the client's first frame is SETTINGS (h2 does not
         check it); a SETTINGS acknowledgement is not."""
         for first in (_frame(0, 0, 1, b"x"), _frame(1, 5, 1, b"\x82"), _frame(4, 1, 0, b"")):
-            splitter = grpc.FrameSplitter()
-            with self.assertRaises(grpc.PrefaceError):
-                splitter.split(grpc.PREFACE + first, 16384)
-        splitter = grpc.FrameSplitter()
-        splitter.split(grpc.PREFACE + _SETTINGS[:5], 16384)  # not yet known
+            splitter = h2frames.FrameSplitter()
+            with self.assertRaises(h2frames.PrefaceError):
+                splitter.split(h2frames.PREFACE + first, 16384)
+        splitter = h2frames.FrameSplitter()
+        splitter.split(h2frames.PREFACE + _SETTINGS[:5], 16384)  # not yet known
         self.assertEqual(splitter.split(_SETTINGS[5:], 16384), [_SETTINGS])
 
 
 _SETTINGS = _frame(4, 0, 0, b"")
 #: A client's bytes: DATA frames of two calls (padded, empty, back to back),
-#: a header block in CONTINUATIONs with a PING after it, a WINDOW_UPDATE.
+#: a header block in CONTINUATIONs with a PING after it, WINDOW_UPDATEs of
+#: a stream and of the connection, a RST_STREAM.
 _WIRE = (
-    grpc.PREFACE
+    h2frames.PREFACE
     + _SETTINGS
     + _frame(1, 0x4, 1, b"\x82")
     + _frame(4, 0x1, 0, b"")
@@ -388,26 +450,28 @@ _WIRE = (
     + _frame(6, 0, 0, b"\0" * 8)
     + _frame(0, 0, 3, b"c" * 30)
     + _frame(0, 0, 3, b"d" * 3)
+    + _frame(8, 0, 3, b"\0\0\0\2")
     + _frame(0, 0x1, 1, b"")
+    + _frame(3, 0, 3, b"\0\0\0\x08")
     + _frame(8, 0, 0, b"\0\0\0\1")
 )
 
 
-def _taken(part: bytes | grpc.DataFrame) -> tuple[int, int, bytes, int, bytes]:
-    assert isinstance(part, grpc.DataFrame)
+def _taken(part: h2frames.Part) -> tuple[int, int, bytes, int, bytes]:
+    assert isinstance(part, h2frames.DataFrame)
     return (part.stream_id, part.flags, part.payload, part.length, part.raw)
 
 
-def _split_at(wire: bytes, cuts: list[int]) -> list[bytes | grpc.DataFrame]:
-    splitter = grpc.FrameSplitter()
+def _split_at(wire: bytes, cuts: list[int]) -> list[h2frames.Part]:
+    splitter = h2frames.FrameSplitter()
     bounds = sorted({0, len(wire), *(min(c, len(wire)) for c in cuts)})
-    out: list[bytes | grpc.DataFrame] = []
+    out: list[h2frames.Part] = []
     for start, end in itertools.pairwise(bounds):
         out += splitter.split(wire[start:end], 16384)
     return out
 
 
-def _pieces(parts: list[bytes | grpc.DataFrame]) -> tuple[list[object], dict[int, bytes], bytes]:
+def _pieces(parts: list[h2frames.Part]) -> tuple[list[object], dict[int, bytes], bytes]:
     """Each DATA frame taken (and how many bytes h2 had before it), the
     payload taken per stream, and all h2 got: how a read joins frames of
     one stream depends on the cuts, these do not."""
@@ -417,6 +481,12 @@ def _pieces(parts: list[bytes | grpc.DataFrame]) -> tuple[list[object], dict[int
     for part in parts:
         if isinstance(part, bytes):
             h2_bytes += part
+            continue
+        if isinstance(part, h2frames.HeaderBlock):
+            frames.append((len(h2_bytes), part.stream_id, part.end_stream, part.block, part.raw))
+            continue
+        if isinstance(part, h2frames.StreamFrame):
+            frames.append((len(h2_bytes), part))
             continue
         for frame in part.frames:
             frames.append((len(h2_bytes), bytes(frame)))
@@ -435,7 +505,7 @@ class InflowTests(TestCase):
         flow.taken(1, STREAM_WINDOW // 2 - 1)
         self.assertEqual(flow.updates, [])  # not yet half
         flow.taken(1, 1)
-        self.assertEqual(flow.updates, [grpc.window_update(1, STREAM_WINDOW // 2)])
+        self.assertEqual(flow.updates, [h2frames.window_update(1, STREAM_WINDOW // 2)])
         self.assertEqual(flow.received(1, STREAM_WINDOW // 2, 0, False, full), 0)
         self.assertEqual(flow.received(1, 1, 1, False, full), 3)  # FLOW_CONTROL_ERROR
         # The connection's window counts every call's bytes.
