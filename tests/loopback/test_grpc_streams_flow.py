@@ -175,6 +175,18 @@ class WindowTests(StreamsCase):
         client.send(window_update(1, len(answer) - 4))
         await self.answered(client, 1)
 
+    async def test_settings_change_opens_a_waiting_answer(self) -> None:
+        """SETTINGS_INITIAL_WINDOW_SIZE 0, then raised while the answer
+        waits: the change opens the stream's window (RFC 9113, 6.9.2) and
+        the answer goes with no WINDOW_UPDATE."""
+        client = await self.wire(INITIAL_WINDOW_SIZE=0)
+        client.send(_open_1(client), message(1))
+        await self.until(lambda: client.call(1).headers, "the answer's head")
+        await sleep(0.1)
+        self.assertEqual(client.call(1).data, b"")
+        await self.settle(client, settings(INITIAL_WINDOW_SIZE=65535))
+        await self.answered(client, 1)
+
     async def test_answers_within_the_client_windows(self) -> None:
         """Two 40 KB answers to a client with 20 KB stream windows and the
         default 64 KiB connection window, which it opens by hand: each
