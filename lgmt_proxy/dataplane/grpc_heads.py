@@ -121,6 +121,12 @@ class HeadReader:
             return headers
         return _PROTOCOL_ERROR if self._trailers_problem(headers) is not None else 0
 
+    def skip(self, block: bytes) -> int:
+        """0, or the connection error decoding a block is: one on a stream
+        that is closed is decoded all the same (the table must move)."""
+        headers = self._decode(block)
+        return headers if isinstance(headers, int) else 0
+
     def _decode(self, block: bytes) -> RawHeaders | int:
         try:
             return list(self._decoder.decode(block, raw=True))  # type: ignore[arg-type]

@@ -29,9 +29,12 @@ from lgmt_proxy.rules.headers import RawHeaders
 MAX_STREAMS: Final = 100
 #: Streams the client may reset beyond the calls answered (CVE-2023-44487).
 MAX_RESETS: Final = 100
+#: Closed streams remembered (how they closed), as h2 remembers its own.
+REMEMBERED: Final = 1000
 
 _PROTOCOL_ERROR: Final = 1
 _FLOW_CONTROL_ERROR: Final = 3
+_STREAM_CLOSED: Final = 5
 _REFUSED_STREAM: Final = 7
 _ENHANCE_YOUR_CALM: Final = 11
 
@@ -88,6 +91,9 @@ class CallStreams:
         self._heads = HeadReader(conn.h2.decoder)
         self._resets = 0
         self._answered = 0
+        #: Streams no longer open, the newest last: True if reset (by
+        #: either side), False if the client ended it (`closed_block`).
+        self._closed: dict[int, bool] = {}
 
     @property
     def idle(self) -> bool:
@@ -145,8 +151,11 @@ class CallStreams:
             self._trailers(part)
             return
         machine = conn.h2
-        if sid <= machine.highest_inbound_stream_id or not sid & 1:
-            conn.to_h2(part.raw)
+        if not sid & 1:
+            conn.to_h2(part.raw)  # h2 decodes it and refuses the stream
+            return
+        if sid <= machine.highest_inbound_stream_id:
+            self._closed_block(part)
             return
         if len(self.inflow.streams() | self.outflow.streams()) >= MAX_STREAMS:
             conn.close_with(_PROTOCOL_ERROR)  # as h2: one more than advertised
@@ -162,6 +171,7 @@ class CallStreams:
         conn.progress()
         if conn.last_stream is not None and sid > conn.last_stream:
             self.outflow.reset(sid, _REFUSED_STREAM)  # after our GOAWAY: elsewhere
+            self._note_closed(sid, True)
             return
         shared = conn.shared
         call = GrpcStream(self, sid, shared, conn.client_text, shared.clock.seconds())
@@ -173,6 +183,32 @@ class CallStreams:
         if part.end_stream and not conn.closing:
             self._ended(sid)
 
+    def _closed_block(self, part: h2frames.HeaderBlock) -> None:
+        """A header block on a stream that is not open on the client's side,
+        decoded (the table moves) and answered as h2 answers it: a stream
+        error STREAM_CLOSED when still answering it or reset, a connection
+        error STREAM_CLOSED when the client ended it, PROTOCOL_ERROR when it
+        was never opened (RFC 9113, sections 5.1 and 5.1.1)."""
+        conn = self._conn
+        error = self._heads.skip(part.block)
+        if error:
+            conn.close_with(error)
+            return
+        sid = part.stream_id
+        how = self._closed.get(sid)
+        if self.outflow.owns(sid) or how:
+            self.outflow.reset(sid, _STREAM_CLOSED)
+            self._stream_closed(sid)
+        else:
+            conn.close_with(_PROTOCOL_ERROR if how is None else _STREAM_CLOSED)
+
+    def _note_closed(self, stream_id: int, reset: bool) -> None:
+        closed = self._closed
+        closed.pop(stream_id, None)
+        closed[stream_id] = reset
+        if len(closed) > REMEMBERED:
+            del closed[next(iter(closed))]
+
     def _trailers(self, part: h2frames.HeaderBlock) -> None:
         """An open call's trailers: they must end its request (as h2)."""
         error = self._heads.trailers(part.block)
@@ -182,6 +218,7 @@ class CallStreams:
         self._ended(part.stream_id)
 
     def _ended(self, stream_id: int) -> None:
+        self._note_closed(stream_id, False)
         if not self.inflow.ended(stream_id):
             self._conn.close_with(_PROTOCOL_ERROR)  # fewer bytes than its content-length
             return
@@ -211,6 +248,7 @@ class CallStreams:
             self._conn.calls_changed()
 
     def _reset_by_client(self, stream_id: int) -> None:
+        self._note_closed(stream_id, True)
         self.outflow.close(stream_id)
         self.inflow.drop(stream_id)
         call = self.calls.get(stream_id)
@@ -225,6 +263,7 @@ class CallStreams:
     def _stream_closed(self, stream_id: int) -> None:
         """A stream closed by a stream error (ours, or h2's answer to DATA
         on it): nothing more is sent or taken on it."""
+        self._note_closed(stream_id, True)
         self.outflow.close(stream_id)
         self.inflow.drop(stream_id)
         call = self.calls.get(stream_id)
@@ -255,6 +294,7 @@ class CallStreams:
         early = call is not None and not call.client_done
         if self.outflow.answer(stream_id, message, trailers, early) and early:
             self.inflow.drop(stream_id)  # reset (NO_ERROR): what the client still sends is h2's
+            self._note_closed(stream_id, True)
         self._conn.calls_changed()
 
     def reply_status(self, stream_id: int, status: int) -> None:
