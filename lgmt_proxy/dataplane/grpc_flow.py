@@ -133,7 +133,7 @@ class Outflow:
     control. A stream is ours to send on from its request until we end
     or reset it, or the client resets it."""
 
-    __slots__ = ("_h2", "_unsent", "_windows", "frames")
+    __slots__ = ("_h2", "_unsent", "_windows", "frames", "initial_window")
 
     def __init__(self, conn: H2Connection) -> None:
         #: h2: the connection's send window, the peer's frame size and
@@ -146,12 +146,14 @@ class Outflow:
         self._unsent: dict[int, tuple[bytearray, RawHeaders]] = {}
         #: Frames to send, in order (h2's queued before ours went in first).
         self.frames: list[bytes] = []
+        #: The client's SETTINGS_INITIAL_WINDOW_SIZE (h2 reads it in Python).
+        self.initial_window = conn.remote_settings.initial_window_size
 
     def __bool__(self) -> bool:
         return bool(self._unsent)
 
     def open(self, stream_id: int) -> None:
-        self._windows[stream_id] = self._h2.remote_settings.initial_window_size
+        self._windows[stream_id] = self.initial_window
 
     def owns(self, stream_id: int) -> bool:
         return stream_id in self._windows
@@ -160,9 +162,8 @@ class Outflow:
         return set(self._windows)
 
     def _emit(self, data: bytes) -> None:
-        queued = self._h2.data_to_send()
-        if queued:
-            self.frames.append(queued)
+        """Our frames, after what h2 queued (its frames go in `frames` as
+        it makes them: `GrpcConnection.to_h2`)."""
         self.frames.append(data)
 
     def _block(self, fields: RawHeaders) -> bytes:

@@ -154,6 +154,9 @@ class GrpcConnection(Protocol):
         #: Handling what the client sent: frames to send go out at its end.
         self._reading = False
         self._frames = h2frames.FrameSplitter()
+        #: What h2's own receive window still allows (it moves only when h2
+        #: is given DATA: `to_h2`).
+        self.h2_left = CONNECTION_WINDOW
         self.streams = CallStreams(self)
 
     # -- the connection ------------------------------------------------------------------
@@ -185,7 +188,7 @@ class GrpcConnection(Protocol):
     def _start_h2(self) -> None:
         self._started = True
         _initiate(self.h2)
-        self._flush()
+        self._flush(h2_queued=True)
         self._arm_idle(self.shared.client_idle_timeout)
 
     def dataReceived(self, data: bytes) -> None:
@@ -217,6 +220,10 @@ class GrpcConnection(Protocol):
     def to_h2(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
+            self.h2_left = self.h2.inbound_flow_control_window
+            queued = self.h2.data_to_send()  # before any frame of ours it caused
+            if queued:
+                self.streams.outflow.frames.append(queued)
         except h2.exceptions.ProtocolError as e:
             # Its GOAWAY (the error's own code) is queued, unless the preface was bad.
             closed = self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED
@@ -235,8 +242,11 @@ class GrpcConnection(Protocol):
         self._stop_idle()
         self.streams.close_all()
 
-    def _flush(self) -> None:
-        data = self.h2.data_to_send()
+    def _flush(self, h2_queued: bool = False) -> None:
+        """What is to send, in order: our frames (with what h2 queued while
+        given frames, `to_h2`), then ``h2_queued``: what h2 queued since
+        (its SETTINGS at the start, its GOAWAY), then window updates."""
+        data = self.h2.data_to_send() if h2_queued else b""
         sent = self.streams.outflow.frames
         if sent:  # our frames: after what h2 had queued before each
             data = b"".join([*sent, data])
@@ -252,7 +262,7 @@ class GrpcConnection(Protocol):
         """A connection error: GOAWAY with ``error_code``, then close."""
         if self._started and error_code != _ALREADY:
             self.h2.close_connection(error_code=error_code)
-        self._flush()
+        self._flush(h2_queued=True)
         self.shut()
 
     def shut(self) -> None:
@@ -312,8 +322,8 @@ class GrpcConnection(Protocol):
     def on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
         """The client's SETTINGS: a new initial window moves the streams'."""
         changed = event.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
-        if changed is not None and changed.original_value is not None:
-            self.streams.settings_changed(changed.new_value - changed.original_value)
+        if changed is not None:
+            self.streams.settings_changed(changed.new_value)
         if not self._closing:
             self.on_control(event)
 

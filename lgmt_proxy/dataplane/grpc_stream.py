@@ -22,7 +22,7 @@ from typing import Any, Final, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from lgmt_proxy.dataplane.dispatcher import Shared
 from lgmt_proxy.dataplane.exchange import Exchange
@@ -87,9 +87,10 @@ def new_exchange(
     )
 
 
-@implementer(IPushProducer)
 class GrpcStream:
-    """One unary call: the exchange's `ClientSide` and its body producer."""
+    """One unary call: the exchange's `ClientSide` and its body producer
+    (an `IPushProducer`, declared with ``classImplements`` so that mypyc
+    compiles it as a native class)."""
 
     def __init__(
         self, owner: StreamOwner, stream_id: int, shared: Shared, client: str, started: float
@@ -388,3 +389,6 @@ class GrpcStream:
         self.resume_body()  # what was owed or held is acknowledged, now
         self._shared.recorder.finished(self.req, self._client)
         self._owner.call_over(self)
+
+
+classImplements(GrpcStream, IPushProducer)

@@ -59,6 +59,10 @@ class Connection(Protocol):
         """The last stream taken once GOAWAY was sent (None: not sent)."""
 
     @property
+    def h2_left(self) -> int:
+        """What h2's own receive window still allows."""
+
+    @property
     def closing(self) -> bool:
         """Closed, or closing: nothing more is done."""
 
@@ -117,7 +121,7 @@ class CallStreams:
         answered is then closed (RFC 9113, section 5.1, half-closed)."""
         conn = self._conn
         sid = frame.stream_id
-        h2_left = conn.h2.inbound_flow_control_window
+        h2_left = conn.h2_left
         if frame.flags < 0 or not self.inflow.owns(sid):
             if frame.flags >= 0 and self.outflow.owns(sid):
                 self._stream_closed(sid)
@@ -271,9 +275,11 @@ class CallStreams:
             call.reset()
         self._conn.calls_changed()
 
-    def settings_changed(self, delta: int) -> None:
-        """The client's initial window moved by ``delta``: every open
-        stream's send window with it (RFC 9113, section 6.9.2)."""
+    def settings_changed(self, initial: int) -> None:
+        """The client's initial window is now ``initial``: every open
+        stream's send window moves with it (RFC 9113, section 6.9.2)."""
+        delta = initial - self.outflow.initial_window
+        self.outflow.initial_window = initial
         if not self.outflow.settings_changed(delta):
             self._conn.close_with(_FLOW_CONTROL_ERROR)
         elif delta > 0:
