@@ -88,9 +88,7 @@ def new_exchange(
 
 
 class GrpcStream:
-    """One unary call: the exchange's `ClientSide` and its body producer
-    (an `IPushProducer`, declared with ``classImplements`` so that mypyc
-    compiles it as a native class)."""
+    """One unary call: the exchange's `ClientSide` and its body producer."""
 
     def __init__(
         self, owner: StreamOwner, stream_id: int, shared: Shared, client: str, started: float
@@ -391,4 +389,5 @@ class GrpcStream:
         self._owner.call_over(self)
 
 
+# Not ``@implementer``: a class decorator keeps mypyc from compiling a native class.
 classImplements(GrpcStream, IPushProducer)
