@@ -1,7 +1,8 @@
 """A call's header block read as h2 would read it: decoded by the
 connection's own HPACK decoder (h2's, so that its dynamic table stays the
 one h2 would keep), checked as h2 checks a request's header list, and its
-``content-length`` taken; a failure is the connection error h2 would give.
+``content-length`` taken; a failure is the connection error h2 would give,
+but COMPRESSION_ERROR for a block that does not decode (RFC 9113, 4.3).
 
 Most clients send the same block for every call once their headers are in
 the dynamic table, and decoding it (Huffman in Python) and checking it was
@@ -21,6 +22,7 @@ from hpack import Decoder, HPACKError, OversizedHeaderListError
 from lgmt_proxy.rules.headers import RawHeaders
 
 _PROTOCOL_ERROR: Final = 1
+_COMPRESSION_ERROR: Final = 9
 _ENHANCE_YOUR_CALM: Final = 11
 #: Blocks kept per connection, and the largest kept.
 _CACHED: Final = 8
@@ -133,4 +135,4 @@ class HeadReader:
         except OversizedHeaderListError:  # an HPACK bomb, as h2 answers it
             return _ENHANCE_YOUR_CALM
         except (HPACKError, IndexError, TypeError, UnicodeDecodeError):
-            return _PROTOCOL_ERROR
+            return _COMPRESSION_ERROR  # RFC 9113, 4.3 (h2 said PROTOCOL_ERROR)

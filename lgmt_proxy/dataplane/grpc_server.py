@@ -374,7 +374,13 @@ def _initiate(conn: h2.connection.H2Connection) -> None:
 
 
 def _terminated(conn: GrpcConnection, event: h2.events.ConnectionTerminated) -> None:
-    conn.shut()
+    """The client's GOAWAY. NO_ERROR covers only the streams it would open
+    (RFC 9113, section 6.8): its calls in progress are answered, then our
+    GOAWAY and the close. Any other code: closed now."""
+    if event.error_code == _NO_ERROR and conn.streams.calls:
+        conn.close_when_idle(0.0)
+    else:
+        conn.shut()
 
 
 def _settings_acked(conn: GrpcConnection, event: h2.events.SettingsAcknowledged) -> None:

@@ -260,6 +260,25 @@ class GoawayTests(StreamsCase):
         await client.closed
         self.assertEqual(len(self.up.seen), 1)
 
+    async def test_client_goaway_during_a_call(self) -> None:
+        """GOAWAY NO_ERROR from the client with a call in progress (RFC 9113,
+        6.8: it covers the streams the client would open, not its own): the
+        call is answered (the proxy's GOAWAY, naming it, may come first),
+        then the connection closes."""
+        client = await self.wire()
+        client.send(headers_frame(1, client.block(), "END_HEADERS"), message(1, HOLD))
+        await self.until(lambda: self.up.held, "upstream holds the call")
+        client.send(GoAwayFrame(0, last_stream_id=0, error_code=0).serialize())
+        await sleep(0.05)
+        held = self.up.held[0]
+        held.write(self.up.body)
+        held.finish()
+        call = client.call(1)
+        await call.ended
+        self.assertEqual(call.status, 0)
+        await client.closed
+        self.assertEqual(client.goaway(), 0)
+
     async def test_client_goaway_with_an_error(self) -> None:
         """GOAWAY INTERNAL_ERROR from the client (RFC 9113, 5.4.1: it closes
         the connection next): the connection closes, and the call in

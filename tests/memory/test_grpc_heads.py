@@ -95,11 +95,11 @@ class HeadReaderTests(TestCase):
 
     def test_errors_as_h2(self) -> None:
         """What h2 refuses, with h2's codes: a block that does not decode
-        (PROTOCOL_ERROR), a header list over the limit (ENHANCE_YOUR_CALM:
+        (COMPRESSION_ERROR, RFC 9113 4.3, where h2 says PROTOCOL_ERROR), a header list over the limit (ENHANCE_YOUR_CALM:
         an HPACK bomb), a list h2's checks refuse or a content-length that
         is not digits (PROTOCOL_ERROR)."""
         reader = HeadReader(Decoder())
-        self.assertEqual(reader.request(b"\xff\xff\xff\xff\xff\xff"), 1)
+        self.assertEqual(reader.request(b"\xff\xff\xff\xff\xff\xff"), 9)
         small = Decoder()
         small.max_header_list_size = 100
         big = Encoder().encode([*_BASE, (b"x-big", b"v" * 200)])
