@@ -412,6 +412,8 @@ class Bench:
             "lgmt_grpc": (f"http://127.0.0.1:{port}{b.GRPC_EXPORT}", framed,
                           ["content-type: application/grpc", "te: trailers"], False),
         }  # fmt: skip
+        if self.grpcio_python():  # gRPC's C core as well, when the build's venv has grpcio
+            ways["lgmt_grpcio"] = (f"127.0.0.1:{port}", body, [], False)
         try:
             for way in ways:  # warm-up: pools filled, nothing kept
                 self.exported(target, way, *ways[way], conns, self.s.warmup, len(message))
@@ -425,12 +427,16 @@ class Bench:
         finally:
             self.targets.pop("lgmt_grpc").stop()
         summary = summarize(runs)
-        over_grpc, over_http = summary["lgmt_grpc"], summary["lgmt_http"]
-        over_grpc["http_cpu_us_per_mib"] = over_http["cpu_us_per_mib"]
-        ok = over_grpc["non2xx"] == 0 and over_grpc["upstream_requests"] > 0
-        over_grpc["grpc_cost"] = (
-            ratio(over_grpc["cpu_us_per_mib"], over_http["cpu_us_per_mib"]) if ok else math.nan
-        )
+        over_http = summary["lgmt_http"]
+        for way in ("lgmt_grpc", "lgmt_grpcio"):
+            over_grpc = summary.get(way)
+            if over_grpc is None:
+                continue
+            over_grpc["http_cpu_us_per_mib"] = over_http["cpu_us_per_mib"]
+            ok = over_grpc["non2xx"] == 0 and over_grpc["upstream_requests"] > 0
+            over_grpc["grpc_cost"] = (
+                ratio(over_grpc["cpu_us_per_mib"], over_http["cpu_us_per_mib"]) if ok else math.nan
+            )
         label = f"{size // 1024} KiB"
         return {"size": label, "connections": conns, "runs": runs, "summary": summary}
 
@@ -445,7 +451,10 @@ class Bench:
         time.sleep(0.2)
         self.log.mark()
         cpu0 = target.cpu()
-        r = b.h2load(url, conns, seconds, body, headers, h1=h1)
+        if way == "lgmt_grpcio":
+            r = self.grpcio(url, conns, seconds, body)
+        else:
+            r = b.h2load(url, conns, seconds, body, headers, h1=h1)
         cpu = target.cpu() - cpu0
         time.sleep(0.3)
         seen = self.log.window(way, size)
@@ -465,6 +474,21 @@ class Bench:
             "mib_per_s": n * size / MiB / r["seconds"],
             **seen,
         }
+
+    def grpcio_python(self) -> str:
+        """The interpreter beside the measured build's twistd, if it has
+        grpcio (the e2e set); "" otherwise (the grpcio way is left out)."""
+        python = str(Path(self.twistd).with_name("python"))
+        found = subprocess.run([python, "-c", "import grpc"], capture_output=True, check=False)
+        return python if found.returncode == 0 else ""
+
+    def grpcio(self, target: str, conns: int, seconds: int, body: Any) -> dict[str, Any]:
+        """One run of bench/grpcio_client.py: h2load's figures' names."""
+        client = Path(__file__).with_name("grpcio_client.py")
+        cmd = [self.grpcio_python(), str(client), target, str(conns), str(seconds), str(body)]
+        out = subprocess.run(cmd, capture_output=True, check=True, timeout=seconds + 60)
+        r = json.loads(out.stdout.decode().strip().splitlines()[-1])
+        return {**r, "errors": 0}
 
     def big(self) -> dict[str, Any]:
         """One big upload, then one download read at a bounded rate, through
@@ -728,6 +752,8 @@ FIGURES = [
         target="≤ 1.5x", check="grpc_cost", on="lgmt", limit=1.5, lgmt="lgmt_grpc"),
     Fig("grpc", "throughput over gRPC (MiB/s); mean latency (ms)", "{mib_per_s:,.0f}; {mean_ms:.2f}",
         nginx=False, lgmt="lgmt_grpc"),
+    Fig("grpc", "the same from grpcio (gRPC's C core: a deadline, 64 KiB frames, no content-length): CPU per MiB (µs); gRPC / HTTP",
+        "{cpu_us_per_mib:,.0f}; {grpc_cost:.2f}x", nginx=False, lgmt="lgmt_grpcio"),
     *_big("up", "{mib} MiB up (POST)"),
     *_big("down", "{mib} MiB down (GET, read at ≤ {rate} MiB/s)"),
     Fig("idle", "RSS per connection (KiB)", "{kib_per_connection:.1f}", label="{connections:,} idle keep-alive conns",
