@@ -14,6 +14,10 @@ moved to the end and joined with ``"; "`` before validation, so a cookie
 among the pseudo-header fields does not end them, and the whitespace rule
 applies to the joined value (a last empty cookie ends it with a space).
 
+Cheap for the usual call: one pass, no generator, no regex; a name a gRPC
+call usually sends is known by one dict look-up, any other name's bytes are
+checked by one ``bytes.translate``, a value's by three ``memchr``.
+
 A reason names the rule broken, never a value nor a received name (bytes a
 client chose, which would land in the logs); no reason holds a secret.
 What is not about the list stays the caller's: END_STREAM on trailers, the
@@ -65,13 +69,23 @@ _PSEUDO: Final[dict[bytes, int]] = {
     b":status": _STATUS,
 }
 
-#: Regular fields with a rule of their own, by kind (0: none).
-_COOKIE: Final = 1
-_HOST: Final = 2
-_TE: Final = 3
-_LENGTH: Final = 4
-_HOP: Final = 5
+#: Regular fields by kind: a rule of their own, or (``_PLAIN``) names a
+#: gRPC call sends, known legal, whose bytes need no look (0: unknown name).
+_PLAIN: Final = 1
+_COOKIE: Final = 2
+_HOST: Final = 3
+_TE: Final = 4
+_LENGTH: Final = 5
+_HOP: Final = 6
 _SPECIAL: Final[dict[bytes, int]] = {
+    b"content-type": _PLAIN,
+    b"user-agent": _PLAIN,
+    b"grpc-accept-encoding": _PLAIN,
+    b"grpc-encoding": _PLAIN,
+    b"grpc-timeout": _PLAIN,
+    b"authorization": _PLAIN,
+    b"accept-encoding": _PLAIN,
+    b"traceparent": _PLAIN,
     b"cookie": _COOKIE,
     b"host": _HOST,
     b"te": _TE,
@@ -84,10 +98,12 @@ _SPECIAL: Final[dict[bytes, int]] = {
     b"upgrade": _HOP,
 }
 
-#: Every byte a regular field name may hold (RFC 9113 8.2.1: none of
-#: 0x00-0x20, 0x41-0x5a, 0x7f-0xff, and a colon only to start a
-#: pseudo-header field): deleting them from a name must leave nothing.
-_NAME_BYTES: Final = bytes(c for c in range(0x21, 0x7F) if not 0x41 <= c <= 0x5A and c != 0x3A)
+#: 1 for each byte a regular field name may hold, else 0 (RFC 9113 8.2.1:
+#: none of 0x00-0x20, 0x41-0x5a, 0x7f-0xff, and a colon only to start a
+#: pseudo-header field). ``0 in name.translate(_NAME_TABLE)``: one C pass.
+_NAME_TABLE: Final = bytes(
+    1 if 0x21 <= c < 0x7F and not 0x41 <= c <= 0x5A and c != 0x3A else 0 for c in range(256)
+)
 _COLON: Final = 0x3A
 _SP: Final = 0x20
 _HTAB: Final = 0x09
@@ -161,7 +177,9 @@ def _problem(headers: list[tuple[bytes, bytes]], trailers: bool) -> str | None:
     for name, value in headers:
         if not name:
             return EMPTY_NAME
-        if value and (b"\x00" in value or b"\n" in value or b"\r" in value):
+        # An int's membership is a memchr; a bytes one first fails (and
+        # raises, inside CPython) as an int, three times slower.
+        if value and (0 in value or 10 in value or 13 in value):
             return ILLEGAL_VALUE
         if name[0] == _COLON:
             if trailers:
@@ -195,7 +213,7 @@ def _problem(headers: list[tuple[bytes, bytes]], trailers: bool) -> str | None:
                 continue
             regular = True
             if kind == 0:
-                if name.translate(None, _NAME_BYTES):
+                if 0 in name.translate(_NAME_TABLE):
                     return ILLEGAL_NAME
             elif kind == _HOST:
                 if host is not None and not trailers:  # h2 checks hosts in requests only
@@ -211,7 +229,7 @@ def _problem(headers: list[tuple[bytes, bytes]], trailers: bool) -> str | None:
                 if length >= 0 and n != length:
                     return TWO_LENGTHS
                 length = n
-            else:
+            elif kind == _HOP:
                 return CONNECTION_SPECIFIC
         if value:
             c = value[0]

@@ -77,6 +77,7 @@ VALUES = [
     *(b"", b"trailers", b"TRAILERS", b"Trailers", b"trailers, deflate", b"gzip", b"websocket"),
     *(b"a", b"a:443", b"127.0.0.1:4317", b"A", b"200", b"100", b"a; b", b"caf\xc3\xa9"),
     *(b"0", b"5", b"05", b"10", b"-1", b"+5", b"1_0", b"5, 5", b"\xd9\xa0", b"\xef\xbc\x95"),
+    *(b"a\rb", b"a\nb", b"a\x00b", b"a\x7fb\x0b", b"\x80\xff"),
 ]
 #: Bytes either side of a rule: separators, controls, upper case, non-ASCII.
 ODD_BYTES = list(b"az09-_:;=/AZ \t\x00\r\n\x0b\x1f\x7f\x80\xff")
