@@ -30,6 +30,7 @@ COMPILED = [
     "lgmt_proxy/rules/errors.py",
     "lgmt_proxy/rules/facts.py",
     "lgmt_proxy/rules/grpc.py",
+    "lgmt_proxy/rules/h2check.py",
     "lgmt_proxy/rules/h2frames.py",
     "lgmt_proxy/rules/headers.py",
     "lgmt_proxy/rules/policy.py",
