@@ -1,6 +1,7 @@
 """A call's header block read as h2 would read it: decoded by the
 connection's own HPACK decoder (h2's, so that its dynamic table stays the
-one h2 would keep), checked as h2 checks a request's header list, and its
+one h2 would keep), checked as h2 checks a request's header list
+(`rules.h2check`, compiled: h2's checks were a twentieth of a call), and its
 ``content-length`` taken; a failure is the connection error h2 would give,
 but COMPRESSION_ERROR for a block that does not decode (RFC 9113, 4.3).
 
@@ -13,12 +14,11 @@ unchanged (`HeadReader.request`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Final
 
-from h2.utilities import HeaderValidationFlags, validate_headers
 from hpack import Decoder, HPACKError, OversizedHeaderListError
 
+from lgmt_proxy.rules import h2check
 from lgmt_proxy.rules.headers import RawHeaders
 
 _PROTOCOL_ERROR: Final = 1
@@ -27,38 +27,6 @@ _ENHANCE_YOUR_CALM: Final = 11
 #: Blocks kept per connection, and the largest kept.
 _CACHED: Final = 8
 _CACHED_SIZE: Final = 2048
-_REQUEST = HeaderValidationFlags(
-    is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
-)
-_TRAILERS = HeaderValidationFlags(
-    is_client=False, is_trailer=True, is_response_header=False, is_push_promise=False
-)
-
-
-def _h2_request_problem(headers: RawHeaders) -> str | None:
-    return _h2_problem(headers, _REQUEST)
-
-
-def _h2_trailers_problem(headers: RawHeaders) -> str | None:
-    return _h2_problem(headers, _TRAILERS)
-
-
-def _h2_problem(headers: RawHeaders, flags: HeaderValidationFlags) -> str | None:
-    try:
-        for _ in validate_headers(headers, flags):
-            pass
-    except Exception as e:  # h2's ProtocolError and what its checks raise
-        return type(e).__name__
-    return None
-
-
-def content_length(headers: RawHeaders) -> int | None:
-    """A request's ``content-length`` (-1: not 1*DIGIT, as h2 refuses it;
-    None: none sent). h2 reads the first one."""
-    for name, value in headers:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else -1
-    return None
 
 
 class HeadReader:
@@ -69,17 +37,10 @@ class HeadReader:
     size limit. Entries are only ever added at the front, so those three
     change whenever the table does."""
 
-    __slots__ = ("_cache", "_decoder", "_request_problem", "_trailers_problem")
+    __slots__ = ("_cache", "_decoder")
 
-    def __init__(
-        self,
-        decoder: Decoder,
-        request_problem: Callable[[RawHeaders], str | None] = _h2_request_problem,
-        trailers_problem: Callable[[RawHeaders], str | None] = _h2_trailers_problem,
-    ) -> None:
+    def __init__(self, decoder: Decoder) -> None:
         self._decoder = decoder
-        self._request_problem = request_problem
-        self._trailers_problem = trailers_problem
         #: block -> (newest entry, entries, size limit, headers, content-length)
         self._cache: dict[bytes, tuple[Any, int, int, RawHeaders, int | None]] = {}
 
@@ -98,9 +59,9 @@ class HeadReader:
         headers = self._decode(block)
         if isinstance(headers, int):
             return headers
-        length = content_length(headers)
-        if (length is not None and length < 0) or self._request_problem(headers) is not None:
+        if h2check.request_problem(headers) is not None:  # content-length's too
             return _PROTOCOL_ERROR
+        length = h2check.content_length(headers)
         after: Any = table.dynamic_entries
         if (
             len(block) <= _CACHED_SIZE
@@ -121,7 +82,7 @@ class HeadReader:
         headers = self._decode(block)
         if isinstance(headers, int):
             return headers
-        return _PROTOCOL_ERROR if self._trailers_problem(headers) is not None else 0
+        return _PROTOCOL_ERROR if h2check.trailers_problem(headers) is not None else 0
 
     def skip(self, block: bytes) -> int:
         """0, or the connection error decoding a block is: one on a stream
