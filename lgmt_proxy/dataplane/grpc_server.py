@@ -48,7 +48,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lgmt_proxy.dataplane.grpc_flow import CONNECTION_WINDOW, STREAM_WINDOW
+from lgmt_proxy.dataplane.grpc_flow import CONNECTION_WINDOW, MAX_WINDOW, STREAM_WINDOW
 from lgmt_proxy.dataplane.grpc_streams import MAX_STREAMS, CallStreams
 from lgmt_proxy.dataplane.server import ProxyFactory
 from lgmt_proxy.io.sending import Sender
@@ -76,6 +76,7 @@ _CONFIG = h2.config.H2Configuration(
 )
 
 _NO_ERROR: Final = 0
+_FLOW_CONTROL_ERROR: Final = 3
 _ENHANCE_YOUR_CALM: Final = 11
 #: `_close_with`: h2 has queued its GOAWAY already.
 _ALREADY: Final = -1
@@ -208,7 +209,10 @@ class GrpcConnection(Protocol):
                 elif isinstance(part, h2frames.HeaderBlock):
                     streams.header_block(part)
                 elif isinstance(part, h2frames.StreamFrame):
-                    streams.stream_frame(part)
+                    if part.stream_id:
+                        streams.stream_frame(part)
+                    else:
+                        self._connection_frame(part)
                 else:
                     self.to_h2(part)
                 if self._closing:
@@ -314,10 +318,27 @@ class GrpcConnection(Protocol):
         # Nothing in progress (or answers the client never let us send).
         self.close_with(_NO_ERROR)
 
-    # -- h2 events: the connection's own frames ------------------------------------------
+    def _connection_frame(self, part: h2frames.StreamFrame) -> None:
+        """The connection's WINDOW_UPDATE and PING, past h2 (a gRPC client
+        sends a few a call, h2 took some 13 µs each): its send window is
+        h2's attribute, moved as h2 moves it; a PING is acknowledged and
+        counted (`on_control`). An increment of 0 is h2's to refuse."""
+        if part.kind == h2frames.PING:
+            if not part.value & h2frames.ACK:
+                self.streams.outflow.frames.append(h2frames.ping_ack(part.frame))
+                self.on_control(None)
+            return
+        increment = part.value & 0x7FFFFFFF
+        window = self.h2.outbound_flow_control_window + increment
+        if not increment:
+            self.to_h2(part.frame)
+        elif window > MAX_WINDOW:
+            self.close_with(_FLOW_CONTROL_ERROR)
+        else:
+            self.h2.outbound_flow_control_window = window
+            self.streams.window_opened()
 
-    def on_window(self, event: h2.events.WindowUpdated) -> None:
-        self.streams.window_opened()
+    # -- h2 events: the connection's own frames ------------------------------------------
 
     def on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
         """The client's SETTINGS: a new initial window moves the streams'."""
@@ -327,7 +348,7 @@ class GrpcConnection(Protocol):
         if not self._closing:
             self.on_control(event)
 
-    def on_control(self, event: h2.events.Event) -> None:
+    def on_control(self, event: h2.events.Event | None) -> None:
         self._control += 1
         if self._control > MAX_CONTROL:
             self.close_with(_ENHANCE_YOUR_CALM)
@@ -390,10 +411,9 @@ def _settings_acked(conn: GrpcConnection, event: h2.events.SettingsAcknowledged)
     conn.h2.max_inbound_frame_size = MAX_FRAME
 
 
-#: The events h2 has of the connection's own frames (it knows no stream).
+#: The events h2 has of the frames it keeps (it knows no stream; the
+#: connection's WINDOW_UPDATE and PING are `_connection_frame`'s).
 _HANDLERS: dict[type[h2.events.Event], Any] = {
-    h2.events.WindowUpdated: GrpcConnection.on_window,
-    h2.events.PingReceived: GrpcConnection.on_control,
     h2.events.RemoteSettingsChanged: GrpcConnection.on_settings,
     h2.events.ConnectionTerminated: _terminated,
     h2.events.SettingsAcknowledged: _settings_acked,

@@ -19,6 +19,7 @@ HEADERS: Final = 1
 RST_STREAM: Final = 3
 SETTINGS: Final = 4
 PUSH_PROMISE: Final = 5
+PING: Final = 6
 WINDOW_UPDATE: Final = 8
 CONTINUATION: Final = 9
 END_STREAM: Final = 0x1
@@ -89,9 +90,11 @@ class HeaderBlock(NamedTuple):
 
 
 class StreamFrame(NamedTuple):
-    """RST_STREAM or WINDOW_UPDATE on a stream (not the connection): its
-    type, stream, the 32-bit value it carries (the error code or the
-    increment, reserved bit included), and the frame as received."""
+    """RST_STREAM or WINDOW_UPDATE (of a stream or of the connection), or
+    PING: its type, stream, the value it carries (the error code or the
+    increment, reserved bit included; a PING's flags), and the frame as
+    received. Each of the right length; any other goes to h2, which
+    refuses it."""
 
     kind: int
     stream_id: int
@@ -262,11 +265,15 @@ class FrameSplitter:
                     if block is not None:
                         out.append(block)
                     start = end
-                elif kind in (RST_STREAM, WINDOW_UPDATE) and sid and length == 4:
+                elif (
+                    (kind == RST_STREAM and sid and length == 4)
+                    or (kind == WINDOW_UPDATE and length == 4)
+                    or (kind == PING and not sid and length == 8)
+                ):
                     run.flush(out)
                     if start < pos:
                         out.append(source[start:pos])
-                    value = int.from_bytes(source[pos + 9 : end], "big")
+                    value = flags if kind == PING else int.from_bytes(source[pos + 9 : end], "big")
                     out.append(StreamFrame(kind, sid, value, source[pos:end]))
                     start = end
                 elif kind == PUSH_PROMISE:
@@ -346,6 +353,11 @@ def _frame_head(length: int, kind: int, flags: int, stream_id: int) -> bytes:
 def window_update(stream_id: int, increment: int) -> bytes:
     """A WINDOW_UPDATE frame (0: the connection's window)."""
     return _frame_head(4, WINDOW_UPDATE, 0, stream_id) + increment.to_bytes(4, "big")
+
+
+def ping_ack(ping: bytes) -> bytes:
+    """The acknowledgement of a PING frame (``ping`` as received)."""
+    return _frame_head(8, PING, ACK, 0) + ping[9:17]
 
 
 def rst_stream(stream_id: int, error_code: int) -> bytes:

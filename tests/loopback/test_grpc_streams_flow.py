@@ -13,6 +13,7 @@ from typing import Any
 from hyperframe.frame import (
     DataFrame,
     GoAwayFrame,
+    PingFrame,
     RstStreamFrame,
     WindowUpdateFrame,
 )
@@ -248,6 +249,21 @@ class WindowTests(StreamsCase):
         await client.closed
         self.assertEqual(client.goaway(), PROTOCOL_ERROR)
         await self.up.lost
+
+
+class PingTests(StreamsCase):
+    async def test_ping_acknowledged_in_order(self) -> None:
+        """A PING is answered with the same 8 bytes, ACK set (RFC 9113,
+        6.7), between a call's frames; an acknowledgement is not answered;
+        the connection's WINDOW_UPDATE opens the window answers wait for."""
+        client = await self.wire()
+        client.send(PingFrame(0, opaque_data=b"abcdefgh").serialize())
+        client.send(PingFrame(0, opaque_data=b"ijklmnop", flags=["ACK"]).serialize())
+        await self.serves(client, 1)
+        pings = [f for f in client.frames if isinstance(f, PingFrame)]
+        self.assertEqual([(p.opaque_data, "ACK" in p.flags) for p in pings], [(b"abcdefgh", True)])
+        client.send(window_update(0, 1000))
+        await self.serves(client, 3)
 
 
 class GoawayTests(StreamsCase):

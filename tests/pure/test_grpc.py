@@ -236,7 +236,7 @@ class FrameSplitterTests(TestCase):
         headers = _frame(1, 4, 1, b"\x82")
         data = _frame(0, 0, 1, b"abc")
         last = _frame(0, 1, 1, b"de")
-        ping = _frame(6, 0, 0, b"\0" * 8)
+        ping = _frame(2, 0, 1, b"\0\0\0\0\x10")  # PRIORITY: h2's
         other = _frame(0, 0, 3, b"f")
         splitter = h2frames.FrameSplitter()
         wire = h2frames.PREFACE + settings + headers + data + ping + data + last + other
@@ -253,8 +253,8 @@ class FrameSplitterTests(TestCase):
 
     def test_header_blocks_whole(self) -> None:
         """A header block comes whole, padding and priority removed, its
-        CONTINUATIONs joined; a stream's RST_STREAM and WINDOW_UPDATE come
-        apart, the connection's WINDOW_UPDATE goes to h2."""
+        CONTINUATIONs joined; RST_STREAM, WINDOW_UPDATE (a stream's and the
+        connection's) and PING come apart; one of the wrong length goes to h2."""
         splitter = h2frames.FrameSplitter()
         splitter.split(h2frames.PREFACE + _SETTINGS, 16384)
         padded = _frame(
@@ -266,7 +266,10 @@ class FrameSplitterTests(TestCase):
         reset = _frame(3, 0, 7, b"\0\0\0\x08")
         grant = _frame(8, 0, 7, b"\0\0\1\0")
         conn_grant = _frame(8, 0, 0, b"\0\0\1\0")
-        parts = splitter.split(padded + first + cont + last + reset + grant + conn_grant, 16384)
+        ping, acked = _frame(6, 0, 0, b"12345678"), _frame(6, 1, 0, b"12345678")
+        short = _frame(6, 0, 0, b"1234")
+        wire = padded + first + cont + last + reset + grant + conn_grant + ping + acked + short
+        parts = splitter.split(wire, 16384)
         self.assertEqual(parts[0], h2frames.HeaderBlock(5, True, b"\x82\x84", [padded]))
         block = parts[1]
         assert isinstance(block, h2frames.HeaderBlock)
@@ -279,7 +282,10 @@ class FrameSplitterTests(TestCase):
             [
                 h2frames.StreamFrame(h2frames.RST_STREAM, 7, 8, reset),
                 h2frames.StreamFrame(h2frames.WINDOW_UPDATE, 7, 256, grant),
-                conn_grant,
+                h2frames.StreamFrame(h2frames.WINDOW_UPDATE, 0, 256, conn_grant),
+                h2frames.StreamFrame(h2frames.PING, 0, 0, ping),
+                h2frames.StreamFrame(h2frames.PING, 0, h2frames.ACK, acked),
+                short,
             ],
         )
 
@@ -311,14 +317,14 @@ class FrameSplitterTests(TestCase):
             h2frames.PREFACE
             + _SETTINGS
             + _frame(0, 0, 3, b"x" * 100)
-            + _frame(8, 0, 0, b"\0\0\0\1")
+            + _frame(2, 0, 1, b"\0\0\0\0\1")
         )
         out: list[bytes | h2frames.DataFrame] = []
         for i in range(0, len(wire), 7):  # a few bytes at a time
             out += splitter.split(wire[i : i + 7], 16384)
         self.assertEqual(
             b"".join(p for p in out if isinstance(p, bytes)),
-            h2frames.PREFACE + _SETTINGS + wire[-13:],
+            h2frames.PREFACE + _SETTINGS + wire[-14:],
         )
         frames = [p for p in out if isinstance(p, h2frames.DataFrame)]
         self.assertEqual([(f.stream_id, f.payload) for f in frames], [(3, b"x" * 100)])
@@ -358,7 +364,7 @@ class FrameSplitterTests(TestCase):
         parts = splitter.split(h2frames.PREFACE + _SETTINGS + big, 65536)
         self.assertEqual(parts, [h2frames.PREFACE, _SETTINGS + big])
         splitter = h2frames.FrameSplitter()
-        ping = _frame(6, 0, 0, b"\0" * 8)
+        ping = _frame(2, 0, 1, b"\0\0\0\0\x10")  # PRIORITY: h2's
         parts = splitter.split(h2frames.PREFACE + _SETTINGS + ack + ping + big, 65536)
         self.assertEqual(parts[:3], [h2frames.PREFACE, _SETTINGS + ack, ping])
         self.assertEqual(_taken(parts[3]), (1, 1, b"z" * 65536, 65536, big))
@@ -392,6 +398,9 @@ class FrameSplitterTests(TestCase):
             h2frames.window_update(7, 65536), _frame(8, 0, 7, (65536).to_bytes(4, "big"))
         )
         self.assertEqual(h2frames.rst_stream(9, 7), _frame(3, 0, 9, b"\0\0\0\7"))
+        self.assertEqual(
+            h2frames.ping_ack(_frame(6, 0, 0, b"12345678")), _frame(6, 1, 0, b"12345678")
+        )
         self.assertEqual(h2frames.data_frame(9, b"abc"), _frame(0, 0, 9, b"abc"))
         self.assertEqual(
             h2frames.headers_frames(3, b"x" * 5, True, 2),
