@@ -6,6 +6,7 @@
     python3 bench/profile_proxy.py                   20 s of samples, small GETs at 50 conns
     python3 bench/profile_proxy.py --workload push   1 MiB pushes at 8 conns
     python3 bench/profile_proxy.py --workload grpc   256 KiB OTLP exports over gRPC (h2load -c8)
+    python3 bench/profile_proxy.py --workload grpcio the same from grpcio (bench/grpcio_client.py)
     python3 bench/profile_proxy.py --workload budgets  small GETs of a consumer whose
                                                       budgets are shared through Redis
     python3 bench/profile_proxy.py --tls             the same against the HTTPS upstream
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
 import shutil
@@ -109,9 +111,12 @@ def summarize(raw: Path, top: int = 25) -> str:
     return "\n".join(out) + "\n"
 
 
-def grpc_load(bench: Bench, workdir: Path, seconds: int) -> tuple[b.Target, Any]:
-    """An lgmt-proxy with OTLP_GRPC_LISTEN, warmed up, and h2load sending it
-    the grpc workload's exports (8 connections) in the background."""
+def grpc_load(
+    bench: Bench, workdir: Path, seconds: int, grpcio: bool = False
+) -> tuple[b.Target, Any]:
+    """An lgmt-proxy with OTLP_GRPC_LISTEN, warmed up, and h2load (or,
+    ``grpcio``, bench/grpcio_client.py) sending it the grpc workload's
+    exports (8 connections) in the background."""
     port = b.free_port()
     target = bench.lgmt("lgmt_grpc", OTLP_GRPC_LISTEN=f"tcp:{port}:interface=127.0.0.1")
     bench.add(target)
@@ -119,6 +124,13 @@ def grpc_load(bench: Bench, workdir: Path, seconds: int) -> tuple[b.Target, Any]
     framed = workdir / "otlp.grpc"
     framed.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)
     url, headers = f"http://127.0.0.1:{port}{b.GRPC_EXPORT}", ["content-type: application/grpc"]
+    if grpcio:
+        body = workdir / "otlp.bin"
+        body.write_bytes(message)
+        client = [bench.grpcio_python(), str(b.BENCH / "grpcio_client.py"), f"127.0.0.1:{port}"]
+        subprocess.run([*client, "8", "2", str(body)], check=True, capture_output=True)
+        load = [*client, "8", str(seconds), str(body)]
+        return target, subprocess.Popen(load, stdout=subprocess.PIPE, text=True)
     b.h2load(url, 8, 2, framed, headers)  # warm-up
     return target, b.h2load(url, 8, seconds, framed, headers, background=True)
 
@@ -154,7 +166,9 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--seconds", type=int, default=20, help="sampling time (default 20)")
     p.add_argument("--rate", type=int, default=200, help="samples per second (default 200)")
-    p.add_argument("--workload", choices=("get", "push", "grpc", "budgets"), default="get")
+    p.add_argument(
+        "--workload", choices=("get", "push", "grpc", "grpcio", "budgets"), default="get"
+    )
     p.add_argument("--tls", action="store_true", help="HTTPS upstream (as make bench's tls_*)")
     p.add_argument("--native", action="store_true", help="also sample C frames (py-spy --native)")
     p.add_argument("--perf", action="store_true", help="perf's on-CPU samples instead of py-spy")
@@ -173,7 +187,7 @@ def main(argv: list[str]) -> int:
         sys.exit("profile: py-spy not found: .venv/bin/pip install py-spy")
     b.ensure_tools()
     b.raise_fd_limit()
-    grpc = args.workload == "grpc"
+    grpc = args.workload in ("grpc", "grpcio")
     get = args.workload in ("get", "budgets")
     conns, path, wrk_args = (50, b.GET_PATH, []) if get else (8, b.PUSH_PATH, [str(b.MiB), "1"])
     opts: list[str] = []
@@ -194,7 +208,7 @@ def main(argv: list[str]) -> int:
             env = {"CLIENT_AUTH_FILE": str(path_), "RATE_LIMIT_REDIS_URL": redis.url}
             bench.add(lgmt := bench.lgmt("lgmt_budget", **env))
         if grpc:
-            lgmt, load = grpc_load(bench, workdir, args.seconds + 4)
+            lgmt, load = grpc_load(bench, workdir, args.seconds + 4, args.workload == "grpcio")
         else:
             b.wrk(lgmt.url + path, conns, 2, wrk_args, opts)  # warm-up
             load = b.wrk(lgmt.url + path, conns, args.seconds + 4, wrk_args, opts, background=True)
@@ -211,7 +225,10 @@ def main(argv: list[str]) -> int:
         subprocess.run(record, check=True, stdout=subprocess.DEVNULL)
         cpu = lgmt.cpu() - cpu0
         output = load.communicate()
-        result = b.parse_h2load(output[0]) if grpc else b.parse_wrk(*output)
+        if args.workload == "grpcio":
+            result = json.loads(output[0].strip().splitlines()[-1])
+        else:
+            result = b.parse_h2load(output[0]) if grpc else b.parse_wrk(*output)
     finally:
         bench.stop()
         if redis is not None:
@@ -219,7 +236,7 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     what = "small GETs" if get else "256 KiB OTLP gRPC exports" if grpc else "1 MiB pushes"
     text = (
-        f"lgmt-proxy under {'h2load' if grpc else 'wrk'} -c{conns} {what}"
+        f"lgmt-proxy under {args.workload if grpc else 'wrk'} -c{conns} {what}"
         f"{', budgets shared through Redis' if redis is not None else ''}"
         f"{', HTTPS upstream' if args.tls else ''}: "
         f"{result['requests']} requests, {result.get('non2xx', 'n/a')} non-2xx; "
