@@ -63,6 +63,26 @@ class RawClient(protocol.Protocol):
         return codes[0] if codes else None
 
 
+def serve_grpc(case: TestCase, upstream: Any) -> tuple[ProxyFixture, GrpcFactory, int]:
+    """A proxy in front of ``upstream`` (a resource) with its gRPC listener
+    on a loopback port, all closed when ``case`` ends: the proxy, the
+    listener's factory, its port."""
+    port = listen(upstream_site(upstream))
+    case.addCleanup(port.stopListening)
+    proxy = ProxyFixture(env_for(f"http://127.0.0.1:{port.getHost().port}"))
+    case.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
+    factory = GrpcFactory(proxy.factory)
+    grpc_port = listen(factory)
+
+    async def close() -> None:
+        await grpc_port.stopListening()
+        for connection in list(factory.connections):
+            connection.close_now()
+
+    case.addCleanup(lambda: Deferred.fromCoroutine(close()))
+    return proxy, factory, grpc_port.getHost().port
+
+
 class BypassTests(TestCase):
     timeout = 30
 
@@ -70,19 +90,7 @@ class BypassTests(TestCase):
         self.up = Recorder()
         self.up.headers = [(b"Content-Type", b"application/x-protobuf")]
         self.up.body = b""
-        port = listen(upstream_site(self.up))
-        self.addCleanup(port.stopListening)
-        proxy = ProxyFixture(env_for(f"http://127.0.0.1:{port.getHost().port}"))
-        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
-        self.grpc = GrpcFactory(proxy.factory)
-        grpc_port = listen(self.grpc)
-        self.port = grpc_port.getHost().port
-        self.addCleanup(self._close, grpc_port)
-
-    async def _close(self, port: Any) -> None:
-        await port.stopListening()
-        for connection in list(self.grpc.connections):
-            connection.close_now()
+        _, self.grpc, self.port = serve_grpc(self, self.up)
 
     async def client(self) -> H2Client:
         client = await h2_connect(self.port)

@@ -27,11 +27,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
 from twisted.web.server import NOT_DONE_YET
 
-from lgmt_proxy.dataplane.grpc_server import GrpcFactory
 from lgmt_proxy.rules import grpc
 from tests.loopback.test_grpc import TRACES, Call, _frames
-from tests.loopback.test_grpc_frames import RawClient, _data
-from tests.support.helpers import ProxyFixture, Recorder, env_for, listen, sleep, upstream_site
+from tests.loopback.test_grpc_frames import RawClient, _data, serve_grpc
+from tests.support.helpers import Recorder, sleep
 
 #: RFC 9113, 3.4 (spelled out: the tests do not lean on where the listener keeps it).
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -195,19 +194,7 @@ class StreamsCase(TestCase):
 
     def setUp(self) -> None:
         self.up = HoldingUpstream()
-        port = listen(upstream_site(self.up))
-        self.addCleanup(port.stopListening)
-        proxy = self.proxy = ProxyFixture(env_for(f"http://127.0.0.1:{port.getHost().port}"))
-        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
-        self.grpc = GrpcFactory(proxy.factory)
-        grpc_port = listen(self.grpc)
-        self.port = grpc_port.getHost().port
-        self.addCleanup(self._close, grpc_port)
-
-    async def _close(self, port: Any) -> None:
-        await port.stopListening()
-        for connection in list(self.grpc.connections):
-            connection.close_now()
+        self.proxy, self.grpc, self.port = serve_grpc(self, self.up)
 
     async def wire(self, **values: int) -> Wire:
         """A connection past the preface, its SETTINGS (``values``, see
