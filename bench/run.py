@@ -98,6 +98,8 @@ class Bench:
     def __init__(self, s: Settings, workdir: Path, twistd: str, compare: str | None) -> None:
         self.s, self.workdir, self.twistd, self.compare = s, workdir, twistd, compare
         self.targets: dict[str, b.Target] = {}
+        #: The interpreter running bench/grpcio_client.py ("": none has grpcio).
+        self.grpcio_client = ""
         #: Each target's last warm-up run (requests that counted for nothing).
         self.warmed: dict[str, dict[str, Any]] = {}
         port, sink_port, big = b.free_port(), b.free_port(), workdir / "big.bin"
@@ -412,7 +414,8 @@ class Bench:
             "lgmt_grpc": (f"http://127.0.0.1:{port}{b.GRPC_EXPORT}", framed,
                           ["content-type: application/grpc", "te: trailers"], False),
         }  # fmt: skip
-        if self.grpcio_python():  # gRPC's C core as well, when the build's venv has grpcio
+        self.grpcio_client = self.grpcio_python()
+        if self.grpcio_client:  # gRPC's C core as well, when the build's venv has grpcio
             ways["lgmt_grpcio"] = (f"127.0.0.1:{port}", body, [], False)
         try:
             for way in ways:  # warm-up: pools filled, nothing kept
@@ -485,7 +488,7 @@ class Bench:
     def grpcio(self, target: str, conns: int, seconds: int, body: Any) -> dict[str, Any]:
         """One run of bench/grpcio_client.py: h2load's figures' names."""
         client = Path(__file__).with_name("grpcio_client.py")
-        cmd = [self.grpcio_python(), str(client), target, str(conns), str(seconds), str(body)]
+        cmd = [self.grpcio_client, str(client), target, str(conns), str(seconds), str(body)]
         out = subprocess.run(cmd, capture_output=True, check=True, timeout=seconds + 60)
         r = json.loads(out.stdout.decode().strip().splitlines()[-1])
         return {**r, "errors": 0}
