@@ -166,12 +166,17 @@ class Outflow:
         it makes them: `GrpcConnection.to_h2`)."""
         self.frames.append(data)
 
-    def _block(self, fields: RawHeaders) -> bytes:
-        """A header block, after the table size update h2's encoder owes
-        (RFC 7541, section 4.2: the next block must begin with it)."""
+    def _owed(self) -> bytes:
+        """The table size update h2's encoder owes, if any (RFC 7541,
+        section 4.2: the next header block must begin with it)."""
         encoder = self._h2.encoder
-        owed = encoder.encode([]) if encoder.header_table.resized else b""
-        return owed + h2frames.header_block(fields)
+        return encoder.encode([]) if encoder.header_table.resized else b""
+
+    def _headers(self, stream_id: int, fields: RawHeaders, end_stream: bool) -> None:
+        """``fields`` as a header block in HEADERS (and CONTINUATION) frames."""
+        block = self._owed() + h2frames.header_block(fields)
+        max_frame = self._h2.max_outbound_frame_size
+        self._emit(h2frames.headers_frames(stream_id, block, end_stream, max_frame))
 
     def answer(
         self, stream_id: int, message: bytes | None, trailers: RawHeaders, early: bool
@@ -186,19 +191,15 @@ class Outflow:
         if message is not None and not early and trailers == OK_TRAILERS:
             size = len(message)
             if size <= min(window, conn.outbound_flow_control_window, conn.max_outbound_frame_size):
-                encoder = conn.encoder
-                owed = encoder.encode([]) if encoder.header_table.resized else b""
                 conn.outbound_flow_control_window -= size
                 del self._windows[stream_id]
-                self._emit(h2frames.ok_answer_frames(stream_id, message, owed))
+                self._emit(h2frames.ok_answer_frames(stream_id, message, self._owed()))
                 return True
-        max_frame = conn.max_outbound_frame_size
         if message is None:
-            block = self._block([*GRPC_HEAD, *trailers])
-            self._emit(h2frames.headers_frames(stream_id, block, True, max_frame))
+            self._headers(stream_id, [*GRPC_HEAD, *trailers], True)
             del self._windows[stream_id]
         else:
-            self._emit(h2frames.headers_frames(stream_id, self._block(GRPC_HEAD), False, max_frame))
+            self._headers(stream_id, GRPC_HEAD, False)
             self._unsent[stream_id] = (bytearray(message), trailers)
             self.send(stream_id)
         if early and stream_id not in self._unsent:
@@ -207,12 +208,8 @@ class Outflow:
 
     def reply_status(self, stream_id: int, status: int) -> None:
         """An HTTP status alone, ending the stream (not a gRPC request)."""
-        if self._windows.pop(stream_id, None) is None:
-            return
-        block = self._block([(b":status", b"%d" % status)])
-        self._emit(
-            h2frames.headers_frames(stream_id, block, True, self._h2.max_outbound_frame_size)
-        )
+        if self._windows.pop(stream_id, None) is not None:
+            self._headers(stream_id, [(b":status", b"%d" % status)], True)
 
     def send(self, stream_id: int) -> bool:
         """What the windows allow of a waiting answer; True when one ended."""
@@ -237,8 +234,7 @@ class Outflow:
             self._emit(h2frames.data_frame(stream_id, chunk))
         del self._unsent[stream_id]
         del self._windows[stream_id]
-        block = self._block(trailers)
-        self._emit(h2frames.headers_frames(stream_id, block, True, conn.max_outbound_frame_size))
+        self._headers(stream_id, trailers, True)
         return True
 
     def window_update(self, stream_id: int, increment: int) -> bool:
