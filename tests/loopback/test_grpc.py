@@ -47,6 +47,18 @@ METRICS = b"/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 LOGS = b"/opentelemetry.proto.collector.logs.v1.LogsService/Export"
 
 
+def request_headers(path: bytes = TRACES) -> list[tuple[bytes, bytes]]:
+    """A gRPC call's request headers, as a client sends them."""
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", path),
+        (b":authority", b"127.0.0.1"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+
+
 @attrs.define
 class Call:
     headers: dict[bytes, bytes] = attrs.Factory(dict)
@@ -141,15 +153,7 @@ class H2Client(protocol.Protocol):
     def start(self, path: bytes = TRACES, extra: list[tuple[bytes, bytes]] | None = None) -> int:
         sid = self.h2.get_next_available_stream_id()
         self.calls[sid] = Call()
-        headers = [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", path),
-            (b":authority", b"127.0.0.1"),
-            (b"content-type", b"application/grpc"),
-            (b"te", b"trailers"),
-            *(extra or []),
-        ]
+        headers = [*request_headers(path), *(extra or [])]
         self.h2.send_headers(sid, headers)
         self.flush()
         return sid

@@ -28,7 +28,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.server import NOT_DONE_YET
 
 from lgmt_proxy.rules import grpc
-from tests.loopback.test_grpc import TRACES, Call, _frames
+from tests.loopback.test_grpc import TRACES, Call, _frames, request_headers
 from tests.loopback.test_grpc_frames import RawClient, _data, serve_grpc
 from tests.support.helpers import Recorder, sleep
 
@@ -43,14 +43,7 @@ CANCEL = 8
 ANSWER = b"\x0a\x02\x08\x01"
 #: A message the upstream holds unanswered (`HoldingUpstream`).
 HOLD = b"hold"
-REQUEST = [
-    (b":method", b"POST"),
-    (b":scheme", b"http"),
-    (b":path", TRACES),
-    (b":authority", b"127.0.0.1"),
-    (b"content-type", b"application/grpc"),
-    (b"te", b"trailers"),
-]
+REQUEST = request_headers()
 
 
 class HoldingUpstream(Recorder):
